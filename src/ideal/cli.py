@@ -1,0 +1,162 @@
+"""The `ideal` command line: thin commands over the Python API (`ideal --help`).
+
+User errors (`IdealError`) end the command with `ideal: error: <one line>` on stderr and exit code 1,
+never a traceback; usage errors exit with 2. `main(argv) -> int` is the entry point, for tests too.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ideal.errors import IdealError
+
+app = typer.Typer(
+    name="ideal",
+    help="Decide how much training data each domain gets when one model is fine-tuned for several "
+    "capabilities, with the IDEAL method (influence functions, EK-FAC curvature), and run that loop.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+log = logging.getLogger("ideal")
+
+class OnInvalid(str, Enum):
+    error = "error"
+    skip = "skip"
+
+
+OnInvalidOption = Annotated[
+    OnInvalid,
+    typer.Option(
+        "--on-invalid",
+        help="What to do with an invalid row: stop with an error naming file and line, or skip it "
+        "(skipped rows are counted and listed in the manifest).",
+    ),
+]
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/demo"),
+    quick: Annotated[bool, typer.Option("--quick", help="A smaller run (under 2 minutes).")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of data, model and sampling.")] = 0,
+) -> None:
+    """Run the whole IDEAL loop on the built-in multi-capability suite (no downloads)."""
+    raise IdealError(
+        "`ideal demo` is not built yet: the loop, the embedded suite and the report are issue 5; "
+        "what works today: `ideal check` and `ideal reweight`"
+    )
+
+
+@app.command()
+def reweight(
+    train: Annotated[Path, typer.Option("--train", help="Training data: <dir>/<domain>/*.jsonl, or a mixture directory.")],
+    influence: Annotated[Path, typer.Option("--influence", help="influence.json (SPEC.md) computed on that training data.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="New mixture directory (must not exist, or be empty).")],
+    step: Annotated[float, typer.Option("--step", help="m: the largest relative change of any domain's volume.")] = 0.15,
+    max_repeats: Annotated[int, typer.Option("--max-repeats", help="At most this many copies of any unique example.")] = 4,
+    keep_total: Annotated[bool, typer.Option("--keep-total", help="Keep the total number of examples exactly the same.")] = False,
+    min_examples: Annotated[int, typer.Option("--min-examples", help="At least this many examples per domain.")] = 1,
+    seed: Annotated[int | None, typer.Option("--seed", help="Resampling seed (default: the input mixture's).")] = None,
+    on_invalid: OnInvalidOption = OnInvalid.error,
+) -> None:
+    """Apply one IDEAL update: rescale each domain's volume from influence.json and resample."""
+    from ideal.mixture import Constraints
+    from ideal.reweight import reweight as run_reweight
+
+    result = run_reweight(
+        train,
+        influence,
+        out_dir,
+        step=step,
+        constraints=Constraints(min_examples, max_repeats, keep_total),
+        seed=seed,
+        on_invalid=on_invalid.value,
+    )
+    table = Table(title=f"IDEAL update (m = {step})")
+    for column in ("domain", "before", "beta", "requested", "after", "unique", "max copies", "bound"):
+        table.add_column(column, justify="left" if column in ("domain", "bound") else "right")
+    bound = {e["domain"]: e["constraint"] for e in result.mixture.events if e["domain"]}
+    for domain, counts in result.mixture.counts.items():
+        table.add_row(
+            domain,
+            str(result.before[domain]),
+            f"{result.beta[domain]:+.3f}",
+            f"{result.requested[domain]:.1f}",
+            str(result.after[domain]),
+            str(int((counts > 0).sum())),
+            str(int(counts.max(initial=0))),
+            bound.get(domain, ""),
+        )
+    out.print(table)
+    total_before, total_after = sum(result.before.values()), result.mixture.total
+    out.print(f"total {total_before} -> {total_after}; wrote {result.out}")
+
+
+@app.command()
+def check(
+    data: Annotated[Path, typer.Argument(help="Data directory: <dir>/<domain>/*.jsonl, or a mixture directory.")],
+    model: Annotated[Path | None, typer.Option("--model", help="Model directory whose tokenizer renders the rows.")] = None,
+    max_length: Annotated[int | None, typer.Option("--max-length", help="Truncate to this many tokens.")] = None,
+    on_invalid: OnInvalidOption = OnInvalid.error,
+) -> None:
+    """Validate a data directory: formats per file, rows, and (with --model) tokens and truncation."""
+    from ideal.data import tokenize_examples
+    from ideal.mixture_io import load_training_set
+
+    training = load_training_set(data, on_invalid.value)
+    tokenizer = None
+    if model is not None:
+        from ideal.hf import load_tokenizer
+
+        tokenizer = load_tokenizer(model)
+    table = Table(title=f"{data}")
+    columns = ["domain", "files", "formats", "rows", "volume", "skipped"]
+    if tokenizer is not None:
+        columns += ["tokens", "target tokens", "truncated", "no target"]
+    for column in columns:
+        table.add_column(column)
+    for name, domain in training.pool.items():
+        formats = ", ".join(sorted(set(domain.formats.values())))
+        row = [name, str(len(domain.files)), formats, str(len(domain.examples)),
+               str(training.mixture.volumes[name]), str(len(domain.skipped))]  # fmt: skip
+        if tokenizer is not None:
+            _, report = tokenize_examples(domain.examples, tokenizer, max_length, on_invalid.value)
+            row += [str(report.tokens), str(report.target_tokens), str(report.truncated),
+                    str(len(report.no_target))]  # fmt: skip
+        table.add_row(*row)
+    out.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code instead of exiting."""
+    logging.basicConfig(level=logging.INFO, format="ideal: %(message)s", stream=sys.stderr)
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=argv, prog_name="ideal", standalone_mode=False)
+    except IdealError as err:
+        print(f"ideal: error: {err}", file=sys.stderr)
+        return 1
+    except click.exceptions.Exit as exit_:
+        return int(exit_.exit_code)
+    except click.ClickException as err:
+        err.show()
+        return err.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("ideal: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""Mixtures: how many copies of each unique example of each domain go into the training set.
+
+A domain i is a pool of U_i unique examples; a mixture holds, per domain, a count of copies for each
+pool example (repetition allowed), so the volume n_i is the sum of its counts. This module is pure: it
+turns requested volumes into feasible integer volumes (`apply_constraints`) and moves a mixture to new
+volumes by seeded, incremental resampling (`resample`), following METHOD.md "The update rule":
+
+- downsampling removes random copies from the current multiset (every copy equally likely);
+- upsampling adds copies of the least-repeated unique examples first, ties broken by the seeded RNG;
+- no unique example ever gets more than `max_repeats` copies.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ideal.errors import IdealError
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Bounds applied to requested volumes, in this order (METHOD.md)."""
+
+    min_examples: int = 1  # at least this many examples per domain
+    max_repeats: int = 4  # at most this many copies of any unique example (Muennighoff et al.)
+    keep_total: bool = False  # rescale so that the total volume stays exactly the same
+
+    def __post_init__(self) -> None:
+        if self.min_examples < 0:
+            raise IdealError(f"min_examples must be >= 0, got {self.min_examples}")
+        if self.max_repeats < 1:
+            raise IdealError(f"max_repeats must be >= 1, got {self.max_repeats}")
+
+
+@dataclass
+class Mixture:
+    """Copies per unique pool example, per domain. `round` 0 is the original mixture D0."""
+
+    counts: dict[str, np.ndarray]  # domain -> int64 array of length U_i
+    seed: int = 0
+    round: int = 0
+    events: list[dict[str, Any]] = field(default_factory=list)  # constraints that bound
+
+    @classmethod
+    def full(cls, pool_sizes: Mapping[str, int], seed: int = 0) -> Mixture:
+        """Every pool example once: the data directory as given."""
+        return cls({d: np.ones(u, dtype=np.int64) for d, u in pool_sizes.items()}, seed=seed)
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.counts)
+
+    @property
+    def volumes(self) -> dict[str, int]:
+        return {d: int(c.sum()) for d, c in self.counts.items()}
+
+    @property
+    def total(self) -> int:
+        return sum(self.volumes.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "seed": self.seed,
+            "total": self.total,
+            "domains": {
+                d: {
+                    "volume": int(c.sum()),
+                    "unique": int((c > 0).sum()),
+                    "pool_size": len(c),
+                    "max_repeats": int(c.max(initial=0)),
+                    "counts": c.tolist(),
+                }
+                for d, c in self.counts.items()
+            },
+            "constraints_applied": self.events,
+        }
+
+    @classmethod
+    def from_dict(cls, obj: Mapping[str, Any]) -> Mixture:
+        counts = {}
+        for domain, entry in obj["domains"].items():
+            array = np.asarray(entry["counts"], dtype=np.int64)
+            if array.ndim != 1 or (array < 0).any() or int(array.sum()) != entry["volume"]:
+                raise IdealError(f"mixture: counts of domain '{domain}' do not match its volume")
+            counts[domain] = array
+        return cls(counts, seed=int(obj.get("seed", 0)), round=int(obj.get("round", 0)))
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def _largest_remainder(values: np.ndarray, total: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Integers within [lo, hi] summing exactly to `total`, as close as possible to `values`."""
+    out = np.clip(np.floor(values), lo, hi).astype(np.int64)
+    remainder = values - out
+    short = total - int(out.sum())
+    order = np.argsort(-remainder, kind="stable")  # largest remainders first, ties by domain order
+    while short != 0:
+        step = 1 if short > 0 else -1
+        candidates = order if step > 0 else order[::-1]
+        moved = False
+        for i in candidates:
+            if short == 0:
+                break
+            if lo[i] <= out[i] + step <= hi[i]:
+                out[i] += step
+                short -= step
+                moved = True
+        if not moved:
+            raise IdealError(f"cannot reach total {total} within the per-domain bounds")
+    return out
+
+
+def _scale_to_total(requested: np.ndarray, total: int, lo: np.ndarray, hi: np.ndarray) -> float:
+    """The factor s with sum(clip(s * requested, lo, hi)) == total, by bisection (monotone in s)."""
+
+    def mass(s: float) -> float:
+        return float(np.clip(s * requested, lo, hi).sum())
+
+    low, high = 0.0, 1.0
+    while mass(high) < total:
+        high *= 2.0
+        if high > 1e18:
+            break
+    for _ in range(200):
+        mid = 0.5 * (low + high)
+        if mass(mid) < total:
+            low = mid
+        else:
+            high = mid
+    return high
+
+
+def _event(domain: str | None, constraint: str, requested: float, volume: int, **extra: Any) -> dict:
+    return {"domain": domain, "constraint": constraint, "requested": requested, "volume": volume, **extra}
+
+
+def apply_constraints(
+    requested: Mapping[str, float],
+    pool_sizes: Mapping[str, int],
+    constraints: Constraints,
+    total: int | None = None,
+) -> tuple[dict[str, int], list[dict[str, Any]]]:
+    """Requested real volumes -> feasible integer volumes, and the constraints that bound.
+
+    Order (METHOD.md): at least `min_examples` per domain, at most `max_repeats` copies of any unique
+    example, then optionally the exact `total` (rescale within those bounds, then largest-remainder
+    rounding so that the sum is exact). Each binding constraint is returned as an event:
+    {"domain", "constraint", "requested", "volume"}.
+    """
+    domains = list(requested)
+    want = np.array([float(requested[d]) for d in domains])
+    if not np.all(np.isfinite(want)) or (want < 0).any():
+        raise IdealError(f"requested volumes must be finite and >= 0, got {dict(requested)}")
+    hi = np.array([constraints.max_repeats * int(pool_sizes[d]) for d in domains], dtype=np.int64)
+    lo = np.minimum(constraints.min_examples, hi)
+    events: list[dict[str, Any]] = []
+    if total is None:
+        unbounded = np.array([_round_half_up(x) for x in want], dtype=np.float64)
+        volumes = np.clip(unbounded, lo, hi).astype(np.int64)
+    else:
+        if not lo.sum() <= total <= hi.sum():
+            raise IdealError(
+                f"keep-total: total {total} is outside what the bounds allow "
+                f"[{int(lo.sum())}, {int(hi.sum())}] (min_examples, max_repeats x pool size)"
+            )
+        scale = _scale_to_total(want, total, lo, hi)
+        unbounded = scale * want
+        volumes = _largest_remainder(np.clip(unbounded, lo, hi), total, lo, hi)
+        if abs(want.sum() - total) > 0.5:
+            events.append(_event(None, "keep_total", float(want.sum()), total, scale=scale))
+    for i, domain in enumerate(domains):
+        if unbounded[i] < lo[i]:
+            events.append(_event(domain, "min_examples", float(want[i]), int(volumes[i])))
+        elif unbounded[i] > hi[i]:
+            events.append(_event(domain, "max_repeats", float(want[i]), int(volumes[i])))
+    return {d: int(v) for d, v in zip(domains, volumes, strict=True)}, events
+
+
+def domain_rng(seed: int, round_: int, domain: str) -> np.random.Generator:
+    """The RNG of one domain in one round: independent of the other domains and of their order."""
+    return np.random.default_rng([seed, round_, zlib.crc32(domain.encode("utf-8"))])
+
+
+def resample(
+    counts: np.ndarray, volume: int, max_repeats: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Move one domain's copy counts to `volume` incrementally (see the module docstring)."""
+    counts = np.minimum(np.asarray(counts, dtype=np.int64), max_repeats)  # a lowered cap binds now
+    if volume > max_repeats * len(counts):
+        raise IdealError(
+            f"volume {volume} needs more than {max_repeats} copies of {len(counts)} unique examples"
+        )
+    current = int(counts.sum())
+    if volume < current:
+        copies = np.repeat(np.arange(len(counts)), counts)  # one entry per copy
+        removed = rng.choice(len(copies), size=current - volume, replace=False)
+        np.subtract.at(counts, copies[removed], 1)
+    elif volume > current:
+        tiebreak = rng.permutation(len(counts))
+        missing = volume - current
+        while missing > 0:
+            level = counts[counts < max_repeats].min()
+            at_level = np.flatnonzero(counts == level)
+            chosen = at_level[np.argsort(tiebreak[at_level])][:missing]
+            counts[chosen] += 1
+            missing -= len(chosen)
+    return counts
+
+
+def resample_mixture(
+    mixture: Mixture,
+    volumes: Mapping[str, int],
+    max_repeats: int,
+    seed: int,
+    events: list[dict[str, Any]] | None = None,
+) -> Mixture:
+    """The next round's mixture: each domain resampled to its new volume with its own seeded RNG."""
+    round_ = mixture.round + 1
+    counts = {
+        d: resample(c, int(volumes[d]), max_repeats, domain_rng(seed, round_, d))
+        for d, c in mixture.counts.items()
+    }
+    return Mixture(counts, seed=seed, round=round_, events=list(events or []))

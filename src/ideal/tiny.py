@@ -1,0 +1,125 @@
+"""Tiny models and a character-level tokenizer, built locally: for the demo suite and the tests.
+
+Nothing here downloads anything. The tokenizer is a real `PreTrainedTokenizerFast` (one token per
+character, plus special tokens) with a chat template, so it saves and loads with `AutoTokenizer` like
+any Hugging Face tokenizer; the models are ordinary `transformers` causal LMs built from a config.
+
+    tok = char_tokenizer()
+    model = tiny_causal_lm("llama", vocab_size=len(tok))
+    save_model_dir("out/base", model, tok)   # then AutoModelForCausalLM.from_pretrained("out/base")
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+DEFAULT_ALPHABET = string.printable[:95] + "\n"  # digits, letters, punctuation, space, newline
+
+#: Each turn is its role token then its content; assistant turns end with EOS.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def char_tokenizer(alphabet: str = DEFAULT_ALPHABET, chat_template: bool = True) -> PreTrainedTokenizerFast:
+    """One token per character of `alphabet`; ids 0-3 are <pad>, <s>, </s>, <unk>, then role tokens."""
+    chars = sorted(set(alphabet))
+    vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *ROLE_TOKENS, *chars))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=list(ROLE_TOKENS),
+    )
+    tokenizer.padding_side = "right"
+    if chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+FAMILIES: dict[str, dict[str, Any]] = {
+    # model_type -> config fields for a model of a few thousand to a few million parameters
+    "llama": {"hidden_act": "silu", "rms_norm_eps": 1e-6, "tie_word_embeddings": False},
+    "qwen2": {"hidden_act": "silu", "rms_norm_eps": 1e-6, "tie_word_embeddings": True},
+    "gpt2": {},
+}
+
+
+def tiny_causal_lm(
+    family: str = "llama",
+    vocab_size: int = 110,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    intermediate_size: int | None = None,
+    max_positions: int = 256,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> PreTrainedModel:
+    """A randomly initialised causal LM of the given family, built from a config (no download)."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {sorted(FAMILIES)}")
+    intermediate_size = intermediate_size or 4 * hidden_size
+    if family == "gpt2":
+        config = AutoConfig.for_model(
+            "gpt2",
+            vocab_size=vocab_size,
+            n_embd=hidden_size,
+            n_layer=num_layers,
+            n_head=num_heads,
+            n_inner=intermediate_size,
+            n_positions=max_positions,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+    else:
+        config = AutoConfig.for_model(
+            family,
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
+            num_key_value_heads=num_heads,
+            max_position_embeddings=max_positions,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            **FAMILIES[family],
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def save_model_dir(path: str | Path, model: PreTrainedModel, tokenizer: Any) -> Path:
+    """Save model (safetensors) and tokenizer into one Hugging Face directory."""
+    path = Path(path)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
