@@ -42,7 +42,9 @@ def test_character_ids_match_the_independent_formula(tokenizer):
 
 
 def test_prompt_completion_tokens_and_labels(tokenizer):
-    t = tokenize_example(example({"prompt": "ab", "completion": "c"}, "prompt_completion"), tokenizer)
+    t = tokenize_example(
+        example({"prompt": "ab", "completion": "c"}, "prompt_completion"), tokenizer
+    )
     assert t.input_ids == [1, 5, 73, 74, 6, 75, 2]
     assert t.labels == [M, M, M, M, M, 75, 2]
     assert tokenizer.decode(targets(t)) == "c</s>"
@@ -77,7 +79,9 @@ def test_multi_turn_messages_train_every_assistant_turn(tokenizer):
 def test_plain_template_when_the_tokenizer_has_none():
     tokenizer = char_tokenizer(chat_template=False)
     assert not tokenizer.chat_template
-    t = tokenize_example(example({"prompt": "ab", "completion": "c"}, "prompt_completion"), tokenizer)
+    t = tokenize_example(
+        example({"prompt": "ab", "completion": "c"}, "prompt_completion"), tokenizer
+    )
     prompt = ids("### User:\nab\n\n### Assistant:\n")
     assert t.input_ids == [BOS, *prompt, *ids("c"), EOS]
     assert t.labels == [M] * (1 + len(prompt)) + [*ids("c"), EOS]
@@ -90,7 +94,12 @@ def test_plain_template_when_the_tokenizer_has_none():
         ({"prompt": "what is 2+2?", "completion": " 4\n"}, "prompt_completion", " 4\n"),
         ({"instruction": "sort", "input": "3 1 2", "output": "1 2 3"}, "alpaca", "1 2 3"),
         (
-            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello!"}]},
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "hello!"},
+                ]
+            },
             "messages",
             "hello!",
         ),
@@ -167,8 +176,14 @@ def test_formats_are_detected_per_file(tmp_path):
         ({"messages": [{"role": "user", "content": "q"}]}, "last message must be an assistant"),
         ({"messages": [{"role": "bot", "content": "q"}]}, "role must be one of"),
         ({"messages": ["hi"]}, "messages[0] must be an object"),
-        ({"prompt": "q", "completion": "a", "answer": [1]}, "field 'answer' must be a string or a number"),
-        ({"instruction": "q", "input": 3, "output": "a"}, "field 'input' must be a string, got int"),
+        (
+            {"prompt": "q", "completion": "a", "answer": [1]},
+            "field 'answer' must be a string or a number",
+        ),
+        (
+            {"instruction": "q", "input": 3, "output": "a"},
+            "field 'input' must be a string, got int",
+        ),
     ],
 )
 def test_invalid_rows_name_file_line_and_reason(tmp_path, row, reason):
@@ -180,7 +195,9 @@ def test_invalid_rows_name_file_line_and_reason(tmp_path, row, reason):
 
 
 def test_skip_mode_counts_bad_rows(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "q", "completion": "a"}, "{oops", {"prompt": "q"}])
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [{"prompt": "q", "completion": "a"}, "{oops", {"prompt": "q"}]
+    )
     examples, fmt, skipped = read_jsonl(path, on_invalid="skip")
     assert fmt == "prompt_completion" and len(examples) == 1
     assert [s.split(": ")[0] for s in skipped] == [f"{path}:2", f"{path}:3"]

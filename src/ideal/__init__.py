@@ -6,8 +6,8 @@ The Python API mirrors the command line (`ideal --help`); the CLI is a thin laye
 from ideal.data import Example, Tokenized, load_domains, tokenize_examples
 from ideal.errors import IdealError
 from ideal.mixture import Constraints, Mixture, apply_constraints, resample
-from ideal.rules import ideal_beta, sensitivities
 from ideal.reweight import reweight
+from ideal.rules import ideal_beta, sensitivities
 
 __version__ = "0.1.0"
 

@@ -27,8 +27,15 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-out = Console()
+
+
+def _console() -> Console:
+    # Off a terminal (pipes, CI, tests) rich would wrap tables at 80 columns: give them room.
+    return Console(width=None if sys.stdout.isatty() else 160, soft_wrap=True)
+
+
 log = logging.getLogger("ideal")
+
 
 class OnInvalid(str, Enum):
     error = "error"
@@ -48,7 +55,9 @@ OnInvalidOption = Annotated[
 @app.command()
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/demo"),
-    quick: Annotated[bool, typer.Option("--quick", help="A smaller run (under 2 minutes).")] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="A smaller run (under 2 minutes).")
+    ] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seed of data, model and sampling.")] = 0,
 ) -> None:
     """Run the whole IDEAL loop on the built-in multi-capability suite (no downloads)."""
@@ -60,14 +69,37 @@ def demo(
 
 @app.command()
 def reweight(
-    train: Annotated[Path, typer.Option("--train", help="Training data: <dir>/<domain>/*.jsonl, or a mixture directory.")],
-    influence: Annotated[Path, typer.Option("--influence", help="influence.json (SPEC.md) computed on that training data.")],
-    out_dir: Annotated[Path, typer.Option("--out", help="New mixture directory (must not exist, or be empty).")],
-    step: Annotated[float, typer.Option("--step", help="m: the largest relative change of any domain's volume.")] = 0.15,
-    max_repeats: Annotated[int, typer.Option("--max-repeats", help="At most this many copies of any unique example.")] = 4,
-    keep_total: Annotated[bool, typer.Option("--keep-total", help="Keep the total number of examples exactly the same.")] = False,
-    min_examples: Annotated[int, typer.Option("--min-examples", help="At least this many examples per domain.")] = 1,
-    seed: Annotated[int | None, typer.Option("--seed", help="Resampling seed (default: the input mixture's).")] = None,
+    train: Annotated[
+        Path,
+        typer.Option(
+            "--train", help="Training data: <dir>/<domain>/*.jsonl, or a mixture directory."
+        ),
+    ],
+    influence: Annotated[
+        Path,
+        typer.Option(
+            "--influence", help="influence.json (SPEC.md) computed on that training data."
+        ),
+    ],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="New mixture directory (must not exist, or be empty).")
+    ],
+    step: Annotated[
+        float, typer.Option("--step", help="m: the largest relative change of any domain's volume.")
+    ] = 0.15,
+    max_repeats: Annotated[
+        int, typer.Option("--max-repeats", help="At most this many copies of any unique example.")
+    ] = 4,
+    keep_total: Annotated[
+        bool,
+        typer.Option("--keep-total", help="Keep the total number of examples exactly the same."),
+    ] = False,
+    min_examples: Annotated[
+        int, typer.Option("--min-examples", help="At least this many examples per domain.")
+    ] = 1,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Resampling seed (default: the input mixture's).")
+    ] = None,
     on_invalid: OnInvalidOption = OnInvalid.error,
 ) -> None:
     """Apply one IDEAL update: rescale each domain's volume from influence.json and resample."""
@@ -84,7 +116,16 @@ def reweight(
         on_invalid=on_invalid.value,
     )
     table = Table(title=f"IDEAL update (m = {step})")
-    for column in ("domain", "before", "beta", "requested", "after", "unique", "max copies", "bound"):
+    for column in (
+        "domain",
+        "before",
+        "beta",
+        "requested",
+        "after",
+        "unique",
+        "max copies",
+        "bound",
+    ):
         table.add_column(column, justify="left" if column in ("domain", "bound") else "right")
     bound = {e["domain"]: e["constraint"] for e in result.mixture.events if e["domain"]}
     for domain, counts in result.mixture.counts.items():
@@ -98,16 +139,24 @@ def reweight(
             str(int(counts.max(initial=0))),
             bound.get(domain, ""),
         )
-    out.print(table)
+    console = _console()
+    console.print(table)
     total_before, total_after = sum(result.before.values()), result.mixture.total
-    out.print(f"total {total_before} -> {total_after}; wrote {result.out}")
+    console.print(f"total {total_before} -> {total_after}; wrote {result.out}")
 
 
 @app.command()
 def check(
-    data: Annotated[Path, typer.Argument(help="Data directory: <dir>/<domain>/*.jsonl, or a mixture directory.")],
-    model: Annotated[Path | None, typer.Option("--model", help="Model directory whose tokenizer renders the rows.")] = None,
-    max_length: Annotated[int | None, typer.Option("--max-length", help="Truncate to this many tokens.")] = None,
+    data: Annotated[
+        Path, typer.Argument(help="Data directory: <dir>/<domain>/*.jsonl, or a mixture directory.")
+    ],
+    model: Annotated[
+        Path | None,
+        typer.Option("--model", help="Model directory whose tokenizer renders the rows."),
+    ] = None,
+    max_length: Annotated[
+        int | None, typer.Option("--max-length", help="Truncate to this many tokens.")
+    ] = None,
     on_invalid: OnInvalidOption = OnInvalid.error,
 ) -> None:
     """Validate a data directory: formats per file, rows, and (with --model) tokens and truncation."""
@@ -135,7 +184,7 @@ def check(
             row += [str(report.tokens), str(report.target_tokens), str(report.truncated),
                     str(len(report.no_target))]  # fmt: skip
         table.add_row(*row)
-    out.print(table)
+    _console().print(table)
 
 
 def main(argv: list[str] | None = None) -> int:

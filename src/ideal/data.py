@@ -222,7 +222,10 @@ def load_domains(root: str | Path, on_invalid: OnInvalid = "error") -> dict[str,
             raise IdealError(f"{path}: empty domain (every row was invalid and skipped)")
         if domain.skipped:
             log.warning(
-                "%s: skipped %d invalid rows (first: %s)", path, len(domain.skipped), domain.skipped[0]
+                "%s: skipped %d invalid rows (first: %s)",
+                path,
+                len(domain.skipped),
+                domain.skipped[0],
             )
         domains[path.name] = domain
     return domains
@@ -291,7 +294,9 @@ def tokenize_example(example: Example, tokenizer: Any, max_length: int | None = 
     """
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise IdealError("the tokenizer has no EOS token; set eos_token in its tokenizer_config.json")
+        raise IdealError(
+            "the tokenizer has no EOS token; set eos_token in its tokenizer_config.json"
+        )
     ids: list[int] = []
     labels: list[int] = []
     turns = [k for k, m in enumerate(example.messages) if m["role"] == "assistant"]

@@ -34,7 +34,9 @@ def load_tokenizer(path: str | Path) -> Any:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise IdealError(f"{path}: cannot load the tokenizer ({first})") from None
     if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token  # padding positions never carry loss or statistics
+        tokenizer.pad_token = (
+            tokenizer.eos_token
+        )  # padding positions never carry loss or statistics
     return tokenizer
 
 

@@ -97,7 +97,9 @@ def _round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
-def _largest_remainder(values: np.ndarray, total: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+def _largest_remainder(
+    values: np.ndarray, total: int, lo: np.ndarray, hi: np.ndarray
+) -> np.ndarray:
     """Integers within [lo, hi] summing exactly to `total`, as close as possible to `values`."""
     out = np.clip(np.floor(values), lo, hi).astype(np.int64)
     remainder = values - out
@@ -139,8 +141,16 @@ def _scale_to_total(requested: np.ndarray, total: int, lo: np.ndarray, hi: np.nd
     return high
 
 
-def _event(domain: str | None, constraint: str, requested: float, volume: int, **extra: Any) -> dict:
-    return {"domain": domain, "constraint": constraint, "requested": requested, "volume": volume, **extra}
+def _event(
+    domain: str | None, constraint: str, requested: float, volume: int, **extra: Any
+) -> dict:
+    return {
+        "domain": domain,
+        "constraint": constraint,
+        "requested": requested,
+        "volume": volume,
+        **extra,
+    }
 
 
 def apply_constraints(

@@ -45,7 +45,9 @@ class TrainingSet:
     def examples(self, domain: str) -> list[Example]:
         """The domain's multiset: each pool example repeated as many times as it is counted."""
         counts = self.mixture.counts[domain]
-        return [ex for ex, c in zip(self.pool[domain].examples, counts, strict=True) for _ in range(c)]
+        return [
+            ex for ex, c in zip(self.pool[domain].examples, counts, strict=True) for _ in range(c)
+        ]
 
 
 def _hash_pool(pool_dir: Path, pool: dict[str, Domain]) -> dict[str, str]:
@@ -106,6 +108,8 @@ def write_mixture_dir(
             rows = training.pool[domain].examples
             lines = [ex.raw for ex, c in zip(rows, counts, strict=True) for _ in range(c)]
             (tmp / domain).mkdir()
-            (tmp / domain / "data.jsonl").write_text("".join(f"{x}\n" for x in lines), encoding="utf-8")
+            (tmp / domain / "data.jsonl").write_text(
+                "".join(f"{x}\n" for x in lines), encoding="utf-8"
+            )
         atomic_write_json(tmp / MANIFEST, manifest)
     return manifest

@@ -52,7 +52,9 @@ def read_influence(path: str | Path, training: TrainingSet) -> dict[str, Any]:
         for domain, value in field.items():
             ok = isinstance(value, int | float) and not isinstance(value, bool)
             if not ok or not math.isfinite(value):
-                raise IdealError(f"{path}: {key}['{domain}'] must be a finite number, got {value!r}")
+                raise IdealError(
+                    f"{path}: {key}['{domain}'] must be a finite number, got {value!r}"
+                )
     if obj["volumes"] != training.mixture.volumes:
         raise IdealError(
             f"{path}: computed for volumes {obj['volumes']}, but the training data has "
@@ -99,7 +101,10 @@ def reweight(
                     "max_repeats": constraints.max_repeats,
                     "keep_total": constraints.keep_total,
                 },
-                "influence": {"path": str(Path(influence).resolve()), "sha256": sha256_file(influence)},
+                "influence": {
+                    "path": str(Path(influence).resolve()),
+                    "sha256": sha256_file(influence),
+                },
                 "previous_volumes": before,
             }
         },

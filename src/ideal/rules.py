@@ -65,8 +65,9 @@ class Rule(Protocol):
     name: str
     needs_influence: bool
 
-    def propose(self, volumes: Mapping[str, int], signals: Mapping[str, Any]) -> dict[str, float]:
-        ...
+    def propose(
+        self, volumes: Mapping[str, int], signals: Mapping[str, Any]
+    ) -> dict[str, float]: ...
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,9 @@ CHAT_TEMPLATE = (
 )
 
 
-def char_tokenizer(alphabet: str = DEFAULT_ALPHABET, chat_template: bool = True) -> PreTrainedTokenizerFast:
+def char_tokenizer(
+    alphabet: str = DEFAULT_ALPHABET, chat_template: bool = True
+) -> PreTrainedTokenizerFast:
     """One token per character of `alphabet`; ids 0-3 are <pad>, <s>, </s>, <unk>, then role tokens."""
     chars = sorted(set(alphabet))
     vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *ROLE_TOKENS, *chars))}

@@ -1,0 +1,50 @@
+"""The IDEAL step: sensitivities from scores, beta = -m * alpha / max|alpha|, and its signs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ideal.errors import IdealError
+from ideal.rules import IdealRule, UniformRule, ideal_beta, sensitivities
+
+# references x domains; s_ji > 0: more of domain i lowers the loss on reference j (i helps j)
+SCORES = np.array([[2.0, -1.0, 0.0], [4.0, -3.0, 1.0]])
+
+
+def test_sensitivities_by_hand():
+    # mean over references: [3, -2, 0.5]; shares n_i/N = [0.5, 0.25, 0.25]
+    alpha = sensitivities(SCORES, [50, 25, 25])
+    assert alpha == pytest.approx([-1.5, 0.5, -0.125])
+    assert sensitivities(SCORES, [50, 25, 25], size_factor=False) == pytest.approx([-3, 2, -0.5])
+    weighted = sensitivities(SCORES, [1, 1, 1], weights=[1.0, 0.0], size_factor=False)
+    assert weighted == pytest.approx([-2.0, 1.0, 0.0])
+
+
+def test_beta_largest_change_is_m_and_signs_follow_the_convention():
+    alpha = sensitivities(SCORES, [50, 25, 25])
+    beta = ideal_beta(alpha, step=0.15)
+    assert np.abs(beta).max() == pytest.approx(0.15)
+    assert beta == pytest.approx([0.15, -0.05, 0.0125])
+    # domain 0 helps every reference: up; domain 1 hurts every reference: down
+    assert beta[0] > 0 > beta[1]
+
+
+def test_zero_sensitivities_do_not_move():
+    assert ideal_beta([0.0, 0.0]).tolist() == [0.0, 0.0]
+
+
+def test_bad_step_and_non_finite_sensitivities_are_errors():
+    with pytest.raises(IdealError, match="step m"):
+        ideal_beta([1.0], step=1.5)
+    with pytest.raises(IdealError, match="finite"):
+        ideal_beta([np.nan, 1.0])
+
+
+def test_rules_propose_volumes():
+    volumes = {"a": 100, "b": 50}
+    proposed = IdealRule(step=0.2).propose(volumes, {"sensitivity": {"a": -4.0, "b": 1.0}})
+    assert proposed == pytest.approx({"a": 120.0, "b": 47.5})
+    assert UniformRule().propose(volumes, {}) == {"a": 75.0, "b": 75.0}
+    # uniform is a fixed point of the uniform rule
+    assert UniformRule().propose({"a": 75, "b": 75}, {}) == {"a": 75.0, "b": 75.0}
