@@ -145,6 +145,144 @@ def reweight(
     console.print(f"total {total_before} -> {total_after}; wrote {result.out}")
 
 
+class Curvature(str, Enum):
+    ekfac = "ekfac"
+    kfac = "kfac"
+    identity = "identity"
+    exact = "exact"
+
+
+class Fisher(str, Enum):
+    sampled = "sampled"
+    empirical = "empirical"
+
+
+class Objective(str, Enum):
+    mean = "mean"
+    pooled = "pooled"
+    worst = "worst"
+
+
+@app.command()
+def influence(
+    model: Annotated[
+        Path,
+        typer.Option("--model", help="Trained model: a local Hugging Face causal LM directory."),
+    ],
+    train: Annotated[
+        Path,
+        typer.Option(
+            "--train",
+            help="The mixture it was trained on: <dir>/<domain>/*.jsonl or a mixture directory.",
+        ),
+    ],
+    reference: Annotated[
+        Path, typer.Option("--reference", help="Reference sets: <dir>/<capability>/*.jsonl.")
+    ],
+    out_dir: Annotated[
+        Path,
+        typer.Option(
+            "--out", help="New directory for influence.json, influence.csv, influence.png."
+        ),
+    ],
+    curvature: Annotated[
+        Curvature,
+        typer.Option(
+            "--curvature",
+            help="ekfac (default), kfac, identity (plain gradient dot products) or exact (dense; tiny models).",
+        ),
+    ] = Curvature.ekfac,
+    damping: Annotated[
+        float, typer.Option("--damping", help="Damping relative to each layer's mean eigenvalue.")
+    ] = 0.1,
+    damping_abs: Annotated[
+        float | None, typer.Option("--damping-abs", help="Absolute damping (overrides --damping).")
+    ] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            "--layers",
+            help="Comma-separated globs of nn.Linear names, e.g. 'model.layers.*.mlp.*'. Default: every MLP projection (LoRA weights for a LoRA model).",
+        ),
+    ] = None,
+    fisher: Annotated[
+        Fisher,
+        typer.Option(
+            "--fisher",
+            help="Labels of the curvature's backward pass: sampled from the model (true Fisher) or the data's (empirical).",
+        ),
+    ] = Fisher.sampled,
+    sample: Annotated[
+        float,
+        typer.Option(
+            "--sample",
+            help="Fraction of the mixture used for curvature statistics and domain gradients (1.0 = all).",
+        ),
+    ] = 0.5,
+    max_length: Annotated[
+        int | None, typer.Option("--max-length", help="Truncate examples to this many tokens.")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per forward pass.")] = 8,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the sample and of the sampled labels.")
+    ] = 0,
+    objective: Annotated[
+        Objective,
+        typer.Option(
+            "--objective",
+            help="Q over capabilities: mean of per-capability losses, pooled examples, or the worst capability.",
+        ),
+    ] = Objective.mean,
+    size_factor: Annotated[
+        bool,
+        typer.Option(
+            "--size-factor/--no-size-factor",
+            help="Multiply domain i's sensitivity by n_i/N (METHOD.md).",
+        ),
+    ] = True,
+    on_invalid: OnInvalidOption = OnInvalid.error,
+) -> None:
+    """Influence of every training domain on every reference capability (EK-FAC by default)."""
+    from ideal.influence import InfluenceSettings
+    from ideal.influence_io import run_influence
+    from ideal.progress import track
+
+    settings = InfluenceSettings(
+        curvature=curvature.value,
+        damping=damping,
+        damping_abs=damping_abs,
+        fisher=fisher.value,
+        batch_size=batch_size,
+        seed=seed,
+    )
+    patterns = [p for p in layers.split(",") if p.strip()] if layers else None
+    result, document = run_influence(
+        out_dir,
+        model,
+        train,
+        reference,
+        settings,
+        sample=sample,
+        layers=patterns,
+        max_length=max_length,
+        objective=objective.value,
+        size_factor=size_factor,
+        on_invalid=on_invalid.value,
+        progress=track,
+    )
+    table = Table(title="influence s_ji (> 0: more of the domain lowers the reference loss)")
+    table.add_column("reference \\ domain")
+    for domain in result.domains:
+        table.add_column(domain, justify="right")
+    for j, ref in enumerate(result.references):
+        table.add_row(ref, *(f"{x:.4g}" for x in result.scores[j]))
+    table.add_row("dQ/dbeta", *(f"{document['sensitivity'][d]:.4g}" for d in result.domains))
+    table.add_row("beta (m=0.15)", *(f"{document['beta'][d]:+.3f}" for d in result.domains))
+    console = _console()
+    console.print(table)
+    console.print(f"{document['seconds']['total']:.1f} s; wrote {out_dir}")
+
+
 @app.command()
 def check(
     data: Annotated[
@@ -189,7 +327,12 @@ def check(
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code instead of exiting."""
-    logging.basicConfig(level=logging.INFO, format="ideal: %(message)s", stream=sys.stderr)
+    if not log.handlers:  # our messages only; libraries keep their own levels
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("ideal: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
     command = typer.main.get_command(app)
     try:
         command.main(args=argv, prog_name="ideal", standalone_mode=False)

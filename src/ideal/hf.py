@@ -13,8 +13,11 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.utils import logging as hf_logging
 
 from ideal.errors import IdealError
+
+hf_logging.disable_progress_bar()  # our own progress bars say what is happening
 
 
 def _model_dir(path: str | Path) -> Path:

@@ -240,3 +240,21 @@ def resample_mixture(
         for d, c in mixture.counts.items()
     }
     return Mixture(counts, seed=seed, round=round_, events=list(events or []))
+
+
+def sample_counts(counts: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
+    """A seeded sample of `fraction` of a domain's copies (at least one), as counts per unique example.
+
+    Copies of the same example have the same gradient, so a sampled example is processed once with
+    its sampled count as weight.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise IdealError(f"--sample must be in (0, 1], got {fraction}")
+    counts = np.asarray(counts, dtype=np.int64)
+    volume = int(counts.sum())
+    if fraction == 1.0 or volume == 0:
+        return counts.copy()
+    size = max(1, math.ceil(fraction * volume))
+    copies = np.repeat(np.arange(len(counts)), counts)
+    chosen = rng.choice(len(copies), size=size, replace=False)
+    return np.bincount(copies[chosen], minlength=len(counts)).astype(np.int64)

@@ -1,0 +1,144 @@
+"""Curvature of the mixture loss per linear layer, and its damped inverse-vector products.
+
+Pure functions over tensors (no files, no model). Every curvature option approximates the SAME matrix,
+the Gauss-Newton matrix of the mixture loss (METHOD.md) restricted to the selected layers,
+
+    G = E_z [ (1/T_z) * sum over z's target tokens t of  J_t^T H_t J_t ],
+
+with l(z) the mean NLL over z's T_z target tokens and H_t the softmax Hessian of token t. With labels
+y sampled from the model, E_y[G_z G_z^T] = sum_t E_y[g_t g_t^T] for the per-example gradient G_z of the
+SUMMED token loss (cross terms vanish), so G = E_z[ vec(G_z) vec(G_z)^T / T_z ]. All four options
+share that scale, so an absolute damping means the same thing for each (kronfluence's K-FAC is ~T
+times smaller than its EK-FAC; we avoid that trap by construction).
+
+For one layer with weight W (out x in), the statistics (sums over examples z with weights w_z) are
+
+    A      = sum_z w_z sum_{t in P_z} a_t a_t^T  /  sum_z w_z |P_z|      P_z: non-padding positions
+    S      = sum_z w_z (1/T_z) sum_t g_t g_t^T  /  sum_z w_z             g: output gradients
+    K-FAC:  G_l = A (x) S,  i.e. eigenvalues s_p a_q in the eigenbases Q_S, Q_A
+    EK-FAC: Lambda[p, q] = sum_z w_z (1/T_z) (Q_S^T G_z Q_A)[p, q]^2 / sum_z w_z
+
+and the damped inverse-HVP is  V -> Q_S [ (Q_S^T V Q_A) / (Lambda + lambda) ] Q_A^T.
+Damping lambda is `damping * mean(Lambda)` per layer (relative, default 0.1), or an absolute value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class LayerStats:
+    """Running sums for one layer (float32 or float64). Normalise with `covariances`."""
+
+    a_sum: Tensor  # (in, in)   sum of w a a^T over non-padding positions
+    s_sum: Tensor  # (out, out) sum of w g g^T / T_z
+    positions: float = 0.0  # sum of w |P_z|
+    examples: float = 0.0  # sum of w
+
+    @classmethod
+    def zeros(cls, d_in: int, d_out: int, dtype: torch.dtype = torch.float32) -> LayerStats:
+        return cls(torch.zeros(d_in, d_in, dtype=dtype), torch.zeros(d_out, d_out, dtype=dtype))
+
+    def add(self, other: LayerStats) -> None:
+        self.a_sum += other.a_sum
+        self.s_sum += other.s_sum
+        self.positions += other.positions
+        self.examples += other.examples
+
+
+def layer_stats(a: Tensor, g: Tensor, mask: Tensor, targets: Tensor, weights: Tensor) -> LayerStats:
+    """Covariance sums of one batch for one layer, in float32.
+
+    a: (B, T, in) inputs; g: (B, T, out) output gradients of the summed token loss; mask: (B, T)
+    non-padding positions; targets: (B,) target-token counts T_z; weights: (B,) example weights.
+    """
+    a = a.float() * mask.unsqueeze(-1)  # (B, T, in), padding rows zeroed
+    g = g.float() * mask.unsqueeze(-1)  # (B, T, out); zero at padding already, made explicit
+    wa = a * weights.view(-1, 1, 1).float()
+    wg = g * (weights.float() / targets.float()).view(-1, 1, 1)
+    a_sum = torch.einsum("bti,btj->ij", wa, a)
+    s_sum = torch.einsum("bto,btp->op", wg, g)
+    positions = float((mask.float().sum(1) * weights.float()).sum())
+    return LayerStats(a_sum, s_sum, positions, float(weights.float().sum()))
+
+
+def covariances(stats: LayerStats) -> tuple[Tensor, Tensor]:
+    """(A, S) from their running sums."""
+    return stats.a_sum / stats.positions, stats.s_sum / stats.examples
+
+
+@dataclass
+class Eigen:
+    """Eigenbases of A and S and the eigenvalues of G_l in that basis (out x in), float64."""
+
+    q_a: Tensor  # (in, in)
+    q_s: Tensor  # (out, out)
+    eigenvalues: Tensor  # (out, in): s_p a_q for K-FAC, corrected for EK-FAC
+
+
+def symmetric_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigendecomposition in float64 after symmetrising (round-off makes sums slightly asymmetric)."""
+    m = matrix.double()
+    values, vectors = torch.linalg.eigh(0.5 * (m + m.T))
+    return values.clamp_min(0.0), vectors  # a covariance is PSD: negative values are round-off
+
+
+def kfac_eigen(a_cov: Tensor, s_cov: Tensor) -> Eigen:
+    a_values, q_a = symmetric_eigh(a_cov)
+    s_values, q_s = symmetric_eigh(s_cov)
+    return Eigen(q_a, q_s, torch.outer(s_values, a_values))
+
+
+def rotated_squares(g: Tensor, a: Tensor, mask: Tensor, eigen: Eigen) -> Tensor:
+    """(Q_S^T G_z Q_A)^2 per example, (B, out, in), with G_z = sum_t g_t a_t^T.
+
+    Rotating a and g first (B T in^2 + B T out^2) and then contracting over tokens is cheaper than
+    forming G_z and rotating it (B out in (out + in)).
+    """
+    a = a.double() * mask.unsqueeze(-1)
+    g_rot = g.double() @ eigen.q_s  # (B, T, out)
+    a_rot = a @ eigen.q_a  # (B, T, in)
+    grads = torch.einsum("bto,bti->boi", g_rot, a_rot)  # (B, out, in)
+    return grads.square()
+
+
+def correction_sum(
+    g: Tensor, a: Tensor, mask: Tensor, targets: Tensor, weights: Tensor, eigen: Eigen, chunk: int
+) -> Tensor:
+    """sum_z w_z (1/T_z) (Q_S^T G_z Q_A)^2 over a batch, `chunk` examples at a time (bounded memory)."""
+    total = torch.zeros_like(eigen.eigenvalues)
+    scale = (weights.double() / targets.double()).view(-1, 1, 1)
+    for start in range(0, g.shape[0], chunk):
+        part = slice(start, start + chunk)
+        total += (rotated_squares(g[part], a[part], mask[part], eigen) * scale[part]).sum(0)
+    return total
+
+
+def damping_value(eigenvalues: Tensor, damping: float | None, damping_abs: float | None) -> float:
+    """lambda of one layer: absolute if given, else `damping` x the mean eigenvalue."""
+    if damping_abs is not None:
+        return float(damping_abs)
+    return float(damping if damping is not None else 0.1) * float(eigenvalues.mean())
+
+
+def inverse_hvp(v: Tensor, eigen: Eigen, damping: float) -> Tensor:
+    """(G_l + damping I)^{-1} v for v of shape (..., out, in), in the eigenbasis of G_l."""
+    if damping <= 0.0 and bool((eigen.eigenvalues <= 0).any()):
+        raise ValueError("zero damping with a singular curvature: set a damping > 0")
+    v = v.double()
+    rotated = eigen.q_s.T @ v @ eigen.q_a
+    return eigen.q_s @ (rotated / (eigen.eigenvalues + damping)) @ eigen.q_a.T
+
+
+def dense_kronecker(eigen: Eigen) -> Tensor:
+    """The dense matrix that `inverse_hvp` inverts, for vec = row-major flattening of (out, in).
+
+    For tests and the `exact` comparison only: (out*in)^2 entries.
+    """
+    basis = torch.kron(eigen.q_s, eigen.q_a)  # row-major vec(Q_S X Q_A^T) = (Q_S (x) Q_A) vec(X)
+    return basis @ torch.diag(eigen.eigenvalues.reshape(-1)) @ basis.T

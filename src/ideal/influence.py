@@ -1,0 +1,482 @@
+"""Domain influence: how training more on each domain changes the loss on each reference set.
+
+Sign convention (METHOD.md), used everywhere in `ideal` (files, plots, docs):
+
+    s_ji = grad L(R_j)^T (G + lambda)^{-1} gbar_i
+    s_ji > 0  <=>  training more on domain i is predicted to LOWER the loss on reference j.
+
+Up-weighting domain i by epsilon moves the optimum by -epsilon (n_i/N) H^{-1} gbar_i, so the reference
+loss changes by -epsilon (n_i/N) s_ji: a positive score means the loss goes down.
+
+Cost (SPEC.md "Scale"): pass 1 over the mixture sample computes the covariances and the per-domain
+gradient sums together (one forward, one or two backward passes per batch); pass 2 computes the
+EK-FAC eigenvalue correction from per-example gradients in bounded chunks; a separate pass computes
+reference gradients. Per-example gradients are never stored beyond one chunk. Preconditioned reference
+gradients are computed once per reference and dotted with every domain gradient.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from ideal.capture import Capture, layer_shape
+from ideal.curvature import (
+    Eigen,
+    LayerStats,
+    correction_sum,
+    covariances,
+    damping_value,
+    inverse_hvp,
+    kfac_eigen,
+    layer_stats,
+)
+from ideal.data import Tokenized
+from ideal.errors import IdealError
+from ideal.lm import Batch, collate, example_losses, position_ids, sample_labels, token_nll
+
+CURVATURES = ("ekfac", "kfac", "identity", "exact")
+EXACT_LIMIT = 8192  # parameters: the dense matrix has EXACT_LIMIT^2 float64 entries (0.5 GB)
+
+T = TypeVar("T")
+Progress = Callable[[Iterable[T], int, str], Iterable[T]]
+
+
+def no_progress(items: Iterable[T], total: int, description: str) -> Iterable[T]:
+    return items
+
+
+@dataclass(frozen=True)
+class InfluenceSettings:
+    curvature: str = "ekfac"  # ekfac | kfac | identity | exact
+    damping: float = 0.1  # relative: lambda_l = damping x mean eigenvalue of layer l
+    damping_abs: float | None = None  # absolute lambda, same for every layer (overrides damping)
+    fisher: str = "sampled"  # sampled (true Fisher, seeded) | empirical (the data's labels)
+    batch_size: int = 8
+    seed: int = 0
+    chunk: int = 16  # examples per eigenvalue-correction chunk (bounds memory)
+
+    def __post_init__(self) -> None:
+        if self.curvature not in CURVATURES:
+            raise IdealError(
+                f"--curvature must be one of {', '.join(CURVATURES)}, got {self.curvature!r}"
+            )
+        if self.fisher not in ("sampled", "empirical"):
+            raise IdealError(f"--fisher must be sampled or empirical, got {self.fisher!r}")
+        if self.damping_abs is None and not self.damping > 0:
+            raise IdealError(f"--damping must be > 0, got {self.damping}")
+        if self.damping_abs is not None and self.damping_abs < 0:
+            raise IdealError(f"--damping-abs must be >= 0, got {self.damping_abs}")
+        if self.batch_size < 1:
+            raise IdealError(f"--batch-size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class WeightedSet:
+    """Tokenized examples with weights (copies in the mixture sample); a reference set has all 1."""
+
+    items: list[Tokenized]
+    weights: list[float]
+
+    @classmethod
+    def uniform(cls, items: list[Tokenized]) -> WeightedSet:
+        return cls(items, [1.0] * len(items))
+
+
+@dataclass
+class InfluenceResult:
+    domains: list[str]
+    references: list[str]
+    scores: np.ndarray  # (references, domains), METHOD.md sign convention
+    reference_losses: dict[str, float]
+    layers: list[str]
+    damping: dict[str, float]  # lambda per layer (or the dense block for exact)
+    seconds: dict[str, float] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+
+
+def make_batches(
+    data: WeightedSet, batch_size: int, pad_id: int, key_offset: int = 0
+) -> list[Batch]:
+    """Batches of similar length (less padding); results do not depend on the grouping.
+
+    Example i gets the key `key_offset + i`, which seeds its sampled labels.
+    """
+    order = sorted(range(len(data.items)), key=lambda i: len(data.items[i].input_ids))
+    return [
+        collate(
+            [data.items[i] for i in chunk],
+            pad_id,
+            [data.weights[i] for i in chunk],
+            keys=[key_offset + i for i in chunk],
+        )
+        for chunk in (order[s : s + batch_size] for s in range(0, len(order), batch_size))
+    ]
+
+
+def _keyed_batches(
+    data: dict[str, WeightedSet], batch_size: int, pad_id: int
+) -> list[tuple[str, Batch]]:
+    """(name, batch) for every set, each example keyed uniquely across the sets."""
+    out, offset = [], 0
+    for name, ws in data.items():
+        out += [(name, b) for b in make_batches(ws, batch_size, pad_id, offset)]
+        offset += len(ws.items)
+    return out
+
+
+def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    out = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=position_ids(batch.attention_mask),
+        use_cache=False,
+    )
+    return out.logits
+
+
+def _batch_gradient(capture: Capture, name: str) -> torch.Tensor:
+    """sum_t g_t a_t^T over every example and token of the batch, float32 (out, in)."""
+    a, g = capture.inputs[name].float(), capture.grads[name].float()
+    return torch.einsum("bto,bti->oi", g, a)
+
+
+class _Engine:
+    """One influence computation over a fixed model and layer set."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: dict[str, nn.Linear],
+        settings: InfluenceSettings,
+        pad_id: int,
+        progress: Progress,
+    ):
+        self.model, self.layers, self.settings, self.pad_id = model, layers, settings, pad_id
+        self.progress = progress
+        self.params = [p for m in layers.values() for p in m.parameters(recurse=False)]
+        self.device = next(model.parameters()).device
+
+    def _backward(self, loss: torch.Tensor, retain: bool) -> None:
+        # Gradients w.r.t. the selected layers only; the hooks record the output gradients.
+        torch.autograd.grad(loss, self.params, retain_graph=retain)
+
+    def _fisher_labels(self, logits: torch.Tensor, batch: Batch, pass_: int) -> torch.Tensor:
+        if self.settings.fisher == "empirical":
+            return batch.labels
+        return sample_labels(logits, batch.labels, batch.keys, 2 * self.settings.seed + pass_)
+
+    def domain_pass(
+        self, data: dict[str, WeightedSet]
+    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, LayerStats]]:
+        """Pass 1: per-domain mean gradients and (for kfac/ekfac) covariance sums, together."""
+        need_stats = self.settings.curvature in ("kfac", "ekfac")
+        stats = {n: LayerStats.zeros(*reversed(layer_shape(m))) for n, m in self.layers.items()}
+        grads: dict[str, dict[str, torch.Tensor]] = {}
+        batches = _keyed_batches(data, self.settings.batch_size, self.pad_id)
+        sums = {d: {n: torch.zeros(layer_shape(m)) for n, m in self.layers.items()} for d in data}
+        with Capture(self.layers) as cap:
+            for domain, batch in self.progress(
+                batches, len(batches), "pass 1/2: factors + domain gradients"
+            ):
+                batch = batch.to(self.device)
+                logits = _logits(self.model, batch)
+                losses = example_losses(logits, batch.labels)  # (B,)
+                sampled = need_stats and self.settings.fisher == "sampled"
+                self._backward((losses * batch.weights).sum(), retain=sampled)
+                for name in self.layers:
+                    sums[domain][name] += _batch_gradient(cap, name).cpu()
+                if not need_stats:
+                    continue
+                targets = batch.targets.float()
+                if sampled:
+                    labels = self._fisher_labels(logits, batch, 0)
+                    nll, _ = token_nll(logits, labels)
+                    self._backward(nll.sum(), retain=False)
+                    scale = torch.ones_like(targets)
+                else:  # empirical: g of the summed loss = g of the weighted mean loss x T_z / w_z
+                    scale = targets / batch.weights
+                for name in self.layers:
+                    g = cap.grads[name] * scale.view(-1, 1, 1)
+                    stats[name].add(
+                        _to_cpu(
+                            layer_stats(
+                                cap.inputs[name], g, batch.attention_mask, targets, batch.weights
+                            )
+                        )
+                    )
+        for domain, ws in data.items():
+            total = float(sum(ws.weights))
+            grads[domain] = {n: s / total for n, s in sums[domain].items()}
+        return grads, stats
+
+    def correction_pass(
+        self, data: dict[str, WeightedSet], eigens: dict[str, Eigen]
+    ) -> dict[str, torch.Tensor]:
+        """Pass 2 (EK-FAC): eigenvalues of G in the K-FAC eigenbasis, from per-example gradients."""
+        sums = {n: torch.zeros_like(e.eigenvalues) for n, e in eigens.items()}
+        weight_total = 0.0
+        batches = [b for _, b in _keyed_batches(data, self.settings.batch_size, self.pad_id)]
+        on_device = {
+            n: Eigen(e.q_a.to(self.device), e.q_s.to(self.device), e.eigenvalues.to(self.device))
+            for n, e in eigens.items()
+        }
+        with Capture(self.layers) as cap:
+            for batch in self.progress(batches, len(batches), "pass 2/2: eigenvalue correction"):
+                batch = batch.to(self.device)
+                logits = _logits(self.model, batch)
+                labels = self._fisher_labels(logits, batch, 1)
+                nll, _ = token_nll(logits, labels)
+                self._backward(nll.sum(), retain=False)
+                targets = batch.targets.float()
+                for name in self.layers:
+                    part = correction_sum(
+                        cap.grads[name],
+                        cap.inputs[name],
+                        batch.attention_mask,
+                        targets,
+                        batch.weights,
+                        on_device[name],
+                        self.settings.chunk,
+                    )
+                    sums[name] += part.cpu()
+                weight_total += float(batch.weights.sum())
+        return {n: s / weight_total for n, s in sums.items()}
+
+    def reference_pass(
+        self, references: dict[str, WeightedSet]
+    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, float]]:
+        """Mean gradient and mean loss of every reference set (true labels)."""
+        grads, losses = {}, {}
+        batches = _keyed_batches(references, self.settings.batch_size, self.pad_id)
+        sums = {
+            r: {n: torch.zeros(layer_shape(m)) for n, m in self.layers.items()} for r in references
+        }
+        loss_sums = dict.fromkeys(references, 0.0)
+        with Capture(self.layers) as cap:
+            for ref, batch in self.progress(batches, len(batches), "reference gradients"):
+                batch = batch.to(self.device)
+                losses_b = example_losses(_logits(self.model, batch), batch.labels)
+                self._backward(losses_b.sum(), retain=False)
+                loss_sums[ref] += float(losses_b.detach().sum())
+                for name in self.layers:
+                    sums[ref][name] += _batch_gradient(cap, name).cpu()
+        for ref, ws in references.items():
+            grads[ref] = {n: s / len(ws.items) for n, s in sums[ref].items()}
+            losses[ref] = loss_sums[ref] / len(ws.items)
+        return grads, losses
+
+
+def _to_cpu(stats: LayerStats) -> LayerStats:
+    return LayerStats(stats.a_sum.cpu(), stats.s_sum.cpu(), stats.positions, stats.examples)
+
+
+def domain_influence(
+    model: nn.Module,
+    layers: dict[str, nn.Linear],
+    domains: dict[str, WeightedSet],
+    references: dict[str, WeightedSet],
+    settings: InfluenceSettings,
+    pad_id: int,
+    progress: Progress = no_progress,
+) -> InfluenceResult:
+    """Influence scores (references x domains) of a trained model; see the module docstring."""
+    for name, ws in {**domains, **references}.items():
+        if not ws.items:
+            raise IdealError(f"'{name}': no examples to compute influence on")
+    if settings.curvature == "exact":
+        count = sum(int(np.prod(layer_shape(m))) for m in layers.values())
+        if count > EXACT_LIMIT:
+            raise IdealError(
+                f"--curvature exact: the selected layers have {count} parameters, above the limit of "
+                f"{EXACT_LIMIT} for a dense matrix; use ekfac or select fewer layers with --layers"
+            )
+    model.eval()
+    requires = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    engine = _Engine(model, layers, settings, pad_id, progress)
+    for p in engine.params:
+        p.requires_grad_(True)
+    seconds: dict[str, float] = {}
+    try:
+        start = time.perf_counter()
+        domain_grads, stats = engine.domain_pass(domains)
+        seconds["pass1_factors_and_domain_gradients"] = time.perf_counter() - start
+        start = time.perf_counter()
+        ref_grads, ref_losses = engine.reference_pass(references)
+        seconds["references"] = time.perf_counter() - start
+        start = time.perf_counter()
+        precondition, damping = _preconditioner(engine, domains, stats, seconds)
+        preconditioned = {r: precondition(g) for r, g in ref_grads.items()}  # once per reference
+        scores = np.array(
+            [
+                [
+                    sum(
+                        float((preconditioned[r][n] * domain_grads[d][n].double()).sum())
+                        for n in layers
+                    )
+                    for d in domains
+                ]
+                for r in references
+            ]
+        )
+        seconds["scores"] = time.perf_counter() - start
+    finally:
+        for p, flag in requires.items():
+            p.requires_grad_(flag)
+    tokens = {d: sum(len(i.input_ids) for i in ws.items) for d, ws in domains.items()}
+    return InfluenceResult(
+        list(domains), list(references), scores, ref_losses, list(layers), damping, seconds, tokens
+    )
+
+
+def _preconditioner(
+    engine: _Engine,
+    domains: dict[str, WeightedSet],
+    stats: dict[str, LayerStats],
+    seconds: dict[str, float],
+) -> tuple[Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]], dict[str, float]]:
+    """The damped inverse curvature as a function on per-layer gradients, and lambda per layer."""
+    settings = engine.settings
+    if settings.curvature == "identity":  # G = I: plain gradient dot products, no damping
+        return (lambda g: {n: v.double() for n, v in g.items()}), {}
+    if settings.curvature == "exact":
+        start = time.perf_counter()
+        dense = dense_gauss_newton(engine.model, engine.layers, domains, engine.pad_id)
+        seconds["exact_gauss_newton"] = time.perf_counter() - start
+        return _dense_preconditioner(dense, engine.layers, settings)
+    start = time.perf_counter()
+    eigens = {n: kfac_eigen(*covariances(s)) for n, s in stats.items()}
+    seconds["eigendecomposition"] = time.perf_counter() - start
+    if settings.curvature == "ekfac":
+        start = time.perf_counter()
+        corrected = engine.correction_pass(domains, eigens)
+        for name, values in corrected.items():
+            eigens[name].eigenvalues = values
+        seconds["pass2_eigenvalue_correction"] = time.perf_counter() - start
+    damping = {
+        n: damping_value(e.eigenvalues, settings.damping, settings.damping_abs)
+        for n, e in eigens.items()
+    }
+    return (lambda g: {n: inverse_hvp(v, eigens[n], damping[n]) for n, v in g.items()}), damping
+
+
+def _dense_preconditioner(
+    dense: torch.Tensor, layers: dict[str, nn.Linear], settings: InfluenceSettings
+):
+    sizes = [int(np.prod(layer_shape(m))) for m in layers.values()]
+    offsets = np.cumsum([0, *sizes])
+    damping: dict[str, float] = {}
+    diagonal = torch.zeros(dense.shape[0], dtype=torch.float64)
+    for (name, _), lo, hi in zip(layers.items(), offsets[:-1], offsets[1:], strict=True):
+        block = torch.diagonal(dense)[lo:hi]
+        damping[name] = damping_value(
+            block, settings.damping, settings.damping_abs
+        )  # mean eigenvalue = trace/dim
+        diagonal[lo:hi] = damping[name]
+    system = dense + torch.diag(diagonal)
+
+    def precondition(g: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        flat = torch.cat([g[n].double().reshape(-1) for n in layers])
+        solved = torch.linalg.solve(system, flat)
+        return {
+            n: solved[lo:hi].reshape(layer_shape(m))
+            for (n, m), lo, hi in zip(layers.items(), offsets[:-1], offsets[1:], strict=True)
+        }
+
+    return precondition, damping
+
+
+def dense_gauss_newton(
+    model: nn.Module, layers: dict[str, nn.Linear], domains: dict[str, WeightedSet], pad_id: int
+) -> torch.Tensor:
+    """The dense Gauss-Newton matrix of the mixture loss over the selected layers, float64.
+
+    G = sum_z w_z (1/T_z) sum_t J_t^T (diag p_t - p_t p_t^T) J_t / sum_z w_z, with J_t the Jacobian of
+    the logits at target position t w.r.t. the layers' [W | b] (row-major). Tiny models only.
+    """
+    names = list(layers)
+    params = {f"{n}.weight": layers[n].weight for n in names}
+    params.update({f"{n}.bias": layers[n].bias for n in names if layers[n].bias is not None})
+    device = next(model.parameters()).device
+    size = sum(int(np.prod(layer_shape(layers[n]))) for n in names)
+    total = torch.zeros(size, size, dtype=torch.float64)
+    weight_total = 0.0
+    for ws in domains.values():
+        for item, weight in zip(ws.items, ws.weights, strict=True):
+            batch = collate([item], pad_id).to(device)
+            target = (batch.labels[0, 1:] != -100).nonzero().squeeze(1)  # logits at t predict t+1
+
+            def logits_at_targets(
+                p: dict[str, torch.Tensor], batch: Batch = batch, target: torch.Tensor = target
+            ) -> torch.Tensor:
+                out = torch.func.functional_call(
+                    model, p, (), {"input_ids": batch.input_ids, "use_cache": False}
+                )
+                return out.logits[0, target].float()
+
+            jac = torch.func.jacrev(logits_at_targets)(params)  # name -> (T, V, *shape)
+            blocks = []
+            for n in names:
+                w = jac[f"{n}.weight"]
+                if layers[n].bias is not None:
+                    w = torch.cat([w, jac[f"{n}.bias"].unsqueeze(-1)], dim=-1)
+                blocks.append(w.reshape(w.shape[0], w.shape[1], -1))
+            j = torch.cat(blocks, dim=-1).detach().double()  # (T, V, P)
+            with torch.no_grad():
+                probs = torch.softmax(logits_at_targets(params).double(), dim=-1)  # (T, V)
+            weighted = j * probs.sqrt().unsqueeze(-1)  # diag(p)^(1/2) J
+            mean = torch.einsum("tv,tvp->tp", probs, j)  # p^T J
+            ggn = torch.einsum("tvp,tvq->pq", weighted, weighted) - mean.T @ mean
+            total += (weight / len(target)) * ggn.cpu()
+            weight_total += weight
+    return total / weight_total
+
+
+def objective_weights(
+    kind: str, references: Sequence[str], sizes: dict[str, int], losses: dict[str, float]
+) -> np.ndarray:
+    """w_j of Q = sum_j w_j L(R_j): mean (1/k, default), pooled (by set size), worst (largest loss)."""
+    if kind == "mean":
+        return np.full(len(references), 1.0 / len(references))
+    if kind == "pooled":
+        counts = np.array([sizes[r] for r in references], dtype=np.float64)
+        return counts / counts.sum()
+    if kind == "worst":
+        w = np.zeros(len(references))
+        w[int(np.argmax([losses[r] for r in references]))] = 1.0
+        return w
+    raise IdealError(f"objective must be mean, pooled or worst, got {kind!r}")
+
+
+def result_summary(
+    result: InfluenceResult,
+    volumes: dict[str, int],
+    objective: str,
+    size_factor: bool,
+    sizes: dict[str, int],
+    step: float = 0.15,
+) -> dict[str, Any]:
+    """sensitivities dQ/dbeta_i and the default beta, for influence.json."""
+    from ideal.rules import ideal_beta, sensitivities
+
+    weights = objective_weights(objective, result.references, sizes, result.reference_losses)
+    alpha = sensitivities(result.scores, [volumes[d] for d in result.domains], weights, size_factor)
+    beta = ideal_beta(alpha, step)
+    return {
+        "sensitivity": dict(zip(result.domains, alpha.tolist(), strict=True)),
+        "beta": dict(zip(result.domains, beta.tolist(), strict=True)),
+        "objective": {
+            "kind": objective,
+            "weights": dict(zip(result.references, weights.tolist(), strict=True)),
+            "size_factor": size_factor,
+            "step": step,
+        },
+    }

@@ -1,0 +1,142 @@
+"""`ideal influence` end to end: model and data from disk -> influence scores -> files.
+
+Writes, atomically, into a new directory: `influence.json` (SPEC.md), `influence.csv` (references x
+domains) and `influence.png` (heatmap with the sign convention written on it).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import time
+import zlib
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ideal.artifacts import atomic_dir, atomic_write_json, atomic_write_text, check_new_output_dir
+from ideal.capture import select_layers
+from ideal.data import OnInvalid, load_domains, tokenize_examples
+from ideal.hf import load_causal_lm, load_tokenizer
+from ideal.influence import (
+    InfluenceResult,
+    InfluenceSettings,
+    Progress,
+    WeightedSet,
+    domain_influence,
+    no_progress,
+    result_summary,
+)
+from ideal.mixture import sample_counts
+from ideal.mixture_io import load_training_set
+from ideal.plots import influence_heatmap
+
+log = logging.getLogger(__name__)
+
+
+def compute_influence(
+    model_dir: str | Path,
+    train: str | Path,
+    reference: str | Path,
+    settings: InfluenceSettings = InfluenceSettings(),
+    sample: float = 0.5,
+    layers: list[str] | None = None,
+    max_length: int | None = None,
+    objective: str = "mean",
+    size_factor: bool = True,
+    on_invalid: OnInvalid = "error",
+    progress: Progress = no_progress,
+) -> tuple[InfluenceResult, dict[str, Any]]:
+    """Influence of every training domain on every reference capability; returns (result, influence.json)."""
+    start = time.perf_counter()
+    training = load_training_set(train, on_invalid)
+    references = load_domains(reference, on_invalid)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir)
+    selected = select_layers(model, layers)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+
+    domains: dict[str, WeightedSet] = {}
+    for name, counts in training.mixture.counts.items():
+        rng = np.random.default_rng([settings.seed, zlib.crc32(name.encode()), 17])
+        sampled = sample_counts(counts, sample, rng)
+        keep = np.flatnonzero(sampled)
+        examples = [training.pool[name].examples[i] for i in keep]
+        weight = {e.source: float(sampled[i]) for e, i in zip(examples, keep, strict=True)}
+        items, _ = tokenize_examples(examples, tokenizer, max_length, on_invalid)
+        domains[name] = WeightedSet(items, [weight[item.source] for item in items])
+    refs = {
+        name: WeightedSet.uniform(
+            tokenize_examples(d.examples, tokenizer, max_length, on_invalid)[0]
+        )
+        for name, d in references.items()
+    }
+    prepare = time.perf_counter() - start
+    result = domain_influence(
+        model, selected, domains, refs, settings, tokenizer.pad_token_id, progress
+    )
+    result.seconds = {"load_and_tokenize": prepare, **result.seconds}
+    volumes = training.mixture.volumes
+    sizes = {name: len(ws.items) for name, ws in refs.items()}
+    summary = result_summary(result, volumes, objective, size_factor, sizes)
+    document: dict[str, Any] = {
+        "domains": result.domains,
+        "references": result.references,
+        "scores": result.scores.tolist(),
+        "sign_convention": "s_ji > 0: training more on domain i is predicted to lower the loss on reference j",
+        "volumes": volumes,
+        **summary,
+        "reference_loss": result.reference_losses,
+        "curvature": settings.curvature,
+        "damping": {
+            "relative": None if settings.damping_abs is not None else settings.damping,
+            "absolute": settings.damping_abs,
+            "per_layer": result.damping,
+        },
+        "layers": result.layers,
+        "fisher": settings.fisher,
+        "sample": sample,
+        "sampled_examples": {d: len(ws.items) for d, ws in domains.items()},
+        "sampled_weight": {d: float(sum(ws.weights)) for d, ws in domains.items()},
+        "tokens": result.tokens,
+        "settings": {**asdict(settings), "max_length": max_length, "layers": layers},
+        "model": str(Path(model_dir).resolve()),
+        "train": {"path": str(Path(train).resolve()), "files": training.files},
+        "seconds": {**result.seconds, "total": time.perf_counter() - start},
+    }
+    return result, document
+
+
+def scores_csv(result: InfluenceResult) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["reference", *result.domains])
+    for j, reference in enumerate(result.references):
+        writer.writerow([reference, *(repr(float(x)) for x in result.scores[j])])
+    return buffer.getvalue()
+
+
+def write_influence(out: str | Path, result: InfluenceResult, document: dict[str, Any]) -> Path:
+    with atomic_dir(out) as tmp:
+        atomic_write_json(tmp / "influence.json", document)
+        atomic_write_text(tmp / "influence.csv", scores_csv(result))
+        title = f"influence ({document['curvature']}, {document['fisher']} Fisher)"
+        influence_heatmap(
+            result.scores, result.domains, result.references, tmp / "influence.png", title
+        )
+    return Path(out)
+
+
+def run_influence(
+    out: str | Path, *args: Any, **kwargs: Any
+) -> tuple[InfluenceResult, dict[str, Any]]:
+    """compute_influence, then write its files into the new directory `out`."""
+    check_new_output_dir(out)  # fail before the heavy work
+    result, document = compute_influence(*args, **kwargs)
+    write_influence(out, result, document)
+    return result, document

@@ -1,0 +1,44 @@
+"""Plots people would rather see than read. Matplotlib with the Agg backend (no display needed)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+SIGN_CONVENTION = (
+    "s > 0 (blue): more of the domain is predicted to LOWER the reference loss (it helps)"
+)
+
+
+def influence_heatmap(
+    scores: np.ndarray,
+    domains: Sequence[str],
+    references: Sequence[str],
+    path: str | Path,
+    title: str,
+) -> Path:
+    """references x domains heatmap, diverging around 0, each cell annotated with its score."""
+    scores = np.asarray(scores, dtype=np.float64)
+    limit = float(np.abs(scores).max()) or 1.0
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(domains), 1.6 + 0.7 * len(references)))
+    image = ax.imshow(scores, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
+    ax.set_xticks(range(len(domains)), domains, rotation=30, ha="right")
+    ax.set_yticks(range(len(references)), references)
+    ax.set_xlabel("training domain i")
+    ax.set_ylabel("reference j")
+    for j in range(scores.shape[0]):
+        for i in range(scores.shape[1]):
+            color = "white" if abs(scores[j, i]) > 0.6 * limit else "black"
+            ax.text(i, j, f"{scores[j, i]:.3g}", ha="center", va="center", fontsize=8, color=color)
+    fig.colorbar(image, ax=ax, label="influence s_ji")
+    ax.set_title(f"{title}\n{SIGN_CONVENTION}", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
