@@ -40,3 +40,75 @@ def run_cli(capsys: Any, *args: str) -> CliResult:
     code = main([str(a) for a in args])
     captured = capsys.readouterr()
     return CliResult(code, captured.out, captured.err)
+
+
+def tokenize_pairs(tokenizer: Any, pairs: list[tuple[str, str]]) -> list[Any]:
+    from ideal.data import Example, row_to_messages, tokenize_example
+
+    return [
+        tokenize_example(
+            Example(
+                row_to_messages({"prompt": p, "completion": c}, "prompt_completion"),
+                None,
+                f"x:{k}",
+                "",
+            ),
+            tokenizer,
+        )
+        for k, (p, c) in enumerate(pairs)
+    ]
+
+
+def toy_influence_problem(n: int = 40, steps: int = 50, seed: int = 0):
+    """A tiny Llama (1 block, 1152 MLP weights) trained briefly on 3 toy domains, with 3 references.
+
+    Returns (model, domains, references) with domains as WeightedSets (weights 1 or 2 = copies).
+    """
+    import numpy as np
+    import torch
+
+    from ideal.influence import WeightedSet
+    from ideal.lm import collate, example_losses
+    from ideal.tiny import char_tokenizer, tiny_causal_lm
+
+    tokenizer = char_tokenizer()
+    model = tiny_causal_lm(
+        "llama",
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=24,
+        seed=seed,
+    )
+    rng = np.random.default_rng(seed)
+    rules = {
+        "add": (lambda i: str(2 * i % 10), 0),
+        "rev": (lambda i: str(9 - i % 10), 3),
+        "const": (lambda i: "7", 5),
+    }
+
+    def weighted(pairs):
+        return WeightedSet(
+            tokenize_pairs(tokenizer, pairs), [float(rng.integers(1, 3)) for _ in pairs]
+        )
+
+    domains = {
+        d: weighted([(f"{i + off}+{i}", f(i)) for i in range(n)]) for d, (f, off) in rules.items()
+    }
+    references = {
+        f"r_{d}": WeightedSet.uniform(
+            tokenize_pairs(tokenizer, [(f"{i + off + 20}+{i}", f(i)) for i in range(6)])
+        )
+        for d, (f, off) in rules.items()
+    }
+    items = [item for ws in domains.values() for item in ws.items]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    batch = collate(items, tokenizer.pad_token_id)
+    for _ in range(steps):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        loss = example_losses(logits, batch.labels).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval(), domains, references

@@ -147,7 +147,7 @@ def _batch_gradient(capture: Capture, name: str) -> torch.Tensor:
     return torch.einsum("bto,bti->oi", g, a)
 
 
-class _Engine:
+class InfluenceEngine:
     """One influence computation over a fixed model and layer set."""
 
     def __init__(
@@ -301,7 +301,7 @@ def domain_influence(
     requires = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    engine = _Engine(model, layers, settings, pad_id, progress)
+    engine = InfluenceEngine(model, layers, settings, pad_id, progress)
     for p in engine.params:
         p.requires_grad_(True)
     seconds: dict[str, float] = {}
@@ -338,7 +338,7 @@ def domain_influence(
 
 
 def _preconditioner(
-    engine: _Engine,
+    engine: InfluenceEngine,
     domains: dict[str, WeightedSet],
     stats: dict[str, LayerStats],
     seconds: dict[str, float],
@@ -420,7 +420,7 @@ def dense_gauss_newton(
                 out = torch.func.functional_call(
                     model, p, (), {"input_ids": batch.input_ids, "use_cache": False}
                 )
-                return out.logits[0, target].float()
+                return out.logits[0, target].double()
 
             jac = torch.func.jacrev(logits_at_targets)(params)  # name -> (T, V, *shape)
             blocks = []

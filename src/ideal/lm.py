@@ -66,11 +66,12 @@ def position_ids(attention_mask: Tensor) -> Tensor:
 
 
 def token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-token NLL (B, T-1) in float32 with next-token shift, and its target mask (B, T-1)."""
+    """Per-token NLL (B, T-1) in float32 (or float64) with next-token shift, and its target mask (B, T-1)."""
     shifted = labels[:, 1:]
     mask = shifted != IGNORE_INDEX
+    logits = logits if logits.dtype == torch.float64 else logits.float()  # never below float32
     nll = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), shifted.clamp_min(0), reduction="none"
+        logits[:, :-1].transpose(1, 2), shifted.clamp_min(0), reduction="none"
     )
     return nll * mask, mask
 
