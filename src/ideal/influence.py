@@ -131,7 +131,7 @@ def _keyed_batches(
     return out
 
 
-def _logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+def forward_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
     out = model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -186,7 +186,7 @@ class InfluenceEngine:
                 batches, len(batches), "pass 1/2: factors + domain gradients"
             ):
                 batch = batch.to(self.device)
-                logits = _logits(self.model, batch)
+                logits = forward_logits(self.model, batch)
                 losses = example_losses(logits, batch.labels)  # (B,)
                 sampled = need_stats and self.settings.fisher == "sampled"
                 self._backward((losses * batch.weights).sum(), retain=sampled)
@@ -230,7 +230,7 @@ class InfluenceEngine:
         with Capture(self.layers) as cap:
             for batch in self.progress(batches, len(batches), "pass 2/2: eigenvalue correction"):
                 batch = batch.to(self.device)
-                logits = _logits(self.model, batch)
+                logits = forward_logits(self.model, batch)
                 labels = self._fisher_labels(logits, batch, 1)
                 nll, _ = token_nll(logits, labels)
                 self._backward(nll.sum(), retain=False)
@@ -262,7 +262,7 @@ class InfluenceEngine:
         with Capture(self.layers) as cap:
             for ref, batch in self.progress(batches, len(batches), "reference gradients"):
                 batch = batch.to(self.device)
-                losses_b = example_losses(_logits(self.model, batch), batch.labels)
+                losses_b = example_losses(forward_logits(self.model, batch), batch.labels)
                 self._backward(losses_b.sum(), retain=False)
                 loss_sums[ref] += float(losses_b.detach().sum())
                 for name in self.layers:

@@ -21,6 +21,7 @@ import torch
 from ideal.artifacts import atomic_dir, atomic_write_json, atomic_write_text, check_new_output_dir
 from ideal.capture import select_layers
 from ideal.data import OnInvalid, load_domains, tokenize_examples
+from ideal.errors import IdealError
 from ideal.hf import load_causal_lm, load_tokenizer
 from ideal.influence import (
     InfluenceResult,
@@ -53,10 +54,12 @@ def compute_influence(
 ) -> tuple[InfluenceResult, dict[str, Any]]:
     """Influence of every training domain on every reference capability; returns (result, influence.json)."""
     start = time.perf_counter()
+    if not 0.0 < sample <= 1.0:
+        raise IdealError(f"--sample must be in (0, 1], got {sample}")
     training = load_training_set(train, on_invalid)
     references = load_domains(reference, on_invalid)
-    tokenizer = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     selected = select_layers(model, layers)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)

@@ -1,0 +1,141 @@
+"""`ideal influence` on disk: files per SPEC.md, determinism, two model families, LoRA, user errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+from peft import LoraConfig, get_peft_model
+
+from ideal.tiny import char_tokenizer, save_model_dir, tiny_causal_lm
+from tests.helpers import make_data_dir, qa_rows
+from tests.test_cli import assert_one_line_error
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("influence")
+    tokenizer = char_tokenizer()
+    for family in ("llama", "qwen2"):
+        save_model_dir(
+            root / family, tiny_causal_lm(family, vocab_size=len(tokenizer), seed=1), tokenizer
+        )
+    make_data_dir(
+        root / "train",
+        {"add": qa_rows("add", 9), "mul": qa_rows("mul", 7), "sub": qa_rows("sub", 5)},
+    )
+    make_data_dir(root / "reference", {"math": qa_rows("sum", 4), "chat": qa_rows("hello", 3)})
+    return root
+
+
+def run(cli, workspace, out, *extra, model="llama"):
+    return cli(
+        "influence", "--model", workspace / model, "--train", workspace / "train",
+        "--reference", workspace / "reference", "--out", out, *extra,
+    )  # fmt: skip
+
+
+def test_influence_writes_json_csv_and_heatmap(cli, workspace, tmp_path):
+    result = run(cli, workspace, tmp_path / "out")
+    assert result.code == 0, result.err
+    assert "dQ/dbeta" in result.out
+    doc = json.loads((tmp_path / "out" / "influence.json").read_text())
+    assert doc["domains"] == ["add", "mul", "sub"] and doc["references"] == ["chat", "math"]
+    scores = np.array(doc["scores"])
+    assert scores.shape == (2, 3) and np.isfinite(scores).all()
+    assert doc["volumes"] == {"add": 9, "mul": 7, "sub": 5}
+    assert doc["sampled_weight"] == {"add": 5.0, "mul": 4.0, "sub": 3.0}  # ceil(0.5 x volume)
+    assert doc["curvature"] == "ekfac" and doc["fisher"] == "sampled"
+    assert doc["damping"]["relative"] == 0.1 and len(doc["damping"]["per_layer"]) == 6
+    assert all(".mlp." in name for name in doc["layers"]) and len(doc["layers"]) == 6
+    # sensitivities and beta follow METHOD.md from the scores and volumes in the same file
+    share = np.array([9, 7, 5]) / 21
+    alpha = -share * scores.mean(0)
+    assert [doc["sensitivity"][d] for d in doc["domains"]] == pytest.approx(alpha.tolist())
+    assert max(abs(b) for b in doc["beta"].values()) == pytest.approx(0.15)
+    assert set(doc["seconds"]) >= {
+        "pass1_factors_and_domain_gradients",
+        "pass2_eigenvalue_correction",
+        "references",
+        "total",
+    }
+    rows = list(csv.reader((tmp_path / "out" / "influence.csv").read_text().splitlines()))
+    assert rows[0] == ["reference", "add", "mul", "sub"]
+    assert [[float(x) for x in row[1:]] for row in rows[1:]] == doc["scores"]
+    assert (tmp_path / "out" / "influence.png").read_bytes()[:4] == b"\x89PNG"
+
+    assert run(cli, workspace, tmp_path / "again").code == 0
+    assert (
+        json.loads((tmp_path / "again" / "influence.json").read_text())["scores"] == doc["scores"]
+    )
+
+    # the file drives `ideal reweight` as it is
+    reweighted = cli(
+        "reweight",
+        "--train",
+        workspace / "train",
+        "--influence",
+        tmp_path / "out" / "influence.json",
+        "--out",
+        tmp_path / "mix",
+    )
+    assert reweighted.code == 0, reweighted.err
+    manifest = json.loads((tmp_path / "mix" / "mixture.json").read_text())
+    for d, beta in doc["beta"].items():
+        assert manifest["domains"][d]["volume"] == math.floor(doc["volumes"][d] * (1 + beta) + 0.5)
+
+
+def test_options_change_what_they_say(cli, workspace, tmp_path):
+    result = run(cli, workspace, tmp_path / "o", "--curvature", "kfac", "--fisher", "empirical", "--layers",
+                 "*.down_proj", "--damping-abs", "0.01", "--sample", "1.0", "--objective", "worst", "--model", workspace / "qwen2")  # fmt: skip
+    assert result.code == 0, result.err
+    doc = json.loads((tmp_path / "o" / "influence.json").read_text())
+    assert doc["layers"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert doc["damping"]["per_layer"] == {name: 0.01 for name in doc["layers"]}
+    assert doc["sampled_weight"] == {"add": 9.0, "mul": 7.0, "sub": 5.0}
+    worst = max(doc["reference_loss"], key=doc["reference_loss"].get)
+    assert doc["objective"]["weights"][worst] == 1.0
+
+
+def test_lora_model_uses_the_adapter_weights(cli, workspace, tmp_path):
+    tokenizer = char_tokenizer()
+    base = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=1)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    peft_model = get_peft_model(base, config)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:  # a trained adapter: B is no longer zero
+            param.data.normal_(0, 0.1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    adapter_config["base_model_name_or_path"] = str(workspace / "llama")
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config))
+    result = cli(
+        "influence", "--model", tmp_path / "adapter", "--train", workspace / "train",
+        "--reference", workspace / "reference", "--out", tmp_path / "o",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    doc = json.loads((tmp_path / "o" / "influence.json").read_text())
+    assert len(doc["layers"]) == 8 and all(
+        ".lora_A." in n or ".lora_B." in n for n in doc["layers"]
+    )
+    assert np.isfinite(np.array(doc["scores"])).all() and np.abs(np.array(doc["scores"])).sum() > 0
+
+
+def test_user_errors_are_one_line_and_write_nothing(cli, workspace, tmp_path):
+    out = tmp_path / "o"
+    assert_one_line_error(cli("influence", "--model", workspace / "llama", "--train", tmp_path / "nope",
+                              "--reference", workspace / "reference", "--out", out), "nope: not a directory")  # fmt: skip
+    (tmp_path / "vit").mkdir()
+    (tmp_path / "vit" / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    assert_one_line_error(
+        run(cli, workspace, out, model=tmp_path / "vit"), "not a causal language model"
+    )
+    assert_one_line_error(
+        run(cli, workspace, out, "--layers", "*.nothing_here"), "no nn.Linear layer matches"
+    )
+    assert_one_line_error(run(cli, workspace, out, "--curvature", "exact"), "above the limit")
+    assert_one_line_error(run(cli, workspace, out, "--sample", "0"), "--sample must be in (0, 1]")
+    assert not out.exists()
