@@ -6,6 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+PEER_STAMP := $(VENV)/.installed-peer
 
 .PHONY: demo test lint install clean
 
@@ -15,6 +16,13 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet "$(TORCH)"
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
+
+# Test-only peer: kronfluence 1.0.1 declares torchvision, whose PyPI build breaks `import transformers`
+# beside the CPU torch, so it is installed without its dependencies plus the ones it really imports.
+$(PEER_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --no-deps kronfluence==1.0.1
+	$(PY) -m pip install --quiet einops einconv opt-einsum
+	touch $(PEER_STAMP)
 
 install: $(STAMP)
 
@@ -26,8 +34,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests
 
 # One torch/OpenMP thread: two threads on a busy 2-core machine run 7-20x slower than one.
-test: lint
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+test: lint $(PEER_STAMP)
+	IDEAL_PEER_CHECK=1 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
 		$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
