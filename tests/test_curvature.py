@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from ideal.curvature import (
@@ -91,8 +92,8 @@ def masked_batch(b: int = 3, t: int = 5, d_in: int = 4, d_out: int = 3):
     a = torch.randn(b, t, d_in)
     g = torch.randn(b, t, d_out)
     mask = torch.ones(b, t)
-    mask[0, 3:] = 0  # padding
-    mask[2, 4:] = 0
+    mask[0, t - 2 :] = 0  # padding
+    mask[2, t - 1 :] = 0
     g = g * mask.unsqueeze(-1)
     targets = torch.tensor([2.0, 4.0, 1.0])
     weights = torch.tensor([1.0, 3.0, 2.0])
@@ -116,12 +117,13 @@ def test_layer_stats_equal_explicit_per_token_outer_products():
     assert stats.positions == positions and stats.examples == 6.0
 
 
-def test_correction_equals_an_explicit_per_example_loop_in_any_chunk_size():
-    a, g, mask, targets, weights = masked_batch()
+@pytest.mark.parametrize("tokens", [3, 5])  # 3: rotate then contract; 5: contract then rotate
+def test_correction_equals_an_explicit_per_example_loop_in_any_chunk_size(tokens):
+    a, g, mask, targets, weights = masked_batch(t=tokens)
     eigen = kfac_eigen(random_psd(4), random_psd(3))
     expected = torch.zeros(3, 4, dtype=torch.float64)
     for z in range(3):
-        grad = sum(torch.outer(g[z, t], a[z, t]) for t in range(5) if mask[z, t]).double()
+        grad = sum(torch.outer(g[z, t], a[z, t]) for t in range(tokens) if mask[z, t]).double()
         expected += weights[z] / targets[z] * (eigen.q_s.T @ grad @ eigen.q_a) ** 2
     for chunk in (1, 2, 16):
         result = correction_sum(g, a, mask, targets, weights, eigen, chunk)

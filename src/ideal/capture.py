@@ -1,7 +1,7 @@
 """Hooks on selected linear layers: their inputs on the forward pass, output gradients on the backward.
 
     with Capture(layers) as cap:
-        loss = model(...).loss; loss.backward()
+        loss = model(...).loss; cap.backward(loss)    # or loss.backward(): the hooks record too
         cap.inputs["model.layers.0.mlp.up_proj"]   # (B, T, in) [+1 column of ones with a bias]
         cap.grads["model.layers.0.mlp.up_proj"]    # (B, T, out)
 
@@ -63,6 +63,9 @@ class Capture:
     def __init__(self, layers: dict[str, nn.Linear]):
         self.layers = layers
         self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[
+            str, torch.Tensor
+        ] = {}  # in the autograd graph: differentiate w.r.t. these
         self.grads: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
 
@@ -79,7 +82,23 @@ class Capture:
 
     def clear(self) -> None:
         self.inputs.clear()
+        self.outputs.clear()
         self.grads.clear()
+
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False) -> None:
+        """Output gradients of `loss` for every layer, without computing any weight gradient.
+
+        Differentiating w.r.t. the layers' outputs (not their weights) lets autograd skip every
+        weight-gradient product; the weight gradient sum_t g_t a_t^T is formed only where needed.
+        """
+        names = list(self.outputs)
+        grads = torch.autograd.grad(
+            loss, [self.outputs[n] for n in names], retain_graph=retain_graph, allow_unused=True
+        )
+        for name, grad in zip(names, grads, strict=True):
+            self.grads[name] = (
+                torch.zeros_like(self.outputs[name]) if grad is None else grad.detach()
+            )
 
     def _forward_hook(self, name: str):
         def hook(module: nn.Linear, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
@@ -88,6 +107,7 @@ class Capture:
                 a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
             self.inputs[name] = a
             if output.requires_grad:
+                self.outputs[name] = output
                 output.register_hook(self._grad_hook(name))
 
         return hook

@@ -95,27 +95,35 @@ def kfac_eigen(a_cov: Tensor, s_cov: Tensor) -> Eigen:
 
 
 def rotated_squares(g: Tensor, a: Tensor, mask: Tensor, eigen: Eigen) -> Tensor:
-    """(Q_S^T G_z Q_A)^2 per example, (B, out, in), with G_z = sum_t g_t a_t^T.
+    """(Q_S^T G_z Q_A)^2 per example, (B, out, in), with G_z = sum_t g_t a_t^T, in float32.
 
-    Rotating a and g first (B T in^2 + B T out^2) and then contracting over tokens is cheaper than
-    forming G_z and rotating it (B out in (out + in)).
+    Two contraction orders give the same result; the cheaper one is used: rotating a and g first
+    costs T (in^2 + out^2 + out in) per example, forming G_z first costs T out in + out in (out + in).
     """
-    a = a.double() * mask.unsqueeze(-1)
-    g_rot = g.double() @ eigen.q_s  # (B, T, out)
-    a_rot = a @ eigen.q_a  # (B, T, in)
-    grads = torch.einsum("bto,bti->boi", g_rot, a_rot)  # (B, out, in)
+    a = a.float() * mask.unsqueeze(-1)
+    g = g.float()
+    q_a, q_s = eigen.q_a.float(), eigen.q_s.float()
+    tokens, d_out, d_in = a.shape[1], g.shape[-1], a.shape[-1]
+    if tokens * (d_in**2 + d_out**2) <= d_out * d_in * (d_out + d_in):
+        grads = torch.einsum("bto,bti->boi", g @ q_s, a @ q_a)  # rotate, then contract over tokens
+    else:
+        grads = q_s.T @ torch.einsum("bto,bti->boi", g, a) @ q_a  # contract, then rotate
     return grads.square()
 
 
 def correction_sum(
     g: Tensor, a: Tensor, mask: Tensor, targets: Tensor, weights: Tensor, eigen: Eigen, chunk: int
 ) -> Tensor:
-    """sum_z w_z (1/T_z) (Q_S^T G_z Q_A)^2 over a batch, `chunk` examples at a time (bounded memory)."""
-    total = torch.zeros_like(eigen.eigenvalues)
-    scale = (weights.double() / targets.double()).view(-1, 1, 1)
+    """sum_z w_z (1/T_z) (Q_S^T G_z Q_A)^2 over a batch, `chunk` examples at a time (bounded memory).
+
+    Per-example terms are float32; the batch sum is returned in float64.
+    """
+    total = torch.zeros_like(eigen.eigenvalues, dtype=torch.float64)
+    scale = (weights.float() / targets.float()).view(-1, 1, 1)
     for start in range(0, g.shape[0], chunk):
         part = slice(start, start + chunk)
-        total += (rotated_squares(g[part], a[part], mask[part], eigen) * scale[part]).sum(0)
+        squares = rotated_squares(g[part], a[part], mask[part], eigen)
+        total += (squares * scale[part]).sum(0).double()
     return total
 
 

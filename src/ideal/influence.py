@@ -163,10 +163,6 @@ class InfluenceEngine:
         self.params = [p for m in layers.values() for p in m.parameters(recurse=False)]
         self.device = next(model.parameters()).device
 
-    def _backward(self, loss: torch.Tensor, retain: bool) -> None:
-        # Gradients w.r.t. the selected layers only; the hooks record the output gradients.
-        torch.autograd.grad(loss, self.params, retain_graph=retain)
-
     def _fisher_labels(self, logits: torch.Tensor, batch: Batch, pass_: int) -> torch.Tensor:
         if self.settings.fisher == "empirical":
             return batch.labels
@@ -189,7 +185,7 @@ class InfluenceEngine:
                 logits = forward_logits(self.model, batch)
                 losses = example_losses(logits, batch.labels)  # (B,)
                 sampled = need_stats and self.settings.fisher == "sampled"
-                self._backward((losses * batch.weights).sum(), retain=sampled)
+                cap.backward((losses * batch.weights).sum(), retain_graph=sampled)
                 for name in self.layers:
                     sums[domain][name] += _batch_gradient(cap, name).cpu()
                 if not need_stats:
@@ -198,7 +194,7 @@ class InfluenceEngine:
                 if sampled:
                     labels = self._fisher_labels(logits, batch, 0)
                     nll, _ = token_nll(logits, labels)
-                    self._backward(nll.sum(), retain=False)
+                    cap.backward(nll.sum())
                     scale = torch.ones_like(targets)
                 else:  # empirical: g of the summed loss = g of the weighted mean loss x T_z / w_z
                     scale = targets / batch.weights
@@ -233,7 +229,7 @@ class InfluenceEngine:
                 logits = forward_logits(self.model, batch)
                 labels = self._fisher_labels(logits, batch, 1)
                 nll, _ = token_nll(logits, labels)
-                self._backward(nll.sum(), retain=False)
+                cap.backward(nll.sum())
                 targets = batch.targets.float()
                 for name in self.layers:
                     part = correction_sum(
@@ -263,7 +259,7 @@ class InfluenceEngine:
             for ref, batch in self.progress(batches, len(batches), "reference gradients"):
                 batch = batch.to(self.device)
                 losses_b = example_losses(forward_logits(self.model, batch), batch.labels)
-                self._backward(losses_b.sum(), retain=False)
+                cap.backward(losses_b.sum())
                 loss_sums[ref] += float(losses_b.detach().sum())
                 for name in self.layers:
                     sums[ref][name] += _batch_gradient(cap, name).cpu()
@@ -312,8 +308,8 @@ def domain_influence(
         start = time.perf_counter()
         ref_grads, ref_losses = engine.reference_pass(references)
         seconds["references"] = time.perf_counter() - start
-        start = time.perf_counter()
         precondition, damping = _preconditioner(engine, domains, stats, seconds)
+        start = time.perf_counter()
         preconditioned = {r: precondition(g) for r, g in ref_grads.items()}  # once per reference
         scores = np.array(
             [
