@@ -30,8 +30,8 @@ demo: $(STAMP)
 	$(VENV)/bin/ideal demo $(ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests
-	$(VENV)/bin/ruff format --check src tests
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 
 # One torch/OpenMP thread: two threads on a busy 2-core machine run 7-20x slower than one.
 test: lint $(PEER_STAMP)

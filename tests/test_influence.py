@@ -344,3 +344,25 @@ def test_first_order_prediction_matches_reoptimisation_on_a_convex_problem():
         assert np.sign(predicted) == np.sign(realised)
         # central differences leave O(epsilon^2); gradients accumulate in float32 (~1e-7)
         assert predicted == pytest.approx(realised, rel=1e-4)
+
+
+def test_bfloat16_model_accumulates_float32_statistics(problem):
+    model, domains, references = problem
+    low = toy_influence_problem(n=8, steps=0)[0].to(torch.bfloat16)
+    layers = select_layers(low)
+    engine = InfluenceEngine(low, layers, InfluenceSettings(batch_size=4), 0, no_progress)
+    for p in low.parameters():
+        p.requires_grad_(p in set(engine.params))
+    grads, stats = engine.domain_pass(
+        {d: WeightedSet.uniform(ws.items[:8]) for d, ws in domains.items()}
+    )
+    assert all(
+        s.a_sum.dtype == torch.float32 and s.s_sum.dtype == torch.float32 for s in stats.values()
+    )
+    assert all(g.dtype == torch.float32 for per_layer in grads.values() for g in per_layer.values())
+    result = domain_influence(low, layers, domains, references, InfluenceSettings(), 0)
+    full = domain_influence(
+        low.float(), select_layers(low), domains, references, InfluenceSettings(), 0
+    )
+    assert np.isfinite(result.scores).all()
+    assert np.corrcoef(result.scores.ravel(), full.scores.ravel())[0, 1] > 0.9
