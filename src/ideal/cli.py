@@ -283,6 +283,166 @@ def influence(
     console.print(f"{document['seconds']['total']:.1f} s; wrote {out_dir}")
 
 
+class LossNormalization(str, Enum):
+    example = "example"
+    token = "token"
+
+
+@app.command()
+def train(
+    model: Annotated[
+        Path, typer.Option("--model", help="Base model: a local Hugging Face causal LM directory.")
+    ],
+    train_dir: Annotated[
+        Path,
+        typer.Option(
+            "--train", help="Training data: <dir>/<domain>/*.jsonl, or a mixture directory."
+        ),
+    ],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Directory of the fine-tuned model (must not exist).")
+    ],
+    epochs: Annotated[float, typer.Option("--epochs", help="Passes over the mixture.")] = 1.0,
+    max_steps: Annotated[
+        int | None, typer.Option("--max-steps", help="Optimizer steps (overrides --epochs).")
+    ] = None,
+    lr: Annotated[
+        float, typer.Option("--lr", help="Peak learning rate (AdamW, warmup then cosine).")
+    ] = 2e-5,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples per micro-batch.")] = 8,
+    grad_accum: Annotated[
+        int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")
+    ] = 1,
+    warmup_ratio: Annotated[
+        float, typer.Option("--warmup-ratio", help="Fraction of steps of linear warmup.")
+    ] = 0.03,
+    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.0,
+    max_grad_norm: Annotated[
+        float, typer.Option("--max-grad-norm", help="Gradient clipping.")
+    ] = 1.0,
+    loss_normalization: Annotated[
+        LossNormalization,
+        typer.Option(
+            "--loss-normalization",
+            help="example: mean of per-example mean NLL (METHOD.md's L_mix); token: mean over target tokens. Both over the whole step.",
+        ),
+    ] = LossNormalization.example,
+    max_length: Annotated[
+        int | None, typer.Option("--max-length", help="Truncate examples to this many tokens.")
+    ] = None,
+    lora: Annotated[
+        bool, typer.Option("--lora", help="Train a LoRA adapter (peft) instead of every weight.")
+    ] = False,
+    lora_r: Annotated[int, typer.Option("--lora-r")] = 8,
+    lora_alpha: Annotated[int, typer.Option("--lora-alpha")] = 16,
+    lora_dropout: Annotated[float, typer.Option("--lora-dropout")] = 0.0,
+    lora_targets: Annotated[
+        str, typer.Option("--lora-targets", help="Comma-separated module names, or all-linear.")
+    ] = "all-linear",
+    checkpoint_every: Annotated[
+        int,
+        typer.Option("--checkpoint-every", help="Optimizer steps between checkpoints (0: none)."),
+    ] = 50,
+    threads: Annotated[int | None, typer.Option("--threads", help="CPU threads for torch.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Data order and initialisation seed.")] = 0,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue a run that stopped, from its last checkpoint."),
+    ] = False,
+    on_invalid: OnInvalidOption = OnInvalid.error,
+) -> None:
+    """Supervised fine-tuning (full or LoRA) on a mixture; resumable."""
+    from ideal.train import TrainSettings, run_train
+
+    settings = TrainSettings(
+        epochs=epochs,
+        max_steps=max_steps,
+        lr=lr,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        warmup_ratio=warmup_ratio,
+        weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm,
+        loss_normalization=loss_normalization.value,
+        max_length=max_length,
+        seed=seed,
+        lora=lora,
+        lora_r=lora_r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        lora_targets=tuple(t.strip() for t in lora_targets.split(",") if t.strip()),
+        checkpoint_every=checkpoint_every,
+        threads=threads,
+    )
+    result = run_train(
+        model, train_dir, out_dir, settings, resume=resume, on_invalid=on_invalid.value
+    )
+    final = result.log[-1] if result.log else {}
+    _console().print(
+        f"{result.steps} steps, final loss {final.get('loss', float('nan')):.4f}, {result.seconds:.1f} s; wrote {out_dir}"
+    )
+
+
+@app.command(name="eval")
+def eval_(
+    model: Annotated[
+        Path, typer.Option("--model", help="Model directory (or LoRA adapter directory).")
+    ],
+    data: Annotated[Path, typer.Option("--data", help="Capabilities: <dir>/<capability>/*.jsonl.")],
+    out_file: Annotated[
+        Path | None,
+        typer.Option("--out", help="Write the metrics (and every output) as JSON here."),
+    ] = None,
+    scorer: Annotated[
+        str | None,
+        typer.Option(
+            "--scorer",
+            help="Per capability: CAP=exact|number|contains|<registered>, comma-separated (default exact).",
+        ),
+    ] = None,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", help="Generation limit per answer.")
+    ] = 64,
+    max_length: Annotated[
+        int | None,
+        typer.Option("--max-length", help="Truncate examples to this many tokens (loss)."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 16,
+) -> None:
+    """Per-capability loss and generative accuracy, with the mean and the worst capability."""
+    from ideal.evaluate import parse_scorers, run_eval
+
+    summary = run_eval(
+        model, data, out_file, parse_scorers(scorer), max_length, max_new_tokens, batch_size
+    )
+    table = Table(title=f"evaluation of {model}")
+    for column in ("capability", "examples", "loss", "accuracy", "scorer"):
+        table.add_column(column, justify="left" if column in ("capability", "scorer") else "right")
+    for name, entry in summary["capabilities"].items():
+        accuracy = (
+            "" if entry["accuracy"] is None else f"{entry['accuracy']:.3f} ({entry['scored']})"
+        )
+        table.add_row(
+            name, str(entry["examples"]), f"{entry['loss']:.4f}", accuracy, entry["scorer"] or ""
+        )
+    table.add_row(
+        "mean",
+        "",
+        f"{summary['loss_mean']:.4f}",
+        f"{summary['accuracy_mean']:.3f}" if "accuracy_mean" in summary else "",
+        "",
+    )
+    if "accuracy_worst" in summary:
+        table.add_row(
+            "worst",
+            "",
+            f"{summary['loss_worst']:.4f}",
+            f"{summary['accuracy_worst']:.3f} ({summary['accuracy_worst_capability']})",
+            "",
+        )
+    _console().print(table)
+
+
 @app.command()
 def check(
     data: Annotated[

@@ -1,0 +1,382 @@
+"""Supervised fine-tuning: our own readable loop on Hugging Face Accelerate (full or LoRA).
+
+    ideal train --model BASE --train DATA --out MODEL [--epochs 1] [--lr 2e-5] [--lora] [--resume]
+
+The same code runs on one CPU, one GPU, and (issue 7) several processes under `accelerate launch`.
+AdamW, linear warmup then cosine decay, gradient clipping, gradient accumulation. The loss of an
+optimizer step is normalised over the WHOLE step before any micro-batch is run, so the result does
+not depend on how a step is split into micro-batches:
+
+    "example" (default): mean over the step's examples of l(z) = mean target NLL of z, the training
+                         objective L_mix of METHOD.md (what the influence step differentiates);
+    "token":             sum of target-token NLL over the step / its number of target tokens.
+
+The data order is a pure function of (seed, epoch), so a run killed mid-way resumes from its last
+checkpoint (weights, optimizer, scheduler, RNG, step) and ends with the same weights as an
+uninterrupted run. Work in progress lives in `<out>.partial/`; the finished model directory appears
+at `<out>` in one rename.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ideal.artifacts import atomic_write_json, sha256_text
+from ideal.data import OnInvalid, Tokenized, tokenize_examples
+from ideal.errors import IdealError
+from ideal.lm import collate, token_nll
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: float = 1.0  # passes over the mixture (fractions allowed)
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    lr: float = 2e-5
+    batch_size: int = 8  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    loss_normalization: str = "example"  # example | token
+    max_length: int | None = None
+    seed: int = 0
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ("all-linear",)
+    checkpoint_every: int = 50  # optimizer steps between checkpoints (0: none)
+    threads: int | None = None  # CPU threads for torch (None: leave torch's setting)
+
+    def __post_init__(self) -> None:
+        if self.loss_normalization not in ("example", "token"):
+            raise IdealError(
+                f"loss normalization must be example or token, got {self.loss_normalization!r}"
+            )
+        for name in ("batch_size", "grad_accum", "lora_r"):
+            if getattr(self, name) < 1:
+                raise IdealError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
+        if not self.lr > 0:
+            raise IdealError(f"--lr must be > 0, got {self.lr}")
+        if self.max_steps is None and not self.epochs > 0:
+            raise IdealError(f"--epochs must be > 0, got {self.epochs}")
+
+    @property
+    def examples_per_step(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    def total_steps(self, examples: int) -> int:
+        if self.max_steps is not None:
+            return self.max_steps
+        return max(1, math.ceil(self.epochs * examples / self.examples_per_step))
+
+    def hash(self) -> str:
+        return sha256_text(json.dumps(asdict(self), sort_keys=True))[:16]
+
+
+def step_examples(step: int, examples: int, settings: TrainSettings) -> list[int]:
+    """Indices of the examples of optimizer step `step`: epochs are seeded permutations, laid end to end."""
+    per_step = settings.examples_per_step
+    start, out = step * per_step, []
+    while len(out) < per_step:
+        epoch, offset = divmod(start + len(out), examples)
+        order = np.random.default_rng([settings.seed, epoch]).permutation(examples)
+        out.extend(order[offset : offset + per_step - len(out)].tolist())
+    return out
+
+
+def step_loss_normaliser(items: list[Tokenized], settings: TrainSettings) -> float:
+    if settings.loss_normalization == "token":
+        return float(sum(item.num_targets for item in items))
+    return float(len(items))
+
+
+def micro_batch_loss(
+    model: nn.Module,
+    items: list[Tokenized],
+    pad_id: int,
+    normaliser: float,
+    settings: TrainSettings,
+) -> tuple[torch.Tensor, int]:
+    """This micro-batch's share of the step loss (already divided by the step's normaliser)."""
+    batch = collate(items, pad_id).to(next(model.parameters()).device)
+    logits = model(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+    ).logits
+    nll, mask = token_nll(logits, batch.labels)
+    if settings.loss_normalization == "token":
+        total = nll.sum()
+    else:
+        total = (nll.sum(1) / mask.sum(1).clamp_min(1)).sum()
+    return total / normaliser, int(batch.attention_mask.sum())
+
+
+def wrap_lora(model: nn.Module, settings: TrainSettings) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    targets: Any = (
+        settings.lora_targets[0]
+        if settings.lora_targets == ("all-linear",)
+        else list(settings.lora_targets)
+    )
+    config = LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise IdealError(f"--lora: {str(err).splitlines()[0]}") from None
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+
+    @property
+    def file(self) -> Path:
+        return self.path / "state.pt"
+
+    def save(self, step: int, model: nn.Module, optimizer: Any, scheduler: Any) -> None:
+        trainable = {
+            n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad
+        }
+        state = {
+            "step": step,
+            "trainable": trainable,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.file.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.file)  # a kill during the save leaves the previous checkpoint
+
+    def load(self, model: nn.Module, optimizer: Any, scheduler: Any) -> int:
+        state = torch.load(self.file, map_location="cpu", weights_only=False)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        return int(state["step"])
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    steps: int
+    log: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+StepCallback = Callable[[dict[str, float]], None]
+
+
+def train_model(
+    model: nn.Module,
+    items: list[Tokenized],
+    settings: TrainSettings,
+    pad_id: int,
+    checkpoint: Checkpoint | None = None,
+    on_step: StepCallback | None = None,
+) -> TrainResult:
+    """Fine-tune `model` on `items` (already resampled: one entry per copy). Resumes from `checkpoint`."""
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
+
+    if not items:
+        raise IdealError("no training examples")
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    accelerator = Accelerator(
+        mixed_precision="bf16" if use_bf16 else "no", cpu=not torch.cuda.is_available()
+    )
+    if settings.lora:
+        model = wrap_lora(model, settings)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    total = settings.total_steps(len(items))
+    warmup = round(settings.warmup_ratio * total)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    start_step = 0
+    if checkpoint is not None and checkpoint.file.is_file():
+        start_step = checkpoint.load(accelerator.unwrap_model(model), optimizer, scheduler)
+        log.info("resumed from step %d of %d", start_step, total)
+    records: list[dict[str, float]] = []
+    began = time.perf_counter()
+    for step in range(start_step, total):
+        tick = time.perf_counter()
+        chosen = [items[i] for i in step_examples(step, len(items), settings)]
+        normaliser = step_loss_normaliser(chosen, settings)
+        micro = [
+            chosen[s : s + settings.batch_size] for s in range(0, len(chosen), settings.batch_size)
+        ]
+        loss_value, tokens = 0.0, 0
+        for k, part in enumerate(micro):
+            last = k == len(micro) - 1
+            with nullcontext() if last else accelerator.no_sync(model):
+                with accelerator.autocast():
+                    loss, n_tokens = micro_batch_loss(model, part, pad_id, normaliser, settings)
+                accelerator.backward(loss)
+            loss_value += float(loss.detach())
+            tokens += n_tokens
+        grad_norm = accelerator.clip_grad_norm_(params, settings.max_grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        record = {
+            "step": step + 1,
+            "loss": loss_value,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens_per_s": tokens / max(time.perf_counter() - tick, 1e-9),
+        }
+        records.append(record)
+        if on_step is not None:
+            on_step(record)
+        if (
+            checkpoint is not None
+            and settings.checkpoint_every
+            and (step + 1) % settings.checkpoint_every == 0
+            and step + 1 < total
+        ):
+            checkpoint.save(step + 1, accelerator.unwrap_model(model), optimizer, scheduler)
+    model = accelerator.unwrap_model(model)
+    model.eval()
+    return TrainResult(model, total, records, time.perf_counter() - began)
+
+
+def run_train(
+    model_dir: str | Path,
+    train: str | Path,
+    out: str | Path,
+    settings: TrainSettings = TrainSettings(),
+    resume: bool = False,
+    on_invalid: OnInvalid = "error",
+    progress: bool = True,
+) -> TrainResult:
+    """`ideal train`: base model + training directory (plain or mixture) -> fine-tuned model at `out`."""
+    from ideal.hf import load_causal_lm, load_tokenizer
+    from ideal.mixture_io import load_training_set
+    from ideal.progress import StepBar
+
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    if out.exists():
+        raise IdealError(f"{out}: already exists; choose another --out")
+    if partial.exists() and not resume:
+        raise IdealError(
+            f"{partial}: an earlier run stopped here; rerun with --resume, or remove it"
+        )
+    training = load_training_set(train, on_invalid)
+    tokenizer = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir, dtype=torch.float32)
+    examples = [ex for domain in training.mixture.domains for ex in training.examples(domain)]
+    items, report = tokenize_examples(examples, tokenizer, settings.max_length, on_invalid)
+    if not items:
+        raise IdealError(f"{train}: no training examples left")
+    manifest = {
+        "settings": asdict(settings),
+        "settings_hash": settings.hash(),
+        "base_model": str(Path(model_dir).resolve()),
+        "train": {
+            "path": str(Path(train).resolve()),
+            "files": training.files,
+            "volumes": training.mixture.volumes,
+        },
+        "examples": len(items),
+        "tokens": report.tokens,
+        "target_tokens": report.target_tokens,
+        "truncated": report.truncated,
+        "skipped_no_target": len(report.no_target),
+        "threads": torch.get_num_threads(),
+    }
+    settings_file = partial / "train_settings.json"
+    if partial.exists():
+        previous = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
+        if {k: previous.get(k) for k in ("settings_hash", "train", "base_model")} != {
+            k: manifest[k] for k in ("settings_hash", "train", "base_model")
+        }:
+            raise IdealError(
+                f"{partial}: made with other settings or data; remove it to start again"
+            )
+    partial.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(settings_file, manifest)
+    checkpoint = Checkpoint(partial / "checkpoint")
+    log_path = partial / "train_log.jsonl"
+    total = settings.total_steps(len(items))
+    start = 0
+    if checkpoint.file.is_file():
+        start = int(torch.load(checkpoint.file, map_location="cpu", weights_only=False)["step"])
+        kept = [
+            line
+            for line in (log_path.read_text().splitlines() if log_path.is_file() else [])
+            if json.loads(line)["step"] <= start
+        ]
+        log_path.write_text("".join(f"{line}\n" for line in kept))
+
+    with (
+        StepBar(total, "train", start) if progress else nullcontext() as bar,
+        open(log_path, "a") as log_file,
+    ):
+
+        def on_step(record: dict[str, float]) -> None:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            if bar is not None:
+                bar.update(
+                    int(record["step"]), loss=record["loss"], **{"tok/s": record["tokens_per_s"]}
+                )
+
+        result = train_model(model, items, settings, tokenizer.pad_token_id, checkpoint, on_step)
+
+    final = partial / "final"
+    shutil.rmtree(final, ignore_errors=True)
+    result.model.save_pretrained(final, safe_serialization=True)
+    tokenizer.save_pretrained(final)
+    if settings.lora:  # the adapter points at its base model directory
+        config_path = final / "adapter_config.json"
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = str(Path(model_dir).resolve())
+        config_path.write_text(json.dumps(config, indent=2))
+    shutil.copy(log_path, final / "train_log.jsonl")
+    atomic_write_json(
+        final / "train_settings.json",
+        {**manifest, "steps": result.steps, "seconds": result.seconds},
+    )
+    os.replace(final, out)
+    shutil.rmtree(partial)
+    return result
