@@ -13,6 +13,7 @@ Reported per capability with its number of examples, with the mean and the worst
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -86,8 +87,12 @@ def greedy_decode(
         ids[row, length - len(prompt) :] = torch.tensor(prompt, device=device)
         mask[row, length - len(prompt) :] = 1
     positions = position_ids(mask)
+    # transformers >= 5.x calls the KV cache `cache` (earlier: `past_key_values`); stubs may have none
+    cache_arg = (
+        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    )
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    cache = getattr(out, "past_key_values", None)
+    cache = getattr(out, cache_arg, None)
     generated: list[list[int]] = [[] for _ in prompts]
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     next_pos = positions[:, -1:] + 1
@@ -106,14 +111,9 @@ def greedy_decode(
                 input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
             )
         else:
-            out = model(
-                input_ids=token[:, None],
-                attention_mask=mask,
-                position_ids=next_pos,
-                past_key_values=cache,
-                use_cache=True,
-            )
-            cache = out.past_key_values
+            step = {"input_ids": token[:, None], "attention_mask": mask, "position_ids": next_pos}
+            out = model(**step, **{cache_arg: cache}, use_cache=True)
+            cache = getattr(out, cache_arg)
         next_pos = next_pos + 1
     return generated
 
