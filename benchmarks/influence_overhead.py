@@ -164,6 +164,7 @@ def main() -> None:
             print(f"\n[{size}] {params / 1e6:.2f}M parameters, {sft['examples']} training examples")
             print(
                 f"  SFT epoch                 {sft['seconds']:8.2f} s   peak RSS {sft['peak_rss_mib']:7.0f} MiB"
+                f"   {sft['tokens_per_s']:.0f} tokens/s"
             )
             for k, variant in enumerate(args.variants.split(",")):
                 influence = run_stage(
