@@ -11,7 +11,7 @@ from ideal.mixture_io import load_training_set
 from ideal.tiny import char_tokenizer, save_model_dir, tiny_causal_lm
 from tests.helpers import make_data_dir, qa_rows, write_jsonl
 
-COMMANDS = ["demo", "reweight", "influence", "check"]
+COMMANDS = ["demo", "train", "eval", "influence", "reweight", "check"]
 
 
 def write_influence(path: Path, sensitivity: dict[str, float], volumes: dict[str, int]) -> Path:

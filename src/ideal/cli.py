@@ -63,7 +63,7 @@ def demo(
     """Run the whole IDEAL loop on the built-in multi-capability suite (no downloads)."""
     raise IdealError(
         "`ideal demo` is not built yet: the loop, the embedded suite and the report are issue 5; "
-        "what works today: `ideal check` and `ideal reweight`"
+        "what works today: `ideal train`, `ideal eval`, `ideal influence`, `ideal reweight`, `ideal check`"
     )
 
 

@@ -214,6 +214,8 @@ def train_model(
 
     if not items:
         raise IdealError("no training examples")
+    if settings.examples_per_step < int(os.environ.get("WORLD_SIZE", "1")):
+        raise IdealError("--batch-size x --grad-accum must be at least the number of processes")
     if settings.threads:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
@@ -239,9 +241,12 @@ def train_model(
     for step in range(start_step, total):
         tick = time.perf_counter()
         chosen = [items[i] for i in step_examples(step, len(items), settings)]
-        normaliser = step_loss_normaliser(chosen, settings)
+        # Under DDP each process takes a disjoint share of the step; gradients are averaged over
+        # processes, so the step normaliser is divided by their number to keep the same loss.
+        normaliser = step_loss_normaliser(chosen, settings) / accelerator.num_processes
+        local = chosen[accelerator.process_index :: accelerator.num_processes]
         micro = [
-            chosen[s : s + settings.batch_size] for s in range(0, len(chosen), settings.batch_size)
+            local[s : s + settings.batch_size] for s in range(0, len(local), settings.batch_size)
         ]
         loss_value, tokens = 0.0, 0
         for k, part in enumerate(micro):
