@@ -52,19 +52,85 @@ OnInvalidOption = Annotated[
 ]
 
 
+def _print_rounds(summary: dict, run_dir: Path) -> None:
+    rounds = summary["rounds"]
+    table = Table(title="test accuracy per capability (round 0 = the original mixture D0)")
+    table.add_column("capability")
+    for r in rounds:
+        table.add_column(f"round {r['round']}", justify="right")
+    for capability in rounds[0]["test_accuracy"]:
+        table.add_row(capability, *(_fmt(r["test_accuracy"].get(capability)) for r in rounds))
+    table.add_row("mean", *(_fmt(r["test_accuracy_mean"]) for r in rounds))
+    table.add_row("worst", *(_fmt(r["test_accuracy_worst"]) for r in rounds))
+    table.add_row("mean reference loss", *(_fmt(r["reference_loss_mean"]) for r in rounds))
+    for domain in rounds[0]["volumes"]:
+        table.add_row(f"volume {domain}", *(str(r["volumes"].get(domain)) for r in rounds))
+    console = _console()
+    console.print(table)
+    console.print(f"report: {run_dir / 'report.html'}")
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
 @app.command()
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/demo"),
     quick: Annotated[
-        bool, typer.Option("--quick", help="A smaller run (under 2 minutes).")
+        bool, typer.Option("--quick", help="A smaller, shorter run (under 2 minutes).")
     ] = False,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of data, model and sampling.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of data, model, sampling and training.")
+    ] = 0,
 ) -> None:
     """Run the whole IDEAL loop on the built-in multi-capability suite (no downloads)."""
-    raise IdealError(
-        "`ideal demo` is not built yet: the loop, the embedded suite and the report are issue 5; "
-        "what works today: `ideal train`, `ideal eval`, `ideal influence`, `ideal reweight`, `ideal check`"
-    )
+    from importlib.resources import files
+
+    from ideal.config import load_config
+    from ideal.loop import run_loop
+
+    path = files("ideal") / "configs" / ("demo-quick.yaml" if quick else "demo.yaml")
+    overrides = [f"seed={seed}", f"suite.seed={seed}", f"train.seed={seed}"]
+    config = load_config(Path(str(path)), overrides)
+    summary = run_loop(
+        config, out_dir, resume=True
+    )  # rerunning the same demo continues or re-reports
+    _print_rounds(summary, out_dir)
+
+
+@app.command()
+def run(
+    config_file: Annotated[
+        Path, typer.Argument(help="Run config (YAML); see src/ideal/configs/demo.yaml.")
+    ],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="key=value overrides, e.g. rounds=3 update.step=0.3")
+    ] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/run"),
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue a stopped run (same config) where it stopped."),
+    ] = False,
+) -> None:
+    """The closed loop: train -> evaluate -> influence -> reweight -> resample, round after round."""
+    from ideal.config import load_config
+    from ideal.loop import run_loop
+
+    summary = run_loop(load_config(config_file, overrides or []), out_dir, resume=resume)
+    _print_rounds(summary, out_dir)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[
+        Path, typer.Argument(help="A run directory of `ideal run` or `ideal demo`.")
+    ],
+) -> None:
+    """Rewrite a run's summary plots and report.html from its artifacts."""
+    from ideal.report import write_report
+
+    _console().print(f"wrote {write_report(run_dir)}")
 
 
 @app.command()

@@ -156,11 +156,15 @@ def evaluate_capability(
     max_length: int | None = None,
     max_new_tokens: int = 64,
     batch_size: int = 16,
+    generate: bool = True,
 ) -> CapabilityResult:
-    """Loss over every example; accuracy over the examples with an `answer` (all or none of them)."""
+    """Loss over every example; accuracy over the examples with an `answer` (all or none of them).
+
+    With `generate=False` only the loss is computed (reference sets: the method needs no decoding).
+    """
     items, _ = tokenize_examples(domain.examples, tokenizer, max_length)
     losses = mean_losses(model, items, tokenizer.pad_token_id, batch_size)
-    with_answer = [e for e in domain.examples if e.answer is not None]
+    with_answer = [e for e in domain.examples if e.answer is not None] if generate else []
     if scorer is not None and not with_answer:
         raise IdealError(f"{domain.path}: --scorer asks for accuracy, but no row has an 'answer'")
     if with_answer and len(with_answer) != len(domain.examples):

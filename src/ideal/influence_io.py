@@ -124,14 +124,23 @@ def scores_csv(result: InfluenceResult) -> str:
     return buffer.getvalue()
 
 
+def write_influence_files(
+    directory: str | Path, result: InfluenceResult, document: dict[str, Any]
+) -> None:
+    """influence.json, influence.csv and influence.png into an existing directory, each atomically."""
+    directory = Path(directory)
+    atomic_write_json(directory / "influence.json", document)
+    atomic_write_text(directory / "influence.csv", scores_csv(result))
+    title = f"influence ({document['curvature']}, {document['fisher']} Fisher)"
+    influence_heatmap(
+        result.scores, result.domains, result.references, directory / "influence.png", title
+    )
+
+
 def write_influence(out: str | Path, result: InfluenceResult, document: dict[str, Any]) -> Path:
+    """The three files in a new directory `out`, which appears complete or not at all."""
     with atomic_dir(out) as tmp:
-        atomic_write_json(tmp / "influence.json", document)
-        atomic_write_text(tmp / "influence.csv", scores_csv(result))
-        title = f"influence ({document['curvature']}, {document['fisher']} Fisher)"
-        influence_heatmap(
-            result.scores, result.domains, result.references, tmp / "influence.png", title
-        )
+        write_influence_files(tmp, result, document)
     return Path(out)
 
 

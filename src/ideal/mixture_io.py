@@ -88,9 +88,17 @@ def load_training_set(path: str | Path, on_invalid: OnInvalid = "error") -> Trai
 
 
 def write_mixture_dir(
-    out: str | Path, training: TrainingSet, mixture: Mixture, extra: dict[str, Any] | None = None
+    out: str | Path,
+    training: TrainingSet,
+    mixture: Mixture,
+    extra: dict[str, Any] | None = None,
+    data_subdir: str = "",
 ) -> dict[str, Any]:
-    """Write `mixture` over `training`'s pool as a mixture directory, atomically. Returns the manifest."""
+    """Write `mixture` over `training`'s pool as a mixture directory, atomically. Returns the manifest.
+
+    The rows go to `out/<data_subdir>/<domain>/data.jsonl` (a run's round directory keeps them under
+    `data/`, beside the round's other artifacts); the manifest to `out/mixture.json`.
+    """
     manifest: dict[str, Any] = {
         "format": FORMAT,
         **mixture.to_dict(),
@@ -101,14 +109,15 @@ def write_mixture_dir(
             "skipped_rows": len(training.skipped),
             "skipped": training.skipped,
         },
+        "data": data_subdir or ".",
         **(extra or {}),
     }
     with atomic_dir(out) as tmp:
         for domain, counts in mixture.counts.items():
             rows = training.pool[domain].examples
             lines = [ex.raw for ex, c in zip(rows, counts, strict=True) for _ in range(c)]
-            (tmp / domain).mkdir()
-            (tmp / domain / "data.jsonl").write_text(
+            (tmp / data_subdir / domain).mkdir(parents=True)
+            (tmp / data_subdir / domain / "data.jsonl").write_text(
                 "".join(f"{x}\n" for x in lines), encoding="utf-8"
             )
         atomic_write_json(tmp / MANIFEST, manifest)

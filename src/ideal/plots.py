@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -39,6 +40,14 @@ def influence_heatmap(
     fig.colorbar(image, ax=ax, label="influence s_ji")
     ax.set_title(f"{title}\n{SIGN_CONVENTION}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
+    """Save as PNG through a temporary file and a rename (never a half-written image)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    return Path(path)
+    os.replace(tmp, path)
+    return path

@@ -23,6 +23,9 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
+from transformers.utils import logging as hf_logging
+
+hf_logging.disable_progress_bar()  # no "Writing model shards" bars from save_pretrained
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")

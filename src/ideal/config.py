@@ -1,0 +1,175 @@
+"""Run configuration: dataclasses loaded from YAML, `key=value` overrides, validation, a stable hash.
+
+    ideal run CONFIG.yaml [key=value ...]     e.g.  rounds=3 update.step=0.3 train.lr=1e-3
+
+A config names either the embedded suite (`suite:`, generated into the run directory) or the user's
+own `model`, `train`, `reference` and `test` directories. Unknown keys are errors naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ideal.artifacts import sha256_text
+from ideal.errors import IdealError
+from ideal.influence import InfluenceSettings
+from ideal.suite import SuiteConfig
+from ideal.train import TrainSettings
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    rule: str = "ideal"  # ideal | uniform
+    step: float = 0.15  # m: the largest relative change of a domain's volume per round
+    max_repeats: int = 4
+    min_examples: int = 1
+    keep_total: bool = True
+    size_factor: bool = True
+    objective: str = "mean"  # mean | pooled | worst
+
+
+@dataclass(frozen=True)
+class InfluenceConfig:
+    curvature: str = "ekfac"
+    damping: float = 0.1
+    damping_abs: float | None = None
+    fisher: str = "sampled"
+    sample: float = 0.5
+    layers: tuple[str, ...] | None = None
+    batch_size: int = 16
+
+    def settings(self, seed: int) -> InfluenceSettings:
+        return InfluenceSettings(
+            self.curvature, self.damping, self.damping_abs, self.fisher, self.batch_size, seed
+        )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    scorers: dict[str, str] = field(default_factory=dict)  # capability -> scorer (default exact)
+    max_new_tokens: int = 32
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    suite: SuiteConfig | None = None
+    model: str | None = None  # base model directory (ignored with a suite)
+    train_data: str | None = None
+    reference_data: str | None = None
+    test_data: str | None = None
+    rounds: int = 2  # IDEAL updates after round 0 (D0)
+    tolerance: float = 0.01  # stop early when max |beta| after constraints falls below this
+    seed: int = 0
+    max_length: int | None = None
+    train: TrainSettings = field(default_factory=TrainSettings)
+    influence: InfluenceConfig = field(default_factory=InfluenceConfig)
+    update: UpdateSettings = field(default_factory=UpdateSettings)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.suite is None and not all(
+            (self.model, self.train_data, self.reference_data, self.test_data)
+        ):
+            raise IdealError(
+                "config: give either 'suite' or all of 'model', 'train_data', 'reference_data', 'test_data'"
+            )
+        if self.rounds < 0:
+            raise IdealError(f"config: rounds must be >= 0, got {self.rounds}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    def hash(self) -> str:
+        return sha256_text(json.dumps(self.to_dict(), sort_keys=True))
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Instantiate dataclass `cls` from plain data, recursively, with errors that name the key."""
+    if not isinstance(data, dict):
+        raise IdealError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise IdealError(
+            f"{where or 'config'}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})"
+        )
+    values = {}
+    for name, value in data.items():
+        values[name] = _convert(hints[name], value, f"{where}.{name}" if where else name)
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise IdealError(f"{where or 'config'}: {err}") from None
+
+
+def _convert(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(options[0], value, where)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is tuple:
+        (item,) = typing.get_args(hint)[:1]
+        if not isinstance(value, list | tuple):
+            value = [value] if not isinstance(value, str) else [v.strip() for v in value.split(",")]
+        return tuple(_convert(item, v, where) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise IdealError(f"{where}: expected a mapping")
+        return dict(value)
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool, float) and not isinstance(value, hint):
+        raise IdealError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise IdealError(f"override {dotted}: '{key}' is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, base: dict | None = None
+) -> RunConfig:
+    """YAML file (or `base` dict) + `key=value` overrides -> a validated RunConfig."""
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise IdealError(f"{path}: config file not found")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise IdealError(
+                f"{path}{line}: invalid YAML ({getattr(err, 'problem', err)})"
+            ) from None
+        if not isinstance(loaded, dict):
+            raise IdealError(f"{path}: expected a mapping at the top level")
+        data.update(loaded)
+    for item in overrides or []:
+        if "=" not in item:
+            raise IdealError(f"override '{item}': expected key=value")
+        key, raw = item.split("=", 1)
+        _set(data, key.strip(), yaml.safe_load(raw))
+    return _build(RunConfig, data, "")

@@ -1,0 +1,310 @@
+"""The closed IDEAL loop, resumable stage by stage.
+
+    RUN/config.yaml            resolved config + its hash (a changed config on resume is an error)
+    RUN/suite/                 the generated suite (data + base model), when the config names one
+    RUN/round-K/mixture.json   the mixture of round K (rows under RUN/round-K/data/<domain>/)
+    RUN/round-K/model/         the SFT model of round K, trained from the base model
+    RUN/round-K/metrics.json   reference loss, test loss and accuracy per capability; mean; worst
+    RUN/round-K/influence.json influence of round K's model (+ .csv, .png); drives round K+1
+    RUN/summary.json           one entry per round (SPEC.md), predicted vs realised change
+    RUN/report.html            plots and tables (ideal.report)
+
+Round 0 trains on D0; each later round applies the update rule to the previous round's influence,
+resamples, retrains from the base model and evaluates. Every stage writes its artifact atomically
+and is skipped on --resume when present, so a killed run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from ideal.artifacts import atomic_write_json, atomic_write_text, read_json
+from ideal.config import RunConfig
+from ideal.errors import IdealError
+from ideal.mixture import (
+    Constraints,
+    Mixture,
+    apply_constraints,
+    domain_rng,
+    resample,
+    resample_mixture,
+)
+from ideal.mixture_io import TrainingSet, load_training_set, write_mixture_dir
+from ideal.rules import IdealRule, UniformRule
+
+log = logging.getLogger("ideal")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    run: Path
+    base: Path
+    train: Path
+    reference: Path
+    test: Path
+
+    def round(self, k: int) -> Path:
+        return self.run / f"round-{k}"
+
+
+def prepare_run(config: RunConfig, run_dir: str | Path, resume: bool) -> RunPaths:
+    """Check or write RUN/config.yaml, generate the suite if needed; returns the data paths."""
+    run = Path(run_dir)
+    stored = run / "config.yaml"
+    if stored.is_file():
+        if not resume:
+            raise IdealError(
+                f"{run}: a run is already here; add --resume to continue it, or choose another --out"
+            )
+        previous = yaml.safe_load(stored.read_text()) or {}
+        if previous.get("hash") != config.hash():
+            raise IdealError(
+                f"{stored}: the config changed since this run started (hash differs); use another --out"
+            )
+    elif run.exists() and any(run.iterdir()):
+        raise IdealError(f"{run}: output directory exists and is not empty; choose another --out")
+    else:
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(
+            stored, yaml.safe_dump({"hash": config.hash(), **config.to_dict()}, sort_keys=False)
+        )
+    if config.suite is not None:
+        suite = run / "suite"
+        if not suite.is_dir():
+            from ideal.suite import generate_suite
+
+            log.info("generating the suite into %s", suite)
+            generate_suite(config.suite, suite)
+        return RunPaths(run, suite / "base", suite / "train", suite / "reference", suite / "test")
+    assert config.model and config.train_data and config.reference_data and config.test_data
+    return RunPaths(
+        run,
+        Path(config.model),
+        Path(config.train_data),
+        Path(config.reference_data),
+        Path(config.test_data),
+    )
+
+
+def initial_mixture(config: RunConfig, training: TrainingSet) -> Mixture:
+    """D0: the suite's starting volumes drawn from each pool (seeded), or every row of the data once."""
+    if config.suite is None:
+        return Mixture.full(
+            {d: len(t.examples) for d, t in training.pool.items()}, seed=config.seed
+        )
+    volumes = {spec.name: spec.volume for spec in config.suite.domains}
+    counts = {
+        d: resample(
+            np.zeros(len(training.pool[d].examples), dtype=np.int64),
+            volumes[d],
+            config.update.max_repeats,
+            domain_rng(config.seed, 0, d),
+        )
+        for d in training.pool
+    }
+    return Mixture(counts, seed=config.seed, round=0)
+
+
+def next_mixture(
+    config: RunConfig, training: TrainingSet, influence: dict[str, Any]
+) -> tuple[Mixture, dict[str, Any]]:
+    """Round K+1's mixture from round K's: the update rule, then constraints, then resampling."""
+    before = training.mixture.volumes
+    rule = IdealRule(step=config.update.step) if config.update.rule == "ideal" else UniformRule()
+    requested = rule.propose(before, influence)
+    sizes = {d: len(t.examples) for d, t in training.pool.items()}
+    constraints = Constraints(
+        config.update.min_examples, config.update.max_repeats, config.update.keep_total
+    )
+    total = training.mixture.total if constraints.keep_total else None
+    volumes, events = apply_constraints(requested, sizes, constraints, total)
+    mixture = resample_mixture(
+        training.mixture, volumes, constraints.max_repeats, config.seed, events
+    )
+    beta = {d: volumes[d] / before[d] - 1.0 if before[d] else 0.0 for d in before}
+    update = {
+        "rule": rule.name,
+        "step": config.update.step,
+        "requested": requested,
+        "beta_realised": beta,
+        "previous_volumes": before,
+    }
+    return mixture, update
+
+
+def evaluate_round(config: RunConfig, paths: RunPaths, model_dir: Path) -> dict[str, Any]:
+    """metrics.json of one round: reference loss (no decoding), test loss and accuracy."""
+    from ideal.data import load_domains
+    from ideal.evaluate import evaluate_capability
+    from ideal.hf import load_causal_lm, load_tokenizer
+
+    start = time.perf_counter()
+    model, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
+    model.eval()
+    references, tests = load_domains(paths.reference), load_domains(paths.test)
+    capabilities: dict[str, dict[str, Any]] = {}
+    for name, domain in references.items():
+        result = evaluate_capability(
+            model,
+            tokenizer,
+            domain,
+            None,
+            config.max_length,
+            generate=False,
+            batch_size=config.eval.batch_size,
+        )
+        capabilities[name] = {"reference_loss": result.loss, "reference_examples": result.examples}
+    for name, domain in tests.items():
+        result = evaluate_capability(
+            model,
+            tokenizer,
+            domain,
+            config.eval.scorers.get(name),
+            config.max_length,
+            config.eval.max_new_tokens,
+            config.eval.batch_size,
+        )
+        capabilities.setdefault(name, {}).update(
+            test_loss=result.loss,
+            test_accuracy=result.accuracy,
+            test_examples=result.examples,
+            scorer=result.scorer,
+        )
+    reference_losses = {
+        c: v["reference_loss"] for c, v in capabilities.items() if "reference_loss" in v
+    }
+    accuracies = {
+        c: v["test_accuracy"] for c, v in capabilities.items() if v.get("test_accuracy") is not None
+    }
+    metrics: dict[str, Any] = {
+        "capabilities": capabilities,
+        "reference_loss_mean": float(np.mean(list(reference_losses.values()))),
+        "test_loss_mean": float(
+            np.mean([v["test_loss"] for v in capabilities.values() if "test_loss" in v])
+        ),
+        "test_accuracy_mean": float(np.mean(list(accuracies.values()))) if accuracies else None,
+        "test_accuracy_worst": min(accuracies.values()) if accuracies else None,
+        "test_accuracy_worst_capability": min(accuracies, key=accuracies.get)
+        if accuracies
+        else None,
+    }
+    metrics["seconds"] = time.perf_counter() - start
+    return metrics
+
+
+def run_loop(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Run (or continue) the loop; returns summary.json's content."""
+    from ideal.influence_io import compute_influence, write_influence_files
+    from ideal.train import run_train
+
+    paths = prepare_run(config, run_dir, resume)
+    first = paths.round(0)
+    if not (first / "mixture.json").is_file():
+        training = load_training_set(paths.train)
+        write_mixture_dir(first, training, initial_mixture(config, training), data_subdir="data")
+    k = 0
+    while True:
+        here = paths.round(k)
+        model_dir = here / "model"
+        if not model_dir.is_dir():
+            log.info("round %d: training", k)
+            partial = model_dir.with_name(model_dir.name + ".partial")
+            run_train(paths.base, here, model_dir, _train_settings(config), resume=partial.exists())
+        if not (here / "metrics.json").is_file():
+            log.info("round %d: evaluating", k)
+            atomic_write_json(here / "metrics.json", evaluate_round(config, paths, model_dir))
+        if k >= config.rounds:
+            break
+        if config.update.rule == "ideal" and not (here / "influence.json").is_file():
+            log.info("round %d: influence", k)
+            result, document = compute_influence(
+                model_dir,
+                here,
+                paths.reference,
+                config.influence.settings(config.seed),
+                sample=config.influence.sample,
+                layers=list(config.influence.layers) if config.influence.layers else None,
+                max_length=config.max_length,
+                objective=config.update.objective,
+                size_factor=config.update.size_factor,
+            )
+            write_influence_files(here, result, document)
+        following = paths.round(k + 1)
+        if not (following / "mixture.json").is_file():
+            training = load_training_set(here)
+            signals = read_json(here / "influence.json") if config.update.rule == "ideal" else {}
+            mixture, update = next_mixture(config, training, signals)
+            if max(abs(b) for b in update["beta_realised"].values()) < config.tolerance:
+                log.info(
+                    "round %d: largest volume change below tolerance %.3g; stopping",
+                    k,
+                    config.tolerance,
+                )
+                break
+            write_mixture_dir(
+                following, training, mixture, extra={"update": update}, data_subdir="data"
+            )
+        k += 1
+    summary = summarise_run(paths.run)
+    atomic_write_json(paths.run / "summary.json", summary)
+    from ideal.report import write_report
+
+    write_report(paths.run)
+    return summary
+
+
+def _train_settings(config: RunConfig):
+    from dataclasses import replace
+
+    return replace(config.train, max_length=config.max_length)
+
+
+def summarise_run(run: Path) -> dict[str, Any]:
+    """summary.json from the round directories (SPEC.md), with predicted vs realised changes."""
+    rounds = []
+    k = 0
+    while (run / f"round-{k}" / "metrics.json").is_file():
+        here = run / f"round-{k}"
+        mixture, metrics = read_json(here / "mixture.json"), read_json(here / "metrics.json")
+        caps = metrics["capabilities"]
+        train_settings = read_json(here / "model" / "train_settings.json")
+        influence_seconds = None
+        if (here / "influence.json").is_file():
+            influence_seconds = read_json(here / "influence.json")["seconds"]["total"]
+        predicted = None
+        previous = run / f"round-{k - 1}" / "influence.json"
+        if k > 0 and previous.is_file():
+            sensitivity = read_json(previous)["sensitivity"]
+            beta = mixture.get("update", {}).get("beta_realised", {})
+            predicted = float(sum(sensitivity[d] * beta.get(d, 0.0) for d in sensitivity))
+        rounds.append(
+            {
+                "round": k,
+                "volumes": {d: e["volume"] for d, e in mixture["domains"].items()},
+                "test_accuracy": {c: v.get("test_accuracy") for c, v in caps.items()},
+                "test_accuracy_mean": metrics["test_accuracy_mean"],
+                "test_accuracy_worst": metrics["test_accuracy_worst"],
+                "reference_loss": {c: v.get("reference_loss") for c, v in caps.items()},
+                "reference_loss_mean": metrics["reference_loss_mean"],
+                "predicted_reference_loss_change": predicted,
+                "realised_reference_loss_change": (
+                    metrics["reference_loss_mean"] - rounds[-1]["reference_loss_mean"]
+                    if rounds
+                    else None
+                ),
+                "seconds": {
+                    "train": train_settings.get("seconds"),
+                    "influence": influence_seconds,
+                    "eval": metrics["seconds"],
+                },
+            }
+        )
+        k += 1
+    return {"rounds": rounds}

@@ -1,0 +1,177 @@
+"""The run report: PNG plots and `report.html` (opens offline), made from a run's artifacts only.
+
+ideal report RUN_DIR
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from ideal.artifacts import atomic_write_text, read_json  # noqa: E402
+from ideal.errors import IdealError  # noqa: E402
+from ideal.plots import SIGN_CONVENTION, save_figure  # noqa: E402
+
+
+def _volumes_plot(rounds: list[dict[str, Any]], path: Path) -> Path:
+    domains = list(rounds[0]["volumes"])
+    fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(rounds), 3.6))
+    bottom = np.zeros(len(rounds))
+    for domain in domains:
+        values = np.array([r["volumes"].get(domain, 0) for r in rounds], dtype=float)
+        ax.bar([f"round {r['round']}" for r in rounds], values, bottom=bottom, label=domain)
+        bottom += values
+    ax.set_ylabel("examples")
+    ax.set_title("volume per domain")
+    ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _per_capability_plot(
+    rounds: list[dict[str, Any]], key: str, mean_key: str, title: str, path: Path
+) -> Path:
+    capabilities = [c for c in rounds[0][key] if rounds[0][key][c] is not None]
+    x = [r["round"] for r in rounds]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for capability in capabilities:
+        ax.plot(x, [r[key].get(capability) for r in rounds], marker="o", label=capability)
+    if rounds[0].get(mean_key) is not None:
+        ax.plot(
+            x, [r[mean_key] for r in rounds], marker="s", color="black", linewidth=2, label="mean"
+        )
+    ax.set_xticks(x)
+    ax.set_xlabel("round")
+    ax.set_title(title)
+    ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _prediction_plot(rounds: list[dict[str, Any]], path: Path) -> Path | None:
+    pairs = [
+        (r["round"], r["predicted_reference_loss_change"], r["realised_reference_loss_change"])
+        for r in rounds[1:]
+    ]
+    pairs = [p for p in pairs if p[1] is not None]
+    if not pairs:
+        return None
+    fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    x = np.arange(len(pairs))
+    ax.bar(x - 0.2, [p[1] for p in pairs], width=0.4, label="predicted (first order)")
+    ax.bar(x + 0.2, [p[2] for p in pairs], width=0.4, label="realised (retrained)")
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(x, [f"round {p[0]}" for p in pairs])
+    ax.set_ylabel("change of mean reference loss")
+    ax.set_title("predicted vs realised change")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return html.escape("" if value is None else str(value))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Plots and report.html from RUN/summary.json and the round directories."""
+    run = Path(run_dir)
+    if not (run / "summary.json").is_file():
+        raise IdealError(f"{run}: no summary.json (not a finished `ideal run` directory)")
+    rounds = read_json(run / "summary.json")["rounds"]
+    if not rounds:
+        raise IdealError(f"{run}/summary.json: no rounds")
+    images = [
+        _volumes_plot(rounds, run / "volumes.png"),
+        _per_capability_plot(
+            rounds, "test_accuracy", "test_accuracy_mean", "test accuracy", run / "accuracy.png"
+        ),
+        _per_capability_plot(
+            rounds,
+            "reference_loss",
+            "reference_loss_mean",
+            "reference loss",
+            run / "reference_loss.png",
+        ),
+    ]
+    prediction = _prediction_plot(rounds, run / "prediction.png")
+    if prediction is not None:
+        images.append(prediction)
+    heatmaps = [
+        (r["round"], f"round-{r['round']}/influence.png")
+        for r in rounds
+        if (run / f"round-{r['round']}" / "influence.png").is_file()
+    ]
+
+    capabilities = list(rounds[0]["test_accuracy"])
+    overview = _table(
+        ["round", "mean accuracy", "worst accuracy", "mean reference loss", "predicted change", "realised change", "train s", "influence s", "eval s"],
+        [
+            [r["round"], r["test_accuracy_mean"], r["test_accuracy_worst"], r["reference_loss_mean"], r["predicted_reference_loss_change"],
+             r["realised_reference_loss_change"], r["seconds"]["train"], r["seconds"]["influence"], r["seconds"]["eval"]]
+            for r in rounds
+        ],
+    )  # fmt: skip
+    per_capability = _table(
+        [
+            "capability",
+            *[f"round {r['round']} accuracy" for r in rounds],
+            *[f"round {r['round']} ref. loss" for r in rounds],
+        ],
+        [
+            [
+                c,
+                *[r["test_accuracy"].get(c) for r in rounds],
+                *[r["reference_loss"].get(c) for r in rounds],
+            ]
+            for c in capabilities
+        ],
+    )
+    domains = list(rounds[0]["volumes"])
+    volumes = _table(
+        ["domain", *[f"round {r['round']}" for r in rounds]],
+        [[d, *[r["volumes"].get(d) for r in rounds]] for d in domains],
+    )
+    figures = "".join(
+        f'<figure><img src="{html.escape(p.name)}" alt="{html.escape(p.stem)}"></figure>'
+        for p in images
+    )
+    maps = "".join(
+        f'<figure><img src="{html.escape(src)}" alt="influence round {k}"><figcaption>influence of round {k}</figcaption></figure>'
+        for k, src in heatmaps
+    )
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>ideal run: {html.escape(run.name)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 1100px; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 14px; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
+th {{ background: #f3f3f3; }} td:first-child {{ text-align: left; }}
+figure {{ display: inline-block; margin: 0.5em; }} img {{ max-width: 520px; }}
+</style></head><body>
+<h1>IDEAL run <code>{html.escape(str(run))}</code></h1>
+<p>Round 0 is the original mixture D0; each later round applies the IDEAL update to the previous round's
+influence and retrains from the base model. {html.escape(SIGN_CONVENTION)}.</p>
+<h2>Rounds</h2>{overview}
+<h2>Per capability</h2>{per_capability}
+<h2>Volumes</h2>{volumes}
+<h2>Plots</h2>{figures}
+<h2>Influence</h2>{maps or "<p>(no influence step in this run)</p>"}
+</body></html>
+"""
+    atomic_write_text(run / "report.html", page)
+    return run / "report.html"
