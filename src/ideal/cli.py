@@ -509,6 +509,31 @@ def eval_(
     _console().print(table)
 
 
+class ExportFormat(str, Enum):
+    llamafactory = "llamafactory"
+    trl = "trl"
+    axolotl = "axolotl"
+
+
+@app.command()
+def export(
+    mixture: Annotated[
+        Path,
+        typer.Option("--mixture", help="A mixture.json written by ideal run or ideal reweight."),
+    ],
+    fmt: Annotated[ExportFormat, typer.Option("--format", help="The tool that will train on it.")],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="New directory for the data files and the tool's config.")
+    ],
+) -> None:
+    """Write a mixture as files LLaMA-Factory, TRL or axolotl read, with the exact volumes."""
+    from ideal.export import export_mixture
+
+    written = export_mixture(mixture, fmt.value, out_dir)
+    summary = ", ".join(f"{d} {n}" for d, n in written.items())
+    _console().print(f"{sum(written.values())} rows ({summary}); wrote {out_dir}")
+
+
 @app.command()
 def check(
     data: Annotated[

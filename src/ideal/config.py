@@ -132,6 +132,11 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         return dict(value)
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, str, bool, float) and not isinstance(value, hint):
         raise IdealError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value
@@ -171,5 +176,9 @@ def load_config(
         if "=" not in item:
             raise IdealError(f"override '{item}': expected key=value")
         key, raw = item.split("=", 1)
-        _set(data, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)  # numbers, booleans, lists as YAML
+        except yaml.YAMLError:
+            value = raw  # e.g. a glob such as *.mlp.*
+        _set(data, key.strip(), value)
     return _build(RunConfig, data, "")

@@ -1,0 +1,100 @@
+"""Export a mixture to the files another SFT tool reads, reproducing its volumes exactly.
+
+    ideal export --mixture RUN/round-2/mixture.json --format llamafactory|trl|axolotl --out DIR
+
+Every format gets one `<domain>.jsonl` per domain, each row written as many times as the mixture
+counts it, in the conversational form `{"messages": [{"role", "content"}, ...]}`, plus:
+
+    llamafactory  dataset_info.json: one sharegpt-formatted dataset per domain (`ideal_<domain>`);
+                  train with `dataset: ideal_add,ideal_code,...` and `dataset_dir: DIR`
+    trl           mixture.yaml: a `datasets:` list (TRL's dataset-mixture config) of json data files
+    axolotl       datasets.yaml: a `datasets:` list of chat_template json datasets, to paste in a config
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ideal.artifacts import atomic_dir
+from ideal.errors import IdealError
+from ideal.mixture_io import MANIFEST, load_training_set
+
+FORMATS = ("llamafactory", "trl", "axolotl")
+
+
+def _llamafactory(domains: list[str]) -> dict[str, str]:
+    info = {
+        f"ideal_{d}": {
+            "file_name": f"{d}.jsonl",
+            "formatting": "sharegpt",
+            "columns": {"messages": "messages"},
+            "tags": {
+                "role_tag": "role",
+                "content_tag": "content",
+                "user_tag": "user",
+                "assistant_tag": "assistant",
+                "system_tag": "system",
+            },
+        }
+        for d in domains
+    }
+    return {"dataset_info.json": json.dumps(info, indent=2) + "\n"}
+
+
+def _trl(domains: list[str], out: Path) -> dict[str, str]:
+    entries = [
+        {
+            "path": "json",
+            "data_files": str(out.resolve() / f"{d}.jsonl"),
+            "split": "train",
+            "columns": ["messages"],
+        }
+        for d in domains
+    ]
+    return {"mixture.yaml": yaml.safe_dump({"datasets": entries}, sort_keys=False)}
+
+
+def _axolotl(domains: list[str], out: Path) -> dict[str, str]:
+    entries: list[dict[str, Any]] = [
+        {
+            "path": str(out.resolve() / f"{d}.jsonl"),
+            "ds_type": "json",
+            "type": "chat_template",
+            "field_messages": "messages",
+            "message_property_mappings": {"role": "role", "content": "content"},
+        }
+        for d in domains
+    ]
+    return {"datasets.yaml": yaml.safe_dump({"datasets": entries}, sort_keys=False)}
+
+
+def export_mixture(mixture_file: str | Path, fmt: str, out: str | Path) -> dict[str, int]:
+    """Write the export; returns the rows written per domain (= the mixture's volumes)."""
+    if fmt not in FORMATS:
+        raise IdealError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    mixture_file = Path(mixture_file)
+    if mixture_file.name != MANIFEST or not mixture_file.is_file():
+        raise IdealError(
+            f"{mixture_file}: expected a {MANIFEST} written by ideal (ideal run, ideal reweight)"
+        )
+    training = load_training_set(mixture_file.parent)
+    out = Path(out)
+    written: dict[str, int] = {}
+    with atomic_dir(out) as tmp:
+        for domain in training.mixture.domains:
+            rows = [json.dumps({"messages": list(ex.messages)}) for ex in training.examples(domain)]
+            (tmp / f"{domain}.jsonl").write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+            written[domain] = len(rows)
+        domains = training.mixture.domains
+        files = {
+            "llamafactory": lambda: _llamafactory(domains),
+            "trl": lambda: _trl(domains, out),
+            "axolotl": lambda: _axolotl(domains, out),
+        }[fmt]()
+        for name, text in files.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+    return written

@@ -1,0 +1,91 @@
+"""`ideal export`: each tool's files parse as that tool documents, with the mixture's exact volumes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import make_data_dir, qa_rows
+from tests.test_cli import assert_one_line_error, write_influence
+
+
+@pytest.fixture
+def mixture(cli, tmp_path):
+    train = make_data_dir(tmp_path / "train", {"math": qa_rows("m", 10), "code": qa_rows("c", 6)})
+    influence = write_influence(
+        tmp_path / "i.json", {"math": -1.0, "code": 0.5}, {"math": 10, "code": 6}
+    )
+    assert (
+        cli(
+            "reweight",
+            "--train",
+            train,
+            "--influence",
+            influence,
+            "--out",
+            tmp_path / "mix",
+            "--step",
+            "0.5",
+        ).code
+        == 0
+    )
+    manifest = json.loads((tmp_path / "mix" / "mixture.json").read_text())
+    return tmp_path / "mix" / "mixture.json", {
+        d: e["volume"] for d, e in manifest["domains"].items()
+    }
+
+
+def count_rows(path) -> int:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert all(set(r) == {"messages"} and r["messages"][-1]["role"] == "assistant" for r in rows)
+    return len(rows)
+
+
+def test_llamafactory(cli, tmp_path, mixture):
+    path, volumes = mixture
+    assert volumes == {"code": 5, "math": 15}  # 6 x (1 - 0.25) = 4.5 rounds half up; 10 x 1.5
+    assert (
+        cli("export", "--mixture", path, "--format", "llamafactory", "--out", tmp_path / "lf").code
+        == 0
+    )
+    info = json.loads((tmp_path / "lf" / "dataset_info.json").read_text())
+    assert set(info) == {"ideal_math", "ideal_code"}
+    for domain, volume in volumes.items():
+        entry = info[f"ideal_{domain}"]
+        assert entry["formatting"] == "sharegpt" and entry["columns"] == {"messages": "messages"}
+        assert entry["tags"]["role_tag"] == "role" and entry["tags"]["assistant_tag"] == "assistant"
+        assert count_rows(tmp_path / "lf" / entry["file_name"]) == volume
+
+
+def test_trl(cli, tmp_path, mixture):
+    path, volumes = mixture
+    assert cli("export", "--mixture", path, "--format", "trl", "--out", tmp_path / "trl").code == 0
+    config = yaml.safe_load((tmp_path / "trl" / "mixture.yaml").read_text())
+    files = {entry["data_files"]: entry for entry in config["datasets"]}
+    assert all(e["path"] == "json" and e["split"] == "train" for e in files.values())
+    assert sorted(count_rows(Path(f)) for f in files) == sorted(volumes.values())
+
+
+def test_axolotl(cli, tmp_path, mixture):
+    path, volumes = mixture
+    assert (
+        cli("export", "--mixture", path, "--format", "axolotl", "--out", tmp_path / "ax").code == 0
+    )
+    config = yaml.safe_load((tmp_path / "ax" / "datasets.yaml").read_text())
+    assert all(
+        e["type"] == "chat_template" and e["field_messages"] == "messages"
+        for e in config["datasets"]
+    )
+    total = sum(count_rows(Path(e["path"])) for e in config["datasets"])
+    assert total == sum(volumes.values())
+
+
+def test_export_errors(cli, tmp_path):
+    assert_one_line_error(
+        cli("export", "--mixture", tmp_path / "x.json", "--format", "trl", "--out", tmp_path / "o"),
+        "expected a mixture.json",
+    )
+    assert not (tmp_path / "o").exists()
