@@ -41,10 +41,6 @@ def test_help_of_every_command(cli):
         assert result.code == 0 and "Usage" in result.out
 
 
-def test_demo_says_it_is_not_built_yet(cli):
-    assert_one_line_error(cli("demo"), "not built yet")
-
-
 @pytest.fixture
 def train_dir(tmp_path):
     return make_data_dir(tmp_path / "train", {"math": qa_rows("m", 40), "code": qa_rows("c", 30)})

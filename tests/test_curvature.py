@@ -103,8 +103,9 @@ def masked_batch(b: int = 3, t: int = 5, d_in: int = 4, d_out: int = 3):
 def test_layer_stats_equal_explicit_per_token_outer_products():
     a, g, mask, targets, weights = masked_batch()
     stats = layer_stats(a, g, mask, targets, weights)
-    a_sum = torch.zeros(4, 4)
-    s_sum = torch.zeros(3, 3)
+    a, g, weights, targets = a.double(), g.double(), weights.double(), targets.double()
+    a_sum = torch.zeros(4, 4, dtype=torch.float64)
+    s_sum = torch.zeros(3, 3, dtype=torch.float64)
     positions = 0.0
     for z in range(3):
         for t in range(5):
@@ -112,8 +113,9 @@ def test_layer_stats_equal_explicit_per_token_outer_products():
                 a_sum += weights[z] * torch.outer(a[z, t], a[z, t])
                 s_sum += weights[z] / targets[z] * torch.outer(g[z, t], g[z, t])
                 positions += float(weights[z])
-    assert torch.allclose(stats.a_sum, a_sum, rtol=1e-5, atol=1e-6)
-    assert torch.allclose(stats.s_sum, s_sum, rtol=1e-5, atol=1e-6)
+    assert stats.a_sum.dtype == torch.float64  # covariances accumulate in float64 (see layer_stats)
+    assert torch.allclose(stats.a_sum, a_sum, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(stats.s_sum, s_sum, rtol=1e-12, atol=1e-12)
     assert stats.positions == positions and stats.examples == 6.0
 
 

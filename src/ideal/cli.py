@@ -278,6 +278,13 @@ def influence(
             help="Labels of the curvature's backward pass: sampled from the model (true Fisher) or the data's (empirical).",
         ),
     ] = Fisher.sampled,
+    fisher_samples: Annotated[
+        int,
+        typer.Option(
+            "--fisher-samples",
+            help="Label draws per example for the sampled Fisher (less Monte Carlo noise, one backward each).",
+        ),
+    ] = 1,
     sample: Annotated[
         float,
         typer.Option(
@@ -320,6 +327,7 @@ def influence(
         fisher=fisher.value,
         batch_size=batch_size,
         seed=seed,
+        fisher_samples=fisher_samples,
     )
     patterns = [p for p in layers.split(",") if p.strip()] if layers else None
     result, document = run_influence(
@@ -336,6 +344,10 @@ def influence(
         on_invalid=on_invalid.value,
         progress=track,
     )
+    from ideal.distributed import is_main
+
+    if not is_main():  # under torchrun only the main process reports
+        return
     table = Table(title="influence s_ji (> 0: more of the domain lowers the reference loss)")
     table.add_column("reference \\ domain")
     for domain in result.domains:

@@ -42,6 +42,7 @@ class InfluenceConfig:
     damping: float = 0.1
     damping_abs: float | None = None
     fisher: str = "sampled"
+    fisher_samples: int = 1
     sample: float = 0.5
     layers: tuple[str, ...] | None = None
     batch_size: int = 16

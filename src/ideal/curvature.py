@@ -11,7 +11,8 @@ SUMMED token loss (cross terms vanish), so G = E_z[ vec(G_z) vec(G_z)^T / T_z ].
 share that scale, so an absolute damping means the same thing for each (kronfluence's K-FAC is ~T
 times smaller than its EK-FAC; we avoid that trap by construction).
 
-For one layer with weight W (out x in), the statistics (sums over examples z with weights w_z) are
+For one layer with weight W (out x in), the statistics (sums over examples z with weights w_z; the
+covariances in float64, the per-example correction terms in float32) are
 
     A      = sum_z w_z sum_{t in P_z} a_t a_t^T  /  sum_z w_z |P_z|      P_z: non-padding positions
     S      = sum_z w_z (1/T_z) sum_t g_t g_t^T  /  sum_z w_z             g: output gradients
@@ -33,7 +34,7 @@ Tensor = torch.Tensor
 
 @dataclass
 class LayerStats:
-    """Running sums for one layer (float32 or float64). Normalise with `covariances`."""
+    """Running sums for one layer, float64. Normalise with `covariances`."""
 
     a_sum: Tensor  # (in, in)   sum of w a a^T over non-padding positions
     s_sum: Tensor  # (out, out) sum of w g g^T / T_z
@@ -41,7 +42,7 @@ class LayerStats:
     examples: float = 0.0  # sum of w
 
     @classmethod
-    def zeros(cls, d_in: int, d_out: int, dtype: torch.dtype = torch.float32) -> LayerStats:
+    def zeros(cls, d_in: int, d_out: int, dtype: torch.dtype = torch.float64) -> LayerStats:
         return cls(torch.zeros(d_in, d_in, dtype=dtype), torch.zeros(d_out, d_out, dtype=dtype))
 
     def add(self, other: LayerStats) -> None:
@@ -52,15 +53,20 @@ class LayerStats:
 
 
 def layer_stats(a: Tensor, g: Tensor, mask: Tensor, targets: Tensor, weights: Tensor) -> LayerStats:
-    """Covariance sums of one batch for one layer, in float32.
+    """Covariance sums of one batch for one layer, in float64.
+
+    Why float64 and not float32: EK-FAC depends on the eigenvectors of A and S, and near-degenerate
+    eigenvalues make those sensitive to round-off. With float32 sums, regrouping the same examples
+    into other batches (or over other processes) moved scores by up to 6.5e-4 relative on a tiny
+    trained model; with float64, by 1e-7 (docs/results.md).
 
     a: (B, T, in) inputs; g: (B, T, out) output gradients of the summed token loss; mask: (B, T)
     non-padding positions; targets: (B,) target-token counts T_z; weights: (B,) example weights.
     """
-    a = a.float() * mask.unsqueeze(-1)  # (B, T, in), padding rows zeroed
-    g = g.float() * mask.unsqueeze(-1)  # (B, T, out); zero at padding already, made explicit
-    wa = a * weights.view(-1, 1, 1).float()
-    wg = g * (weights.float() / targets.float()).view(-1, 1, 1)
+    a = a.double() * mask.unsqueeze(-1)  # (B, T, in), padding rows zeroed
+    g = g.double() * mask.unsqueeze(-1)  # (B, T, out); zero at padding already, made explicit
+    wa = a * weights.view(-1, 1, 1).double()
+    wg = g * (weights.double() / targets.double()).view(-1, 1, 1)
     a_sum = torch.einsum("bti,btj->ij", wa, a)
     s_sum = torch.einsum("bto,btp->op", wg, g)
     positions = float((mask.float().sum(1) * weights.float()).sum())

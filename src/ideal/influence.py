@@ -38,6 +38,7 @@ from ideal.curvature import (
     layer_stats,
 )
 from ideal.data import Tokenized
+from ideal.distributed import all_reduce_, all_reduce_float, rank, world_size
 from ideal.errors import IdealError
 from ideal.lm import Batch, collate, example_losses, position_ids, sample_labels, token_nll
 
@@ -61,6 +62,9 @@ class InfluenceSettings:
     batch_size: int = 8
     seed: int = 0
     chunk: int = 16  # examples per eigenvalue-correction chunk (bounds memory)
+    fisher_samples: int = (
+        1  # label draws per example for the sampled Fisher (less Monte Carlo noise)
+    )
 
     def __post_init__(self) -> None:
         if self.curvature not in CURVATURES:
@@ -73,6 +77,8 @@ class InfluenceSettings:
             raise IdealError(f"--damping must be > 0, got {self.damping}")
         if self.damping_abs is not None and self.damping_abs < 0:
             raise IdealError(f"--damping-abs must be >= 0, got {self.damping_abs}")
+        if self.fisher_samples < 1:
+            raise IdealError(f"--fisher-samples must be >= 1, got {self.fisher_samples}")
         if self.batch_size < 1:
             raise IdealError(f"--batch-size must be >= 1, got {self.batch_size}")
 
@@ -83,10 +89,21 @@ class WeightedSet:
 
     items: list[Tokenized]
     weights: list[float]
+    keys: list[int] | None = None  # stable ids that seed sampled labels (default: the positions)
 
     @classmethod
     def uniform(cls, items: list[Tokenized]) -> WeightedSet:
         return cls(items, [1.0] * len(items))
+
+    def shard(self, rank: int, world: int) -> WeightedSet:
+        """Every world-th example from `rank`: disjoint shards that cover the set, keys kept."""
+        keys = self.keys if self.keys is not None else list(range(len(self.items)))
+        picked = range(rank, len(self.items), world)
+        return WeightedSet(
+            [self.items[i] for i in picked],
+            [self.weights[i] for i in picked],
+            [keys[i] for i in picked],
+        )
 
 
 @dataclass
@@ -106,15 +123,16 @@ def make_batches(
 ) -> list[Batch]:
     """Batches of similar length (less padding); results do not depend on the grouping.
 
-    Example i gets the key `key_offset + i`, which seeds its sampled labels.
+    Example i gets the key `key_offset + keys[i]`, which seeds its sampled labels.
     """
+    keys = data.keys if data.keys is not None else list(range(len(data.items)))
     order = sorted(range(len(data.items)), key=lambda i: len(data.items[i].input_ids))
     return [
         collate(
             [data.items[i] for i in chunk],
             pad_id,
             [data.weights[i] for i in chunk],
-            keys=[key_offset + i for i in chunk],
+            keys=[key_offset + keys[i] for i in chunk],
         )
         for chunk in (order[s : s + batch_size] for s in range(0, len(order), batch_size))
     ]
@@ -123,11 +141,11 @@ def make_batches(
 def _keyed_batches(
     data: dict[str, WeightedSet], batch_size: int, pad_id: int
 ) -> list[tuple[str, Batch]]:
-    """(name, batch) for every set, each example keyed uniquely across the sets."""
+    """(name, batch) for every set, each example keyed uniquely across the sets (and processes)."""
     out, offset = [], 0
     for name, ws in data.items():
         out += [(name, b) for b in make_batches(ws, batch_size, pad_id, offset)]
-        offset += len(ws.items)
+        offset += 1_000_000_000  # keys of different sets never collide, whatever the sharding
     return out
 
 
@@ -163,10 +181,14 @@ class InfluenceEngine:
         self.params = [p for m in layers.values() for p in m.parameters(recurse=False)]
         self.device = next(model.parameters()).device
 
-    def _fisher_labels(self, logits: torch.Tensor, batch: Batch, pass_: int) -> torch.Tensor:
+    def _fisher_labels(self, logits: torch.Tensor, batch: Batch, draw: int) -> torch.Tensor:
+        """Labels of the curvature's backward pass. Both passes draw the SAME labels per example
+        (seeded by its key): the correction then lives in the span that the eigenbasis of S was
+        estimated from. With fresh draws, rows of G_z fall in S's (arbitrary) null space when data
+        are few, and the scores moved by up to 9 % with the batch size on a tiny model."""
         if self.settings.fisher == "empirical":
             return batch.labels
-        return sample_labels(logits, batch.labels, batch.keys, 2 * self.settings.seed + pass_)
+        return sample_labels(logits, batch.labels, batch.keys, self.settings.seed + 7919 * draw)
 
     def domain_pass(
         self, data: dict[str, WeightedSet]
@@ -191,25 +213,30 @@ class InfluenceEngine:
                 if not need_stats:
                     continue
                 targets = batch.targets.float()
-                if sampled:
-                    labels = self._fisher_labels(logits, batch, 0)
-                    nll, _ = token_nll(logits, labels)
-                    cap.backward(nll.sum())
-                    scale = torch.ones_like(targets)
-                else:  # empirical: g of the summed loss = g of the weighted mean loss x T_z / w_z
-                    scale = targets / batch.weights
-                for name in self.layers:
-                    g = cap.grads[name] * scale.view(-1, 1, 1)
-                    stats[name].add(
-                        _to_cpu(
-                            layer_stats(
-                                cap.inputs[name], g, batch.attention_mask, targets, batch.weights
-                            )
+                draws = self.settings.fisher_samples if sampled else 1
+                for draw in range(draws):
+                    if sampled:
+                        labels = self._fisher_labels(logits, batch, draw)
+                        nll, _ = token_nll(logits, labels)
+                        cap.backward(nll.sum(), retain_graph=draw < draws - 1)
+                        scale = torch.ones_like(targets)
+                    else:  # empirical: g of the summed loss = g of the weighted mean loss x T_z / w_z
+                        scale = targets / batch.weights
+                    weights = batch.weights / draws
+                    for name in self.layers:
+                        g = cap.grads[name] * scale.view(-1, 1, 1)
+                        mask = batch.attention_mask
+                        stats[name].add(
+                            _to_cpu(layer_stats(cap.inputs[name], g, mask, targets, weights))
                         )
-                    )
-        for domain, ws in data.items():
-            total = float(sum(ws.weights))
-            grads[domain] = {n: s / total for n, s in sums[domain].items()}
+        for domain, ws in data.items():  # sums over every process's shard, then the means
+            total = all_reduce_float(float(sum(ws.weights)))
+            grads[domain] = {n: all_reduce_(s) / total for n, s in sums[domain].items()}
+        for layer in stats.values():
+            all_reduce_(layer.a_sum)
+            all_reduce_(layer.s_sum)
+            layer.positions = all_reduce_float(layer.positions)
+            layer.examples = all_reduce_float(layer.examples)
         return grads, stats
 
     def correction_pass(
@@ -227,23 +254,26 @@ class InfluenceEngine:
             for batch in self.progress(batches, len(batches), "pass 2/2: eigenvalue correction"):
                 batch = batch.to(self.device)
                 logits = forward_logits(self.model, batch)
-                labels = self._fisher_labels(logits, batch, 1)
-                nll, _ = token_nll(logits, labels)
-                cap.backward(nll.sum())
                 targets = batch.targets.float()
-                for name in self.layers:
-                    part = correction_sum(
-                        cap.grads[name],
-                        cap.inputs[name],
-                        batch.attention_mask,
-                        targets,
-                        batch.weights,
-                        on_device[name],
-                        self.settings.chunk,
-                    )
-                    sums[name] += part.cpu()
+                draws = self.settings.fisher_samples if self.settings.fisher == "sampled" else 1
+                for draw in range(draws):
+                    labels = self._fisher_labels(logits, batch, draw)
+                    nll, _ = token_nll(logits, labels)
+                    cap.backward(nll.sum(), retain_graph=draw < draws - 1)
+                    for name in self.layers:
+                        part = correction_sum(
+                            cap.grads[name],
+                            cap.inputs[name],
+                            batch.attention_mask,
+                            targets,
+                            batch.weights / draws,
+                            on_device[name],
+                            self.settings.chunk,
+                        )
+                        sums[name] += part.cpu()
                 weight_total += float(batch.weights.sum())
-        return {n: s / weight_total for n, s in sums.items()}
+        weight_total = all_reduce_float(weight_total)
+        return {n: all_reduce_(s) / weight_total for n, s in sums.items()}
 
     def reference_pass(
         self, references: dict[str, WeightedSet]
@@ -264,8 +294,9 @@ class InfluenceEngine:
                 for name in self.layers:
                     sums[ref][name] += _batch_gradient(cap, name).cpu()
         for ref, ws in references.items():
-            grads[ref] = {n: s / len(ws.items) for n, s in sums[ref].items()}
-            losses[ref] = loss_sums[ref] / len(ws.items)
+            count = all_reduce_float(float(len(ws.items)))
+            grads[ref] = {n: all_reduce_(s) / count for n, s in sums[ref].items()}
+            losses[ref] = all_reduce_float(loss_sums[ref]) / count
         return grads, losses
 
 
@@ -293,6 +324,10 @@ def domain_influence(
                 f"--curvature exact: the selected layers have {count} parameters, above the limit of "
                 f"{EXACT_LIMIT} for a dense matrix; use ekfac or select fewer layers with --layers"
             )
+    if world_size() > 1:  # each process a disjoint shard; every statistic is summed across them
+        domains = {d: ws.shard(rank(), world_size()) for d, ws in domains.items()}
+        references = {r: ws.shard(rank(), world_size()) for r, ws in references.items()}
+        progress = progress if rank() == 0 else no_progress
     model.eval()
     requires = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
@@ -327,7 +362,10 @@ def domain_influence(
     finally:
         for p, flag in requires.items():
             p.requires_grad_(flag)
-    tokens = {d: sum(len(i.input_ids) for i in ws.items) for d, ws in domains.items()}
+    tokens = {
+        d: int(all_reduce_float(sum(len(i.input_ids) for i in ws.items)))
+        for d, ws in domains.items()
+    }
     return InfluenceResult(
         list(domains), list(references), scores, ref_losses, list(layers), damping, seconds, tokens
     )
@@ -433,7 +471,7 @@ def dense_gauss_newton(
             ggn = torch.einsum("tvp,tvq->pq", weighted, weighted) - mean.T @ mean
             total += (weight / len(target)) * ggn.cpu()
             weight_total += weight
-    return total / weight_total
+    return all_reduce_(total) / all_reduce_float(weight_total)
 
 
 def objective_weights(

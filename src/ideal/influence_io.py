@@ -21,6 +21,7 @@ import torch
 from ideal.artifacts import atomic_dir, atomic_write_json, atomic_write_text, check_new_output_dir
 from ideal.capture import select_layers
 from ideal.data import OnInvalid, load_domains, tokenize_examples
+from ideal.distributed import barrier, init_from_env, is_main, world_size
 from ideal.errors import IdealError
 from ideal.hf import load_causal_lm, load_tokenizer
 from ideal.influence import (
@@ -61,7 +62,9 @@ def compute_influence(
     model = load_causal_lm(model_dir)
     tokenizer = load_tokenizer(model_dir)
     selected = select_layers(model, layers)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(
+        f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    )
     model.to(device)
 
     domains: dict[str, WeightedSet] = {}
@@ -147,8 +150,16 @@ def write_influence(out: str | Path, result: InfluenceResult, document: dict[str
 def run_influence(
     out: str | Path, *args: Any, **kwargs: Any
 ) -> tuple[InfluenceResult, dict[str, Any]]:
-    """compute_influence, then write its files into the new directory `out`."""
+    """compute_influence, then write its files into the new directory `out` (the main process only).
+
+    Under `torchrun` / `accelerate launch` every process computes on its own shard and the
+    statistics are summed across processes, so the files do not depend on the number of processes.
+    """
+    init_from_env()
     check_new_output_dir(out)  # fail before the heavy work
     result, document = compute_influence(*args, **kwargs)
-    write_influence(out, result, document)
+    document["processes"] = world_size()
+    if is_main():
+        write_influence(out, result, document)
+    barrier()
     return result, document

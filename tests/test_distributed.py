@@ -1,0 +1,65 @@
+"""Several processes: `ideal influence` under torchrun (2 CPU processes, gloo) equals 1 process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ideal.tiny import char_tokenizer, save_model_dir, tiny_causal_lm
+from tests.helpers import make_data_dir, qa_rows
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_influence_as_one(tmp_path):
+    tokenizer = char_tokenizer()
+    save_model_dir(
+        tmp_path / "model", tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=3), tokenizer
+    )
+    # odd sizes: the two shards are uneven, and one domain has fewer sampled rows than... any split
+    make_data_dir(
+        tmp_path / "train",
+        {"add": qa_rows("add", 13), "mul": qa_rows("mul", 7), "sub": qa_rows("sub", 3)},
+    )
+    make_data_dir(tmp_path / "reference", {"math": qa_rows("sum", 5), "chat": qa_rows("hi", 3)})
+    common = ["influence", "--model", str(tmp_path / "model"), "--train", str(tmp_path / "train"),
+              "--reference", str(tmp_path / "reference"), "--sample", "1.0", "--batch-size", "2"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, "-m", "ideal", *common, "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "ideal",
+    ]
+    two = subprocess.run(
+        [*launcher, *common, "--out", str(tmp_path / "two")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr
+    a = json.loads((tmp_path / "one" / "influence.json").read_text())
+    b = json.loads((tmp_path / "two" / "influence.json").read_text())
+    assert (a["processes"], b["processes"]) == (1, 2)
+    np.testing.assert_allclose(np.array(b["scores"]), np.array(a["scores"]), rtol=1e-5)
+    assert b["tokens"] == a["tokens"] and b["sampled_weight"] == a["sampled_weight"]
+    for name, value in a["damping"]["per_layer"].items():
+        assert b["damping"]["per_layer"][name] == pytest.approx(value, rel=1e-5)
+    assert b["reference_loss"] == pytest.approx(a["reference_loss"], rel=1e-6)
