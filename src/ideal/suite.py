@@ -2,10 +2,10 @@
 
 Four tasks stand in for the capabilities a user balances:
 
-    add      math           "37+85=" -> "122"              (multi-digit addition)
-    reverse  code           "rev: kqzt" -> "tzqk"          (string reversal)
+    add      math           "37+8=" -> "45"                (difficulty-digit number plus one digit)
+    reverse  code           "rev: hcfa" -> "afch"          (string reversal, letters a-h)
     sort     reasoning      "sort: 3814" -> "1348"         (digit sorting)
-    recall   instructions   "b=4 q=7 d=1 ? q" -> "7"       (key-value recall, format following)
+    recall   instructions   "b=4 g=7 d=1 ? g" -> "7"       (key-value recall, format following)
 
 A training domain draws from one task, with its own pool size, starting volume, label-noise rate and
 optionally a conflicting answer convention (`conflict: true`: the same prompts as the task, answered
@@ -29,15 +29,17 @@ from ideal.errors import IdealError
 TASKS = ("add", "reverse", "sort", "recall")
 
 
+LETTERS = "abcdefgh"  # a small alphabet keeps string tasks learnable by a tiny model
+
+
 def _add(rng: random.Random, difficulty: int) -> tuple[str, str]:
-    a, b = rng.randrange(10**difficulty), rng.randrange(10**difficulty)
+    a, b = rng.randrange(10**difficulty), rng.randrange(10)
     return f"{a}+{b}=", str(a + b)
 
 
 def _word(rng: random.Random, difficulty: int) -> str:
     return "".join(
-        rng.choice(string.ascii_lowercase)
-        for _ in range(rng.randint(max(2, difficulty - 1), difficulty + 1))
+        rng.choice(LETTERS) for _ in range(rng.randint(max(2, difficulty - 1), difficulty))
     )
 
 
@@ -47,12 +49,12 @@ def _reverse(rng: random.Random, difficulty: int) -> tuple[str, str]:
 
 
 def _sort(rng: random.Random, difficulty: int) -> tuple[str, str]:
-    digits = "".join(rng.choice(string.digits) for _ in range(difficulty + 1))
+    digits = "".join(rng.choice(string.digits) for _ in range(difficulty))
     return f"sort: {digits}", "".join(sorted(digits))
 
 
 def _recall(rng: random.Random, difficulty: int) -> tuple[str, str]:
-    keys = rng.sample(string.ascii_lowercase, difficulty)
+    keys = rng.sample(LETTERS, difficulty)
     values = [rng.choice(string.digits) for _ in keys]
     query = rng.randrange(len(keys))
     pairs = " ".join(f"{k}={v}" for k, v in zip(keys, values, strict=True))
