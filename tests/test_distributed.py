@@ -63,3 +63,59 @@ def test_two_processes_give_the_same_influence_as_one(tmp_path):
     for name, value in a["damping"]["per_layer"].items():
         assert b["damping"]["per_layer"][name] == pytest.approx(value, rel=1e-5)
     assert b["reference_loss"] == pytest.approx(a["reference_loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path):
+    tokenizer = char_tokenizer()
+    save_model_dir(
+        tmp_path / "model", tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=3), tokenizer
+    )
+    make_data_dir(tmp_path / "train", {"add": qa_rows("add", 13), "mul": qa_rows("mul", 8)})
+    # 5 examples per step: the two processes take 3 and 2 of them (uneven shares)
+    common = ["train", "--model", str(tmp_path / "model"), "--train", str(tmp_path / "train"),
+              "--max-steps", "12", "--batch-size", "5", "--lr", "1e-3", "--checkpoint-every", "5"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, "-m", "ideal", *common, "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "ideal",
+    ]
+    two = subprocess.run(
+        [*launcher, *common, "--out", str(tmp_path / "two")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr
+    log_one = [
+        json.loads(x) for x in (tmp_path / "one" / "train_log.jsonl").read_text().splitlines()
+    ]
+    log_two = [
+        json.loads(x) for x in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in log_two] == list(range(1, 13))
+    for a, b in zip(log_one, log_two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    from safetensors.torch import load_file
+
+    wa, wb = (
+        load_file(tmp_path / "one" / "model.safetensors"),
+        load_file(tmp_path / "two" / "model.safetensors"),
+    )
+    for name in wa:
+        np.testing.assert_allclose(wb[name].numpy(), wa[name].numpy(), rtol=1e-4, atol=1e-5)

@@ -455,6 +455,10 @@ def train(
     result = run_train(
         model, train_dir, out_dir, settings, resume=resume, on_invalid=on_invalid.value
     )
+    from ideal.distributed import is_main
+
+    if not is_main():  # under torchrun only the main process reports
+        return
     final = result.log[-1] if result.log else {}
     _console().print(
         f"{result.steps} steps, final loss {final.get('loss', float('nan')):.4f}, {result.seconds:.1f} s; wrote {out_dir}"

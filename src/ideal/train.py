@@ -37,6 +37,7 @@ from torch import nn
 
 from ideal.artifacts import atomic_write_json, sha256_text
 from ideal.data import OnInvalid, Tokenized, tokenize_examples
+from ideal.distributed import barrier, init_from_env, is_main
 from ideal.errors import IdealError
 from ideal.lm import collate, token_nll
 
@@ -257,6 +258,11 @@ def train_model(
                 accelerator.backward(loss)
             loss_value += float(loss.detach())
             tokens += n_tokens
+        if accelerator.num_processes > 1:  # the step's loss and tokens over every process
+            summed = accelerator.reduce(
+                torch.tensor([loss_value, tokens], device=accelerator.device), reduction="sum"
+            )
+            loss_value, tokens = float(summed[0]) / accelerator.num_processes, int(summed[1])
         grad_norm = accelerator.clip_grad_norm_(params, settings.max_grad_norm)
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -278,7 +284,9 @@ def train_model(
             and (step + 1) % settings.checkpoint_every == 0
             and step + 1 < total
         ):
-            checkpoint.save(step + 1, accelerator.unwrap_model(model), optimizer, scheduler)
+            if accelerator.is_main_process:  # the same state on every process: one writer
+                checkpoint.save(step + 1, accelerator.unwrap_model(model), optimizer, scheduler)
+            accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(model)
     model.eval()
     return TrainResult(model, total, records, time.perf_counter() - began)
@@ -298,6 +306,8 @@ def run_train(
     from ideal.mixture_io import load_training_set
     from ideal.progress import StepBar
 
+    init_from_env()  # under torchrun / accelerate launch: join the group before any file work
+    main = is_main()
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
     if out.exists():
@@ -306,6 +316,7 @@ def run_train(
         raise IdealError(
             f"{partial}: an earlier run stopped here; rerun with --resume, or remove it"
         )
+    barrier()  # every process has checked before the main one creates anything
     training = load_training_set(train, on_invalid)
     tokenizer = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir, dtype=torch.float32)
@@ -338,27 +349,31 @@ def run_train(
             raise IdealError(
                 f"{partial}: made with other settings or data; remove it to start again"
             )
-    partial.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(settings_file, manifest)
     checkpoint = Checkpoint(partial / "checkpoint")
     log_path = partial / "train_log.jsonl"
     total = settings.total_steps(len(items))
     start = 0
     if checkpoint.file.is_file():
         start = int(torch.load(checkpoint.file, map_location="cpu", weights_only=False)["step"])
+    if main:
+        partial.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(settings_file, manifest)
         kept = [
             line
             for line in (log_path.read_text().splitlines() if log_path.is_file() else [])
             if json.loads(line)["step"] <= start
         ]
         log_path.write_text("".join(f"{line}\n" for line in kept))
+    barrier()
 
     with (
-        StepBar(total, "train", start) if progress else nullcontext() as bar,
-        open(log_path, "a") as log_file,
+        StepBar(total, "train", start) if progress and main else nullcontext() as bar,
+        open(log_path, "a") if main else nullcontext() as log_file,
     ):
 
         def on_step(record: dict[str, float]) -> None:
+            if log_file is None:
+                return
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
             if bar is not None:
@@ -368,6 +383,9 @@ def run_train(
 
         result = train_model(model, items, settings, tokenizer.pad_token_id, checkpoint, on_step)
 
+    if not main:
+        barrier()  # the main process writes the model
+        return result
     final = partial / "final"
     shutil.rmtree(final, ignore_errors=True)
     result.model.save_pretrained(final, safe_serialization=True)
@@ -384,4 +402,5 @@ def run_train(
     )
     os.replace(final, out)
     shutil.rmtree(partial)
+    barrier()
     return result
