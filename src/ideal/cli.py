@@ -229,6 +229,37 @@ class Objective(str, Enum):
     worst = "worst"
 
 
+def _print_plan(
+    model: Path, train: Path, reference: Path, layers: str | None, curvature: str
+) -> None:
+    from ideal.data import load_domains
+    from ideal.plan import human, meta_model, plan_influence
+
+    domains, references = len(load_domains(train)), len(load_domains(reference))
+    network = meta_model(model)
+    patterns = [p for p in layers.split(",") if p.strip()] if layers else None
+    plans = plan_influence(network, patterns, domains, references, curvature)
+    title = f"influence step ({curvature}): {len(plans)} layers, {domains} domains, {references} references"
+    table = Table(title=title)
+    parts = ("covariances", "eigenvectors", "eigenvalues", "gradients")
+    for column in ("layer", "out x in", *parts, "total"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    for p in plans:
+        sizes = (human(getattr(p, k)) for k in parts)
+        table.add_row(p.name, f"{p.d_out} x {p.d_in}", *sizes, human(p.total))
+    total = sum(p.total for p in plans)
+    table.add_row(
+        "total", "", *(human(sum(getattr(p, k) for p in plans)) for k in parts), human(total)
+    )
+    console = _console()
+    console.print(table)
+    parameters = sum(t.numel() for t in network.parameters())
+    console.print(
+        f"model: {parameters:,} parameters (config only, nothing loaded); "
+        f"statistics held: {human(total)}"
+    )
+
+
 @app.command()
 def influence(
     model: Annotated[
@@ -246,11 +277,11 @@ def influence(
         Path, typer.Option("--reference", help="Reference sets: <dir>/<capability>/*.jsonl.")
     ],
     out_dir: Annotated[
-        Path,
+        Path | None,
         typer.Option(
             "--out", help="New directory for influence.json, influence.csv, influence.png."
         ),
-    ],
+    ] = None,
     curvature: Annotated[
         Curvature,
         typer.Option(
@@ -313,9 +344,21 @@ def influence(
             help="Multiply domain i's sensitivity by n_i/N (METHOD.md).",
         ),
     ] = True,
+    plan: Annotated[
+        bool,
+        typer.Option(
+            "--plan",
+            help="Print the memory the step will hold (from the config alone; no weights loaded) and stop.",
+        ),
+    ] = False,
     on_invalid: OnInvalidOption = OnInvalid.error,
 ) -> None:
     """Influence of every training domain on every reference capability (EK-FAC by default)."""
+    if plan:
+        _print_plan(model, train, reference, layers, curvature.value)
+        return
+    if out_dir is None:
+        raise IdealError("--out is required (or --plan)")
     from ideal.influence import InfluenceSettings
     from ideal.influence_io import run_influence
     from ideal.progress import track

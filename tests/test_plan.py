@@ -1,0 +1,85 @@
+"""`ideal influence --plan`: the sizes it announces are the sizes allocated; an 8B config plans
+from its config alone."""
+
+from __future__ import annotations
+
+import json
+import re
+import resource
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from ideal.capture import select_layers
+from ideal.curvature import covariances, kfac_eigen
+from ideal.influence import InfluenceEngine, InfluenceSettings, WeightedSet, no_progress
+from ideal.plan import meta_model, plan_influence
+from tests.helpers import make_data_dir, qa_rows, tokenize_pairs
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def test_plan_matches_what_the_influence_step_allocates(tmp_path):
+    from ideal.tiny import char_tokenizer, save_model_dir, tiny_causal_lm
+
+    tokenizer = char_tokenizer()
+    model = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=0)
+    save_model_dir(tmp_path, model, tokenizer)
+    domains = {
+        d: WeightedSet.uniform(tokenize_pairs(tokenizer, [(f"{d}{i}", "1") for i in range(4)]))
+        for d in ("a", "b", "c")
+    }
+    references = {
+        r: WeightedSet.uniform(tokenize_pairs(tokenizer, [(f"{r}{i}", "2") for i in range(3)]))
+        for r in ("x", "y")
+    }
+    layers = select_layers(model)
+    engine = InfluenceEngine(model, layers, InfluenceSettings(), 0, no_progress)
+    for p in model.parameters():
+        p.requires_grad_(p in set(engine.params))
+    grads, stats = engine.domain_pass(domains)
+    ref_grads, _ = engine.reference_pass(references)
+    plans = {
+        p.name: p for p in plan_influence(meta_model(tmp_path), None, len(domains), len(references))
+    }
+    assert list(plans) == list(layers)
+    for name in layers:
+        eigen = kfac_eigen(*covariances(stats[name]))
+        preconditioned = [
+            torch.zeros_like(eigen.eigenvalues) for _ in references
+        ]  # float64, one per reference
+        held = {
+            "covariances": nbytes(stats[name].a_sum) + nbytes(stats[name].s_sum),
+            "eigenvectors": nbytes(eigen.q_a) + nbytes(eigen.q_s),
+            "eigenvalues": nbytes(eigen.eigenvalues),
+            "gradients": sum(nbytes(g[name]) for g in [*grads.values(), *ref_grads.values()])
+            + sum(map(nbytes, preconditioned)),
+        }
+        plan = plans[name]
+        assert held == {k: getattr(plan, k) for k in held}
+
+
+def test_an_8b_config_plans_without_weights(cli, tmp_path):
+    config = LlamaConfig(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+    )  # fmt: skip
+    (tmp_path / "llama8b").mkdir()
+    (tmp_path / "llama8b" / "config.json").write_text(json.dumps(config.to_dict()))
+    make_data_dir(tmp_path / "train", {"math": qa_rows("m", 2), "code": qa_rows("c", 2)})
+    make_data_dir(tmp_path / "reference", {"math": qa_rows("r", 2)})
+    result = cli("influence", "--model", tmp_path / "llama8b", "--train", tmp_path / "train",
+                 "--reference", tmp_path / "reference", "--plan", "--layers", "*.mlp.down_proj")  # fmt: skip
+    assert result.code == 0, result.err
+    assert "8,030,261,248 parameters" in result.out  # Llama-3.1-8B
+    # 32 down_proj layers of 4096 x 14336: covariances and eigenvectors 2 x (4096^2 + 14336^2) x 8 B,
+    # Lambda 4096 x 14336 x 8 B, gradients 4096 x 14336 x (3 x 4 + 1 x 8) B
+    per_layer = 2 * (4096**2 + 14336**2) * 8 + 4096 * 14336 * 8 + 4096 * 14336 * 20
+    total = re.search(r"statistics held: ([\d.]+) GiB", result.out)
+    assert total and float(total.group(1)) == pytest.approx(32 * per_layer / 2**30, abs=0.05)
+    assert (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 4 * 2**20
+    )  # KiB: far below 16 GB of weights
