@@ -31,12 +31,11 @@ from ideal.errors import IdealError
 from ideal.mixture import (
     Constraints,
     Mixture,
-    apply_constraints,
     domain_rng,
     resample,
-    resample_mixture,
 )
 from ideal.mixture_io import TrainingSet, load_training_set, write_mixture_dir
+from ideal.reweight import update_mixture
 from ideal.rules import IdealRule, UniformRule
 
 log = logging.getLogger("ideal")
@@ -116,27 +115,11 @@ def next_mixture(
     config: RunConfig, training: TrainingSet, influence: dict[str, Any]
 ) -> tuple[Mixture, dict[str, Any]]:
     """Round K+1's mixture from round K's: the update rule, then constraints, then resampling."""
-    before = training.mixture.volumes
     rule = IdealRule(step=config.update.step) if config.update.rule == "ideal" else UniformRule()
-    requested = rule.propose(before, influence)
-    sizes = {d: len(t.examples) for d, t in training.pool.items()}
-    constraints = Constraints(
-        config.update.min_examples, config.update.max_repeats, config.update.keep_total
-    )
-    total = training.mixture.total if constraints.keep_total else None
-    volumes, events = apply_constraints(requested, sizes, constraints, total)
-    mixture = resample_mixture(
-        training.mixture, volumes, constraints.max_repeats, config.seed, events
-    )
-    beta = {d: volumes[d] / before[d] - 1.0 if before[d] else 0.0 for d in before}
-    update = {
-        "rule": rule.name,
-        "step": config.update.step,
-        "requested": requested,
-        "beta_realised": beta,
-        "previous_volumes": before,
-    }
-    return mixture, update
+    update = config.update
+    constraints = Constraints(update.min_examples, update.max_repeats, update.keep_total)
+    mixture, record = update_mixture(training, rule, constraints, config.seed, influence)
+    return mixture, {**record, "step": update.step}
 
 
 def evaluate_round(config: RunConfig, paths: RunPaths, model_dir: Path) -> dict[str, Any]:

@@ -6,7 +6,7 @@ This is the API behind `ideal reweight --train DIR --influence FILE --out DIR`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from ideal.data import OnInvalid
 from ideal.errors import IdealError
 from ideal.mixture import Constraints, Mixture, apply_constraints, resample_mixture
 from ideal.mixture_io import TrainingSet, load_training_set, write_mixture_dir
-from ideal.rules import IdealRule
+from ideal.rules import IdealRule, Rule
 
 
 @dataclass
@@ -63,6 +63,34 @@ def read_influence(path: str | Path, training: TrainingSet) -> dict[str, Any]:
     return obj
 
 
+def update_mixture(
+    training: TrainingSet, rule: Rule, constraints: Constraints, seed: int, signals: dict[str, Any]
+) -> tuple[Mixture, dict[str, Any]]:
+    """One update: the rule's requested volumes, then the constraints, then seeded resampling.
+
+    Returns the next mixture and a record of the update (for its manifest): requested volumes,
+    the requested and the realised beta, the constraints and the previous volumes.
+    """
+    before = training.mixture.volumes
+    requested = rule.propose(before, signals)
+    sizes = {d: len(domain.examples) for d, domain in training.pool.items()}
+    total = training.mixture.total if constraints.keep_total else None
+    volumes, events = apply_constraints(requested, sizes, constraints, total)
+    mixture = resample_mixture(training.mixture, volumes, constraints.max_repeats, seed, events)
+
+    def relative(new: dict[str, float]) -> dict[str, float]:
+        return {d: new[d] / before[d] - 1.0 if before[d] else 0.0 for d in before}
+
+    return mixture, {
+        "rule": rule.name,
+        "requested": requested,
+        "beta": relative(requested),
+        "beta_realised": relative({d: float(v) for d, v in volumes.items()}),
+        "constraints": asdict(constraints),
+        "previous_volumes": before,
+    }
+
+
 def reweight(
     train: str | Path,
     influence: str | Path,
@@ -77,36 +105,11 @@ def reweight(
     check_new_output_dir(out)  # fail before any work
     training = load_training_set(train, on_invalid)
     signals = read_influence(influence, training)
-    before = training.mixture.volumes
-    rule = IdealRule(step=step)
-    requested = rule.propose(before, signals)
-    beta = {d: requested[d] / before[d] - 1.0 if before[d] else 0.0 for d in before}
-    sizes = {d: len(domain.examples) for d, domain in training.pool.items()}
-    total = training.mixture.total if constraints.keep_total else None
-    volumes, events = apply_constraints(requested, sizes, constraints, total)
     seed = training.mixture.seed if seed is None else seed
-    mixture = resample_mixture(training.mixture, volumes, constraints.max_repeats, seed, events)
-    write_mixture_dir(
-        out,
-        training,
-        mixture,
-        extra={
-            "update": {
-                "rule": rule.name,
-                "step": step,
-                "beta": beta,
-                "requested": requested,
-                "constraints": {
-                    "min_examples": constraints.min_examples,
-                    "max_repeats": constraints.max_repeats,
-                    "keep_total": constraints.keep_total,
-                },
-                "influence": {
-                    "path": str(Path(influence).resolve()),
-                    "sha256": sha256_file(influence),
-                },
-                "previous_volumes": before,
-            }
-        },
+    mixture, update = update_mixture(training, IdealRule(step=step), constraints, seed, signals)
+    update["step"] = step
+    update["influence"] = {"path": str(Path(influence).resolve()), "sha256": sha256_file(influence)}
+    write_mixture_dir(out, training, mixture, extra={"update": update})
+    return ReweightResult(
+        update["previous_volumes"], update["beta"], update["requested"], mixture, Path(out)
     )
-    return ReweightResult(before, beta, requested, mixture, Path(out))
