@@ -48,3 +48,19 @@ def test_rules_propose_volumes():
     assert UniformRule().propose(volumes, {}) == {"a": 75.0, "b": 75.0}
     # uniform is a fixed point of the uniform rule
     assert UniformRule().propose({"a": 75, "b": 75}, {}) == {"a": 75.0, "b": 75.0}
+
+
+def test_temperature_rule():
+    from ideal.rules import TemperatureRule
+
+    volumes = {"a": 10, "b": 30}  # total 40
+    signals = {"pool_sizes": {"a": 100, "b": 400}}
+    assert TemperatureRule(1.0).propose(volumes, signals) == pytest.approx(
+        {"a": 8.0, "b": 32.0}
+    )  # proportional
+    assert TemperatureRule(2.0).propose(volumes, signals) == pytest.approx(
+        {"a": 40 / 3, "b": 80 / 3}
+    )  # sqrt: 10:20
+    assert TemperatureRule(1e9).propose(volumes, signals) == pytest.approx(
+        {"a": 20.0, "b": 20.0}, rel=1e-6
+    )  # uniform

@@ -122,6 +122,51 @@ def run(
 
 
 @app.command()
+def compare(
+    config_file: Annotated[Path, typer.Argument(help="Run config (YAML), as for `ideal run`.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides.")] = None,
+    methods: Annotated[
+        str,
+        typer.Option(
+            "--methods",
+            help="Comma-separated: original, uniform, temperature, first-order, ideal, ideal-kfac.",
+        ),
+    ] = "original,uniform,ideal",
+    seeds: Annotated[int, typer.Option("--seeds", help="Seeds 0..K-1 for every method.")] = 3,
+    out_dir: Annotated[
+        Path,
+        typer.Option("--out", help="Directory of the comparison (one run per method and seed)."),
+    ] = Path("runs/compare"),
+) -> None:
+    """Methods side by side at the same budget and recipe, over several seeds."""
+    from ideal.compare import run_compare
+    from ideal.config import load_config
+
+    chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    document = run_compare(
+        load_config(config_file, overrides or []), chosen, list(range(seeds)), out_dir
+    )
+    table = Table(title=f"methods over {seeds} seed(s): final round, mean +- sd")
+    for column in ("method", "mean accuracy", "worst accuracy", "mean reference loss", "compute s"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+
+    def cell(stat: dict) -> str:
+        return "" if stat["mean"] is None else f"{stat['mean']:.3f} +- {stat['std']:.3f}"
+
+    for method, entry in document["methods"].items():
+        table.add_row(
+            method,
+            cell(entry["test_accuracy_mean"]),
+            cell(entry["test_accuracy_worst"]),
+            cell(entry["reference_loss_mean"]),
+            f"{entry['seconds']['mean']:.0f}",
+        )
+    console = _console()
+    console.print(table)
+    console.print(f"wrote {out_dir / 'compare.json'}")
+
+
+@app.command()
 def report(
     run_dir: Annotated[
         Path, typer.Argument(help="A run directory of `ideal run` or `ideal demo`.")

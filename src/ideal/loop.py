@@ -36,7 +36,7 @@ from ideal.mixture import (
 )
 from ideal.mixture_io import TrainingSet, load_training_set, write_mixture_dir
 from ideal.reweight import update_mixture
-from ideal.rules import IdealRule, UniformRule
+from ideal.rules import IdealRule, Rule, TemperatureRule, UniformRule
 
 log = logging.getLogger("ideal")
 
@@ -111,11 +111,25 @@ def initial_mixture(config: RunConfig, training: TrainingSet) -> Mixture:
     return Mixture(counts, seed=config.seed, round=0)
 
 
+def make_rule(config: RunConfig) -> Rule:
+    """The update rule a config names (`update.rule`)."""
+    rules: dict[str, Rule] = {
+        "ideal": IdealRule(step=config.update.step),
+        "uniform": UniformRule(),
+        "temperature": TemperatureRule(config.update.temperature),
+    }
+    if config.update.rule not in rules:
+        raise IdealError(
+            f"update.rule must be one of {', '.join(rules)}, got '{config.update.rule}'"
+        )
+    return rules[config.update.rule]
+
+
 def next_mixture(
     config: RunConfig, training: TrainingSet, influence: dict[str, Any]
 ) -> tuple[Mixture, dict[str, Any]]:
     """Round K+1's mixture from round K's: the update rule, then constraints, then resampling."""
-    rule = IdealRule(step=config.update.step) if config.update.rule == "ideal" else UniformRule()
+    rule = make_rule(config)
     update = config.update
     constraints = Constraints(update.min_examples, update.max_repeats, update.keep_total)
     mixture, record = update_mixture(training, rule, constraints, config.seed, influence)
@@ -205,7 +219,7 @@ def run_loop(config: RunConfig, run_dir: str | Path, resume: bool = False) -> di
             atomic_write_json(here / "metrics.json", evaluate_round(config, paths, model_dir))
         if k >= config.rounds:
             break
-        if config.update.rule == "ideal" and not (here / "influence.json").is_file():
+        if make_rule(config).needs_influence and not (here / "influence.json").is_file():
             log.info("round %d: influence", k)
             result, document = compute_influence(
                 model_dir,
@@ -222,7 +236,9 @@ def run_loop(config: RunConfig, run_dir: str | Path, resume: bool = False) -> di
         following = paths.round(k + 1)
         if not (following / "mixture.json").is_file():
             training = load_training_set(here)
-            signals = read_json(here / "influence.json") if config.update.rule == "ideal" else {}
+            signals = (
+                read_json(here / "influence.json") if make_rule(config).needs_influence else {}
+            )
             mixture, update = next_mixture(config, training, signals)
             if max(abs(b) for b in update["beta_realised"].values()) < config.tolerance:
                 log.info(

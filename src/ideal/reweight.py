@@ -72,8 +72,8 @@ def update_mixture(
     the requested and the realised beta, the constraints and the previous volumes.
     """
     before = training.mixture.volumes
-    requested = rule.propose(before, signals)
     sizes = {d: len(domain.examples) for d, domain in training.pool.items()}
+    requested = rule.propose(before, {**signals, "pool_sizes": sizes})
     total = training.mixture.total if constraints.keep_total else None
     volumes, events = apply_constraints(requested, sizes, constraints, total)
     mixture = resample_mixture(training.mixture, volumes, constraints.max_repeats, seed, events)

@@ -95,3 +95,20 @@ class UniformRule:
     def propose(self, volumes: Mapping[str, int], signals: Mapping[str, Any]) -> dict[str, float]:
         total = sum(volumes.values())
         return {d: total / len(volumes) for d in volumes}
+
+
+@dataclass(frozen=True)
+class TemperatureRule:
+    """Volumes proportional to pool size ** (1 / T), at the same total (T = 1: proportional)."""
+
+    temperature: float = 2.0
+    name: str = "temperature"
+    needs_influence: bool = False
+
+    def propose(self, volumes: Mapping[str, int], signals: Mapping[str, Any]) -> dict[str, float]:
+        if not self.temperature > 0:
+            raise IdealError(f"temperature must be > 0, got {self.temperature}")
+        sizes = signals["pool_sizes"]
+        weights = {d: float(sizes[d]) ** (1.0 / self.temperature) for d in volumes}
+        total, norm = sum(volumes.values()), sum(weights.values())
+        return {d: total * w / norm for d, w in weights.items()}
