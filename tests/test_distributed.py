@@ -1,4 +1,5 @@
-"""Several processes: `ideal influence` under torchrun (2 CPU processes, gloo) equals 1 process."""
+"""Several processes: `ideal influence` and `ideal train` under torchrun (2 CPU processes, gloo)
+equal 1 process."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,47 +16,52 @@ from ideal.tiny import char_tokenizer, save_model_dir, tiny_causal_lm
 from tests.helpers import make_data_dir, qa_rows
 
 
+def one_and_two_processes(tmp_path: Path, args: list[str]) -> tuple[Path, Path]:
+    """Run `ideal ARGS --out tmp/one` in one process and under torchrun with 2 (gloo) into tmp/two."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launchers = {
+        "one": [sys.executable, "-m", "ideal"],
+        "two": [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "ideal",
+        ],
+    }
+    for name, launcher in launchers.items():
+        done = subprocess.run(
+            [*launcher, *args, "--out", str(tmp_path / name)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+    return tmp_path / "one", tmp_path / "two"
+
+
+def tiny_model_dir(path: Path) -> Path:
+    tokenizer = char_tokenizer()
+    return save_model_dir(
+        path, tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=3), tokenizer
+    )
+
+
 @pytest.mark.slow
 def test_two_processes_give_the_same_influence_as_one(tmp_path):
-    tokenizer = char_tokenizer()
-    save_model_dir(
-        tmp_path / "model", tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=3), tokenizer
-    )
-    # odd sizes: the two shards are uneven, and one domain has fewer sampled rows than... any split
+    tiny_model_dir(tmp_path / "model")
+    # odd sizes: the two shards are uneven
     make_data_dir(
         tmp_path / "train",
         {"add": qa_rows("add", 13), "mul": qa_rows("mul", 7), "sub": qa_rows("sub", 3)},
     )
     make_data_dir(tmp_path / "reference", {"math": qa_rows("sum", 5), "chat": qa_rows("hi", 3)})
-    common = ["influence", "--model", str(tmp_path / "model"), "--train", str(tmp_path / "train"),
-              "--reference", str(tmp_path / "reference"), "--sample", "1.0", "--batch-size", "2"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run(
-        [sys.executable, "-m", "ideal", *common, "--out", str(tmp_path / "one")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert one.returncode == 0, one.stderr
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "ideal",
-    ]
-    two = subprocess.run(
-        [*launcher, *common, "--out", str(tmp_path / "two")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert two.returncode == 0, two.stderr
+    one_and_two_processes(tmp_path, ["influence", "--model", str(tmp_path / "model"), "--train", str(tmp_path / "train"),
+                                     "--reference", str(tmp_path / "reference"), "--sample", "1.0", "--batch-size", "2"])  # fmt: skip
     a = json.loads((tmp_path / "one" / "influence.json").read_text())
     b = json.loads((tmp_path / "two" / "influence.json").read_text())
     assert (a["processes"], b["processes"]) == (1, 2)
@@ -67,41 +74,11 @@ def test_two_processes_give_the_same_influence_as_one(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
-    tokenizer = char_tokenizer()
-    save_model_dir(
-        tmp_path / "model", tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=3), tokenizer
-    )
+    tiny_model_dir(tmp_path / "model")
     make_data_dir(tmp_path / "train", {"add": qa_rows("add", 13), "mul": qa_rows("mul", 8)})
     # 5 examples per step: the two processes take 3 and 2 of them (uneven shares)
-    common = ["train", "--model", str(tmp_path / "model"), "--train", str(tmp_path / "train"),
-              "--max-steps", "12", "--batch-size", "5", "--lr", "1e-3", "--checkpoint-every", "5"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run(
-        [sys.executable, "-m", "ideal", *common, "--out", str(tmp_path / "one")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert one.returncode == 0, one.stderr
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "ideal",
-    ]
-    two = subprocess.run(
-        [*launcher, *common, "--out", str(tmp_path / "two")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert two.returncode == 0, two.stderr
+    one_and_two_processes(tmp_path, ["train", "--model", str(tmp_path / "model"), "--train", str(tmp_path / "train"),
+                                     "--max-steps", "12", "--batch-size", "5", "--lr", "1e-3", "--checkpoint-every", "5"])  # fmt: skip
     log_one = [
         json.loads(x) for x in (tmp_path / "one" / "train_log.jsonl").read_text().splitlines()
     ]
