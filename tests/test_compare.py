@@ -39,3 +39,35 @@ def test_unknown_method_is_one_line(cli, tmp_path):
         "compare", config, "--methods", "uniform,doremi", "--seeds", "1", "--out", tmp_path / "c"
     )
     assert result.code == 1 and "unknown 'doremi'" in result.err and not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+def test_random_keeps_the_candidate_with_the_best_reference_loss(cli, tmp_path):
+    config = str(files("ideal") / "configs" / "demo-quick.yaml")
+    result = cli("compare", config, "--methods", "random,original", "--seeds", "1", "--random-candidates", "2",
+                 "--out", tmp_path / "c")  # fmt: skip
+    assert result.code == 0, result.err
+    document = json.loads((tmp_path / "c" / "compare.json").read_text())
+    entry = document["methods"]["random"]["runs"][0]
+    losses, totals = [], []
+    for k in range(2):
+        candidate = tmp_path / "c" / "random" / "seed-0" / f"candidate-{k}"
+        summary = json.loads((candidate / "summary.json").read_text())
+        losses.append(summary["rounds"][-1]["reference_loss_mean"])
+        totals.append(sum(summary["rounds"][-1]["volumes"].values()))
+    assert totals == [600, 600]  # the same budget as D0
+    assert entry["candidate"] == losses.index(min(losses))
+    assert abs(sum(entry["shares"].values()) - 1.0) < 1e-9
+    # original shares round 0 with random's first candidate
+    a = (
+        tmp_path
+        / "c"
+        / "random"
+        / "seed-0"
+        / "candidate-0"
+        / "round-0"
+        / "model"
+        / "model.safetensors"
+    )
+    b = tmp_path / "c" / "original" / "seed-0" / "round-0" / "model" / "model.safetensors"
+    assert a.read_bytes() == b.read_bytes()

@@ -64,3 +64,18 @@ def test_temperature_rule():
     assert TemperatureRule(1e9).propose(volumes, signals) == pytest.approx(
         {"a": 20.0, "b": 20.0}, rel=1e-6
     )  # uniform
+
+
+def test_random_mixtures_keep_the_total():
+    from ideal.rules import FixedRule, random_shares
+
+    rng = np.random.default_rng(0)
+    volumes = {"a": 100, "b": 50, "c": 250}
+    for _ in range(20):
+        shares = random_shares(sorted(volumes), rng)
+        assert [d for d, _ in shares] == ["a", "b", "c"] and all(s >= 0 for _, s in shares)
+        proposed = FixedRule(shares).propose(volumes, {})
+        assert sum(proposed.values()) == pytest.approx(400)
+        assert proposed["a"] / proposed["b"] == pytest.approx(dict(shares)["a"] / dict(shares)["b"])
+    with pytest.raises(IdealError, match="do not match the domains"):
+        FixedRule((("a", 1.0),)).propose(volumes, {})

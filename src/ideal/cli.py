@@ -137,15 +137,18 @@ def compare(
         Path,
         typer.Option("--out", help="Directory of the comparison (one run per method and seed)."),
     ] = Path("runs/compare"),
+    random_candidates: Annotated[
+        int,
+        typer.Option("--random-candidates", help="Random mixtures trained per seed for `random`."),
+    ] = 4,
 ) -> None:
     """Methods side by side at the same budget and recipe, over several seeds."""
     from ideal.compare import run_compare
     from ideal.config import load_config
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    document = run_compare(
-        load_config(config_file, overrides or []), chosen, list(range(seeds)), out_dir
-    )
+    config = load_config(config_file, overrides or [])
+    document = run_compare(config, chosen, list(range(seeds)), out_dir, random_candidates)
     table = Table(title=f"methods over {seeds} seed(s): final round, mean +- sd")
     for column in ("method", "mean accuracy", "worst accuracy", "mean reference loss", "compute s"):
         table.add_column(column, justify="left" if column == "method" else "right")

@@ -11,8 +11,10 @@ seed: it is trained once and copied into the others.
     first-order   the IDEAL rule with identity curvature (plain gradient dot products), all rounds
     ideal         the IDEAL rule with EK-FAC, all rounds
     ideal-kfac    the IDEAL rule with K-FAC, all rounds
+    random        K random mixtures on the simplex at the same total (`--random-candidates`), each
+                  trained; the one with the best reference objective is kept (its compute counts all K)
 
-Not yet here (issue 6): random mixtures, DoReMi, DoGE and the oracle grid.
+Not yet here (issue 6): DoReMi, DoGE and the oracle grid.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ideal.artifacts import atomic_write_json
 from ideal.config import RunConfig
 from ideal.errors import IdealError
 from ideal.loop import prepare_run, run_loop
+from ideal.rules import random_shares
 
 log = logging.getLogger("ideal")
 
@@ -39,6 +42,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "first-order": {"rule": "ideal", "curvature": "identity"},
     "ideal": {"rule": "ideal", "curvature": "ekfac"},
     "ideal-kfac": {"rule": "ideal", "curvature": "kfac"},
+    "random": {"rounds": 1, "rule": "fixed"},
 }
 
 
@@ -84,8 +88,53 @@ def _stats(values: list[float | None]) -> dict[str, float | None]:
     }
 
 
+def _domains(config: RunConfig) -> list[str]:
+    if config.suite is not None:
+        return sorted(d.name for d in config.suite.domains)
+    from ideal.data import load_domains
+
+    return sorted(load_domains(config.train_data or ""))
+
+
+def _seconds(summary: dict[str, Any], count_round_zero: bool = True) -> float:
+    rounds = summary["rounds"] if count_round_zero else summary["rounds"][1:]
+    return float(sum(v or 0.0 for r in rounds for v in r["seconds"].values()))
+
+
+def _run_one(config: RunConfig, run: Path, first: Path | None) -> dict[str, Any]:
+    """One run directory, its round 0 copied from `first` when given; returns its summary."""
+    if first is not None:
+        prepare_run(config, run, resume=True)
+        _share_round_zero(first, run)
+    return run_loop(config, run, resume=True)
+
+
+def _random_run(
+    config: RunConfig, seed: int, out: Path, first: Path | None, candidates: int
+) -> tuple[dict[str, Any], float]:
+    """K random mixtures, each trained; the best by final mean reference loss, and the total compute."""
+    rng = np.random.default_rng([seed, 4242])
+    best: dict[str, Any] | None = None
+    seconds = 0.0
+    for k in range(candidates):
+        shares = dict(random_shares(_domains(config), rng))
+        candidate = replace(config, update=replace(config.update, shares=shares))
+        summary = _run_one(candidate, out / f"candidate-{k}", first)
+        seconds += _seconds(summary, count_round_zero=k == 0)  # D0 is trained (or copied) once
+        first = first or out / f"candidate-{k}"
+        loss = summary["rounds"][-1]["reference_loss_mean"]
+        if best is None or loss < best["rounds"][-1]["reference_loss_mean"]:
+            best = {**summary, "candidate": k, "shares": shares}
+    assert best is not None
+    return best, seconds
+
+
 def run_compare(
-    config: RunConfig, methods: list[str], seeds: list[int], out: str | Path
+    config: RunConfig,
+    methods: list[str],
+    seeds: list[int],
+    out: str | Path,
+    random_candidates: int = 4,
 ) -> dict[str, Any]:
     """Run every (method, seed); write OUT/compare.json; returns it."""
     unknown = [m for m in methods if m not in METHODS]
@@ -93,6 +142,8 @@ def run_compare(
         raise IdealError(f"--methods: unknown '{unknown[0]}'; choose from {', '.join(METHODS)}")
     if not seeds:
         raise IdealError("--seeds must be at least 1")
+    if random_candidates < 1:
+        raise IdealError("--random-candidates must be at least 1")
     out = Path(out)
     results: dict[str, Any] = {}
     for method in methods:
@@ -100,20 +151,26 @@ def run_compare(
         for seed in seeds:
             run = out / method / f"seed-{seed}"
             config_k = method_config(config, method, seed)
-            first = out / methods[0] / f"seed-{seed}"
-            if method != methods[0]:
-                prepare_run(config_k, run, resume=True)
-                _share_round_zero(first, run)
+            first_run = out / methods[0] / f"seed-{seed}"  # round 0 is trained there, then shared
+            first = None if method == methods[0] else first_run
+            if first is not None and methods[0] == "random":
+                first = first_run / "candidate-0"
             log.info("compare: %s, seed %d", method, seed)
-            summary = run_loop(config_k, run, resume=True)
+            extra: dict[str, Any] = {}
+            if method == "random":
+                summary, seconds = _random_run(config_k, seed, run, first, random_candidates)
+                extra = {"candidate": summary["candidate"], "shares": summary["shares"]}
+            else:
+                summary = _run_one(config_k, run, first)
+                seconds = _seconds(summary)
             final = summary["rounds"][-1]
-            seconds = sum(v or 0.0 for r in summary["rounds"] for v in r["seconds"].values())
             runs.append(
                 {
                     "seed": seed,
                     "rounds": len(summary["rounds"]) - 1,
                     "final": final,
                     "seconds": seconds,
+                    **extra,
                 }
             )
         capabilities = list(runs[0]["final"]["test_accuracy"])

@@ -27,8 +27,9 @@ from ideal.train import TrainSettings
 
 @dataclass(frozen=True)
 class UpdateSettings:
-    rule: str = "ideal"  # ideal | uniform | temperature
+    rule: str = "ideal"  # ideal | uniform | temperature | fixed
     temperature: float = 2.0  # for rule = temperature: volumes ~ pool size ** (1 / T)
+    shares: dict[str, float] = field(default_factory=dict)  # for rule = fixed: domain -> share
     step: float = 0.15  # m: the largest relative change of a domain's volume per round
     max_repeats: int = 4
     min_examples: int = 1

@@ -36,7 +36,7 @@ from ideal.mixture import (
 )
 from ideal.mixture_io import TrainingSet, load_training_set, write_mixture_dir
 from ideal.reweight import update_mixture
-from ideal.rules import IdealRule, Rule, TemperatureRule, UniformRule
+from ideal.rules import FixedRule, IdealRule, Rule, TemperatureRule, UniformRule
 
 log = logging.getLogger("ideal")
 
@@ -117,6 +117,7 @@ def make_rule(config: RunConfig) -> Rule:
         "ideal": IdealRule(step=config.update.step),
         "uniform": UniformRule(),
         "temperature": TemperatureRule(config.update.temperature),
+        "fixed": FixedRule(tuple(sorted(config.update.shares.items()))),
     }
     if config.update.rule not in rules:
         raise IdealError(

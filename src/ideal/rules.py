@@ -112,3 +112,32 @@ class TemperatureRule:
         weights = {d: float(sizes[d]) ** (1.0 / self.temperature) for d in volumes}
         total, norm = sum(volumes.values()), sum(weights.values())
         return {d: total * w / norm for d, w in weights.items()}
+
+
+@dataclass(frozen=True)
+class FixedRule:
+    """Given volumes, rescaled to the current total (e.g. one random mixture on the simplex)."""
+
+    shares: tuple[tuple[str, float], ...]  # (domain, share); shares need not sum to 1
+    name: str = "fixed"
+    needs_influence: bool = False
+
+    def propose(self, volumes: Mapping[str, int], signals: Mapping[str, Any]) -> dict[str, float]:
+        shares = dict(self.shares)
+        if (
+            set(shares) != set(volumes)
+            or not all(v >= 0 for v in shares.values())
+            or sum(shares.values()) <= 0
+        ):
+            raise IdealError(
+                f"fixed mixture: shares {shares} do not match the domains {sorted(volumes)}"
+            )
+        total, norm = sum(volumes.values()), sum(shares.values())
+        return {d: total * shares[d] / norm for d in volumes}
+
+
+def random_shares(
+    domains: Sequence[str], rng: np.random.Generator
+) -> tuple[tuple[str, float], ...]:
+    """A uniformly random point of the simplex over the domains (Dirichlet(1, ..., 1))."""
+    return tuple(zip(domains, rng.dirichlet(np.ones(len(domains))).tolist(), strict=True))
