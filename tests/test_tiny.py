@@ -59,3 +59,10 @@ def test_loading_errors_are_clear(tmp_path):
 
 def test_tokenizer_without_template():
     assert not char_tokenizer(chat_template=False).chat_template
+
+
+def test_the_python_api_exports_resolve():
+    import ideal
+
+    for name in ideal.__all__:
+        assert callable(getattr(ideal, name)) or isinstance(getattr(ideal, name), type), name
