@@ -4,13 +4,14 @@ The Python API mirrors the command line (`ideal --help`); the CLI is a thin laye
 
     ideal run / demo      ideal.load_config, ideal.run_loop
     ideal influence       ideal.compute_influence, ideal.run_influence
-    ideal reweight        ideal.reweight
+    ideal reweight        ideal.reweight.reweight, ideal.update_mixture
     ideal train / eval    ideal.run_train, ideal.run_eval
     ideal compare         ideal.run_compare
     ideal export          ideal.export_mixture
     ideal report          ideal.write_report
 
-Names are imported on first use, so `import ideal` stays light (no torch until needed).
+Names are imported on first use, so `import ideal` stays light (no torch until needed). (`reweight`
+is not exported: `ideal.reweight` is the module of that name.)
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ _EXPORTS = {
     "resample": "ideal.mixture",
     "ideal_beta": "ideal.rules",
     "sensitivities": "ideal.rules",
-    "reweight": "ideal.reweight",
     "update_mixture": "ideal.reweight",
     "load_training_set": "ideal.mixture_io",
     "InfluenceSettings": "ideal.influence",
