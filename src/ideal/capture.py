@@ -50,13 +50,6 @@ def layer_shape(module: nn.Linear) -> tuple[int, int]:
     return module.out_features, module.in_features + (module.bias is not None)
 
 
-def layer_parameter(module: nn.Linear) -> torch.Tensor:
-    """The (out, in[+1]) matrix that statistics and gradients refer to: [W | b]."""
-    if module.bias is None:
-        return module.weight
-    return torch.cat([module.weight, module.bias.unsqueeze(1)], dim=1)
-
-
 class Capture:
     """Context manager that records inputs and output gradients of `layers`."""
 

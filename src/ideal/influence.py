@@ -41,6 +41,7 @@ from ideal.data import Tokenized
 from ideal.distributed import all_reduce_, all_reduce_float, rank, world_size
 from ideal.errors import IdealError
 from ideal.lm import Batch, collate, example_losses, position_ids, sample_labels, token_nll
+from ideal.rules import ideal_beta, sensitivities
 
 CURVATURES = ("ekfac", "kfac", "identity", "exact")
 EXACT_LIMIT = 8192  # parameters: the dense matrix has EXACT_LIMIT^2 float64 entries (0.5 GB)
@@ -499,8 +500,6 @@ def result_summary(
     step: float = 0.15,
 ) -> dict[str, Any]:
     """sensitivities dQ/dbeta_i and the default beta, for influence.json."""
-    from ideal.rules import ideal_beta, sensitivities
-
     weights = objective_weights(objective, result.references, sizes, result.reference_losses)
     alpha = sensitivities(result.scores, [volumes[d] for d in result.domains], weights, size_factor)
     beta = ideal_beta(alpha, step)
