@@ -79,3 +79,54 @@ def test_random_mixtures_keep_the_total():
         assert proposed["a"] / proposed["b"] == pytest.approx(dict(shares)["a"] / dict(shares)["b"])
     with pytest.raises(IdealError, match="do not match the domains"):
         FixedRule((("a", 1.0),)).propose(volumes, {})
+
+
+def test_doremi_step_by_hand():
+    from ideal.rules import doremi_step
+
+    alpha, excess = np.array([0.5, 0.25, 0.25]), np.array([0.0, np.log(2.0), 0.0])
+    # exp(eta lambda): [1, 2, 1] -> alpha' = [0.5, 0.5, 0.25] / 1.25 = [0.4, 0.4, 0.2]
+    assert doremi_step(alpha, excess, eta=1.0, smoothing=0.0) == pytest.approx([0.4, 0.4, 0.2])
+    # smoothing c = 0.1: 0.9 * [0.4, 0.4, 0.2] + 0.1 / 3
+    smoothed = doremi_step(alpha, excess, eta=1.0, smoothing=0.1)
+    assert smoothed == pytest.approx([0.36 + 0.1 / 3, 0.36 + 0.1 / 3, 0.18 + 0.1 / 3])
+    assert smoothed.sum() == pytest.approx(1.0)
+    # eta 2 squares the multiplier: [1, 4, 1] -> [0.5, 1, 0.25] / 1.75
+    assert doremi_step(alpha, excess, eta=2.0, smoothing=0.0) == pytest.approx(
+        [0.5 / 1.75, 1 / 1.75, 0.25 / 1.75]
+    )
+    # equal excess everywhere: weights unchanged (up to the smoothing)
+    assert doremi_step(alpha, [0.3, 0.3, 0.3], smoothing=0.0) == pytest.approx(alpha)
+
+
+def test_doge_step_by_hand_and_uniform_is_its_fixed_point_without_signal():
+    from ideal.rules import doge_step
+
+    alpha = np.array([0.25, 0.25, 0.5])
+    # W = [log 3, 0, 0] -> [0.75, 0.25, 0.5] / 1.5
+    assert doge_step(alpha, [np.log(3.0), 0.0, 0.0]) == pytest.approx([0.5, 1 / 6, 1 / 3])
+    # a domain whose gradient opposes the reference gradient loses weight
+    moved = doge_step(alpha, [0.0, -1.0, 0.0], eta=0.5)
+    assert moved[1] < alpha[1] and moved.sum() == pytest.approx(1.0)
+    assert doge_step(np.full(4, 0.25), np.zeros(4)) == pytest.approx(np.full(4, 0.25))
+
+
+def test_weight_updates_reject_bad_input():
+    from ideal.rules import doge_step, doremi_step
+
+    with pytest.raises(IdealError, match="sum to 1"):
+        doremi_step([0.5, 0.6], [0.0, 0.0])
+    with pytest.raises(IdealError, match="finite"):
+        doge_step([0.5, 0.5], [np.inf, 0.0])
+    with pytest.raises(IdealError, match="smoothing"):
+        doremi_step([0.5, 0.5], [0.0, 0.0], smoothing=2.0)
+
+
+def test_proxy_rule_turns_weights_into_volumes_at_the_same_total():
+    from ideal.rules import ProxyRule
+
+    volumes = {"a": 100, "b": 50, "c": 250}
+    weights = {"a": 0.5, "b": 0.25, "c": 0.25}
+    proposed = ProxyRule("doremi").propose(volumes, {"weights": weights})
+    assert proposed == pytest.approx({"a": 200.0, "b": 100.0, "c": 100.0})
+    assert ProxyRule("doge").name == "doge" and ProxyRule("doge").signal == "proxy"

@@ -13,8 +13,14 @@ seed: it is trained once and copied into the others.
     ideal-kfac    the IDEAL rule with K-FAC, all rounds
     random        K random mixtures on the simplex at the same total (`--random-candidates`), each
                   trained; the one with the best reference objective is kept (its compute counts all K)
-
-Not yet here (issue 6): DoReMi, DoGE and the oracle grid.
+    doremi        DoReMi adapted to SFT (`ideal.proxy`): a proxy run learns domain weights on the
+                  clipped excess loss over the D0 model; one update to those weights, then train
+    doge          DoGE adapted to SFT (`ideal.proxy`): a proxy run learns domain weights from the
+                  alignment of each domain's gradient with the reference gradient; same
+    oracle-grid   NOT a method: a grid of mixtures (D0, uniform, and every share vector with entries
+                  k_i / G, k_i >= 1, G = domains + 2 unless `--grid-resolution`), each trained and
+                  scored on the TEST sets; the best is the attainable upper bound the others are
+                  measured against (gap closure = (method - original) / (oracle - original))
 """
 
 from __future__ import annotations
@@ -43,7 +49,12 @@ METHODS: dict[str, dict[str, Any]] = {
     "ideal": {"rule": "ideal", "curvature": "ekfac"},
     "ideal-kfac": {"rule": "ideal", "curvature": "kfac"},
     "random": {"rounds": 1, "rule": "fixed"},
+    "doremi": {"rounds": 1, "rule": "doremi"},
+    "doge": {"rounds": 1, "rule": "doge"},
+    "oracle-grid": {"rounds": 1, "rule": "fixed"},
 }
+CANDIDATE_METHODS = ("random", "oracle-grid")  # several trained mixtures per seed, one kept
+GRID_LIMIT = 60  # mixtures per seed for oracle-grid
 
 
 def method_config(config: RunConfig, method: str, seed: int) -> RunConfig:
@@ -109,24 +120,98 @@ def _run_one(config: RunConfig, run: Path, first: Path | None) -> dict[str, Any]
     return run_loop(config, run, resume=True)
 
 
-def _random_run(
-    config: RunConfig, seed: int, out: Path, first: Path | None, candidates: int
-) -> tuple[dict[str, Any], float]:
-    """K random mixtures, each trained; the best by final mean reference loss, and the total compute."""
-    rng = np.random.default_rng([seed, 4242])
+def grid_shares(domains: list[str], resolution: int) -> list[dict[str, float]]:
+    """Every share vector k / G with integer k_i >= 1 summing to G (`resolution`), in a fixed order."""
+    count = len(domains)
+    if resolution < count:
+        raise IdealError(f"--grid-resolution must be >= the number of domains ({count})")
+    points: list[dict[str, float]] = []
+
+    def extend(prefix: list[int], left: int) -> None:
+        if len(prefix) == count - 1:
+            points.append(
+                {d: k / resolution for d, k in zip(domains, [*prefix, left], strict=True)}
+            )
+            return
+        for k in range(1, left - (count - len(prefix) - 1) + 1):
+            extend([*prefix, k], left - k)
+
+    extend([], resolution)
+    return points
+
+
+def oracle_candidates(
+    config: RunConfig, d0: dict[str, int], resolution: int | None
+) -> list[dict[str, float]]:
+    """Uniform, then the grid; D0 itself is round 0 of every candidate (not trained again), so
+    grid points equal to D0's shares or to uniform are dropped."""
+    domains = _domains(config)
+    total = sum(d0.values())
+    known = [{d: d0[d] / total for d in domains}]
+    points: list[dict[str, float]] = []
+    for p in [
+        {d: 1.0 / len(domains) for d in domains},
+        *grid_shares(domains, resolution or len(domains) + 2),
+    ]:
+        if all(max(abs(p[d] - q[d]) for d in domains) > 1e-9 for q in known):
+            points.append(p)
+            known.append(p)
+    if len(points) > GRID_LIMIT:
+        raise IdealError(
+            f"oracle-grid: {len(points)} mixtures per seed for {len(domains)} domains (limit "
+            f"{GRID_LIMIT}); lower --grid-resolution or compare on fewer domains"
+        )
+    return points
+
+
+def _candidates_run(
+    config: RunConfig,
+    out: Path,
+    first: Path | None,
+    shares_list: list[dict[str, float]],
+    score: str,
+) -> tuple[dict[str, Any], float, list[dict[str, Any]]]:
+    """Each candidate mixture trained (round 0 shared); the best by `score` of its final round.
+
+    score "reference_loss": lowest mean reference loss (a method may look at that);
+    score "test_accuracy": highest mean test accuracy (the oracle; never a method).
+    Returns the best run's summary (+ candidate, shares), the total compute, and every candidate.
+    """
     best: dict[str, Any] | None = None
-    seconds = 0.0
-    for k in range(candidates):
-        shares = dict(random_shares(_domains(config), rng))
+    seconds, table = 0.0, []
+    for k, shares in enumerate(shares_list):
         candidate = replace(config, update=replace(config.update, shares=shares))
         summary = _run_one(candidate, out / f"candidate-{k}", first)
         seconds += _seconds(summary, count_round_zero=k == 0)  # D0 is trained (or copied) once
         first = first or out / f"candidate-{k}"
-        loss = summary["rounds"][-1]["reference_loss_mean"]
-        if best is None or loss < best["rounds"][-1]["reference_loss_mean"]:
+        final = summary["rounds"][-1]
+        table.append(
+            {
+                "candidate": k,
+                "shares": shares,
+                "test_accuracy_mean": final["test_accuracy_mean"],
+                "reference_loss_mean": final["reference_loss_mean"],
+            }
+        )
+        if best is None or _better(final, best["rounds"][-1], score):
             best = {**summary, "candidate": k, "shares": shares}
+        if k == 0 and score == "test_accuracy":  # round 0 (D0 itself) is a candidate too
+            zero = summary["rounds"][0]
+            if _better(zero, best["rounds"][-1], score):
+                best = {
+                    **summary,
+                    "rounds": summary["rounds"][:1],
+                    "candidate": "D0",
+                    "shares": None,
+                }
     assert best is not None
-    return best, seconds
+    return best, seconds, table
+
+
+def _better(a: dict[str, Any], b: dict[str, Any], score: str) -> bool:
+    if score == "reference_loss":
+        return a["reference_loss_mean"] < b["reference_loss_mean"]
+    return (a["test_accuracy_mean"] or 0.0) > (b["test_accuracy_mean"] or 0.0)
 
 
 def run_compare(
@@ -135,8 +220,9 @@ def run_compare(
     seeds: list[int],
     out: str | Path,
     random_candidates: int = 4,
+    grid_resolution: int | None = None,
 ) -> dict[str, Any]:
-    """Run every (method, seed); write OUT/compare.json; returns it."""
+    """Run every (method, seed); write OUT/compare.json and OUT/compare.html; returns the document."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise IdealError(f"--methods: unknown '{unknown[0]}'; choose from {', '.join(METHODS)}")
@@ -153,13 +239,25 @@ def run_compare(
             config_k = method_config(config, method, seed)
             first_run = out / methods[0] / f"seed-{seed}"  # round 0 is trained there, then shared
             first = None if method == methods[0] else first_run
-            if first is not None and methods[0] == "random":
+            if first is not None and methods[0] in CANDIDATE_METHODS:
                 first = first_run / "candidate-0"
             log.info("compare: %s, seed %d", method, seed)
             extra: dict[str, Any] = {}
-            if method == "random":
-                summary, seconds = _random_run(config_k, seed, run, first, random_candidates)
+            if method in CANDIDATE_METHODS:
+                if method == "random":
+                    rng = np.random.default_rng([seed, 4242])
+                    shares_list = [
+                        dict(random_shares(_domains(config), rng)) for _ in range(random_candidates)
+                    ]
+                else:
+                    shares_list = oracle_candidates(
+                        config, _d0_volumes(config_k, run, first), grid_resolution
+                    )
+                score = "reference_loss" if method == "random" else "test_accuracy"
+                summary, seconds, table = _candidates_run(config_k, run, first, shares_list, score)
                 extra = {"candidate": summary["candidate"], "shares": summary["shares"]}
+                if method == "oracle-grid":
+                    extra["grid"] = table
             else:
                 summary = _run_one(config_k, run, first)
                 seconds = _seconds(summary)
@@ -185,5 +283,52 @@ def run_compare(
             "seconds": _stats([r["seconds"] for r in runs]),
         }
     document = {"methods": results, "seeds": seeds, "config_hash": config.hash()}
+    document["gap_closure"] = gap_closure(results)
     atomic_write_json(out / "compare.json", document)
+    from ideal.compare_report import write_compare_report
+
+    write_compare_report(out, document)
     return document
+
+
+def gap_closure(results: dict[str, Any]) -> dict[str, Any] | None:
+    """(method - original) / (oracle - original) of mean test accuracy, per seed then averaged.
+
+    Needs `original` and `oracle-grid` in the comparison; None otherwise."""
+    if "original" not in results or "oracle-grid" not in results:
+        return None
+
+    def by_seed(method: str) -> dict[int, float]:
+        return {r["seed"]: r["final"]["test_accuracy_mean"] for r in results[method]["runs"]}
+
+    original, oracle = by_seed("original"), by_seed("oracle-grid")
+    closure: dict[str, Any] = {}
+    for method in results:
+        if method in ("original", "oracle-grid"):
+            continue
+        values = by_seed(method)
+        seeds = sorted(values)  # the seeds every method ran
+        method_mean, base, top = (
+            float(np.mean([d[s] for s in seeds])) for d in (values, original, oracle)
+        )
+        gap = top - base
+        closure[method] = {
+            "closure": (method_mean - base) / gap if gap > 0 else None,
+            "oracle_minus_original": gap,
+        }
+    return closure
+
+
+def _d0_volumes(config: RunConfig, run: Path, first: Path | None) -> dict[str, int]:
+    """D0's volumes (from round 0 of an earlier method's run, or computed as the loop would)."""
+    source = first or run / "candidate-0"
+    mixture = source / "round-0" / "mixture.json"
+    if mixture.is_file():
+        from ideal.artifacts import read_json
+
+        return {d: e["volume"] for d, e in read_json(mixture)["domains"].items()}
+    if config.suite is not None:
+        return {spec.name: spec.volume for spec in config.suite.domains}
+    from ideal.data import load_domains
+
+    return {d: len(p.examples) for d, p in load_domains(config.train_data or "").items()}

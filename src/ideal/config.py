@@ -27,7 +27,7 @@ from ideal.train import TrainSettings
 
 @dataclass(frozen=True)
 class UpdateSettings:
-    rule: str = "ideal"  # ideal | uniform | temperature | fixed
+    rule: str = "ideal"  # ideal | uniform | temperature | fixed | doremi | doge
     temperature: float = 2.0  # for rule = temperature: volumes ~ pool size ** (1 / T)
     shares: dict[str, float] = field(default_factory=dict)  # for rule = fixed: domain -> share
     step: float = 0.15  # m: the largest relative change of a domain's volume per round
@@ -36,6 +36,9 @@ class UpdateSettings:
     keep_total: bool = True
     size_factor: bool = True
     objective: str = "mean"  # mean | pooled | worst
+    proxy_steps: int | None = None  # doremi/doge: proxy run steps (None: the training's steps)
+    proxy_eta: float = 1.0  # doremi/doge: step size of the domain-weight update
+    proxy_smoothing: float = 1e-3  # doremi: smoothing toward uniform (the paper's c)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@
     RUN/round-K/model/         the SFT model of round K, trained from the base model
     RUN/round-K/metrics.json   reference loss, test loss and accuracy per capability; mean; worst
     RUN/round-K/influence.json influence of round K's model (+ .csv, .png); drives round K+1
+    RUN/round-K/proxy.json     rules doremi/doge instead: the proxy run's domain weights (+ .png)
     RUN/summary.json           one entry per round (SPEC.md), predicted vs realised change
     RUN/report.html            plots and tables (ideal.report)
 
@@ -36,7 +37,7 @@ from ideal.mixture import (
 )
 from ideal.mixture_io import TrainingSet, load_training_set, write_mixture_dir
 from ideal.reweight import update_mixture
-from ideal.rules import FixedRule, IdealRule, Rule, TemperatureRule, UniformRule
+from ideal.rules import FixedRule, IdealRule, ProxyRule, Rule, TemperatureRule, UniformRule
 
 log = logging.getLogger("ideal")
 
@@ -118,6 +119,8 @@ def make_rule(config: RunConfig) -> Rule:
         "uniform": UniformRule(),
         "temperature": TemperatureRule(config.update.temperature),
         "fixed": FixedRule(tuple(sorted(config.update.shares.items()))),
+        "doremi": ProxyRule("doremi"),
+        "doge": ProxyRule("doge"),
     }
     if config.update.rule not in rules:
         raise IdealError(
@@ -220,7 +223,11 @@ def run_loop(config: RunConfig, run_dir: str | Path, resume: bool = False) -> di
             atomic_write_json(here / "metrics.json", evaluate_round(config, paths, model_dir))
         if k >= config.rounds:
             break
-        if make_rule(config).needs_influence and not (here / "influence.json").is_file():
+        rule = make_rule(config)
+        if rule.signal == "proxy" and not (here / "proxy.json").is_file():
+            log.info("round %d: proxy run (%s)", k, rule.name)
+            write_proxy_files(here, proxy_round(config, paths, here, model_dir))
+        if rule.signal == "influence" and not (here / "influence.json").is_file():
             log.info("round %d: influence", k)
             result, document = compute_influence(
                 model_dir,
@@ -237,9 +244,7 @@ def run_loop(config: RunConfig, run_dir: str | Path, resume: bool = False) -> di
         following = paths.round(k + 1)
         if not (following / "mixture.json").is_file():
             training = load_training_set(here)
-            signals = (
-                read_json(here / "influence.json") if make_rule(config).needs_influence else {}
-            )
+            signals = read_json(here / f"{rule.signal}.json") if rule.signal != "none" else {}
             mixture, update = next_mixture(config, training, signals)
             if max(abs(b) for b in update["beta_realised"].values()) < config.tolerance:
                 log.info(
@@ -260,6 +265,84 @@ def run_loop(config: RunConfig, run_dir: str | Path, resume: bool = False) -> di
     return summary
 
 
+def proxy_round(config: RunConfig, paths: RunPaths, here: Path, model_dir: Path) -> dict[str, Any]:
+    """proxy.json of round K for DoReMi / DoGE (`ideal.proxy`): a proxy fine-tuned from the base
+    model learns domain weights over the round's pools; DoReMi's reference model is round K's model."""
+    import torch
+
+    from ideal.data import load_domains, tokenize_examples
+    from ideal.hf import load_causal_lm, load_tokenizer
+    from ideal.progress import StepBar
+    from ideal.proxy import ProxySettings, learn_domain_weights, proxy_document
+    from ideal.train import wrap_lora
+
+    start = time.perf_counter()
+    method = make_rule(config).name
+    train = config.train
+    training = load_training_set(here)
+    tokenizer = load_tokenizer(paths.base)
+    domains = {
+        d: tokenize_examples(pool.examples, tokenizer, config.max_length)[0]
+        for d, pool in training.pool.items()
+    }
+    volume = sum(training.mixture.volumes.values())
+    settings = ProxySettings(
+        method=method,
+        steps=config.update.proxy_steps or train.total_steps(volume),
+        lr=train.lr,
+        batch_size=train.examples_per_step,
+        warmup_ratio=train.warmup_ratio,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        eta=config.update.proxy_eta,
+        smoothing=config.update.proxy_smoothing,
+        seed=config.seed,
+    )
+    if train.threads:
+        torch.set_num_threads(train.threads)
+    torch.manual_seed(config.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_causal_lm(paths.base, dtype=torch.float32)
+    if train.lora:
+        model = wrap_lora(model, train)
+    model.to(device)
+    reference_model, references = None, None
+    if method == "doremi":
+        reference_model = load_causal_lm(model_dir, dtype=torch.float32).to(device)
+    else:
+        references = {
+            c: tokenize_examples(d.examples, tokenizer, config.max_length)[0]
+            for c, d in load_domains(paths.reference).items()
+        }
+    with StepBar(settings.steps, f"proxy run ({method})") as bar:
+        result = learn_domain_weights(
+            model,
+            domains,
+            settings,
+            tokenizer.pad_token_id,
+            reference_model,
+            references,
+            on_step=lambda step, _: bar.update(step),
+        )
+    document = proxy_document(result, settings)
+    document["seconds"] = {"proxy_training": result.seconds, "total": time.perf_counter() - start}
+    return document
+
+
+def write_proxy_files(here: Path, document: dict[str, Any]) -> None:
+    """proxy.json and proxy.png (domain weights along the proxy run)."""
+    from ideal.plots import weights_plot
+
+    history = document["history"]
+    weights_plot(
+        [h["step"] for h in history],
+        {d: [h["alpha"][d] for h in history] for d in document["domains"]},
+        here / "proxy.png",
+        f"{document['method']}: domain weights along the proxy run (average is used)",
+    )
+    atomic_write_json(here / "proxy.json", document)
+
+
 def _train_settings(config: RunConfig):
     from dataclasses import replace
 
@@ -278,6 +361,9 @@ def summarise_run(run: Path) -> dict[str, Any]:
         influence_seconds = None
         if (here / "influence.json").is_file():
             influence_seconds = read_json(here / "influence.json")["seconds"]["total"]
+        extra_seconds = {}
+        if (here / "proxy.json").is_file():  # DoReMi / DoGE: the proxy run is their signal's cost
+            extra_seconds["proxy"] = read_json(here / "proxy.json")["seconds"]["total"]
         predicted = None
         previous = run / f"round-{k - 1}" / "influence.json"
         if k > 0 and previous.is_file():
@@ -303,6 +389,7 @@ def summarise_run(run: Path) -> dict[str, Any]:
                     "train": train_settings.get("seconds"),
                     "influence": influence_seconds,
                     "eval": metrics["seconds"],
+                    **extra_seconds,
                 },
             }
         )

@@ -43,6 +43,22 @@ def influence_heatmap(
     return save_figure(fig, path)
 
 
+def weights_plot(
+    steps: Sequence[int], weights: dict[str, Sequence[float]], path: str | Path, title: str
+) -> Path:
+    """Domain weights along a proxy run (one line per domain), with the uniform level dotted."""
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    for domain, values in weights.items():
+        ax.plot(steps, values, label=domain)
+    ax.axhline(1.0 / max(1, len(weights)), color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("proxy step")
+    ax.set_ylabel("domain weight")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def save_figure(fig: plt.Figure, path: str | Path) -> Path:
     """Save as PNG through a temporary file and a rename (never a half-written image)."""
     path = Path(path)

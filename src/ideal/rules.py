@@ -7,8 +7,15 @@ s_ji > 0 means "training more on domain i is predicted to LOWER the loss on refe
     beta       = -m * alpha / max_i |alpha_i|         (alpha = dQ/dbeta; the largest change is m)
     n_i       <- n_i * (1 + beta_i)                   (then constraints, in `ideal.mixture`)
 
-A rule is a small object with a name, the signals it needs, and `propose`. Rules that need no
-influence let the loop skip that step.
+A rule is a small object with a name, the signal it needs, and `propose`: "influence" (the
+influence step), "proxy" (a proxy run that learns domain weights online: DoReMi, DoGE) or "none", so
+rules that need no influence let the loop skip that step.
+
+DoReMi (Xie et al., 2023) and DoGE (Fan et al., 2024) learn domain weights alpha on the simplex while a
+proxy model trains; the per-step updates are pure functions here, the proxy run is `ideal.proxy`:
+
+    DoReMi   alpha <- (1 - c) softmax(log alpha + eta * lambda) + c / k     lambda: clipped excess loss
+    DoGE     alpha <- softmax(log alpha + eta * W)                           W: gradient alignment
 """
 
 from __future__ import annotations
@@ -63,7 +70,7 @@ class Rule(Protocol):
     """Requested (real-valued) volumes for the next round; constraints are applied afterwards."""
 
     name: str
-    needs_influence: bool
+    signal: str  # "influence" | "proxy" | "none": what `propose` reads from `signals`
 
     def propose(
         self, volumes: Mapping[str, int], signals: Mapping[str, Any]
@@ -76,7 +83,7 @@ class IdealRule:
 
     step: float = 0.15
     name: str = "ideal"
-    needs_influence: bool = True
+    signal: str = "influence"
 
     def propose(self, volumes: Mapping[str, int], signals: Mapping[str, Any]) -> dict[str, float]:
         sensitivity = signals["sensitivity"]
@@ -90,7 +97,7 @@ class UniformRule:
     """The same volume for every domain, at the same total."""
 
     name: str = "uniform"
-    needs_influence: bool = False
+    signal: str = "none"
 
     def propose(self, volumes: Mapping[str, int], signals: Mapping[str, Any]) -> dict[str, float]:
         total = sum(volumes.values())
@@ -103,7 +110,7 @@ class TemperatureRule:
 
     temperature: float = 2.0
     name: str = "temperature"
-    needs_influence: bool = False
+    signal: str = "none"
 
     def propose(self, volumes: Mapping[str, int], signals: Mapping[str, Any]) -> dict[str, float]:
         if not self.temperature > 0:
@@ -120,7 +127,7 @@ class FixedRule:
 
     shares: tuple[tuple[str, float], ...]  # (domain, share); shares need not sum to 1
     name: str = "fixed"
-    needs_influence: bool = False
+    signal: str = "none"
 
     def propose(self, volumes: Mapping[str, int], signals: Mapping[str, Any]) -> dict[str, float]:
         shares = dict(self.shares)
@@ -141,3 +148,52 @@ def random_shares(
 ) -> tuple[tuple[str, float], ...]:
     """A uniformly random point of the simplex over the domains (Dirichlet(1, ..., 1))."""
     return tuple(zip(domains, rng.dirichlet(np.ones(len(domains))).tolist(), strict=True))
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max())
+    return shifted / shifted.sum()
+
+
+def _check_weights(alpha: Sequence[float], signal: Sequence[float], what: str) -> tuple:
+    a, x = np.asarray(alpha, dtype=np.float64), np.asarray(signal, dtype=np.float64)
+    if a.shape != x.shape or a.ndim != 1 or not np.all(a > 0) or abs(a.sum() - 1.0) > 1e-9:
+        raise IdealError(f"domain weights must be positive and sum to 1, got {a.tolist()}")
+    if not np.all(np.isfinite(x)):
+        raise IdealError(f"{what} must be finite, got {x.tolist()}")
+    return a, x
+
+
+def doremi_step(
+    alpha: Sequence[float], excess: Sequence[float], eta: float = 1.0, smoothing: float = 1e-3
+) -> np.ndarray:
+    """One DoReMi update (Xie et al. 2023, Algorithm 1): exponentiated gradient on the per-domain
+    clipped excess loss lambda_i, renormalised, then smoothed toward uniform by `smoothing` (c)."""
+    a, x = _check_weights(alpha, excess, "excess losses")
+    if not 0.0 <= smoothing <= 1.0:
+        raise IdealError(f"DoReMi smoothing must be in [0, 1], got {smoothing}")
+    return (1.0 - smoothing) * _softmax(np.log(a) + eta * x) + smoothing / len(a)
+
+
+def doge_step(alpha: Sequence[float], alignment: Sequence[float], eta: float = 1.0) -> np.ndarray:
+    """One DoGE update (Fan et al. 2024): mirror descent (multiplicative weights) on the simplex,
+    each domain's weight moved by eta x W_i, W_i the first-order decrease of the target (reference)
+    loss from a step on domain i (its gradient's alignment with the reference gradient)."""
+    a, x = _check_weights(alpha, alignment, "alignments")
+    return _softmax(np.log(a) + eta * x)
+
+
+@dataclass(frozen=True)
+class ProxyRule:
+    """Volumes from the average domain weights of a proxy run (`signals["weights"]`), same total."""
+
+    method: str  # doremi | doge
+    signal: str = "proxy"
+
+    @property
+    def name(self) -> str:
+        return self.method
+
+    def propose(self, volumes: Mapping[str, int], signals: Mapping[str, Any]) -> dict[str, float]:
+        weights = signals["weights"]
+        return FixedRule(tuple((d, float(weights[d])) for d in volumes)).propose(volumes, {})

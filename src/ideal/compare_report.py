@@ -1,0 +1,109 @@
+"""The comparison report: `compare.html` and `compare.png` (mean test accuracy vs compute).
+
+Made from compare.json only. The table has, per method, each capability's final test accuracy
+(mean +- sd over seeds), the mean, the worst capability, the mean reference loss, the compute in
+seconds per seed (training, influence, proxy runs, evaluation; candidates of `random` and
+`oracle-grid` all counted), and IDEAL-style gap closure against the oracle grid when both
+`original` and `oracle-grid` were run.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ideal.artifacts import atomic_write_text  # noqa: E402
+from ideal.plots import save_figure  # noqa: E402
+
+
+def _cell(stat: dict[str, Any] | None) -> str:
+    if not stat or stat.get("mean") is None:
+        return ""
+    return f"{stat['mean']:.3f} &plusmn; {stat['std']:.3f}"
+
+
+def accuracy_vs_compute_plot(document: dict[str, Any], path: Path) -> Path:
+    """One point per method: mean seconds per seed (x, log) vs mean test accuracy (y), +- sd bars."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method, entry in document["methods"].items():
+        accuracy, seconds = entry["test_accuracy_mean"], entry["seconds"]
+        if accuracy["mean"] is None:
+            continue
+        marker = "*" if method == "oracle-grid" else "o"
+        ax.errorbar(
+            seconds["mean"],
+            accuracy["mean"],
+            yerr=accuracy["std"],
+            xerr=seconds["std"],
+            fmt=marker,
+            markersize=10 if marker == "*" else 6,
+            capsize=3,
+            label=method,
+        )
+        ax.annotate(method, (seconds["mean"], accuracy["mean"]), fontsize=8,
+                    xytext=(5, 4), textcoords="offset points")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("compute per seed (s, log scale)")
+    ax.set_ylabel("mean test accuracy (final round)")
+    ax.set_title(f"accuracy vs compute, {len(document['seeds'])} seed(s), mean +- sd", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def write_compare_report(out: str | Path, document: dict[str, Any]) -> Path:
+    out = Path(out)
+    plot = accuracy_vs_compute_plot(document, out / "compare.png")
+    methods = document["methods"]
+    capabilities = list(next(iter(methods.values()))["per_capability"]) if methods else []
+    closure = document.get("gap_closure") or {}
+    header = ["method", *capabilities, "mean", "worst", "mean ref. loss", "compute s / seed"]
+    if closure:
+        header.append("gap closure")
+    rows = []
+    for method, entry in methods.items():
+        cells = [html.escape(method)]
+        cells += [_cell(entry["per_capability"][c]) for c in capabilities]
+        cells += [
+            _cell(entry[k])
+            for k in ("test_accuracy_mean", "test_accuracy_worst", "reference_loss_mean")
+        ]
+        cells.append(f"{entry['seconds']['mean']:.0f}")
+        if closure:
+            value = (closure.get(method) or {}).get("closure")
+            cells.append("" if value is None else f"{100 * value:.0f} %")
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    note = (
+        "<p><b>oracle-grid</b> is not a method: it picks, per seed, the grid mixture with the best "
+        "TEST accuracy, so it is an optimistic upper bound. Gap closure = (method - original) / "
+        "(oracle - original) of mean test accuracy.</p>"
+        if "oracle-grid" in methods
+        else ""
+    )
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>ideal compare</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 1200px; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 14px; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
+th {{ background: #f3f3f3; }} td:first-child {{ text-align: left; }}
+img {{ max-width: 640px; }}
+</style></head><body>
+<h1>Methods side by side</h1>
+<p>Final round of every method, test accuracy mean &plusmn; sd over seeds {html.escape(str(document["seeds"]))};
+same total volume and training recipe for all; each (method, seed) is a run directory with its own
+report under <code>&lt;method&gt;/seed-&lt;s&gt;/</code>.</p>
+<table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>
+{note}
+<figure><img src="{html.escape(plot.name)}" alt="accuracy vs compute"></figure>
+</body></html>
+"""
+    atomic_write_text(out / "compare.html", page)
+    return out / "compare.html"
