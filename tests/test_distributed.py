@@ -96,3 +96,12 @@ def test_two_processes_train_like_one(tmp_path):
     )
     for name in wa:
         np.testing.assert_allclose(wb[name].numpy(), wa[name].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_eigendecompositions_are_spread_by_cost():
+    from ideal.distributed import owners
+
+    # largest first, each to the least loaded process
+    assert owners([8.0, 1.0, 1.0, 1.0, 7.0], 2) == [0, 1, 1, 0, 1]
+    assert owners([1.0, 1.0, 1.0], 1) == [0, 0, 0]
+    assert sorted(owners([5.0] * 4, 4)) == [0, 1, 2, 3]

@@ -98,6 +98,14 @@ def test_options_change_what_they_say(cli, workspace, tmp_path):
     assert doc["sampled_weight"] == {"add": 9.0, "mul": 7.0, "sub": 5.0}
     worst = max(doc["reference_loss"], key=doc["reference_loss"].get)
     assert doc["objective"]["weights"][worst] == 1.0
+    # where the sums live changes nothing in the result (on this CPU machine, the same memory)
+    on_device = run(cli, workspace, tmp_path / "d", "--curvature", "kfac", "--fisher", "empirical", "--layers",
+                    "*.down_proj", "--damping-abs", "0.01", "--sample", "1.0", "--objective", "worst",
+                    "--model", workspace / "qwen2", "--factors", "device")  # fmt: skip
+    assert on_device.code == 0, on_device.err
+    moved = json.loads((tmp_path / "d" / "influence.json").read_text())
+    assert moved["settings"]["factors"] == "device" and doc["settings"]["factors"] == "cpu"
+    np.testing.assert_allclose(moved["scores"], doc["scores"], rtol=1e-12)
 
 
 def test_lora_model_uses_the_adapter_weights(cli, workspace, tmp_path):
@@ -138,4 +146,7 @@ def test_user_errors_are_one_line_and_write_nothing(cli, workspace, tmp_path):
     )
     assert_one_line_error(run(cli, workspace, out, "--curvature", "exact"), "above the limit")
     assert_one_line_error(run(cli, workspace, out, "--sample", "0"), "--sample must be in (0, 1]")
+    assert_one_line_error(
+        run(cli, workspace, out, "--factors", "gpu"), "--factors must be cpu or device"
+    )
     assert not out.exists()

@@ -409,6 +409,14 @@ def influence(
             help="Multiply domain i's sensitivity by n_i/N (METHOD.md).",
         ),
     ] = True,
+    factors: Annotated[
+        str,
+        typer.Option(
+            "--factors",
+            help="Where covariances, eigenbases and gradient sums live: cpu (default; the device "
+            "holds only the model and a batch) or device (no transfers, more device memory).",
+        ),
+    ] = "cpu",
     plan: Annotated[
         bool,
         typer.Option(
@@ -436,6 +444,7 @@ def influence(
         batch_size=batch_size,
         seed=seed,
         fisher_samples=fisher_samples,
+        factors=factors,
     )
     patterns = [p for p in layers.split(",") if p.strip()] if layers else None
     result, document = run_influence(

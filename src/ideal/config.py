@@ -51,10 +51,18 @@ class InfluenceConfig:
     sample: float = 0.5
     layers: tuple[str, ...] | None = None
     batch_size: int = 16
+    factors: str = "cpu"  # where the factors and sums live: cpu | device
 
     def settings(self, seed: int) -> InfluenceSettings:
         return InfluenceSettings(
-            self.curvature, self.damping, self.damping_abs, self.fisher, self.batch_size, seed
+            curvature=self.curvature,
+            damping=self.damping,
+            damping_abs=self.damping_abs,
+            fisher=self.fisher,
+            batch_size=self.batch_size,
+            seed=seed,
+            fisher_samples=self.fisher_samples,
+            factors=self.factors,
         )
 
 

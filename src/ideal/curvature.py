@@ -26,6 +26,7 @@ Damping lambda is `damping * mean(Lambda)` per layer (relative, default 0.1), or
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -42,8 +43,13 @@ class LayerStats:
     examples: float = 0.0  # sum of w
 
     @classmethod
-    def zeros(cls, d_in: int, d_out: int, dtype: torch.dtype = torch.float64) -> LayerStats:
-        return cls(torch.zeros(d_in, d_in, dtype=dtype), torch.zeros(d_out, d_out, dtype=dtype))
+    def zeros(
+        cls, d_in: int, d_out: int, dtype: torch.dtype = torch.float64, device: Any = None
+    ) -> LayerStats:
+        return cls(
+            torch.zeros(d_in, d_in, dtype=dtype, device=device),
+            torch.zeros(d_out, d_out, dtype=dtype, device=device),
+        )
 
     def add(self, other: LayerStats) -> None:
         self.a_sum += other.a_sum

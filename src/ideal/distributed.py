@@ -32,11 +32,43 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def _through_backend(tensor: torch.Tensor, op) -> torch.Tensor:
+    """Run a collective on `tensor` in place; NCCL only takes device tensors, so a CPU tensor (the
+    influence factors kept on CPU) makes a round trip through the device."""
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        moved = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        op(moved)
+        tensor.copy_(moved.cpu())
+    else:
+        op(tensor)
+    return tensor
+
+
 def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
     """Sum `tensor` over processes, in place (a float64 CPU tensor travels as is with gloo)."""
     if world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        _through_backend(tensor, lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM))
     return tensor
+
+
+def broadcast_(tensor: torch.Tensor, source: int) -> torch.Tensor:
+    """Overwrite `tensor` on every process with process `source`'s, in place (contiguous only)."""
+    if not tensor.is_contiguous():
+        raise ValueError("broadcast_ needs a contiguous tensor")
+    if world_size() > 1:
+        _through_backend(tensor, lambda t: dist.broadcast(t, src=source))
+    return tensor
+
+
+def owners(costs: list[float], world: int) -> list[int]:
+    """Which process computes each job: largest first, each to the least loaded (deterministic)."""
+    load = [0.0] * world
+    owner = [0] * len(costs)
+    for job in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        chosen = min(range(world), key=lambda r: (load[r], r))
+        owner[job] = chosen
+        load[chosen] += costs[job]
+    return owner
 
 
 def all_reduce_float(value: float) -> float:

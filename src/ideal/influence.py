@@ -38,7 +38,7 @@ from ideal.curvature import (
     layer_stats,
 )
 from ideal.data import Tokenized
-from ideal.distributed import all_reduce_, all_reduce_float, rank, world_size
+from ideal.distributed import all_reduce_, all_reduce_float, broadcast_, owners, rank, world_size
 from ideal.errors import IdealError
 from ideal.lm import Batch, collate, example_losses, position_ids, sample_labels, token_nll
 from ideal.rules import ideal_beta, sensitivities
@@ -66,6 +66,7 @@ class InfluenceSettings:
     fisher_samples: int = (
         1  # label draws per example for the sampled Fisher (less Monte Carlo noise)
     )
+    factors: str = "cpu"  # where the running sums live: cpu (device memory for the model) | device
 
     def __post_init__(self) -> None:
         if self.curvature not in CURVATURES:
@@ -80,6 +81,8 @@ class InfluenceSettings:
             raise IdealError(f"--damping-abs must be >= 0, got {self.damping_abs}")
         if self.fisher_samples < 1:
             raise IdealError(f"--fisher-samples must be >= 1, got {self.fisher_samples}")
+        if self.factors not in ("cpu", "device"):
+            raise IdealError(f"--factors must be cpu or device, got {self.factors!r}")
         if self.batch_size < 1:
             raise IdealError(f"--batch-size must be >= 1, got {self.batch_size}")
 
@@ -181,6 +184,9 @@ class InfluenceEngine:
         self.progress = progress
         self.params = [p for m in layers.values() for p in m.parameters(recurse=False)]
         self.device = next(model.parameters()).device
+        # the running sums (covariances, gradient sums, corrections): on CPU by default, so the
+        # device holds only the model and one batch; `factors="device"` avoids the transfers
+        self.store = self.device if settings.factors == "device" else torch.device("cpu")
 
     def _fisher_labels(self, logits: torch.Tensor, batch: Batch, draw: int) -> torch.Tensor:
         """Labels of the curvature's backward pass. Both passes draw the SAME labels per example
@@ -196,10 +202,16 @@ class InfluenceEngine:
     ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, LayerStats]]:
         """Pass 1: per-domain mean gradients and (for kfac/ekfac) covariance sums, together."""
         need_stats = self.settings.curvature in ("kfac", "ekfac")
-        stats = {n: LayerStats.zeros(*reversed(layer_shape(m))) for n, m in self.layers.items()}
+        stats = {
+            n: LayerStats.zeros(*reversed(layer_shape(m)), device=self.store)
+            for n, m in self.layers.items()
+        }
         grads: dict[str, dict[str, torch.Tensor]] = {}
         batches = _keyed_batches(data, self.settings.batch_size, self.pad_id)
-        sums = {d: {n: torch.zeros(layer_shape(m)) for n, m in self.layers.items()} for d in data}
+        sums = {
+            d: {n: torch.zeros(layer_shape(m), device=self.store) for n, m in self.layers.items()}
+            for d in data
+        }
         with Capture(self.layers) as cap:
             for domain, batch in self.progress(
                 batches, len(batches), "pass 1/2: factors + domain gradients"
@@ -210,7 +222,7 @@ class InfluenceEngine:
                 sampled = need_stats and self.settings.fisher == "sampled"
                 cap.backward((losses * batch.weights).sum(), retain_graph=sampled)
                 for name in self.layers:
-                    sums[domain][name] += _batch_gradient(cap, name).cpu()
+                    sums[domain][name] += _batch_gradient(cap, name).to(self.store)
                 if not need_stats:
                     continue
                 targets = batch.targets.float()
@@ -228,7 +240,9 @@ class InfluenceEngine:
                         g = cap.grads[name] * scale.view(-1, 1, 1)
                         mask = batch.attention_mask
                         stats[name].add(
-                            _to_cpu(layer_stats(cap.inputs[name], g, mask, targets, weights))
+                            _moved(
+                                layer_stats(cap.inputs[name], g, mask, targets, weights), self.store
+                            )
                         )
         for domain, ws in data.items():  # sums over every process's shard, then the means
             total = all_reduce_float(float(sum(ws.weights)))
@@ -244,7 +258,7 @@ class InfluenceEngine:
         self, data: dict[str, WeightedSet], eigens: dict[str, Eigen]
     ) -> dict[str, torch.Tensor]:
         """Pass 2 (EK-FAC): eigenvalues of G in the K-FAC eigenbasis, from per-example gradients."""
-        sums = {n: torch.zeros_like(e.eigenvalues) for n, e in eigens.items()}
+        sums = {n: torch.zeros_like(e.eigenvalues, device=self.store) for n, e in eigens.items()}
         weight_total = 0.0
         batches = [b for _, b in _keyed_batches(data, self.settings.batch_size, self.pad_id)]
         on_device = {
@@ -271,7 +285,7 @@ class InfluenceEngine:
                             on_device[name],
                             self.settings.chunk,
                         )
-                        sums[name] += part.cpu()
+                        sums[name] += part.to(self.store)
                 weight_total += float(batch.weights.sum())
         weight_total = all_reduce_float(weight_total)
         return {n: all_reduce_(s) / weight_total for n, s in sums.items()}
@@ -283,7 +297,8 @@ class InfluenceEngine:
         grads, losses = {}, {}
         batches = _keyed_batches(references, self.settings.batch_size, self.pad_id)
         sums = {
-            r: {n: torch.zeros(layer_shape(m)) for n, m in self.layers.items()} for r in references
+            r: {n: torch.zeros(layer_shape(m), device=self.store) for n, m in self.layers.items()}
+            for r in references
         }
         loss_sums = dict.fromkeys(references, 0.0)
         with Capture(self.layers) as cap:
@@ -293,7 +308,7 @@ class InfluenceEngine:
                 cap.backward(losses_b.sum())
                 loss_sums[ref] += float(losses_b.detach().sum())
                 for name in self.layers:
-                    sums[ref][name] += _batch_gradient(cap, name).cpu()
+                    sums[ref][name] += _batch_gradient(cap, name).to(self.store)
         for ref, ws in references.items():
             count = all_reduce_float(float(len(ws.items)))
             grads[ref] = {n: all_reduce_(s) / count for n, s in sums[ref].items()}
@@ -301,8 +316,10 @@ class InfluenceEngine:
         return grads, losses
 
 
-def _to_cpu(stats: LayerStats) -> LayerStats:
-    return LayerStats(stats.a_sum.cpu(), stats.s_sum.cpu(), stats.positions, stats.examples)
+def _moved(stats: LayerStats, device: torch.device) -> LayerStats:
+    return LayerStats(
+        stats.a_sum.to(device), stats.s_sum.to(device), stats.positions, stats.examples
+    )
 
 
 def domain_influence(
@@ -388,7 +405,7 @@ def _preconditioner(
         seconds["exact_gauss_newton"] = time.perf_counter() - start
         return _dense_preconditioner(dense, engine.layers, settings)
     start = time.perf_counter()
-    eigens = {n: kfac_eigen(*covariances(s)) for n, s in stats.items()}
+    eigens = spread_eigendecompositions(stats)
     seconds["eigendecomposition"] = time.perf_counter() - start
     if settings.curvature == "ekfac":
         start = time.perf_counter()
@@ -401,6 +418,31 @@ def _preconditioner(
         for n, e in eigens.items()
     }
     return (lambda g: {n: inverse_hvp(v, eigens[n], damping[n]) for n, v in g.items()}), damping
+
+
+def spread_eigendecompositions(stats: dict[str, LayerStats]) -> dict[str, Eigen]:
+    """K-FAC eigenbases of every layer; under several processes each process decomposes a share of
+    the layers (balanced by d_in^3 + d_out^3) and broadcasts them, so every process ends with all."""
+    names, world = list(stats), world_size()
+    if world == 1:
+        return {n: kfac_eigen(*covariances(stats[n])) for n in names}
+    shapes = {n: (stats[n].s_sum.shape[0], stats[n].a_sum.shape[0]) for n in names}
+    owner = owners([float(o**3 + i**3) for o, i in shapes.values()], world)
+    eigens: dict[str, Eigen] = {}
+    for name, source in zip(names, owner, strict=True):
+        d_out, d_in = shapes[name]
+        if source == rank():  # contiguous: eigh returns column-major eigenvectors, and a
+            # collective on a strided tensor would send its storage in the wrong order
+            e = kfac_eigen(*covariances(stats[name]))
+            eigen = Eigen(e.q_a.contiguous(), e.q_s.contiguous(), e.eigenvalues.contiguous())
+        else:
+            f64 = torch.float64
+            eigen = Eigen(torch.empty(d_in, d_in, dtype=f64), torch.empty(d_out, d_out, dtype=f64),
+                          torch.empty(d_out, d_in, dtype=f64))  # fmt: skip
+        for tensor in (eigen.q_a, eigen.q_s, eigen.eigenvalues):
+            broadcast_(tensor, source)
+        eigens[name] = eigen
+    return eigens
 
 
 def _dense_preconditioner(
