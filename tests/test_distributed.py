@@ -105,3 +105,26 @@ def test_eigendecompositions_are_spread_by_cost():
     assert owners([8.0, 1.0, 1.0, 1.0, 7.0], 2) == [0, 1, 1, 0, 1]
     assert owners([1.0, 1.0, 1.0], 1) == [0, 0, 0]
     assert sorted(owners([5.0] * 4, 4)) == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_two_processes_run_the_loop_like_one(tmp_path):
+    """`ideal run` under torchrun: training (DDP) and influence (shards) on both processes, files
+    from the main one; the rounds equal those of one process."""
+    from importlib.resources import files
+
+    config = str(files("ideal") / "configs" / "demo-quick.yaml")
+    overrides = ["train.max_steps=40", "train.checkpoint_every=0", "suite.hidden_size=16",
+                 "suite.intermediate_size=32", "rounds=1", "update.step=0.3"]  # fmt: skip
+    one, two = one_and_two_processes(tmp_path, ["run", config, *overrides])
+    a = json.loads((one / "summary.json").read_text())["rounds"]
+    b = json.loads((two / "summary.json").read_text())["rounds"]
+    assert len(a) == len(b) == 2
+    assert [r["volumes"] for r in b] == [r["volumes"] for r in a]
+    assert a[1]["volumes"] != a[0]["volumes"]  # the influence step moved the mixture
+    for x, y in zip(a, b, strict=True):
+        assert y["reference_loss"] == pytest.approx(x["reference_loss"], rel=1e-3)
+    sa = json.loads((one / "round-0" / "influence.json").read_text())
+    sb = json.loads((two / "round-0" / "influence.json").read_text())
+    np.testing.assert_allclose(sb["scores"], sa["scores"], rtol=1e-3)
+    assert (two / "report.html").is_file() and not list(two.glob("**/*.partial"))

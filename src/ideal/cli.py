@@ -7,6 +7,7 @@ never a traceback; usage errors exit with 2. `main(argv) -> int` is the entry po
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -115,10 +116,12 @@ def run(
 ) -> None:
     """The closed loop: train -> evaluate -> influence -> reweight -> resample, round after round."""
     from ideal.config import load_config
+    from ideal.distributed import is_main
     from ideal.loop import run_loop
 
     summary = run_loop(load_config(config_file, overrides or []), out_dir, resume=resume)
-    _print_rounds(summary, out_dir)
+    if is_main():  # under torchrun: one table
+        _print_rounds(summary, out_dir)
 
 
 @app.command()
@@ -715,7 +718,9 @@ def main(argv: list[str] | None = None) -> int:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("ideal: %(message)s"))
         log.addHandler(handler)
-        log.setLevel(logging.INFO)
+        # under torchrun / accelerate launch, progress and logs come from the main process only
+        main_process = os.environ.get("RANK", "0") == "0"
+        log.setLevel(logging.INFO if main_process else logging.WARNING)
         log.propagate = False
     command = typer.main.get_command(app)
     try:

@@ -201,15 +201,29 @@ def evaluate_round(config: RunConfig, paths: RunPaths, model_dir: Path) -> dict[
 
 
 def run_loop(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Run (or continue) the loop; returns summary.json's content."""
+    """Run (or continue) the loop; returns summary.json's content.
+
+    Under `torchrun` / `accelerate launch` every process trains (DDP) and computes influence on its
+    shard; the main process alone writes the run directory, evaluates and runs proxy runs, while
+    the others wait. The run directory must be on a filesystem that every process sees.
+    """
+    from ideal.distributed import barrier, init_from_env, is_main
     from ideal.influence_io import compute_influence, write_influence_files
+    from ideal.progress import track
     from ideal.train import run_train
 
-    paths = prepare_run(config, run_dir, resume)
+    init_from_env()
+    main = is_main()
+    if main:
+        paths = prepare_run(config, run_dir, resume)
+    barrier()
+    if not main:  # reads what the main process wrote (and checks the config hash)
+        paths = prepare_run(config, run_dir, resume=True)
     first = paths.round(0)
-    if not (first / "mixture.json").is_file():
+    if main and not (first / "mixture.json").is_file():
         training = load_training_set(paths.train)
         write_mixture_dir(first, training, initial_mixture(config, training), data_subdir="data")
+    barrier()
     k = 0
     while True:
         here = paths.round(k)
@@ -218,13 +232,14 @@ def run_loop(config: RunConfig, run_dir: str | Path, resume: bool = False) -> di
             log.info("round %d: training", k)
             partial = model_dir.with_name(model_dir.name + ".partial")
             run_train(paths.base, here, model_dir, _train_settings(config), resume=partial.exists())
-        if not (here / "metrics.json").is_file():
+        if main and not (here / "metrics.json").is_file():
             log.info("round %d: evaluating", k)
             atomic_write_json(here / "metrics.json", evaluate_round(config, paths, model_dir))
+        barrier()
         if k >= config.rounds:
             break
         rule = make_rule(config)
-        if rule.signal == "proxy" and not (here / "proxy.json").is_file():
+        if main and rule.signal == "proxy" and not (here / "proxy.json").is_file():
             log.info("round %d: proxy run (%s)", k, rule.name)
             write_proxy_files(here, proxy_round(config, paths, here, model_dir))
         if rule.signal == "influence" and not (here / "influence.json").is_file():
@@ -239,10 +254,14 @@ def run_loop(config: RunConfig, run_dir: str | Path, resume: bool = False) -> di
                 max_length=config.max_length,
                 objective=config.update.objective,
                 size_factor=config.update.size_factor,
+                progress=track,
             )
-            write_influence_files(here, result, document)
+            if main:
+                write_influence_files(here, result, document)
+        barrier()
         following = paths.round(k + 1)
         if not (following / "mixture.json").is_file():
+            # every process computes the (deterministic) update, so all agree on stopping
             training = load_training_set(here)
             signals = read_json(here / f"{rule.signal}.json") if rule.signal != "none" else {}
             mixture, update = next_mixture(config, training, signals)
@@ -253,15 +272,19 @@ def run_loop(config: RunConfig, run_dir: str | Path, resume: bool = False) -> di
                     config.tolerance,
                 )
                 break
-            write_mixture_dir(
-                following, training, mixture, extra={"update": update}, data_subdir="data"
-            )
+            if main:
+                write_mixture_dir(
+                    following, training, mixture, extra={"update": update}, data_subdir="data"
+                )
+        barrier()
         k += 1
     summary = summarise_run(paths.run)
-    atomic_write_json(paths.run / "summary.json", summary)
-    from ideal.report import write_report
+    if main:
+        atomic_write_json(paths.run / "summary.json", summary)
+        from ideal.report import write_report
 
-    write_report(paths.run)
+        write_report(paths.run)
+    barrier()
     return summary
 
 
