@@ -83,3 +83,28 @@ def test_an_8b_config_plans_without_weights(cli, tmp_path):
     assert (
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 4 * 2**20
     )  # KiB: far below 16 GB of weights
+
+
+def test_plan_with_weights_adds_a_time_estimate_from_a_probe(cli, tmp_path):
+    from ideal.influence_io import probe_seconds
+    from ideal.tiny import char_tokenizer, save_model_dir, tiny_causal_lm
+
+    tokenizer = char_tokenizer()
+    save_model_dir(tmp_path / "m", tiny_causal_lm("llama", vocab_size=len(tokenizer)), tokenizer)
+    make_data_dir(tmp_path / "train", {"a": qa_rows("a", 12), "b": qa_rows("b", 12)})
+    make_data_dir(tmp_path / "reference", {"r": qa_rows("r", 6)})
+    probe = probe_seconds(tmp_path / "m", tmp_path / "train", tmp_path / "reference",
+                          sample=1.0, examples=4)  # fmt: skip
+    assert probe["probe_examples"] == {"domains": 4, "references": 4}
+    assert probe["examples"] == {"domains": 24, "references": 6}
+    measured, estimate = probe["probe_seconds"], probe["estimate_seconds"]
+    # passes over the data scale with the example count, the eigendecomposition does not
+    for stage in ("pass1_factors_and_domain_gradients", "pass2_eigenvalue_correction"):
+        assert estimate[stage] == pytest.approx(6 * measured[stage])
+    assert estimate["references"] == pytest.approx(1.5 * measured["references"])
+    assert estimate["eigendecomposition"] == measured["eigendecomposition"]
+    assert probe["estimate_total"] == pytest.approx(sum(estimate.values()))
+    result = cli("influence", "--model", tmp_path / "m", "--train", tmp_path / "train",
+                 "--reference", tmp_path / "reference", "--plan")  # fmt: skip
+    assert result.code == 0, result.err
+    assert re.search(r"time: ~[\d.]+ s on this machine for 12 sampled and 6 reference", result.out)

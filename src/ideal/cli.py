@@ -298,7 +298,12 @@ class Objective(str, Enum):
 
 
 def _print_plan(
-    model: Path, train: Path, reference: Path, layers: str | None, curvature: str
+    model: Path,
+    train: Path,
+    reference: Path,
+    layers: str | None,
+    curvature: str,
+    probe: dict | None = None,
 ) -> None:
     from ideal.data import load_domains
     from ideal.plan import human, meta_model, plan_influence
@@ -323,8 +328,17 @@ def _print_plan(
     console.print(table)
     parameters = sum(t.numel() for t in network.parameters())
     console.print(
-        f"model: {parameters:,} parameters (config only, nothing loaded); "
+        f"model: {parameters:,} parameters (sizes from the config alone); "
         f"statistics held: {human(total)}"
+    )
+    if probe is None:
+        console.print("time: no estimate (no weights in the model directory to run a probe on)")
+        return
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in probe["estimate_seconds"].items())
+    console.print(
+        f"time: ~{probe['estimate_total']:.1f} s on this machine for {probe['examples']['domains']} "
+        f"sampled and {probe['examples']['references']} reference examples, from a timed probe on "
+        f"{probe['probe_examples']['domains']} + {probe['probe_examples']['references']} ({stages})"
     )
 
 
@@ -424,19 +438,16 @@ def influence(
         bool,
         typer.Option(
             "--plan",
-            help="Print the memory the step will hold (from the config alone; no weights loaded) and stop.",
+            help="Print the memory the step will hold (sizes from the config alone, so an 8B "
+            "config plans without its weights) and, when the directory has weights, a time "
+            "estimate from a short timed probe; then stop.",
         ),
     ] = False,
     on_invalid: OnInvalidOption = OnInvalid.error,
 ) -> None:
     """Influence of every training domain on every reference capability (EK-FAC by default)."""
-    if plan:
-        _print_plan(model, train, reference, layers, curvature.value)
-        return
-    if out_dir is None:
-        raise IdealError("--out is required (or --plan)")
     from ideal.influence import InfluenceSettings
-    from ideal.influence_io import run_influence
+    from ideal.influence_io import has_weights, probe_seconds, run_influence
     from ideal.progress import track
 
     settings = InfluenceSettings(
@@ -450,6 +461,14 @@ def influence(
         factors=factors,
     )
     patterns = [p for p in layers.split(",") if p.strip()] if layers else None
+    if plan:  # sizes from the config; a timed probe when there are weights to run
+        probe = None
+        if has_weights(model):
+            probe = probe_seconds(model, train, reference, settings, sample, patterns, max_length)
+        _print_plan(model, train, reference, layers, curvature.value, probe)
+        return
+    if out_dir is None:
+        raise IdealError("--out is required (or --plan)")
     result, document = run_influence(
         out_dir,
         model,

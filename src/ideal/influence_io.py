@@ -55,33 +55,9 @@ def compute_influence(
 ) -> tuple[InfluenceResult, dict[str, Any]]:
     """Influence of every training domain on every reference capability; returns (result, influence.json)."""
     start = time.perf_counter()
-    if not 0.0 < sample <= 1.0:
-        raise IdealError(f"--sample must be in (0, 1], got {sample}")
-    training = load_training_set(train, on_invalid)
-    references = load_domains(reference, on_invalid)
-    model = load_causal_lm(model_dir)
-    tokenizer = load_tokenizer(model_dir)
-    selected = select_layers(model, layers)
-    device = torch.device(
-        f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    model, tokenizer, selected, training, domains, refs = _inputs(
+        model_dir, train, reference, settings.seed, sample, layers, max_length, on_invalid
     )
-    model.to(device)
-
-    domains: dict[str, WeightedSet] = {}
-    for name, counts in training.mixture.counts.items():
-        rng = np.random.default_rng([settings.seed, zlib.crc32(name.encode()), 17])
-        sampled = sample_counts(counts, sample, rng)
-        keep = np.flatnonzero(sampled)
-        examples = [training.pool[name].examples[i] for i in keep]
-        weight = {e.source: float(sampled[i]) for e, i in zip(examples, keep, strict=True)}
-        items, _ = tokenize_examples(examples, tokenizer, max_length, on_invalid)
-        domains[name] = WeightedSet(items, [weight[item.source] for item in items])
-    refs = {
-        name: WeightedSet.uniform(
-            tokenize_examples(d.examples, tokenizer, max_length, on_invalid)[0]
-        )
-        for name, d in references.items()
-    }
     prepare = time.perf_counter() - start
     result = domain_influence(
         model, selected, domains, refs, settings, tokenizer.pad_token_id, progress
@@ -116,6 +92,106 @@ def compute_influence(
         "seconds": {**result.seconds, "total": time.perf_counter() - start},
     }
     return result, document
+
+
+def _inputs(
+    model_dir: str | Path,
+    train: str | Path,
+    reference: str | Path,
+    seed: int,
+    sample: float,
+    layers: list[str] | None,
+    max_length: int | None,
+    on_invalid: OnInvalid,
+) -> tuple[Any, Any, dict[str, Any], Any, dict[str, WeightedSet], dict[str, WeightedSet]]:
+    """Model on its device, tokenizer, selected layers, training set, the mixture sample and the
+    reference sets, as the influence step uses them."""
+    if not 0.0 < sample <= 1.0:
+        raise IdealError(f"--sample must be in (0, 1], got {sample}")
+    training = load_training_set(train, on_invalid)
+    references = load_domains(reference, on_invalid)
+    model = load_causal_lm(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    selected = select_layers(model, layers)
+    device = torch.device(
+        f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
+    )
+    model.to(device)
+    domains: dict[str, WeightedSet] = {}
+    for name, counts in training.mixture.counts.items():
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode()), 17])
+        sampled = sample_counts(counts, sample, rng)
+        keep = np.flatnonzero(sampled)
+        examples = [training.pool[name].examples[i] for i in keep]
+        weight = {e.source: float(sampled[i]) for e, i in zip(examples, keep, strict=True)}
+        items, _ = tokenize_examples(examples, tokenizer, max_length, on_invalid)
+        domains[name] = WeightedSet(items, [weight[item.source] for item in items])
+    refs = {
+        name: WeightedSet.uniform(
+            tokenize_examples(d.examples, tokenizer, max_length, on_invalid)[0]
+        )
+        for name, d in references.items()
+    }
+    return model, tokenizer, selected, training, domains, refs
+
+
+def has_weights(model_dir: str | Path) -> bool:
+    """Whether a model directory holds weights (or an adapter), not only a config."""
+    path = Path(model_dir)
+    return any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+
+
+def probe_seconds(
+    model_dir: str | Path,
+    train: str | Path,
+    reference: str | Path,
+    settings: InfluenceSettings = InfluenceSettings(),
+    sample: float = 0.5,
+    layers: list[str] | None = None,
+    max_length: int | None = None,
+    examples: int = 16,
+) -> dict[str, Any]:
+    """A short timed probe: the influence step on the first `examples` examples of the sample
+    (spread over the domains) and of the reference sets, extrapolated per stage to the full sets.
+
+    Passes over data scale with their example count; the eigendecomposition and the scores do not
+    (they depend on layer shapes only) and are taken as measured.
+    """
+    model, tokenizer, selected, _, domains, refs = _inputs(
+        model_dir, train, reference, settings.seed, sample, layers, max_length, "error"
+    )
+
+    def head(sets: dict[str, WeightedSet]) -> dict[str, WeightedSet]:
+        per_set = max(1, examples // max(1, len(sets)))
+        return {
+            n: WeightedSet(
+                ws.items[:per_set], ws.weights[:per_set], list(range(len(ws.items)))[:per_set]
+            )
+            for n, ws in sets.items()
+        }
+
+    small_domains, small_refs = head(domains), head(refs)
+    result = domain_influence(
+        model, selected, small_domains, small_refs, settings, tokenizer.pad_token_id
+    )
+    count = {"domains": sum(len(ws.items) for ws in domains.values()),
+             "references": sum(len(ws.items) for ws in refs.values())}  # fmt: skip
+    probed = {"domains": sum(len(ws.items) for ws in small_domains.values()),
+              "references": sum(len(ws.items) for ws in small_refs.values())}  # fmt: skip
+    scale = {
+        "pass1_factors_and_domain_gradients": count["domains"] / probed["domains"],
+        "pass2_eigenvalue_correction": count["domains"] / probed["domains"],
+        "exact_gauss_newton": count["domains"] / probed["domains"],
+        "references": count["references"] / probed["references"],
+    }
+    estimate = {k: v * scale.get(k, 1.0) for k, v in result.seconds.items()}
+    return {
+        "probe_examples": probed,
+        "examples": count,
+        "probe_seconds": result.seconds,
+        "estimate_seconds": estimate,
+        "estimate_total": float(sum(estimate.values())),
+    }
 
 
 def scores_csv(result: InfluenceResult) -> str:
