@@ -113,9 +113,10 @@ def test_layer_stats_equal_explicit_per_token_outer_products():
                 a_sum += weights[z] * torch.outer(a[z, t], a[z, t])
                 s_sum += weights[z] / targets[z] * torch.outer(g[z, t], g[z, t])
                 positions += float(weights[z])
-    assert stats.a_sum.dtype == torch.float64  # covariances accumulate in float64 (see layer_stats)
-    assert torch.allclose(stats.a_sum, a_sum, rtol=1e-12, atol=1e-12)
-    assert torch.allclose(stats.s_sum, s_sum, rtol=1e-12, atol=1e-12)
+    # running sums are float64 (see layer_stats), a batch's products float32
+    assert stats.a_sum.dtype == torch.float64
+    assert torch.allclose(stats.a_sum, a_sum, rtol=1e-6, atol=1e-6)
+    assert torch.allclose(stats.s_sum, s_sum, rtol=1e-6, atol=1e-6)
     assert stats.positions == positions and stats.examples == 6.0
 
 
