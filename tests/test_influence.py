@@ -149,7 +149,9 @@ def test_copies_weigh_like_repeated_examples(problem):
     np.testing.assert_allclose(a, b, rtol=1e-4)
 
 
-def independent_gauss_newton(model, layer: nn.Linear, items) -> torch.Tensor:
+def independent_gauss_newton(
+    model, layer: nn.Module, items, name: str = "model.layers.0.mlp.down_proj.weight"
+) -> torch.Tensor:
     """G = mean_z (1/T_z) J^T H J by GGN-vector products: forward-mode J v, H from torch.func.hessian
     of the token cross-entropy w.r.t. the logits, reverse-mode J^T u; one column per basis vector."""
     weight = layer.weight.detach()
@@ -161,9 +163,7 @@ def independent_gauss_newton(model, layer: nn.Linear, items) -> torch.Tensor:
         labels = batch.labels[0, target + 1]
 
         def logits_fn(w, batch=batch, target=target):
-            out = torch.func.functional_call(
-                model, {"model.layers.0.mlp.down_proj.weight": w}, (batch.input_ids,)
-            )
+            out = torch.func.functional_call(model, {name: w}, (batch.input_ids,))
             return out.logits[0, target].double()
 
         def ce(z, labels=labels):
@@ -369,3 +369,48 @@ def test_bfloat16_model_accumulates_full_precision_statistics(problem):
     )
     assert np.isfinite(result.scores).all()
     assert np.corrcoef(result.scores.ravel(), full.scores.ravel())[0, 1] > 0.9
+
+
+def test_gpt2_conv1d_layers_are_selected_and_oriented_out_by_in(tokenizer):
+    """GPT-2 stores its linear weights transposed (Conv1D, (in, out)); every statistic is (out, in)."""
+    from ideal.capture import layer_shape
+    from ideal.tiny import tiny_causal_lm
+    from tests.helpers import tokenize_pairs
+
+    model = tiny_causal_lm("gpt2", vocab_size=len(tokenizer), hidden_size=8, num_layers=1,
+                           num_heads=2, intermediate_size=12, seed=0)  # fmt: skip
+    layers = select_layers(model)
+    assert list(layers) == ["transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
+    assert [layer_shape(m) for m in layers.values()] == [(12, 9), (8, 13)]  # + bias column
+    items = tokenize_pairs(tokenizer, [("1+2=", "3"), ("4+4=", "8"), ("ab>", "ba")])
+    # exact: our dense Gauss-Newton of c_proj, reordered, equals the independent one on the
+    # stored (in, out) weight (the bias column of ours left out)
+    name = "transformer.h.0.mlp.c_proj"
+    ours = dense_gauss_newton(model, {name: layers[name]}, {"d": WeightedSet.uniform(items)}, 0)
+    theirs = independent_gauss_newton(model, layers[name], items, f"{name}.weight").detach()
+    d_out, d_in = 8, 12
+    ours_index = [o * (d_in + 1) + i for o in range(d_out) for i in range(d_in)]
+    theirs_index = [i * d_out + o for o in range(d_out) for i in range(d_in)]
+    picked = ours[ours_index][:, ours_index]
+    expected = theirs[theirs_index][:, theirs_index]
+    assert float((picked - expected).norm() / expected.norm()) < 1e-5
+    # identity: plain dot products of mean gradients over [W | b], by autograd on the Conv1D params
+    domains = {"a": WeightedSet.uniform(items[:2]), "b": WeightedSet.uniform(items[2:])}
+    references = {"r": WeightedSet.uniform(items[1:])}
+    settings = InfluenceSettings(curvature="identity", fisher="empirical", batch_size=2)
+    result = domain_influence(model, layers, domains, references, settings, pad_id=0)
+    params = [p for m in layers.values() for p in (m.weight, m.bias)]
+
+    def mean_gradient(ws):
+        batch = collate(ws.items, 0)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return torch.autograd.grad(example_losses(logits, batch.labels).mean(), params)
+
+    ref = mean_gradient(references["r"])
+    expected_scores = [
+        sum(float((r * d).sum()) for r, d in zip(ref, mean_gradient(ws), strict=True))
+        for ws in domains.values()
+    ]
+    np.testing.assert_allclose(result.scores[0], expected_scores, rtol=1e-4)
+    ekfac = domain_influence(model, layers, domains, references, InfluenceSettings(), pad_id=0)
+    assert np.isfinite(ekfac.scores).all()

@@ -142,7 +142,8 @@ def test_user_errors_are_one_line_and_write_nothing(cli, workspace, tmp_path):
         run(cli, workspace, out, model=tmp_path / "vit"), "not a causal language model"
     )
     assert_one_line_error(
-        run(cli, workspace, out, "--layers", "*.nothing_here"), "no nn.Linear layer matches"
+        run(cli, workspace, out, "--layers", "*.nothing_here"),
+        "no linear layer (nn.Linear or Conv1D) matches",
     )
     assert_one_line_error(run(cli, workspace, out, "--curvature", "exact"), "above the limit")
     assert_one_line_error(run(cli, workspace, out, "--sample", "0"), "--sample must be in (0, 1]")

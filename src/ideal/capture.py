@@ -27,8 +27,18 @@ def is_peft_model(model: nn.Module) -> bool:
     return any("lora_A" in name for name, _ in model.named_modules())
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2's Conv1D (transformers.pytorch_utils): a linear layer with its weight stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
 def select_layers(model: nn.Module, patterns: Iterable[str] | None = None) -> dict[str, nn.Linear]:
-    """nn.Linear modules whose names match any shell-style pattern, in model order.
+    """Linear layers (nn.Linear, or GPT-2's Conv1D) whose names match any shell-style pattern, in
+    model order.
 
     Default: the MLP projections of every block; for a peft LoRA model, the LoRA adapter weights.
     """
@@ -38,15 +48,21 @@ def select_layers(model: nn.Module, patterns: Iterable[str] | None = None) -> di
     layers = {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and any(fnmatch.fnmatchcase(name, p) for p in patterns)
+        if is_linear(module) and any(fnmatch.fnmatchcase(name, p) for p in patterns)
     }
     if not layers:
-        raise IdealError(f"--layers {','.join(patterns)}: no nn.Linear layer matches")
+        raise IdealError(
+            f"--layers {','.join(patterns)}: no linear layer (nn.Linear or Conv1D) matches"
+        )
     return layers
 
 
-def layer_shape(module: nn.Linear) -> tuple[int, int]:
-    """(out, in) of the layer's parameter matrix, with the bias as an extra input column."""
+def layer_shape(module: nn.Module) -> tuple[int, int]:
+    """(out, in) of the layer's parameter matrix, with the bias as an extra input column.
+
+    Always (out, in), also for a Conv1D, whose weight tensor is stored transposed (in, out)."""
+    if is_conv1d(module):
+        return module.nf, module.weight.shape[0] + (module.bias is not None)
     return module.out_features, module.in_features + (module.bias is not None)
 
 

@@ -381,7 +381,7 @@ def influence(
         str | None,
         typer.Option(
             "--layers",
-            help="Comma-separated globs of nn.Linear names, e.g. 'model.layers.*.mlp.*'. Default: every MLP projection (LoRA weights for a LoRA model).",
+            help="Comma-separated globs of linear-layer names (nn.Linear, GPT-2 Conv1D), e.g. 'model.layers.*.mlp.*'. Default: every MLP projection (LoRA weights for a LoRA model).",
         ),
     ] = None,
     fisher: Annotated[

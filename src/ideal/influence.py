@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ideal.capture import Capture, layer_shape
+from ideal.capture import Capture, is_conv1d, layer_shape
 from ideal.curvature import (
     Eigen,
     LayerStats,
@@ -503,6 +503,8 @@ def dense_gauss_newton(
             blocks = []
             for n in names:
                 w = jac[f"{n}.weight"]
+                if is_conv1d(layers[n]):  # stored (in, out): to the (out, in) of every layer
+                    w = w.transpose(-1, -2)
                 if layers[n].bias is not None:
                     w = torch.cat([w, jac[f"{n}.bias"].unsqueeze(-1)], dim=-1)
                 blocks.append(w.reshape(w.shape[0], w.shape[1], -1))
