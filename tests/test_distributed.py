@@ -102,7 +102,7 @@ def test_eigendecompositions_are_spread_by_cost():
     from ideal.distributed import owners
 
     # largest first, each to the least loaded process
-    assert owners([8.0, 1.0, 1.0, 1.0, 7.0], 2) == [0, 1, 1, 0, 1]
+    assert owners([8.0, 1.0, 1.0, 1.0, 7.0], 2) == [0, 1, 0, 1, 1]  # loads 9 and 9
     assert owners([1.0, 1.0, 1.0], 1) == [0, 0, 0]
     assert sorted(owners([5.0] * 4, 4)) == [0, 1, 2, 3]
 
