@@ -81,7 +81,7 @@ def test_batch_of_8_equals_8_accumulated_micro_batches(normalization):
         for s in range(0, 8, batch_size):
             loss, _ = micro_batch_loss(model, chosen[s : s + batch_size], 0, normaliser, settings)
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
         losses.append(total)
         grads.append([p.grad.clone() for p in model.parameters()])
     for other_loss, other in zip(losses[1:], grads[1:], strict=True):
