@@ -1,6 +1,6 @@
 """How the influence step scales: with data size, with the number of layers, with processes.
 
-    python benchmarks/influence_scaling.py [--size cpu] [--threads 1] [--parts data,layers,processes]
+    python benchmarks/influence_scaling.py [--size cpu] [--threads 1] [--parts data,layers,probe,processes]
 
 Every measurement is `ideal influence` (EK-FAC, sampled Fisher, --sample 1.0 so the example count is
 what the row says) in a fresh subprocess on the same generated data, so peak resident memory is per
@@ -11,6 +11,8 @@ row. Parts:
   layers     the MLPs of the first 1, 2, 4, 6 blocks at 100 examples per domain
   processes  the same job in 1 process and under torchrun with 2 (gloo, 1 thread each), wall time
              of the whole command (start-up included) and of the influence stages; their ratio
+  probe      the time estimate of `ideal influence --plan` (a timed probe on 16 examples) against
+             the measured step, at 200 examples per domain
 """
 
 from __future__ import annotations
@@ -120,14 +122,39 @@ def processes_part(tmp: Path, model: Path) -> None:
           f"influence stages {stages[1] / stages[2]:.2f}x")  # fmt: skip
 
 
+def probe_part(tmp: Path, model: Path, threads: int) -> None:
+    print("\n[probe] --plan's time estimate vs the measured step, 200 examples per domain")
+    data = tmp / "data-200"
+    if not data.exists():
+        make_data(data, 200)
+    args = [sys.executable, __file__, "--probe", "--model", str(model), "--data", str(data),
+            "--threads", str(threads)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run(args, env=env, capture_output=True, text=True, check=True)
+    estimate = json.loads(out.stdout.strip().splitlines()[-1])
+    measured = run_stage(model, data, None, threads)
+    print(f"  estimate {estimate['estimate_total']:7.2f} s (probe {estimate['probe_wall']:.2f} s), "
+          f"measured {measured['seconds']:7.2f} s: estimate/measured = "
+          f"{estimate['estimate_total'] / measured['seconds']:.2f}")  # fmt: skip
+
+
+def probe(model: Path, data: Path) -> dict:
+    from ideal.influence_io import probe_seconds
+
+    start = time.perf_counter()
+    result = probe_seconds(model, data / "train", data / "reference", sample=1.0)
+    return {**result, "probe_wall": time.perf_counter() - start}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--size", default="cpu", choices=sorted(SIZES))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--parts", default="data,layers,processes")
+    parser.add_argument("--parts", default="data,layers,probe,processes")
     parser.add_argument("--stage", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--layers", help=argparse.SUPPRESS)
@@ -139,6 +166,9 @@ def main() -> None:
     if args.stage:
         print(json.dumps(stage(args.model, args.data, args.layers)))
         return
+    if args.probe:
+        print(json.dumps(probe(args.model, args.data)))
+        return
     parts = args.parts.split(",")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -149,6 +179,8 @@ def main() -> None:
             data_part(tmp, tmp / "model", args.threads)
         if "layers" in parts:
             layers_part(tmp, tmp / "model", args.threads, SIZES[args.size][1])
+        if "probe" in parts:
+            probe_part(tmp, tmp / "model", args.threads)
         if "processes" in parts:
             processes_part(tmp, tmp / "model")
 

@@ -94,14 +94,14 @@ def test_plan_with_weights_adds_a_time_estimate_from_a_probe(cli, tmp_path):
     make_data_dir(tmp_path / "train", {"a": qa_rows("a", 12), "b": qa_rows("b", 12)})
     make_data_dir(tmp_path / "reference", {"r": qa_rows("r", 6)})
     probe = probe_seconds(tmp_path / "m", tmp_path / "train", tmp_path / "reference",
-                          sample=1.0, examples=4)  # fmt: skip
-    assert probe["probe_examples"] == {"domains": 4, "references": 4}
+                          sample=1.0, per_set=2)  # fmt: skip
+    assert probe["probe_examples"] == {"domains": 4, "references": 2}
     assert probe["examples"] == {"domains": 24, "references": 6}
     measured, estimate = probe["probe_seconds"], probe["estimate_seconds"]
     # passes over the data scale with the example count, the eigendecomposition does not
     for stage in ("pass1_factors_and_domain_gradients", "pass2_eigenvalue_correction"):
         assert estimate[stage] == pytest.approx(6 * measured[stage])
-    assert estimate["references"] == pytest.approx(1.5 * measured["references"])
+    assert estimate["references"] == pytest.approx(3 * measured["references"])
     assert estimate["eigendecomposition"] == measured["eigendecomposition"]
     assert probe["estimate_total"] == pytest.approx(sum(estimate.values()))
     result = cli("influence", "--model", tmp_path / "m", "--train", tmp_path / "train",

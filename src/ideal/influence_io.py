@@ -149,10 +149,11 @@ def probe_seconds(
     sample: float = 0.5,
     layers: list[str] | None = None,
     max_length: int | None = None,
-    examples: int = 16,
+    per_set: int | None = None,
 ) -> dict[str, Any]:
-    """A short timed probe: the influence step on the first `examples` examples of the sample
-    (spread over the domains) and of the reference sets, extrapolated per stage to the full sets.
+    """A short timed probe: the influence step on the first `per_set` examples (default: two
+    batches) of every domain's sample and every reference set, extrapolated per stage to the full
+    sets (full batches, so per-example costs are those of the real run).
 
     Passes over data scale with their example count; the eigendecomposition and the scores do not
     (they depend on layer shapes only) and are taken as measured.
@@ -161,8 +162,9 @@ def probe_seconds(
         model_dir, train, reference, settings.seed, sample, layers, max_length, "error"
     )
 
+    count = per_set or 2 * settings.batch_size
+
     def head(sets: dict[str, WeightedSet]) -> dict[str, WeightedSet]:
-        per_set = max(1, examples // max(1, len(sets)))
         return {
             n: WeightedSet(
                 ws.items[:per_set], ws.weights[:per_set], list(range(len(ws.items)))[:per_set]
