@@ -104,6 +104,10 @@ def test_plan_with_weights_adds_a_time_estimate_from_a_probe(cli, tmp_path):
     assert estimate["references"] == pytest.approx(3 * measured["references"])
     assert estimate["eigendecomposition"] == measured["eigendecomposition"]
     assert probe["estimate_total"] == pytest.approx(sum(estimate.values()))
+    # by default two batches of every set
+    default = probe_seconds(tmp_path / "m", tmp_path / "train", tmp_path / "reference",
+                            InfluenceSettings(batch_size=2), sample=1.0)  # fmt: skip
+    assert default["probe_examples"] == {"domains": 8, "references": 4}
     result = cli("influence", "--model", tmp_path / "m", "--train", tmp_path / "train",
                  "--reference", tmp_path / "reference", "--plan")  # fmt: skip
     assert result.code == 0, result.err

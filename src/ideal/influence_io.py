@@ -162,13 +162,11 @@ def probe_seconds(
         model_dir, train, reference, settings.seed, sample, layers, max_length, "error"
     )
 
-    count = per_set or 2 * settings.batch_size
+    size = per_set or 2 * settings.batch_size
 
     def head(sets: dict[str, WeightedSet]) -> dict[str, WeightedSet]:
         return {
-            n: WeightedSet(
-                ws.items[:per_set], ws.weights[:per_set], list(range(len(ws.items)))[:per_set]
-            )
+            n: WeightedSet(ws.items[:size], ws.weights[:size], list(range(len(ws.items)))[:size])
             for n, ws in sets.items()
         }
 
