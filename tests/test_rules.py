@@ -109,6 +109,11 @@ def test_doge_step_by_hand_and_uniform_is_its_fixed_point_without_signal():
     moved = doge_step(alpha, [0.0, -1.0, 0.0], eta=0.5)
     assert moved[1] < alpha[1] and moved.sum() == pytest.approx(1.0)
     assert doge_step(np.full(4, 0.25), np.zeros(4)) == pytest.approx(np.full(4, 0.25))
+    # a huge alignment underflows the others to 0; the next step still works (no log(0) error)
+    collapsed = doge_step([0.5, 0.5], [2000.0, 0.0])
+    assert collapsed.tolist() == [1.0, 0.0]
+    after = doge_step(collapsed, [0.0, 1.0])
+    assert after[0] == 1.0 and after[1] < 1e-290
 
 
 def test_weight_updates_reject_bad_input():
@@ -116,6 +121,8 @@ def test_weight_updates_reject_bad_input():
 
     with pytest.raises(IdealError, match="sum to 1"):
         doremi_step([0.5, 0.6], [0.0, 0.0])
+    with pytest.raises(IdealError, match="non-negative"):
+        doge_step([1.5, -0.5], [0.0, 0.0])
     with pytest.raises(IdealError, match="finite"):
         doge_step([0.5, 0.5], [np.inf, 0.0])
     with pytest.raises(IdealError, match="smoothing"):

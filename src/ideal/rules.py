@@ -155,10 +155,15 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum()
 
 
+def _log(weights: np.ndarray) -> np.ndarray:
+    """log of weights on the simplex; a weight that underflowed to 0 stays (numerically) 0."""
+    return np.log(np.maximum(weights, 1e-300))
+
+
 def _check_weights(alpha: Sequence[float], signal: Sequence[float], what: str) -> tuple:
     a, x = np.asarray(alpha, dtype=np.float64), np.asarray(signal, dtype=np.float64)
-    if a.shape != x.shape or a.ndim != 1 or not np.all(a > 0) or abs(a.sum() - 1.0) > 1e-9:
-        raise IdealError(f"domain weights must be positive and sum to 1, got {a.tolist()}")
+    if a.shape != x.shape or a.ndim != 1 or not np.all(a >= 0) or abs(a.sum() - 1.0) > 1e-9:
+        raise IdealError(f"domain weights must be non-negative and sum to 1, got {a.tolist()}")
     if not np.all(np.isfinite(x)):
         raise IdealError(f"{what} must be finite, got {x.tolist()}")
     return a, x
@@ -172,7 +177,7 @@ def doremi_step(
     a, x = _check_weights(alpha, excess, "excess losses")
     if not 0.0 <= smoothing <= 1.0:
         raise IdealError(f"DoReMi smoothing must be in [0, 1], got {smoothing}")
-    return (1.0 - smoothing) * _softmax(np.log(a) + eta * x) + smoothing / len(a)
+    return (1.0 - smoothing) * _softmax(_log(a) + eta * x) + smoothing / len(a)
 
 
 def doge_step(alpha: Sequence[float], alignment: Sequence[float], eta: float = 1.0) -> np.ndarray:
@@ -180,7 +185,7 @@ def doge_step(alpha: Sequence[float], alignment: Sequence[float], eta: float = 1
     each domain's weight moved by eta x W_i, W_i the first-order decrease of the target (reference)
     loss from a step on domain i (its gradient's alignment with the reference gradient)."""
     a, x = _check_weights(alpha, alignment, "alignments")
-    return _softmax(np.log(a) + eta * x)
+    return _softmax(_log(a) + eta * x)
 
 
 @dataclass(frozen=True)
