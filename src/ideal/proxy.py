@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -234,8 +234,6 @@ def _doge_step(
 
 def proxy_document(result: ProxyResult, settings: ProxySettings) -> dict[str, Any]:
     """proxy.json: the averaged weights (what the rule reads), the trajectory, settings, seconds."""
-    from dataclasses import asdict
-
     return {
         "method": settings.method,
         "domains": result.domains,
