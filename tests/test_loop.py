@@ -113,7 +113,7 @@ def test_killed_after_the_first_training_resumes_to_the_same_artifacts(
     whole, _ = finished
     run = tmp_path / "killed"
     args = [sys.executable, "-m", "ideal", "run", str(tiny_config), "--out", str(run)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = dict(os.environ)  # the suite's thread count (tests/conftest.py)
     process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while (

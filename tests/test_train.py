@@ -65,13 +65,15 @@ def test_a_tiny_model_learns_a_toy_task(workspace):
 
 @pytest.mark.parametrize("normalization", ["example", "token"])
 def test_batch_of_8_equals_8_accumulated_micro_batches(normalization):
+    """In float64: the splits pad to other lengths and sum in another order, so float32 would
+    differ by round-off of ~1e-7 x the number of terms, a tolerance that depends on the kernels."""
     tokenizer = char_tokenizer()
     items = tokenize_pairs(
         tokenizer, [(f"q{i}" * (i % 3 + 1), "ab"[: i % 2 + 1]) for i in range(8)]
     )
     grads, losses = [], []
     for batch_size, accum in ((8, 1), (1, 8), (3, 3)):
-        model = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=0)
+        model = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=0).double()
         settings = TrainSettings(
             batch_size=batch_size, grad_accum=accum, loss_normalization=normalization
         )
@@ -85,9 +87,10 @@ def test_batch_of_8_equals_8_accumulated_micro_batches(normalization):
         losses.append(total)
         grads.append([p.grad.clone() for p in model.parameters()])
     for other_loss, other in zip(losses[1:], grads[1:], strict=True):
-        assert other_loss == pytest.approx(losses[0], rel=1e-6)
+        assert other_loss == pytest.approx(losses[0], rel=1e-12)
         for a, b in zip(grads[0], other, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+            scale = float(a.abs().max())
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12 * scale)
 
 
 def test_data_order_is_seeded_and_covers_every_example_each_epoch():
@@ -104,8 +107,8 @@ def test_data_order_is_seeded_and_covers_every_example_each_epoch():
 def run_train_cli(workspace: Path, out: Path, *extra: str) -> subprocess.Popen:
     args = [sys.executable, "-m", "ideal", "train", "--model", str(workspace / "base"), "--train",
             str(workspace / "train"), "--out", str(out), "--max-steps", "400", "--batch-size", "4",
-            "--lr", "1e-3", "--checkpoint-every", "10", "--threads", "1", *extra]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            "--lr", "1e-3", "--checkpoint-every", "10", "--threads", os.environ["OMP_NUM_THREADS"], *extra]  # fmt: skip
+    env = dict(os.environ)  # the suite's thread count (tests/conftest.py)
     return subprocess.Popen(
         args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

@@ -500,6 +500,11 @@ def influence(
     console.print(f"{document['seconds']['total']:.1f} s; wrote {out_dir}")
 
 
+class Optimizer(str, Enum):
+    adamw = "adamw"
+    sgd = "sgd"
+
+
 class LossNormalization(str, Enum):
     example = "example"
     token = "token"
@@ -534,6 +539,13 @@ def train(
         float, typer.Option("--warmup-ratio", help="Fraction of steps of linear warmup.")
     ] = 0.03,
     weight_decay: Annotated[float, typer.Option("--weight-decay")] = 0.0,
+    optimizer: Annotated[
+        Optimizer,
+        typer.Option(
+            "--optimizer",
+            help="adamw, or sgd (plain, no momentum: round-off stays at its size, for invariance checks).",
+        ),
+    ] = Optimizer.adamw,
     max_grad_norm: Annotated[
         float, typer.Option("--max-grad-norm", help="Gradient clipping.")
     ] = 1.0,
@@ -579,6 +591,7 @@ def train(
         grad_accum=grad_accum,
         warmup_ratio=warmup_ratio,
         weight_decay=weight_decay,
+        optimizer=optimizer.value,
         max_grad_norm=max_grad_norm,
         loss_normalization=loss_normalization.value,
         max_length=max_length,

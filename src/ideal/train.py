@@ -3,7 +3,7 @@
     ideal train --model BASE --train DATA --out MODEL [--epochs 1] [--lr 2e-5] [--lora] [--resume]
 
 The same code runs on one CPU, one GPU, and (issue 7) several processes under `accelerate launch`.
-AdamW, linear warmup then cosine decay, gradient clipping, gradient accumulation. The loss of an
+AdamW (or plain SGD), linear warmup then cosine decay, gradient clipping, gradient accumulation. The loss of an
 optimizer step is normalised over the WHOLE step before any micro-batch is run, so the result does
 not depend on how a step is split into micro-batches:
 
@@ -55,6 +55,10 @@ class TrainSettings:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     loss_normalization: str = "example"  # example | token
+    # adamw (default) | sgd: plain SGD without momentum. Adam divides by sqrt(v), so a round-off
+    # difference in a near-zero gradient becomes a full-size step; SGD keeps round-off at its size,
+    # which is what a check of "N processes compute the same steps as 1" needs.
+    optimizer: str = "adamw"
     max_length: int | None = None
     seed: int = 0
     lora: bool = False
@@ -70,6 +74,8 @@ class TrainSettings:
             raise IdealError(
                 f"loss normalization must be example or token, got {self.loss_normalization!r}"
             )
+        if self.optimizer not in ("adamw", "sgd"):
+            raise IdealError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
         for name in ("batch_size", "grad_accum", "lora_r"):
             if getattr(self, name) < 1:
                 raise IdealError(
@@ -228,7 +234,11 @@ def train_model(
         model = wrap_lora(model, settings)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = (
+        torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        if settings.optimizer == "adamw"
+        else torch.optim.SGD(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    )
     total = settings.total_steps(len(items))
     warmup = round(settings.warmup_ratio * total)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
