@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.helpers import toy_influence_problem  # noqa: E402
 
-import ideal.influence as influence  # noqa: E402
-from ideal.capture import layer_shape, select_layers  # noqa: E402
-from ideal.influence import InfluenceSettings, domain_influence  # noqa: E402
+import ideal.influence.engine as influence  # noqa: E402
+from ideal.influence.capture import layer_shape, select_layers  # noqa: E402
+from ideal.influence.engine import InfluenceSettings, domain_influence  # noqa: E402
 
 dense = influence.dense_gauss_newton
 

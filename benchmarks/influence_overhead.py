@@ -7,7 +7,7 @@ fine-tuning with AdamW over the whole mixture, and `ideal influence` (EK-FAC, de
 Fisher and --sample 0.5 unless --variants says otherwise) on the same model and data. Prints wall time, peak resident memory and
 the ratio, ending with `influence/sft_epoch = R` for the largest size. SPEC.md target: R <= 0.5.
 
-The SFT epoch is `ideal.train.train_model` (AdamW, batch 8, warmup + cosine, clipping), the trainer the
+The SFT epoch is `ideal.backends.train.train_model` (AdamW, batch 8, warmup + cosine, clipping), the trainer the
 loop uses; its mean throughput in tokens/s (padding included) is printed too.
 """
 
@@ -63,10 +63,10 @@ def make_model(path: Path, size: str) -> int:
 
 
 def stage_sft(model_dir: Path, train: Path) -> dict:
-    from ideal.data import tokenize_examples
+    from ideal.backends.train import TrainSettings, train_model
+    from ideal.data.mixture_io import load_training_set
+    from ideal.data.rows import tokenize_examples
     from ideal.hf import load_causal_lm, load_tokenizer
-    from ideal.mixture_io import load_training_set
-    from ideal.train import TrainSettings, train_model
 
     start = time.perf_counter()
     model, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
@@ -89,8 +89,8 @@ def stage_sft(model_dir: Path, train: Path) -> dict:
 def stage_influence(
     model_dir: Path, train: Path, reference: Path, fisher: str, sample: float
 ) -> dict:
-    from ideal.influence import InfluenceSettings
-    from ideal.influence_io import compute_influence
+    from ideal.influence.command import compute_influence
+    from ideal.influence.engine import InfluenceSettings
 
     start = time.perf_counter()
     _, doc = compute_influence(

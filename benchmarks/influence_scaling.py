@@ -34,8 +34,8 @@ PASSES = ("pass1_factors_and_domain_gradients", "pass2_eigenvalue_correction", "
 
 
 def stage(model: Path, data: Path, layers: str | None) -> dict:
-    from ideal.influence import InfluenceSettings
-    from ideal.influence_io import compute_influence
+    from ideal.influence.command import compute_influence
+    from ideal.influence.engine import InfluenceSettings
 
     start = time.perf_counter()
     _, doc = compute_influence(
@@ -139,7 +139,7 @@ def probe_part(tmp: Path, model: Path, threads: int) -> None:
 
 
 def probe(model: Path, data: Path) -> dict:
-    from ideal.influence_io import probe_seconds
+    from ideal.influence.command import probe_seconds
 
     start = time.perf_counter()
     result = probe_seconds(model, data / "train", data / "reference", sample=1.0)

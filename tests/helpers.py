@@ -43,7 +43,7 @@ def run_cli(capsys: Any, *args: str) -> CliResult:
 
 
 def tokenize_pairs(tokenizer: Any, pairs: list[tuple[str, str]]) -> list[Any]:
-    from ideal.data import Example, row_to_messages, tokenize_example
+    from ideal.data.rows import Example, row_to_messages, tokenize_example
 
     return [
         tokenize_example(
@@ -67,7 +67,7 @@ def toy_influence_problem(n: int = 40, steps: int = 50, seed: int = 0):
     import numpy as np
     import torch
 
-    from ideal.influence import WeightedSet
+    from ideal.influence.engine import WeightedSet
     from ideal.lm import collate, example_losses
     from ideal.tiny import char_tokenizer, tiny_causal_lm
 

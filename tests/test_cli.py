@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ideal.mixture_io import load_training_set
+from ideal.data.mixture_io import load_training_set
 from ideal.tiny import char_tokenizer, save_model_dir, tiny_causal_lm
 from tests.helpers import make_data_dir, qa_rows, write_jsonl
 

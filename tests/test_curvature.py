@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ideal.curvature import (
+from ideal.influence.curvature import (
     Eigen,
     correction_sum,
     damping_value,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ideal.data import (
+from ideal.data.rows import (
     IGNORE_INDEX,
     PLAIN_TEMPLATE,
     Example,

@@ -10,8 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from ideal.data import load_domains, render_prompt_ids
-from ideal.evaluate import (
+from ideal.backends.evaluate import (
     SCORERS,
     evaluate_capability,
     greedy_decode,
@@ -21,6 +20,7 @@ from ideal.evaluate import (
     score_number,
     summarise,
 )
+from ideal.data.rows import load_domains, render_prompt_ids
 from ideal.tiny import char_tokenizer, save_model_dir, tiny_causal_lm
 from tests.helpers import make_data_dir
 from tests.test_cli import assert_one_line_error

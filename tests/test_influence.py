@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from ideal.capture import Capture, select_layers
-from ideal.curvature import kfac_eigen, layer_stats
 from ideal.errors import IdealError
-from ideal.influence import (
+from ideal.influence.capture import Capture, select_layers
+from ideal.influence.curvature import kfac_eigen, layer_stats
+from ideal.influence.engine import (
     InfluenceEngine,
     InfluenceSettings,
     WeightedSet,
@@ -265,7 +265,7 @@ class SoftmaxRegression(nn.Module):
 
 
 def test_first_order_prediction_matches_reoptimisation_on_a_convex_problem():
-    from ideal.data import Tokenized
+    from ideal.data.rows import Tokenized
 
     vocab, l2 = 6, 1e-2
     rng = np.random.default_rng(0)
@@ -373,7 +373,7 @@ def test_bfloat16_model_accumulates_full_precision_statistics(problem):
 
 def test_gpt2_conv1d_layers_are_selected_and_oriented_out_by_in(tokenizer):
     """GPT-2 stores its linear weights transposed (Conv1D, (in, out)); every statistic is (out, in)."""
-    from ideal.capture import layer_shape
+    from ideal.influence.capture import layer_shape
     from ideal.tiny import tiny_causal_lm
     from tests.helpers import tokenize_pairs
 

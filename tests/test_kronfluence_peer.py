@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from ideal.capture import select_layers
-from ideal.influence import InfluenceSettings, WeightedSet, domain_influence
+from ideal.influence.capture import select_layers
+from ideal.influence.engine import InfluenceSettings, WeightedSet, domain_influence
 from ideal.lm import collate, example_losses
 from ideal.tiny import char_tokenizer, tiny_causal_lm
 from tests.helpers import tokenize_pairs

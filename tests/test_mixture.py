@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ideal.errors import IdealError
-from ideal.mixture import (
+from ideal.data.mixture import (
     Constraints,
     Mixture,
     apply_constraints,
@@ -14,6 +13,7 @@ from ideal.mixture import (
     resample,
     resample_mixture,
 )
+from ideal.errors import IdealError
 
 
 def test_rounding_without_constraints_that_bind():

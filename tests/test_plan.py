@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from ideal.capture import select_layers
-from ideal.curvature import covariances, kfac_eigen
-from ideal.influence import InfluenceEngine, InfluenceSettings, WeightedSet, no_progress
-from ideal.plan import meta_model, plan_influence
+from ideal.influence.capture import select_layers
+from ideal.influence.curvature import covariances, kfac_eigen
+from ideal.influence.engine import InfluenceEngine, InfluenceSettings, WeightedSet, no_progress
+from ideal.influence.plan import meta_model, plan_influence
 from tests.helpers import make_data_dir, qa_rows, tokenize_pairs
 
 
@@ -86,7 +86,7 @@ def test_an_8b_config_plans_without_weights(cli, tmp_path):
 
 
 def test_plan_with_weights_adds_a_time_estimate_from_a_probe(cli, tmp_path):
-    from ideal.influence_io import probe_seconds
+    from ideal.influence.command import probe_seconds
     from ideal.tiny import char_tokenizer, save_model_dir, tiny_causal_lm
 
     tokenizer = char_tokenizer()

@@ -11,7 +11,7 @@ import torch
 
 from ideal.errors import IdealError
 from ideal.lm import collate, example_losses, token_nll
-from ideal.proxy import ProxySettings, learn_domain_weights
+from ideal.methods.proxy import ProxySettings, learn_domain_weights
 from ideal.tiny import tiny_causal_lm
 from tests.helpers import tokenize_pairs
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ideal.errors import IdealError
-from ideal.rules import IdealRule, UniformRule, ideal_beta, sensitivities
+from ideal.methods.rules import IdealRule, UniformRule, ideal_beta, sensitivities
 
 # references x domains; s_ji > 0: more of domain i lowers the loss on reference j (i helps j)
 SCORES = np.array([[2.0, -1.0, 0.0], [4.0, -3.0, 1.0]])
@@ -51,7 +51,7 @@ def test_rules_propose_volumes():
 
 
 def test_temperature_rule():
-    from ideal.rules import TemperatureRule
+    from ideal.methods.rules import TemperatureRule
 
     volumes = {"a": 10, "b": 30}  # total 40
     signals = {"pool_sizes": {"a": 100, "b": 400}}
@@ -67,7 +67,7 @@ def test_temperature_rule():
 
 
 def test_random_mixtures_keep_the_total():
-    from ideal.rules import FixedRule, random_shares
+    from ideal.methods.rules import FixedRule, random_shares
 
     rng = np.random.default_rng(0)
     volumes = {"a": 100, "b": 50, "c": 250}
@@ -82,7 +82,7 @@ def test_random_mixtures_keep_the_total():
 
 
 def test_doremi_step_by_hand():
-    from ideal.rules import doremi_step
+    from ideal.methods.rules import doremi_step
 
     alpha, excess = np.array([0.5, 0.25, 0.25]), np.array([0.0, np.log(2.0), 0.0])
     # exp(eta lambda): [1, 2, 1] -> alpha' = [0.5, 0.5, 0.25] / 1.25 = [0.4, 0.4, 0.2]
@@ -100,7 +100,7 @@ def test_doremi_step_by_hand():
 
 
 def test_doge_step_by_hand_and_uniform_is_its_fixed_point_without_signal():
-    from ideal.rules import doge_step
+    from ideal.methods.rules import doge_step
 
     alpha = np.array([0.25, 0.25, 0.5])
     # W = [log 3, 0, 0] -> [0.75, 0.25, 0.5] / 1.5
@@ -117,7 +117,7 @@ def test_doge_step_by_hand_and_uniform_is_its_fixed_point_without_signal():
 
 
 def test_weight_updates_reject_bad_input():
-    from ideal.rules import doge_step, doremi_step
+    from ideal.methods.rules import doge_step, doremi_step
 
     with pytest.raises(IdealError, match="sum to 1"):
         doremi_step([0.5, 0.6], [0.0, 0.0])
@@ -130,7 +130,7 @@ def test_weight_updates_reject_bad_input():
 
 
 def test_proxy_rule_turns_weights_into_volumes_at_the_same_total():
-    from ideal.rules import ProxyRule
+    from ideal.methods.rules import ProxyRule
 
     volumes = {"a": 100, "b": 50, "c": 250}
     weights = {"a": 0.5, "b": 0.25, "c": 0.25}

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from ideal.config import RunConfig, load_config
+from ideal.data.suite import DomainSpec, SuiteConfig, generate_suite
 from ideal.errors import IdealError
-from ideal.suite import DomainSpec, SuiteConfig, generate_suite
 
 
 def rows(path: Path) -> list[dict]:

@@ -15,17 +15,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ideal.data import load_domains, tokenize_examples
-from ideal.evaluate import evaluate_capability
-from ideal.hf import load_causal_lm
-from ideal.tiny import char_tokenizer, save_model_dir, tiny_causal_lm
-from ideal.train import (
+from ideal.backends.evaluate import evaluate_capability
+from ideal.backends.train import (
     TrainSettings,
     micro_batch_loss,
     step_examples,
     step_loss_normaliser,
     train_model,
 )
+from ideal.data.rows import load_domains, tokenize_examples
+from ideal.hf import load_causal_lm
+from ideal.tiny import char_tokenizer, save_model_dir, tiny_causal_lm
 from tests.helpers import make_data_dir, tokenize_pairs
 from tests.test_cli import assert_one_line_error
 

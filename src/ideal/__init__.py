@@ -4,14 +4,14 @@ The Python API mirrors the command line (`ideal --help`); the CLI is a thin laye
 
     ideal run / demo      ideal.load_config, ideal.run_loop
     ideal influence       ideal.compute_influence, ideal.run_influence
-    ideal reweight        ideal.reweight.reweight, ideal.update_mixture
+    ideal reweight        ideal.methods.reweight.reweight, ideal.update_mixture
     ideal train / eval    ideal.run_train, ideal.run_eval
     ideal compare         ideal.run_compare
     ideal export          ideal.export_mixture
     ideal report          ideal.write_report
 
-Names are imported on first use, so `import ideal` stays light (no torch until needed). (`reweight`
-is not exported: `ideal.reweight` is the module of that name.)
+Names are imported on first use, so `import ideal` stays light (no torch until needed). The parts of
+the package and what each may import: README.md ("Files") and each subpackage's __init__.py.
 """
 
 from __future__ import annotations
@@ -23,30 +23,30 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "IdealError": "ideal.errors",
-    "Example": "ideal.data",
-    "Tokenized": "ideal.data",
-    "load_domains": "ideal.data",
-    "tokenize_examples": "ideal.data",
-    "Constraints": "ideal.mixture",
-    "Mixture": "ideal.mixture",
-    "apply_constraints": "ideal.mixture",
-    "resample": "ideal.mixture",
-    "ideal_beta": "ideal.rules",
-    "sensitivities": "ideal.rules",
-    "update_mixture": "ideal.reweight",
-    "load_training_set": "ideal.mixture_io",
-    "InfluenceSettings": "ideal.influence",
-    "domain_influence": "ideal.influence",
-    "compute_influence": "ideal.influence_io",
-    "run_influence": "ideal.influence_io",
-    "TrainSettings": "ideal.train",
-    "run_train": "ideal.train",
-    "run_eval": "ideal.evaluate",
+    "Example": "ideal.data.rows",
+    "Tokenized": "ideal.data.rows",
+    "load_domains": "ideal.data.rows",
+    "tokenize_examples": "ideal.data.rows",
+    "Constraints": "ideal.data.mixture",
+    "Mixture": "ideal.data.mixture",
+    "apply_constraints": "ideal.data.mixture",
+    "resample": "ideal.data.mixture",
+    "ideal_beta": "ideal.methods.rules",
+    "sensitivities": "ideal.methods.rules",
+    "update_mixture": "ideal.methods.reweight",
+    "load_training_set": "ideal.data.mixture_io",
+    "InfluenceSettings": "ideal.influence.engine",
+    "domain_influence": "ideal.influence.engine",
+    "compute_influence": "ideal.influence.command",
+    "run_influence": "ideal.influence.command",
+    "TrainSettings": "ideal.backends.train",
+    "run_train": "ideal.backends.train",
+    "run_eval": "ideal.backends.evaluate",
     "load_config": "ideal.config",
     "run_loop": "ideal.loop",
     "run_compare": "ideal.compare",
-    "export_mixture": "ideal.export",
-    "write_report": "ideal.report",
+    "export_mixture": "ideal.data.export",
+    "write_report": "ideal.report.run",
 }
 
 __all__ = sorted(_EXPORTS)

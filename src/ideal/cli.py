@@ -196,7 +196,7 @@ def report(
     ],
 ) -> None:
     """Rewrite a run's summary plots and report.html from its artifacts."""
-    from ideal.report import write_report
+    from ideal.report.run import write_report
 
     _console().print(f"wrote {write_report(run_dir)}")
 
@@ -237,8 +237,8 @@ def reweight(
     on_invalid: OnInvalidOption = OnInvalid.error,
 ) -> None:
     """Apply one IDEAL update: rescale each domain's volume from influence.json and resample."""
-    from ideal.mixture import Constraints
-    from ideal.reweight import reweight as run_reweight
+    from ideal.data.mixture import Constraints
+    from ideal.methods.reweight import reweight as run_reweight
 
     result = run_reweight(
         train,
@@ -305,8 +305,8 @@ def _print_plan(
     curvature: str,
     probe: dict | None = None,
 ) -> None:
-    from ideal.data import load_domains
-    from ideal.plan import human, meta_model, plan_influence
+    from ideal.data.rows import load_domains
+    from ideal.influence.plan import human, meta_model, plan_influence
 
     domains, references = len(load_domains(train)), len(load_domains(reference))
     network = meta_model(model)
@@ -446,8 +446,8 @@ def influence(
     on_invalid: OnInvalidOption = OnInvalid.error,
 ) -> None:
     """Influence of every training domain on every reference capability (EK-FAC by default)."""
-    from ideal.influence import InfluenceSettings
-    from ideal.influence_io import has_weights, probe_seconds, run_influence
+    from ideal.influence.command import has_weights, probe_seconds, run_influence
+    from ideal.influence.engine import InfluenceSettings
     from ideal.progress import track
 
     settings = InfluenceSettings(
@@ -581,7 +581,7 @@ def train(
     on_invalid: OnInvalidOption = OnInvalid.error,
 ) -> None:
     """Supervised fine-tuning (full or LoRA) on a mixture; resumable."""
-    from ideal.train import TrainSettings, run_train
+    from ideal.backends.train import TrainSettings, run_train
 
     settings = TrainSettings(
         epochs=epochs,
@@ -644,7 +644,7 @@ def eval_(
     batch_size: Annotated[int, typer.Option("--batch-size")] = 16,
 ) -> None:
     """Per-capability loss and generative accuracy, with the mean and the worst capability."""
-    from ideal.evaluate import parse_scorers, run_eval
+    from ideal.backends.evaluate import parse_scorers, run_eval
 
     summary = run_eval(
         model, data, out_file, parse_scorers(scorer), max_length, max_new_tokens, batch_size
@@ -695,7 +695,7 @@ def export(
     ],
 ) -> None:
     """Write a mixture as files LLaMA-Factory, TRL or axolotl read, with the exact volumes."""
-    from ideal.export import export_mixture
+    from ideal.data.export import export_mixture
 
     written = export_mixture(mixture, fmt.value, out_dir)
     summary = ", ".join(f"{d} {n}" for d, n in written.items())
@@ -717,8 +717,8 @@ def check(
     on_invalid: OnInvalidOption = OnInvalid.error,
 ) -> None:
     """Validate a data directory: formats per file, rows, and (with --model) tokens and truncation."""
-    from ideal.data import tokenize_examples
-    from ideal.mixture_io import load_training_set
+    from ideal.data.mixture_io import load_training_set
+    from ideal.data.rows import tokenize_examples
 
     training = load_training_set(data, on_invalid.value)
     tokenizer = None

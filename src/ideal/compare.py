@@ -13,9 +13,9 @@ seed: it is trained once and copied into the others.
     ideal-kfac    the IDEAL rule with K-FAC, all rounds
     random        K random mixtures on the simplex at the same total (`--random-candidates`), each
                   trained; the one with the best reference objective is kept (its compute counts all K)
-    doremi        DoReMi adapted to SFT (`ideal.proxy`): a proxy run learns domain weights on the
+    doremi        DoReMi adapted to SFT (`ideal.methods.proxy`): a proxy run learns domain weights on the
                   clipped excess loss over the D0 model; one update to those weights, then train
-    doge          DoGE adapted to SFT (`ideal.proxy`): a proxy run learns domain weights from the
+    doge          DoGE adapted to SFT (`ideal.methods.proxy`): a proxy run learns domain weights from the
                   alignment of each domain's gradient with the reference gradient; same
     oracle-grid   NOT a method: a grid of mixtures (D0, uniform, and every share vector with entries
                   k_i / G, k_i >= 1, G = domains + 2 unless `--grid-resolution`), each trained and
@@ -37,7 +37,7 @@ from ideal.artifacts import atomic_write_json
 from ideal.config import RunConfig
 from ideal.errors import IdealError
 from ideal.loop import prepare_run, run_loop
-from ideal.rules import random_shares
+from ideal.methods.rules import random_shares
 
 log = logging.getLogger("ideal")
 
@@ -102,7 +102,7 @@ def _stats(values: list[float | None]) -> dict[str, float | None]:
 def _domains(config: RunConfig) -> list[str]:
     if config.suite is not None:
         return sorted(d.name for d in config.suite.domains)
-    from ideal.data import load_domains
+    from ideal.data.rows import load_domains
 
     return sorted(load_domains(config.train_data or ""))
 
@@ -285,7 +285,7 @@ def run_compare(
     document = {"methods": results, "seeds": seeds, "config_hash": config.hash()}
     document["gap_closure"] = gap_closure(results)
     atomic_write_json(out / "compare.json", document)
-    from ideal.compare_report import write_compare_report
+    from ideal.report.compare import write_compare_report
 
     write_compare_report(out, document)
     return document
@@ -329,6 +329,6 @@ def _d0_volumes(config: RunConfig, run: Path, first: Path | None) -> dict[str, i
         return {d: e["volume"] for d, e in read_json(mixture)["domains"].items()}
     if config.suite is not None:
         return {spec.name: spec.volume for spec in config.suite.domains}
-    from ideal.data import load_domains
+    from ideal.data.rows import load_domains
 
     return {d: len(p.examples) for d, p in load_domains(config.train_data or "").items()}

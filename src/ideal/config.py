@@ -19,10 +19,10 @@ from typing import Any
 import yaml
 
 from ideal.artifacts import sha256_text
+from ideal.backends.train import TrainSettings
+from ideal.data.suite import SuiteConfig
 from ideal.errors import IdealError
-from ideal.influence import InfluenceSettings
-from ideal.suite import SuiteConfig
-from ideal.train import TrainSettings
+from ideal.influence.engine import InfluenceSettings
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ideal.data import IGNORE_INDEX, Tokenized
+from ideal.data.rows import IGNORE_INDEX, Tokenized
 
 Tensor = torch.Tensor
 

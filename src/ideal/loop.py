@@ -8,7 +8,7 @@
     RUN/round-K/influence.json influence of round K's model (+ .csv, .png); drives round K+1
     RUN/round-K/proxy.json     rules doremi/doge instead: the proxy run's domain weights (+ .png)
     RUN/summary.json           one entry per round (SPEC.md), predicted vs realised change
-    RUN/report.html            plots and tables (ideal.report)
+    RUN/report.html            plots and tables (ideal.report.run)
 
 Round 0 trains on D0; each later round applies the update rule to the previous round's influence,
 resamples, retrains from the base model and evaluates. Every stage writes its artifact atomically
@@ -28,16 +28,16 @@ import yaml
 
 from ideal.artifacts import atomic_write_json, atomic_write_text, read_json
 from ideal.config import RunConfig
-from ideal.errors import IdealError
-from ideal.mixture import (
+from ideal.data.mixture import (
     Constraints,
     Mixture,
     domain_rng,
     resample,
 )
-from ideal.mixture_io import TrainingSet, load_training_set, write_mixture_dir
-from ideal.reweight import update_mixture
-from ideal.rules import FixedRule, IdealRule, ProxyRule, Rule, TemperatureRule, UniformRule
+from ideal.data.mixture_io import TrainingSet, load_training_set, write_mixture_dir
+from ideal.errors import IdealError
+from ideal.methods.reweight import update_mixture
+from ideal.methods.rules import FixedRule, IdealRule, ProxyRule, Rule, TemperatureRule, UniformRule
 
 log = logging.getLogger("ideal")
 
@@ -78,7 +78,7 @@ def prepare_run(config: RunConfig, run_dir: str | Path, resume: bool) -> RunPath
     if config.suite is not None:
         suite = run / "suite"
         if not suite.is_dir():
-            from ideal.suite import generate_suite
+            from ideal.data.suite import generate_suite
 
             log.info("generating the suite into %s", suite)
             generate_suite(config.suite, suite)
@@ -142,8 +142,8 @@ def next_mixture(
 
 def evaluate_round(config: RunConfig, paths: RunPaths, model_dir: Path) -> dict[str, Any]:
     """metrics.json of one round: reference loss (no decoding), test loss and accuracy."""
-    from ideal.data import load_domains
-    from ideal.evaluate import evaluate_capability
+    from ideal.backends.evaluate import evaluate_capability
+    from ideal.data.rows import load_domains
     from ideal.hf import load_causal_lm, load_tokenizer
 
     start = time.perf_counter()
@@ -207,10 +207,10 @@ def run_loop(config: RunConfig, run_dir: str | Path, resume: bool = False) -> di
     shard; the main process alone writes the run directory, evaluates and runs proxy runs, while
     the others wait. The run directory must be on a filesystem that every process sees.
     """
+    from ideal.backends.train import run_train
     from ideal.distributed import barrier, init_from_env, is_main
-    from ideal.influence_io import compute_influence, write_influence_files
+    from ideal.influence.command import compute_influence, write_influence_files
     from ideal.progress import track
-    from ideal.train import run_train
 
     init_from_env()
     main = is_main()
@@ -281,7 +281,7 @@ def run_loop(config: RunConfig, run_dir: str | Path, resume: bool = False) -> di
     summary = summarise_run(paths.run)
     if main:
         atomic_write_json(paths.run / "summary.json", summary)
-        from ideal.report import write_report
+        from ideal.report.run import write_report
 
         write_report(paths.run)
     barrier()
@@ -289,15 +289,15 @@ def run_loop(config: RunConfig, run_dir: str | Path, resume: bool = False) -> di
 
 
 def proxy_round(config: RunConfig, paths: RunPaths, here: Path, model_dir: Path) -> dict[str, Any]:
-    """proxy.json of round K for DoReMi / DoGE (`ideal.proxy`): a proxy fine-tuned from the base
+    """proxy.json of round K for DoReMi / DoGE (`ideal.methods.proxy`): a proxy fine-tuned from the base
     model learns domain weights over the round's pools; DoReMi's reference model is round K's model."""
     import torch
 
-    from ideal.data import load_domains, tokenize_examples
+    from ideal.backends.train import wrap_lora
+    from ideal.data.rows import load_domains, tokenize_examples
     from ideal.hf import load_causal_lm, load_tokenizer
+    from ideal.methods.proxy import ProxySettings, learn_domain_weights, proxy_document
     from ideal.progress import StepBar
-    from ideal.proxy import ProxySettings, learn_domain_weights, proxy_document
-    from ideal.train import wrap_lora
 
     start = time.perf_counter()
     method = make_rule(config).name
@@ -354,7 +354,7 @@ def proxy_round(config: RunConfig, paths: RunPaths, here: Path, model_dir: Path)
 
 def write_proxy_files(here: Path, document: dict[str, Any]) -> None:
     """proxy.json and proxy.png (domain weights along the proxy run)."""
-    from ideal.plots import weights_plot
+    from ideal.report.plots import weights_plot
 
     history = document["history"]
     weights_plot(

@@ -1,8 +1,8 @@
 """Proxy runs: domain weights learned online while a proxy model trains (DoReMi, DoGE), for SFT.
 
 Both methods (Xie et al. 2023, DoReMi; Fan et al. 2024, DoGE) train a proxy model with per-domain
-minibatches, move the domain weights alpha at every step (the updates are `ideal.rules.doremi_step`
-and `ideal.rules.doge_step`) and return the weights averaged over the steps; the next round's
+minibatches, move the domain weights alpha at every step (the updates are `ideal.methods.rules.doremi_step`
+and `ideal.methods.rules.doge_step`) and return the weights averaged over the steps; the next round's
 volumes are then proportional to them, at the same total. Where SFT forced a choice:
 
 - the proxy is the base model fine-tuned with the round's recipe (optimizer, learning rate schedule,
@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ideal.data import Tokenized
+from ideal.data.rows import Tokenized
 from ideal.errors import IdealError
 from ideal.lm import collate, example_losses, token_nll
-from ideal.rules import doge_step, doremi_step
+from ideal.methods.rules import doge_step, doremi_step
 
 METHODS = ("doremi", "doge")
 StepHook = Callable[[int, int], None]

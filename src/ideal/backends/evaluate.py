@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ideal.data import Domain, Example, Tokenized, render_prompt_ids, tokenize_examples
+from ideal.data.rows import Domain, Example, Tokenized, render_prompt_ids, tokenize_examples
 from ideal.errors import IdealError
 from ideal.lm import collate, example_losses, position_ids
 
@@ -260,7 +260,7 @@ def run_eval(
 ) -> dict[str, Any]:
     """`ideal eval`: every capability directory of `data`; writes the JSON to `out` when given."""
     from ideal.artifacts import atomic_write_json
-    from ideal.data import load_domains
+    from ideal.data.rows import load_domains
     from ideal.hf import load_causal_lm, load_tokenizer
 
     domains = load_domains(data)

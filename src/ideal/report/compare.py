@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
 from ideal.artifacts import atomic_write_text  # noqa: E402
-from ideal.plots import save_figure  # noqa: E402
+from ideal.report.plots import save_figure  # noqa: E402
 
 
 def _cell(stat: dict[str, Any] | None) -> str:

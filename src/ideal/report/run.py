@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 
 from ideal.artifacts import atomic_write_text, read_json  # noqa: E402
 from ideal.errors import IdealError  # noqa: E402
-from ideal.plots import SIGN_CONVENTION, save_figure  # noqa: E402
+from ideal.report.plots import SIGN_CONVENTION, save_figure  # noqa: E402
 
 
 def _volumes_plot(rounds: list[dict[str, Any]], path: Path) -> Path:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from ideal.artifacts import atomic_write_json, sha256_text
-from ideal.data import OnInvalid, Tokenized, tokenize_examples
+from ideal.data.rows import OnInvalid, Tokenized, tokenize_examples
 from ideal.distributed import barrier, init_from_env, is_main
 from ideal.errors import IdealError
 from ideal.lm import collate, token_nll
@@ -312,8 +312,8 @@ def run_train(
     progress: bool = True,
 ) -> TrainResult:
     """`ideal train`: base model + training directory (plain or mixture) -> fine-tuned model at `out`."""
+    from ideal.data.mixture_io import load_training_set
     from ideal.hf import load_causal_lm, load_tokenizer
-    from ideal.mixture_io import load_training_set
     from ideal.progress import StepBar
 
     init_from_env()  # under torchrun / accelerate launch: join the group before any file work

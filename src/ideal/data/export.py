@@ -20,8 +20,8 @@ from typing import Any
 import yaml
 
 from ideal.artifacts import atomic_dir
+from ideal.data.mixture_io import MANIFEST, load_training_set
 from ideal.errors import IdealError
-from ideal.mixture_io import MANIFEST, load_training_set
 
 FORMATS = ("llamafactory", "trl", "axolotl")
 

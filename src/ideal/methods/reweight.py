@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from ideal.artifacts import check_new_output_dir, read_json, sha256_file
-from ideal.data import OnInvalid
+from ideal.data.mixture import Constraints, Mixture, apply_constraints, resample_mixture
+from ideal.data.mixture_io import TrainingSet, load_training_set, write_mixture_dir
+from ideal.data.rows import OnInvalid
 from ideal.errors import IdealError
-from ideal.mixture import Constraints, Mixture, apply_constraints, resample_mixture
-from ideal.mixture_io import TrainingSet, load_training_set, write_mixture_dir
-from ideal.rules import IdealRule, Rule
+from ideal.methods.rules import IdealRule, Rule
 
 
 @dataclass

@@ -19,12 +19,14 @@ import numpy as np
 import torch
 
 from ideal.artifacts import atomic_dir, atomic_write_json, atomic_write_text, check_new_output_dir
-from ideal.capture import select_layers
-from ideal.data import OnInvalid, load_domains, tokenize_examples
+from ideal.data.mixture import sample_counts
+from ideal.data.mixture_io import load_training_set
+from ideal.data.rows import OnInvalid, load_domains, tokenize_examples
 from ideal.distributed import barrier, init_from_env, is_main, world_size
 from ideal.errors import IdealError
 from ideal.hf import load_causal_lm, load_tokenizer
-from ideal.influence import (
+from ideal.influence.capture import select_layers
+from ideal.influence.engine import (
     InfluenceResult,
     InfluenceSettings,
     Progress,
@@ -33,9 +35,7 @@ from ideal.influence import (
     no_progress,
     result_summary,
 )
-from ideal.mixture import sample_counts
-from ideal.mixture_io import load_training_set
-from ideal.plots import influence_heatmap
+from ideal.report.plots import influence_heatmap
 
 log = logging.getLogger(__name__)
 

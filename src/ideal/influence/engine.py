@@ -26,8 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ideal.capture import Capture, is_conv1d, layer_shape
-from ideal.curvature import (
+from ideal.data.rows import Tokenized
+from ideal.distributed import all_reduce_, all_reduce_float, broadcast_, owners, rank, world_size
+from ideal.errors import IdealError
+from ideal.influence.capture import Capture, is_conv1d, layer_shape
+from ideal.influence.curvature import (
     Eigen,
     LayerStats,
     correction_sum,
@@ -37,11 +40,8 @@ from ideal.curvature import (
     kfac_eigen,
     layer_stats,
 )
-from ideal.data import Tokenized
-from ideal.distributed import all_reduce_, all_reduce_float, broadcast_, owners, rank, world_size
-from ideal.errors import IdealError
 from ideal.lm import Batch, collate, example_losses, position_ids, sample_labels, token_nll
-from ideal.rules import ideal_beta, sensitivities
+from ideal.methods.rules import ideal_beta, sensitivities
 
 CURVATURES = ("ekfac", "kfac", "identity", "exact")
 EXACT_LIMIT = 8192  # parameters: the dense matrix has EXACT_LIMIT^2 float64 entries (0.5 GB)

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from ideal.artifacts import atomic_dir, atomic_write_json, read_json, sha256_file
-from ideal.data import Domain, Example, OnInvalid, load_domains
+from ideal.data.mixture import Mixture
+from ideal.data.rows import Domain, Example, OnInvalid, load_domains
 from ideal.errors import IdealError
-from ideal.mixture import Mixture
 
 MANIFEST = "mixture.json"
 FORMAT = "ideal-mixture/1"

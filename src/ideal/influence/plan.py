@@ -2,7 +2,7 @@
 
 Works from the model's config alone: the model is built on the meta device (no weights are read or
 allocated), so an 8B-parameter config plans in seconds on a laptop. Sizes follow what
-`ideal.influence` allocates for every selected layer of shape (out, in):
+`ideal.influence.engine` allocates for every selected layer of shape (out, in):
 
     covariances A (in x in) and S (out x out)          float64
     eigenvectors Q_A, Q_S (same shapes)                 float64
@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ideal.capture import layer_shape, select_layers
 from ideal.errors import IdealError
+from ideal.influence.capture import layer_shape, select_layers
 
 F64, F32 = 8, 4
 

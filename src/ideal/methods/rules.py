@@ -5,14 +5,14 @@ s_ji > 0 means "training more on domain i is predicted to LOWER the loss on refe
 
     dQ/dbeta_i = -(n_i / N) * sum_j w_j s_ji          (sensitivities; the n_i/N factor is optional)
     beta       = -m * alpha / max_i |alpha_i|         (alpha = dQ/dbeta; the largest change is m)
-    n_i       <- n_i * (1 + beta_i)                   (then constraints, in `ideal.mixture`)
+    n_i       <- n_i * (1 + beta_i)                   (then constraints, in `ideal.data.mixture`)
 
 A rule is a small object with a name, the signal it needs, and `propose`: "influence" (the
 influence step), "proxy" (a proxy run that learns domain weights online: DoReMi, DoGE) or "none", so
 rules that need no influence let the loop skip that step.
 
 DoReMi (Xie et al., 2023) and DoGE (Fan et al., 2024) learn domain weights alpha on the simplex while a
-proxy model trains; the per-step updates are pure functions here, the proxy run is `ideal.proxy`:
+proxy model trains; the per-step updates are pure functions here, the proxy run is `ideal.methods.proxy`:
 
     DoReMi   alpha <- (1 - c) softmax(log alpha + eta * lambda) + c / k     lambda: clipped excess loss
     DoGE     alpha <- softmax(log alpha + eta * W)                           W: gradient alignment

@@ -1,0 +1,11 @@
+"""Data: what the mixture is made of, on disk and in memory.
+
+    rows.py        domains on disk -> validated rows -> messages -> token ids + loss labels
+    mixture.py     volumes, constraints, seeded incremental resampling (pure, numpy)
+    mixture_io.py  a mixture on disk: read (back to its pool), write with its manifest
+    export.py      a mixture as LLaMA-Factory / TRL / axolotl files
+    suite.py       the embedded multi-capability toy suite: tasks, splits, tiny base model
+
+May import: the ground floor only (ideal.errors, ideal.artifacts, ideal.hf, ideal.tiny,
+ideal.distributed, ideal.progress). Nothing here knows about models' training or influence.
+"""

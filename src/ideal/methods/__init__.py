@@ -1,0 +1,10 @@
+"""Methods: how the next round's volumes follow from what was measured.
+
+    rules.py     update rules: sensitivities, the IDEAL step, uniform, temperature, fixed shares,
+                 DoReMi / DoGE weight updates and volumes from proxy weights (pure)
+    reweight.py  one IDEAL update from influence.json (`ideal reweight`)
+    proxy.py     DoReMi / DoGE proxy runs for SFT: domain weights learned while a proxy trains
+
+May import: ideal.lm, ideal.data and the ground floor. Not ideal.influence (which imports the rules),
+ideal.backends, ideal.config or above.
+"""

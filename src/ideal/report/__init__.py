@@ -1,0 +1,9 @@
+"""Report: plots and HTML pages, made from artifacts only.
+
+    plots.py    the influence heatmap, domain weights along a proxy run
+    run.py      a run's plots and report.html (`ideal report`)
+    compare.py  compare.html and the accuracy-vs-compute plot
+
+May import: the ground floor only (ideal.errors, ideal.artifacts, ...). It reads what the other parts
+wrote; it never trains, scores or resamples.
+"""
