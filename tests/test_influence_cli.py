@@ -57,11 +57,21 @@ def test_influence_writes_json_csv_and_heatmap(cli, workspace, tmp_path):
     assert [doc["sensitivity"][d] for d in doc["domains"]] == pytest.approx(alpha.tolist())
     assert max(abs(b) for b in doc["beta"].values()) == pytest.approx(0.15)
     assert set(doc["seconds"]) >= {
-        "pass1_factors_and_domain_gradients",
-        "pass2_eigenvalue_correction",
         "references",
+        "curvature_covariances",
+        "eigendecomposition",
+        "curvature_eigenvalue_correction",
+        "precondition",
+        "domains",
         "total",
     }
+    # every score with its standard error and the copies it used; the curvature sample (default
+    # 256 copies) holds the whole 21-copy mixture here
+    stderr = np.array(doc["stderr"])
+    assert stderr.shape == (2, 3) and (stderr > 0).all()
+    assert doc["examples"] == {"add": 5.0, "mul": 4.0, "sub": 3.0}
+    assert doc["curvature_examples"] == 21.0 and doc["groups"] == [doc["layers"]]
+    assert "+-" in result.out
     rows = list(csv.reader((tmp_path / "out" / "influence.csv").read_text().splitlines()))
     assert rows[0] == ["reference", "add", "mul", "sub"]
     assert [[float(x) for x in row[1:]] for row in rows[1:]] == doc["scores"]
@@ -151,3 +161,38 @@ def test_user_errors_are_one_line_and_write_nothing(cli, workspace, tmp_path):
         run(cli, workspace, out, "--factors", "gpu"), "--factors must be cpu or device"
     )
     assert not out.exists()
+
+
+def test_default_bounded_scores_agree_with_the_full_computation_within_3_standard_errors(
+    cli, workspace, tmp_path
+):
+    """Default: half of each domain (at most 128 copies), curvature on at most 256 copies (here all
+    180); full: every copy. The difference is domain sampling alone, which the errors describe."""
+    make_data_dir(
+        tmp_path / "train",
+        {d: [{"prompt": f"{d} {i} {i % 7}?", "completion": str((i * 7) % 10)} for i in range(60)]
+         for d in ("add", "mul", "sub")},
+    )  # fmt: skip
+    common = ["influence", "--model", workspace / "llama", "--train", tmp_path / "train",
+              "--reference", workspace / "reference"]  # fmt: skip
+    assert cli(*common, "--out", tmp_path / "default").code == 0
+    full = cli(*common, "--out", tmp_path / "full", "--sample", "1.0",
+               "--curvature-examples", "all", "--max-examples", "all")  # fmt: skip
+    assert full.code == 0, full.err
+    bounded = json.loads((tmp_path / "default" / "influence.json").read_text())
+    exact = json.loads((tmp_path / "full" / "influence.json").read_text())
+    assert bounded["examples"] == {"add": 30.0, "mul": 30.0, "sub": 30.0}
+    assert exact["examples"] == {"add": 60.0, "mul": 60.0, "sub": 60.0}
+    assert bounded["curvature_examples"] == exact["curvature_examples"] == 180.0
+    assert np.array(exact["stderr"]).max() == 0.0  # the whole population: no sampling error
+    difference = np.abs(np.array(bounded["scores"]) - np.array(exact["scores"]))
+    assert (difference <= 3 * np.array(bounded["stderr"])).all()
+    assert (difference > 0).any()  # the samples really differ
+    capped = cli(*common, "--out", tmp_path / "capped", "--max-examples", "10",
+                 "--curvature-examples", "20")  # fmt: skip
+    assert capped.code == 0, capped.err
+    doc = json.loads((tmp_path / "capped" / "influence.json").read_text())
+    assert doc["examples"] == {"add": 10.0, "mul": 10.0, "sub": 10.0}
+    assert doc["curvature_examples"] == 20.0 and doc["curvature_sample"]["requested"] == 20
+    bad = cli(*common, "--out", tmp_path / "bad", "--curvature-examples", "some")
+    assert bad.code == 1 and "--curvature-examples" in bad.err

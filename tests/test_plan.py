@@ -12,7 +12,6 @@ import torch
 from transformers import LlamaConfig
 
 from ideal.influence.capture import select_layers
-from ideal.influence.curvature import covariances, kfac_eigen
 from ideal.influence.engine import InfluenceEngine, InfluenceSettings, WeightedSet, no_progress
 from ideal.influence.plan import meta_model, plan_influence
 from tests.helpers import make_data_dir, qa_rows, tokenize_pairs
@@ -23,66 +22,86 @@ def nbytes(t: torch.Tensor) -> int:
 
 
 def test_plan_matches_what_the_influence_step_allocates(tmp_path):
+    from ideal.influence.engine import spread_eigendecompositions
     from ideal.tiny import char_tokenizer, save_model_dir, tiny_causal_lm
 
     tokenizer = char_tokenizer()
     model = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=0)
     save_model_dir(tmp_path, model, tokenizer)
-    domains = {
-        d: WeightedSet.uniform(tokenize_pairs(tokenizer, [(f"{d}{i}", "1") for i in range(4)]))
-        for d in ("a", "b", "c")
+    sample = {
+        "curvature": WeightedSet.uniform(
+            tokenize_pairs(tokenizer, [(f"a{i}", "1") for i in range(6)])
+        )
     }
     references = {
         r: WeightedSet.uniform(tokenize_pairs(tokenizer, [(f"{r}{i}", "2") for i in range(3)]))
         for r in ("x", "y")
     }
     layers = select_layers(model)
-    engine = InfluenceEngine(model, layers, InfluenceSettings(), 0, no_progress)
+    settings = InfluenceSettings()
+    engine = InfluenceEngine(model, layers, settings, 0, no_progress)
     for p in model.parameters():
         p.requires_grad_(p in set(engine.params))
-    grads, stats = engine.domain_pass(domains)
+    stats = engine.curvature_pass(sample)
+    covariance_bytes = {n: nbytes(s.a_sum) + nbytes(s.s_sum) for n, s in stats.items()}
+    eigens = spread_eigendecompositions(stats)
+    assert not stats  # freed as they are decomposed
+    corrected = engine.correction_pass(sample, eigens)
     ref_grads, _ = engine.reference_pass(references)
-    plans = {
-        p.name: p for p in plan_influence(meta_model(tmp_path), None, len(domains), len(references))
-    }
+    plans = {p.name: p for p in plan_influence(meta_model(tmp_path), None, len(references))}
     assert list(plans) == list(layers)
     for name in layers:
-        eigen = kfac_eigen(*covariances(stats[name]))
-        preconditioned = [
-            torch.zeros_like(eigen.eigenvalues) for _ in references
-        ]  # float64, one per reference
+        stacked = torch.stack([g[name] for g in ref_grads.values()])
+        directions = stacked.float()  # what the preconditioning returns: (k, out, in) float32
         held = {
-            "covariances": nbytes(stats[name].a_sum) + nbytes(stats[name].s_sum),
-            "eigenvectors": nbytes(eigen.q_a) + nbytes(eigen.q_s),
-            "eigenvalues": nbytes(eigen.eigenvalues),
-            "gradients": sum(nbytes(g[name]) for g in [*grads.values(), *ref_grads.values()])
-            + sum(map(nbytes, preconditioned)),
+            "covariances": covariance_bytes[name],
+            "eigenvectors": nbytes(eigens[name].q_a) + nbytes(eigens[name].q_s),
+            "eigenvalues": nbytes(eigens[name].eigenvalues),
+            "correction": nbytes(corrected[name]),
+            "references": sum(nbytes(g[name]) for g in ref_grads.values()),
+            "directions": nbytes(directions),
         }
         plan = plans[name]
         assert held == {k: getattr(plan, k) for k in held}
 
 
-def test_an_8b_config_plans_without_weights(cli, tmp_path):
+def test_an_8b_config_plans_within_70_gib(cli, tmp_path):
     config = LlamaConfig(
         vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
     )  # fmt: skip
     (tmp_path / "llama8b").mkdir()
     (tmp_path / "llama8b" / "config.json").write_text(json.dumps(config.to_dict()))
-    make_data_dir(tmp_path / "train", {"math": qa_rows("m", 2), "code": qa_rows("c", 2)})
-    make_data_dir(tmp_path / "reference", {"math": qa_rows("r", 2)})
-    result = cli("influence", "--model", tmp_path / "llama8b", "--train", tmp_path / "train",
-                 "--reference", tmp_path / "reference", "--plan", "--layers", "*.mlp.down_proj")  # fmt: skip
+    four = ("math", "code", "reasoning", "chat")
+    make_data_dir(tmp_path / "train", {d: qa_rows(d, 2) for d in four})
+    make_data_dir(tmp_path / "reference", {d: qa_rows(d, 2) for d in four})
+    args = ["influence", "--model", tmp_path / "llama8b", "--train", tmp_path / "train",
+            "--reference", tmp_path / "reference", "--plan"]  # fmt: skip
+    result = cli(*args, "--memory", "70GiB")
     assert result.code == 0, result.err
-    assert "8,030,261,248 parameters" in result.out  # Llama-3.1-8B
-    # 32 down_proj layers of 4096 x 14336: covariances and eigenvectors 2 x (4096^2 + 14336^2) x 8 B,
-    # Lambda 4096 x 14336 x 8 B, gradients 4096 x 14336 x (3 x 4 + 1 x 8) B
-    per_layer = 2 * (4096**2 + 14336**2) * 8 + 4096 * 14336 * 8 + 4096 * 14336 * 20
-    total = re.search(r"statistics held: ([\d.]+) GiB", result.out)
-    assert total and float(total.group(1)) == pytest.approx(32 * per_layer / 2**30, abs=0.05)
+    assert "8,030,261,248 parameters" in result.out  # Llama-3.1-8B, every MLP projection
+    peak = re.search(r"^peak device memory: ([\d.]+) GiB", result.out, re.M)
+    assert peak and float(peak.group(1)) <= 70
+    assert re.search(r"^peak host memory: [\d.]+ GiB", result.out, re.M)
+    assert re.search(
+        r"^passes: (\d+) over references, (\d+) over curvature sample", result.out, re.M
+    )
+    # by hand: bf16 weights, then per layer the larger of eigenvectors + Lambda (float32) and four
+    # float32 directions, in groups; one chunk of 16 float32 per-example gradients (x2) on top
+    weights = 8_030_261_248 * 2
+    layer = max((4096**2 + 14336**2) * 4 + 4096 * 14336 * 4, 4 * 4096 * 14336 * 4)
+    transient = max(2 * 16 * 4096 * 14336 * 4, (2 * 4 * 4096 * 14336 + 4096**2 + 14336**2) * 8)
+    fits = (70 * 2**30 - weights - transient) // layer  # layers per group, filled in model order
+    assert f"{-(-96 // fits)} layer group(s)" in result.out
+    assert float(peak.group(1)) == pytest.approx(
+        (weights + transient + min(96, fits) * layer) / 2**30, abs=0.01
+    )
+    unbounded = cli(*args)
+    assert unbounded.code == 0 and "1 layer group" in unbounded.out
     assert (
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 4 * 2**20
     )  # KiB: far below 16 GB of weights
+    assert cli(*args, "--memory", "lots").code == 1
 
 
 def test_plan_with_weights_adds_a_time_estimate_from_a_probe(cli, tmp_path):
@@ -95,20 +114,22 @@ def test_plan_with_weights_adds_a_time_estimate_from_a_probe(cli, tmp_path):
     make_data_dir(tmp_path / "reference", {"r": qa_rows("r", 6)})
     probe = probe_seconds(tmp_path / "m", tmp_path / "train", tmp_path / "reference",
                           sample=1.0, per_set=2)  # fmt: skip
-    assert probe["probe_examples"] == {"domains": 4, "references": 2}
-    assert probe["examples"] == {"domains": 24, "references": 6}
+    assert probe["probe_examples"] == {"domains": 4, "references": 2, "curvature": 2}
+    assert probe["examples"] == {"domains": 24, "references": 6, "curvature": 24}
     measured, estimate = probe["probe_seconds"], probe["estimate_seconds"]
     # passes over the data scale with the example count, the eigendecomposition does not
-    for stage in ("pass1_factors_and_domain_gradients", "pass2_eigenvalue_correction"):
-        assert estimate[stage] == pytest.approx(6 * measured[stage])
+    assert estimate["domains"] == pytest.approx(6 * measured["domains"])
+    for stage in ("curvature_covariances", "curvature_eigenvalue_correction"):
+        assert estimate[stage] == pytest.approx(12 * measured[stage])
     assert estimate["references"] == pytest.approx(3 * measured["references"])
     assert estimate["eigendecomposition"] == measured["eigendecomposition"]
     assert probe["estimate_total"] == pytest.approx(sum(estimate.values()))
     # by default two batches of every set
     default = probe_seconds(tmp_path / "m", tmp_path / "train", tmp_path / "reference",
                             InfluenceSettings(batch_size=2), sample=1.0)  # fmt: skip
-    assert default["probe_examples"] == {"domains": 8, "references": 4}
+    assert default["probe_examples"] == {"domains": 8, "references": 4, "curvature": 4}
     result = cli("influence", "--model", tmp_path / "m", "--train", tmp_path / "train",
                  "--reference", tmp_path / "reference", "--plan")  # fmt: skip
     assert result.code == 0, result.err
-    assert re.search(r"time: ~[\d.]+ s on this machine for 12 sampled and 6 reference", result.out)
+    assert re.search(r"time: ~[\d.]+ s on this machine for 12 sampled, 24 curvature and 6 reference",
+                     result.out)  # fmt: skip

@@ -242,19 +242,48 @@ def resample_mixture(
     return Mixture(counts, seed=seed, round=round_, events=list(events or []))
 
 
-def sample_counts(counts: np.ndarray, fraction: float, rng: np.random.Generator) -> np.ndarray:
-    """A seeded sample of `fraction` of a domain's copies (at least one), as counts per unique example.
+def sample_counts(
+    counts: np.ndarray, fraction: float, rng: np.random.Generator, cap: int | None = None
+) -> np.ndarray:
+    """A seeded sample of `fraction` of a domain's copies (at least one, at most `cap`), as counts
+    per unique example.
 
     Copies of the same example have the same gradient, so a sampled example is processed once with
     its sampled count as weight.
     """
     if not 0.0 < fraction <= 1.0:
         raise IdealError(f"--sample must be in (0, 1], got {fraction}")
+    if cap is not None and cap < 1:
+        raise IdealError(f"--max-examples must be >= 1, got {cap}")
     counts = np.asarray(counts, dtype=np.int64)
     volume = int(counts.sum())
-    if fraction == 1.0 or volume == 0:
-        return counts.copy()
     size = max(1, math.ceil(fraction * volume))
+    size = min(size, cap) if cap is not None else size
+    if size >= volume or volume == 0:
+        return counts.copy()
     copies = np.repeat(np.arange(len(counts)), counts)
     chosen = rng.choice(len(copies), size=size, replace=False)
     return np.bincount(copies[chosen], minlength=len(counts)).astype(np.int64)
+
+
+def sample_mixture(
+    counts: dict[str, np.ndarray], size: int | None, rng: np.random.Generator
+) -> dict[str, np.ndarray]:
+    """A seeded sample of `size` copies of the whole mixture (None: all of it), drawn without
+    replacement, so each domain is represented in proportion to its volume; counts per example."""
+    if size is not None and size < 1:
+        raise IdealError(f"--curvature-examples must be >= 1 or 'all', got {size}")
+    names = list(counts)
+    arrays = [np.asarray(counts[n], dtype=np.int64) for n in names]
+    total = int(sum(a.sum() for a in arrays))
+    if size is None or size >= total:
+        return {n: a.copy() for n, a in zip(names, arrays, strict=True)}
+    flat = np.concatenate(arrays)
+    copies = np.repeat(np.arange(len(flat)), flat)
+    picked = np.bincount(copies[rng.choice(len(copies), size=size, replace=False)],
+                         minlength=len(flat))  # fmt: skip
+    bounds = np.cumsum([0, *(len(a) for a in arrays)])
+    return {
+        n: picked[lo:hi].astype(np.int64)
+        for n, lo, hi in zip(names, bounds[:-1], bounds[1:], strict=True)
+    }

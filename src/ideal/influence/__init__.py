@@ -4,6 +4,7 @@
     curvature.py  factors -> eigenbases -> eigenvalue correction -> damped inverse-HVP (pure)
     engine.py     passes over domains and references, exact Gauss-Newton, scores, objective
     plan.py       memory of the step from a model's config alone (meta device): `--plan`
+    defaults.py   default sample sizes (no torch: the CLI and config read them)
     command.py    `ideal influence` end to end: load, sample, compute, write json/csv/png
 
 May import: ideal.methods (the update rule gives influence.json its beta), ideal.lm, ideal.data,

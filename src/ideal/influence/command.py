@@ -11,7 +11,7 @@ import io
 import logging
 import time
 import zlib
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +19,14 @@ import numpy as np
 import torch
 
 from ideal.artifacts import atomic_dir, atomic_write_json, atomic_write_text, check_new_output_dir
-from ideal.data.mixture import sample_counts
+from ideal.data.mixture import sample_counts, sample_mixture
 from ideal.data.mixture_io import load_training_set
 from ideal.data.rows import OnInvalid, load_domains, tokenize_examples
 from ideal.distributed import barrier, init_from_env, is_main, world_size
 from ideal.errors import IdealError
 from ideal.hf import load_causal_lm, load_tokenizer
 from ideal.influence.capture import select_layers
+from ideal.influence.defaults import CURVATURE_EXAMPLES, MAX_EXAMPLES
 from ideal.influence.engine import (
     InfluenceResult,
     InfluenceSettings,
@@ -35,9 +36,20 @@ from ideal.influence.engine import (
     no_progress,
     result_summary,
 )
+from ideal.influence.plan import layer_groups, parse_size
 from ideal.report.plots import influence_heatmap
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the influence step samples: seed, each domain's fraction and cap, the curvature sample."""
+
+    seed: int = 0
+    sample: float = 0.5
+    max_examples: int | None = MAX_EXAMPLES
+    curvature_examples: int | None = CURVATURE_EXAMPLES
 
 
 def compute_influence(
@@ -52,16 +64,28 @@ def compute_influence(
     size_factor: bool = True,
     on_invalid: OnInvalid = "error",
     progress: Progress = no_progress,
+    curvature_examples: int | None = CURVATURE_EXAMPLES,
+    max_examples: int | None = MAX_EXAMPLES,
+    memory: str | int | None = None,
 ) -> tuple[InfluenceResult, dict[str, Any]]:
-    """Influence of every training domain on every reference capability; returns (result, influence.json)."""
+    """Influence of every training domain on every reference capability; returns (result, influence.json).
+
+    `curvature_examples` copies of the mixture (None: all) fit the curvature; each domain's score
+    uses `sample` of its copies, at most `max_examples`; `memory` (bytes or "70GiB") splits the
+    layers into groups whose statistics fit it (one set of passes per group)."""
     start = time.perf_counter()
-    model, tokenizer, selected, training, domains, refs = _inputs(
-        model_dir, train, reference, settings.seed, sample, layers, max_length, on_invalid
+    sampling = Sampling(settings.seed, sample, max_examples, curvature_examples)
+    model, tokenizer, selected, training, domains, refs, curvature = _inputs(
+        model_dir, train, reference, sampling, layers, max_length, on_invalid
     )
+    groups = None
+    if memory is not None:
+        groups = layer_groups(model, selected, len(refs), parse_size(memory), settings)
     prepare = time.perf_counter() - start
     result = domain_influence(
-        model, selected, domains, refs, settings, tokenizer.pad_token_id, progress
-    )
+        model, selected, domains, refs, settings, tokenizer.pad_token_id, progress, curvature,
+        groups,
+    )  # fmt: skip
     result.seconds = {"load_and_tokenize": prepare, **result.seconds}
     volumes = training.mixture.volumes
     sizes = {name: len(ws.items) for name, ws in refs.items()}
@@ -70,6 +94,8 @@ def compute_influence(
         "domains": result.domains,
         "references": result.references,
         "scores": result.scores.tolist(),
+        "stderr": None if result.stderr is None else result.stderr.tolist(),
+        "examples": result.examples,
         "sign_convention": "s_ji > 0: training more on domain i is predicted to lower the loss on reference j",
         "volumes": volumes,
         **summary,
@@ -83,6 +109,11 @@ def compute_influence(
         "layers": result.layers,
         "fisher": settings.fisher,
         "sample": sample,
+        "max_examples": max_examples,
+        "curvature_examples": result.curvature_examples,
+        "curvature_sample": {"requested": curvature_examples, "unique": len(curvature.items)},
+        "groups": result.groups,
+        "memory": memory,
         "sampled_examples": {d: len(ws.items) for d, ws in domains.items()},
         "sampled_weight": {d: float(sum(ws.weights)) for d, ws in domains.items()},
         "tokens": result.tokens,
@@ -98,16 +129,18 @@ def _inputs(
     model_dir: str | Path,
     train: str | Path,
     reference: str | Path,
-    seed: int,
-    sample: float,
+    sampling: Sampling,
     layers: list[str] | None,
     max_length: int | None,
     on_invalid: OnInvalid,
-) -> tuple[Any, Any, dict[str, Any], Any, dict[str, WeightedSet], dict[str, WeightedSet]]:
-    """Model on its device, tokenizer, selected layers, training set, the mixture sample and the
-    reference sets, as the influence step uses them."""
-    if not 0.0 < sample <= 1.0:
-        raise IdealError(f"--sample must be in (0, 1], got {sample}")
+) -> tuple[
+    Any, Any, dict[str, Any], Any, dict[str, WeightedSet], dict[str, WeightedSet], WeightedSet
+]:
+    """Model on its device, tokenizer, selected layers, training set, every domain's sample, the
+    reference sets and the curvature sample, as the influence step uses them. Only the sampled
+    examples are tokenized."""
+    if not 0.0 < sampling.sample <= 1.0:
+        raise IdealError(f"--sample must be in (0, 1], got {sampling.sample}")
     training = load_training_set(train, on_invalid)
     references = load_domains(reference, on_invalid)
     model = load_causal_lm(model_dir)
@@ -117,22 +150,36 @@ def _inputs(
         f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     )
     model.to(device)
-    domains: dict[str, WeightedSet] = {}
-    for name, counts in training.mixture.counts.items():
-        rng = np.random.default_rng([seed, zlib.crc32(name.encode()), 17])
-        sampled = sample_counts(counts, sample, rng)
+
+    def weighted(name: str, sampled: np.ndarray) -> tuple[list[Any], list[float]]:
         keep = np.flatnonzero(sampled)
         examples = [training.pool[name].examples[i] for i in keep]
         weight = {e.source: float(sampled[i]) for e, i in zip(examples, keep, strict=True)}
         items, _ = tokenize_examples(examples, tokenizer, max_length, on_invalid)
-        domains[name] = WeightedSet(items, [weight[item.source] for item in items])
+        return items, [weight[item.source] for item in items]
+
+    domains: dict[str, WeightedSet] = {}
+    for name, counts in training.mixture.counts.items():
+        rng = np.random.default_rng([sampling.seed, zlib.crc32(name.encode()), 17])
+        sampled = sample_counts(counts, sampling.sample, rng, sampling.max_examples)
+        items, weights = weighted(name, sampled)
+        domains[name] = WeightedSet(items, weights, population=float(np.sum(counts)))
+    rng = np.random.default_rng([sampling.seed, 23])
+    drawn = sample_mixture(training.mixture.counts, sampling.curvature_examples, rng)
+    curvature_items: list[Any] = []
+    curvature_weights: list[float] = []
+    for name, sampled in drawn.items():
+        items, weights = weighted(name, sampled)
+        curvature_items += items
+        curvature_weights += weights
+    curvature = WeightedSet(curvature_items, curvature_weights, list(range(len(curvature_items))))
     refs = {
         name: WeightedSet.uniform(
             tokenize_examples(d.examples, tokenizer, max_length, on_invalid)[0]
         )
         for name, d in references.items()
     }
-    return model, tokenizer, selected, training, domains, refs
+    return model, tokenizer, selected, training, domains, refs, curvature
 
 
 def has_weights(model_dir: str | Path) -> bool:
@@ -150,38 +197,45 @@ def probe_seconds(
     layers: list[str] | None = None,
     max_length: int | None = None,
     per_set: int | None = None,
+    curvature_examples: int | None = CURVATURE_EXAMPLES,
+    max_examples: int | None = MAX_EXAMPLES,
 ) -> dict[str, Any]:
     """A short timed probe: the influence step on the first `per_set` examples (default: two
-    batches) of every domain's sample and every reference set, extrapolated per stage to the full
-    sets (full batches, so per-example costs are those of the real run).
+    batches) of every domain's sample, of every reference set and of the curvature sample,
+    extrapolated per stage to the full sets (full batches, so per-example costs are those of the
+    real run).
 
-    Passes over data scale with their example count; the eigendecomposition and the scores do not
-    (they depend on layer shapes only) and are taken as measured.
+    Passes over data scale with their example count; the eigendecomposition, the preconditioning
+    and the scores do not (they depend on layer shapes only) and are taken as measured.
     """
-    model, tokenizer, selected, _, domains, refs = _inputs(
-        model_dir, train, reference, settings.seed, sample, layers, max_length, "error"
+    sampling = Sampling(settings.seed, sample, max_examples, curvature_examples)
+    model, tokenizer, selected, _, domains, refs, curvature = _inputs(
+        model_dir, train, reference, sampling, layers, max_length, "error"
     )
-
     size = per_set or 2 * settings.batch_size
 
-    def head(sets: dict[str, WeightedSet]) -> dict[str, WeightedSet]:
-        return {
-            n: WeightedSet(ws.items[:size], ws.weights[:size], list(range(len(ws.items)))[:size])
-            for n, ws in sets.items()
-        }
+    def head(ws: WeightedSet) -> WeightedSet:
+        keys = ws.keys if ws.keys is not None else list(range(len(ws.items)))
+        return WeightedSet(ws.items[:size], ws.weights[:size], keys[:size], ws.population)
 
-    small_domains, small_refs = head(domains), head(refs)
+    small_domains = {n: head(ws) for n, ws in domains.items()}
+    small_refs = {n: head(ws) for n, ws in refs.items()}
+    small_curvature = head(curvature)
     result = domain_influence(
-        model, selected, small_domains, small_refs, settings, tokenizer.pad_token_id
-    )
+        model, selected, small_domains, small_refs, settings, tokenizer.pad_token_id,
+        curvature=small_curvature,
+    )  # fmt: skip
     count = {"domains": sum(len(ws.items) for ws in domains.values()),
-             "references": sum(len(ws.items) for ws in refs.values())}  # fmt: skip
+             "references": sum(len(ws.items) for ws in refs.values()),
+             "curvature": len(curvature.items)}  # fmt: skip
     probed = {"domains": sum(len(ws.items) for ws in small_domains.values()),
-              "references": sum(len(ws.items) for ws in small_refs.values())}  # fmt: skip
+              "references": sum(len(ws.items) for ws in small_refs.values()),
+              "curvature": len(small_curvature.items)}  # fmt: skip
     scale = {
-        "pass1_factors_and_domain_gradients": count["domains"] / probed["domains"],
-        "pass2_eigenvalue_correction": count["domains"] / probed["domains"],
-        "exact_gauss_newton": count["domains"] / probed["domains"],
+        "curvature_covariances": count["curvature"] / probed["curvature"],
+        "curvature_eigenvalue_correction": count["curvature"] / probed["curvature"],
+        "exact_gauss_newton": count["curvature"] / probed["curvature"],
+        "domains": count["domains"] / probed["domains"],
         "references": count["references"] / probed["references"],
     }
     estimate = {k: v * scale.get(k, 1.0) for k, v in result.seconds.items()}

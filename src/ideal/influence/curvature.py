@@ -155,9 +155,10 @@ def inverse_hvp(v: Tensor, eigen: Eigen, damping: float) -> Tensor:
     """(G_l + damping I)^{-1} v for v of shape (..., out, in), in the eigenbasis of G_l."""
     if damping <= 0.0 and bool((eigen.eigenvalues <= 0).any()):
         raise ValueError("zero damping with a singular curvature: set a damping > 0")
-    v = v.double()
-    rotated = eigen.q_s.T @ v @ eigen.q_a
-    return eigen.q_s @ (rotated / (eigen.eigenvalues + damping)) @ eigen.q_a.T
+    # stored in float32 at scale (SPEC.md "Scale"); the solve itself runs in float64
+    q_a, q_s, values = eigen.q_a.double(), eigen.q_s.double(), eigen.eigenvalues.double()
+    rotated = q_s.T @ v.double() @ q_a
+    return q_s @ (rotated / (values + damping)) @ q_a.T
 
 
 def dense_kronecker(eigen: Eigen) -> Tensor:

@@ -8,11 +8,18 @@ Sign convention (METHOD.md), used everywhere in `ideal` (files, plots, docs):
 Up-weighting domain i by epsilon moves the optimum by -epsilon (n_i/N) H^{-1} gbar_i, so the reference
 loss changes by -epsilon (n_i/N) s_ji: a positive score means the loss goes down.
 
-Cost (SPEC.md "Scale"): pass 1 over the mixture sample computes the covariances and the per-domain
-gradient sums together (one forward, one or two backward passes per batch); pass 2 computes the
-EK-FAC eigenvalue correction from per-example gradients in bounded chunks; a separate pass computes
-reference gradients. Per-example gradients are never stored beyond one chunk. Preconditioned reference
-gradients are computed once per reference and dotted with every domain gradient.
+Organised around the k reference directions (METHOD.md, "Computing the scores at scale"):
+
+    1. reference gradients g_Rj: one pass over the reference sets;
+    2. curvature from a bounded, seeded sample C of the mixture (covariances, float64
+       eigendecomposition, for EK-FAC a second pass for the eigenvalue correction);
+    3. v_j = (G + lambda)^{-1} g_Rj, float32: the only model-sized state that outlives the curvature;
+    4. one pass per domain over its seeded sample: every example's gradient of the selected layers is
+       dotted with every v_j (in chunks) and discarded. s_ji is the weighted mean of the
+       contributions v_j^T grad l(z), and its standard error comes from their spread.
+
+No per-domain gradient sum and no per-example gradient beyond one chunk is ever stored. With layer
+groups (`--memory`), steps 1-4 run once per group of layers and the contributions add up.
 """
 
 from __future__ import annotations
@@ -94,6 +101,9 @@ class WeightedSet:
     items: list[Tokenized]
     weights: list[float]
     keys: list[int] | None = None  # stable ids that seed sampled labels (default: the positions)
+    # copies the sample was drawn from without replacement (the domain's volume): its finite-
+    # population correction; None = the sample is the whole set (no sampling error)
+    population: float | None = None
 
     @classmethod
     def uniform(cls, items: list[Tokenized]) -> WeightedSet:
@@ -107,7 +117,14 @@ class WeightedSet:
             [self.items[i] for i in picked],
             [self.weights[i] for i in picked],
             [keys[i] for i in picked],
+            self.population,
         )
+
+    @classmethod
+    def merged(cls, sets: dict[str, WeightedSet]) -> WeightedSet:
+        """One set of every example of `sets` (for a curvature fitted on the domains' samples)."""
+        items = [i for ws in sets.values() for i in ws.items]
+        return cls(items, [w for ws in sets.values() for w in ws.weights], list(range(len(items))))
 
 
 @dataclass
@@ -120,6 +137,10 @@ class InfluenceResult:
     damping: dict[str, float]  # lambda per layer (or the dense block for exact)
     seconds: dict[str, float] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
+    stderr: np.ndarray | None = None  # (references, domains): standard error of each score
+    examples: dict[str, float] = field(default_factory=dict)  # copies used per domain
+    curvature_examples: float = 0.0  # copies in the curvature sample
+    groups: list[list[str]] = field(default_factory=list)  # layer groups, one set of passes each
 
 
 def make_batches(
@@ -197,68 +218,82 @@ class InfluenceEngine:
             return batch.labels
         return sample_labels(logits, batch.labels, batch.keys, self.settings.seed + 7919 * draw)
 
-    def domain_pass(
-        self, data: dict[str, WeightedSet]
-    ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, LayerStats]]:
-        """Pass 1: per-domain mean gradients and (for kfac/ekfac) covariance sums, together."""
-        need_stats = self.settings.curvature in ("kfac", "ekfac")
+    def curvature_pass(self, curvature: dict[str, WeightedSet]) -> dict[str, LayerStats]:
+        """Pass 1 over the curvature sample: K-FAC covariance sums (kfac, ekfac)."""
         stats = {
             n: LayerStats.zeros(*reversed(layer_shape(m)), device=self.store)
             for n, m in self.layers.items()
         }
-        grads: dict[str, dict[str, torch.Tensor]] = {}
-        batches = _keyed_batches(data, self.settings.batch_size, self.pad_id)
-        sums = {
-            d: {n: torch.zeros(layer_shape(m), device=self.store) for n, m in self.layers.items()}
-            for d in data
-        }
+        batches = _keyed_batches(curvature, self.settings.batch_size, self.pad_id)
+        draws = self.settings.fisher_samples if self.settings.fisher == "sampled" else 1
         with Capture(self.layers) as cap:
-            for domain, batch in self.progress(
-                batches, len(batches), "pass 1/2: factors + domain gradients"
-            ):
+            for _, batch in self.progress(batches, len(batches), "curvature 1/2: covariances"):
                 batch = batch.to(self.device)
                 logits = forward_logits(self.model, batch)
-                losses = example_losses(logits, batch.labels)  # (B,)
-                sampled = need_stats and self.settings.fisher == "sampled"
-                cap.backward((losses * batch.weights).sum(), retain_graph=sampled)
-                for name in self.layers:
-                    sums[domain][name] += _batch_gradient(cap, name).to(self.store)
-                if not need_stats:
-                    continue
                 targets = batch.targets.float()
-                draws = self.settings.fisher_samples if sampled else 1
                 for draw in range(draws):
-                    if sampled:
-                        labels = self._fisher_labels(logits, batch, draw)
-                        nll, _ = token_nll(logits, labels)
-                        cap.backward(nll.sum(), retain_graph=draw < draws - 1)
-                        scale = torch.ones_like(targets)
-                    else:  # empirical: g of the summed loss = g of the weighted mean loss x T_z / w_z
-                        scale = targets / batch.weights
+                    # g of the SUMMED token loss: its outer products / T_z are the Gauss-Newton's
+                    nll, _ = token_nll(logits, self._fisher_labels(logits, batch, draw))
+                    cap.backward(nll.sum(), retain_graph=draw < draws - 1)
                     weights = batch.weights / draws
                     for name in self.layers:
-                        g = cap.grads[name] * scale.view(-1, 1, 1)
-                        mask = batch.attention_mask
-                        stats[name].add(
-                            _moved(
-                                layer_stats(cap.inputs[name], g, mask, targets, weights), self.store
-                            )
+                        part = layer_stats(
+                            cap.inputs[name],
+                            cap.grads[name],
+                            batch.attention_mask,
+                            targets,
+                            weights,
                         )
-        for domain, ws in data.items():  # sums over every process's shard, then the means
-            total = all_reduce_float(float(sum(ws.weights)))
-            grads[domain] = {n: all_reduce_(s) / total for n, s in sums[domain].items()}
+                        stats[name].add(_moved(part, self.store))
         for layer in stats.values():
             all_reduce_(layer.a_sum)
             all_reduce_(layer.s_sum)
             layer.positions = all_reduce_float(layer.positions)
             layer.examples = all_reduce_float(layer.examples)
-        return grads, stats
+        return stats
+
+    def contribution_pass(
+        self, domains: dict[str, WeightedSet], directions: dict[str, torch.Tensor]
+    ) -> dict[str, np.ndarray]:
+        """Per example z of every domain: v_j^T grad l(z) over this engine's layers, (n, k) float64.
+
+        `directions[name]` is (k, out, in): the k preconditioned reference gradients of a layer.
+        Each example's gradient is formed `chunk` examples at a time and discarded."""
+        out = {d: np.zeros((len(ws.items), 0)) for d, ws in domains.items()}
+        on_device = {n: v.to(self.device, torch.float32) for n, v in directions.items()}
+        k = next(iter(on_device.values())).shape[0]
+        chunk = self.settings.chunk
+        with Capture(self.layers) as cap:
+            for domain, ws in domains.items():
+                keys = ws.keys if ws.keys is not None else list(range(len(ws.items)))
+                position = {key: i for i, key in enumerate(keys)}
+                values = np.zeros((len(ws.items), k))
+                batches = make_batches(ws, self.settings.batch_size, self.pad_id)
+                for batch in self.progress(batches, len(batches), f"domain {domain}"):
+                    batch = batch.to(self.device)
+                    losses = example_losses(forward_logits(self.model, batch), batch.labels)
+                    cap.backward(losses.sum())  # per example: the gradient of its own l(z)
+                    total = torch.zeros(batch.input_ids.shape[0], k, dtype=torch.float64)
+                    for name in self.layers:
+                        a, g = cap.inputs[name].float(), cap.grads[name].float()
+                        for start in range(0, a.shape[0], chunk):
+                            part = slice(start, start + chunk)
+                            per_example = torch.einsum("bto,bti->boi", g[part], a[part])
+                            dots = torch.einsum("boi,koi->bk", per_example, on_device[name])
+                            total[part] += dots.double().cpu()
+                    rows = [position[int(key)] for key in batch.keys]
+                    values[rows] = total.numpy()
+                out[domain] = values
+        return out
 
     def correction_pass(
         self, data: dict[str, WeightedSet], eigens: dict[str, Eigen]
     ) -> dict[str, torch.Tensor]:
         """Pass 2 (EK-FAC): eigenvalues of G in the K-FAC eigenbasis, from per-example gradients."""
-        sums = {n: torch.zeros_like(e.eigenvalues, device=self.store) for n, e in eigens.items()}
+        sums = {  # running sums in float64, whatever the eigenbasis dtype
+            n: torch.zeros_like(e.eigenvalues, dtype=torch.float64, device=self.store)
+            for n, e in eigens.items()
+        }
         weight_total = 0.0
         batches = [b for _, b in _keyed_batches(data, self.settings.batch_size, self.pad_id)]
         on_device = {
@@ -266,7 +301,7 @@ class InfluenceEngine:
             for n, e in eigens.items()
         }
         with Capture(self.layers) as cap:
-            for batch in self.progress(batches, len(batches), "pass 2/2: eigenvalue correction"):
+            for batch in self.progress(batches, len(batches), "curvature 2/2: correction"):
                 batch = batch.to(self.device)
                 logits = forward_logits(self.model, batch)
                 targets = batch.targets.float()
@@ -330,11 +365,19 @@ def domain_influence(
     settings: InfluenceSettings,
     pad_id: int,
     progress: Progress = no_progress,
+    curvature: WeightedSet | None = None,
+    groups: list[list[str]] | None = None,
 ) -> InfluenceResult:
-    """Influence scores (references x domains) of a trained model; see the module docstring."""
+    """Influence scores (references x domains) of a trained model, with their standard errors.
+
+    `curvature` is the sample the curvature is fitted on (default: every domain's sample together);
+    `groups` splits the layers into groups that run one after the other (default: one group).
+    """
     for name, ws in {**domains, **references}.items():
         if not ws.items:
             raise IdealError(f"'{name}': no examples to compute influence on")
+    curvature = curvature if curvature is not None else WeightedSet.merged(domains)
+    groups = groups or [list(layers)]
     if settings.curvature == "exact":
         count = sum(int(np.prod(layer_shape(m))) for m in layers.values())
         if count > EXACT_LIMIT:
@@ -342,105 +385,169 @@ def domain_influence(
                 f"--curvature exact: the selected layers have {count} parameters, above the limit of "
                 f"{EXACT_LIMIT} for a dense matrix; use ekfac or select fewer layers with --layers"
             )
+        groups = [list(layers)]  # one dense matrix couples every layer
     if world_size() > 1:  # each process a disjoint shard; every statistic is summed across them
         domains = {d: ws.shard(rank(), world_size()) for d, ws in domains.items()}
         references = {r: ws.shard(rank(), world_size()) for r, ws in references.items()}
+        curvature = curvature.shard(rank(), world_size())
         progress = progress if rank() == 0 else no_progress
     model.eval()
     requires = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    engine = InfluenceEngine(model, layers, settings, pad_id, progress)
-    for p in engine.params:
-        p.requires_grad_(True)
     seconds: dict[str, float] = {}
+    contributions = {d: np.zeros((len(ws.items), len(references))) for d, ws in domains.items()}
+    ref_losses: dict[str, float] = {}
+    damping: dict[str, float] = {}
     try:
-        start = time.perf_counter()
-        domain_grads, stats = engine.domain_pass(domains)
-        seconds["pass1_factors_and_domain_gradients"] = time.perf_counter() - start
-        start = time.perf_counter()
-        ref_grads, ref_losses = engine.reference_pass(references)
-        seconds["references"] = time.perf_counter() - start
-        precondition, damping = _preconditioner(engine, domains, stats, seconds)
-        start = time.perf_counter()
-        preconditioned = {r: precondition(g) for r, g in ref_grads.items()}  # once per reference
-        scores = np.array(
-            [
-                [
-                    sum(
-                        float((preconditioned[r][n] * domain_grads[d][n].double()).sum())
-                        for n in layers
-                    )
-                    for d in domains
-                ]
-                for r in references
-            ]
-        )
-        seconds["scores"] = time.perf_counter() - start
+        for group in groups:
+            engine = InfluenceEngine(
+                model, {n: layers[n] for n in group}, settings, pad_id, progress
+            )
+            for p in engine.params:
+                p.requires_grad_(True)
+            start = time.perf_counter()
+            ref_grads, losses = engine.reference_pass(references)
+            ref_losses = ref_losses or losses
+            _add(seconds, "references", start)
+            precondition, group_damping = _preconditioner(engine, curvature, seconds)
+            damping.update(group_damping)
+            start = time.perf_counter()
+            stacked = {n: torch.stack([ref_grads[r][n] for r in references]) for n in group}
+            del ref_grads
+            directions = precondition(stacked)  # (k, out, in) float32 per layer, on the device
+            del stacked
+            _add(seconds, "precondition", start)
+            start = time.perf_counter()
+            for d, values in engine.contribution_pass(domains, directions).items():
+                contributions[d] += values
+            _add(seconds, "domains", start)
+            del directions
+            for p in engine.params:
+                p.requires_grad_(False)
     finally:
         for p, flag in requires.items():
             p.requires_grad_(flag)
+    start = time.perf_counter()
+    scores, stderr, used = domain_means(domains, contributions, len(references))
+    seconds["scores"] = time.perf_counter() - start
     tokens = {
         d: int(all_reduce_float(sum(len(i.input_ids) for i in ws.items)))
         for d, ws in domains.items()
     }
     return InfluenceResult(
-        list(domains), list(references), scores, ref_losses, list(layers), damping, seconds, tokens
+        list(domains),
+        list(references),
+        scores,
+        ref_losses,
+        list(layers),
+        damping,
+        seconds,
+        tokens,
+        stderr=stderr,
+        examples=used,
+        curvature_examples=all_reduce_float(float(sum(curvature.weights))),
+        groups=groups,
     )
 
 
+def _add(seconds: dict[str, float], stage: str, start: float) -> None:
+    seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+def domain_means(
+    domains: dict[str, WeightedSet], contributions: dict[str, np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Scores (k, n) as the weighted means of the per-example contributions, their standard errors
+    and the copies used per domain, summed over every process's shard.
+
+    A domain's sample is m copies drawn without replacement from its V copies, an example drawn
+    w times counting w times: the mean's standard error is sqrt((1 - m/V) S^2 / m), S^2 the
+    sample variance over the m copies (no correction without a population: the sample is all)."""
+    scores, stderr, used = np.zeros((k, len(domains))), np.zeros((k, len(domains))), {}
+    for i, (domain, ws) in enumerate(domains.items()):
+        w = np.asarray(ws.weights, dtype=np.float64)[:, None]  # (n, 1)
+        c = contributions[domain]  # (n, k)
+        sums = torch.from_numpy(np.concatenate([[w.sum()], (w * c).sum(0), (w * c * c).sum(0)]))
+        sums = all_reduce_(sums).numpy()
+        m, first, second = sums[0], sums[1 : 1 + k], sums[1 + k :]
+        mean = first / m
+        variance = np.maximum(second - m * mean**2, 0.0) / max(m - 1.0, 1.0)
+        fpc = 0.0 if ws.population is None else max(0.0, 1.0 - m / ws.population)
+        scores[:, i], stderr[:, i], used[domain] = mean, np.sqrt(fpc * variance / m), float(m)
+    return scores, stderr, used
+
+
 def _preconditioner(
-    engine: InfluenceEngine,
-    domains: dict[str, WeightedSet],
-    stats: dict[str, LayerStats],
-    seconds: dict[str, float],
+    engine: InfluenceEngine, curvature: WeightedSet, seconds: dict[str, float]
 ) -> tuple[Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]], dict[str, float]]:
-    """The damped inverse curvature as a function on per-layer gradients, and lambda per layer."""
+    """The damped inverse curvature of the engine's layers, fitted on the curvature sample, as a
+    function on per-layer gradients, and lambda per layer. The covariances are freed once they
+    are eigendecomposed."""
     settings = engine.settings
+    device = engine.device
     if settings.curvature == "identity":  # G = I: plain gradient dot products, no damping
-        return (lambda g: {n: v.double() for n, v in g.items()}), {}
+        return (lambda g: {n: v.to(device, torch.float32) for n, v in g.items()}), {}
+    sample = {"curvature": curvature}
     if settings.curvature == "exact":
         start = time.perf_counter()
-        dense = dense_gauss_newton(engine.model, engine.layers, domains, engine.pad_id)
-        seconds["exact_gauss_newton"] = time.perf_counter() - start
+        dense = dense_gauss_newton(engine.model, engine.layers, sample, engine.pad_id)
+        _add(seconds, "exact_gauss_newton", start)
         return _dense_preconditioner(dense, engine.layers, settings)
     start = time.perf_counter()
-    eigens = spread_eigendecompositions(stats)
-    seconds["eigendecomposition"] = time.perf_counter() - start
+    stats = engine.curvature_pass(sample)
+    _add(seconds, "curvature_covariances", start)
+    start = time.perf_counter()
+    eigens = spread_eigendecompositions(stats)  # float32; frees the covariances one by one
+    _add(seconds, "eigendecomposition", start)
     if settings.curvature == "ekfac":
         start = time.perf_counter()
-        corrected = engine.correction_pass(domains, eigens)
+        corrected = engine.correction_pass(sample, eigens)
         for name, values in corrected.items():
-            eigens[name].eigenvalues = values
-        seconds["pass2_eigenvalue_correction"] = time.perf_counter() - start
+            eigens[name].eigenvalues = values.float()
+        _add(seconds, "curvature_eigenvalue_correction", start)
     damping = {
         n: damping_value(e.eigenvalues, settings.damping, settings.damping_abs)
         for n, e in eigens.items()
     }
-    return (lambda g: {n: inverse_hvp(v, eigens[n], damping[n]) for n, v in g.items()}), damping
+
+    def precondition(g: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """(k, out, in) -> (k, out, in): one layer at a time on the device, solved in float64."""
+        out = {}
+        for n, v in g.items():
+            e = eigens[n]
+            on_device = Eigen(e.q_a.to(device), e.q_s.to(device), e.eigenvalues.to(device))
+            out[n] = inverse_hvp(v.to(device), on_device, damping[n]).float()
+        return out
+
+    return precondition, damping
 
 
 def spread_eigendecompositions(stats: dict[str, LayerStats]) -> dict[str, Eigen]:
-    """K-FAC eigenbases of every layer; under several processes each process decomposes a share of
-    the layers (balanced by d_in^3 + d_out^3) and broadcasts them, so every process ends with all."""
+    """K-FAC eigenbases of every layer, decomposed in float64 and kept in float32; each layer's
+    covariances are freed (popped from `stats`) once decomposed. Under several processes each
+    process decomposes a share of the layers (balanced by d_in^3 + d_out^3) and broadcasts them,
+    so every process ends with all."""
     names, world = list(stats), world_size()
-    if world == 1:
-        return {n: kfac_eigen(*covariances(stats[n])) for n in names}
     shapes = {n: (stats[n].s_sum.shape[0], stats[n].a_sum.shape[0]) for n in names}
     owner = owners([float(o**3 + i**3) for o, i in shapes.values()], world)
     eigens: dict[str, Eigen] = {}
     for name, source in zip(names, owner, strict=True):
+        layer = stats.pop(name)
         d_out, d_in = shapes[name]
         if source == rank():  # contiguous: eigh returns column-major eigenvectors, and a
             # collective on a strided tensor would send its storage in the wrong order
-            e = kfac_eigen(*covariances(stats[name]))
-            eigen = Eigen(e.q_a.contiguous(), e.q_s.contiguous(), e.eigenvalues.contiguous())
+            e = kfac_eigen(*covariances(layer))
+            eigen = Eigen(e.q_a.float().contiguous(), e.q_s.float().contiguous(),
+                          e.eigenvalues.float().contiguous())  # fmt: skip
         else:
-            f64 = torch.float64
-            eigen = Eigen(torch.empty(d_in, d_in, dtype=f64), torch.empty(d_out, d_out, dtype=f64),
-                          torch.empty(d_out, d_in, dtype=f64))  # fmt: skip
-        for tensor in (eigen.q_a, eigen.q_s, eigen.eigenvalues):
-            broadcast_(tensor, source)
+            like = {"dtype": torch.float32, "device": layer.a_sum.device}
+            eigen = Eigen(torch.empty(d_in, d_in, **like), torch.empty(d_out, d_out, **like),
+                          torch.empty(d_out, d_in, **like))  # fmt: skip
+        del layer
+        if world > 1:
+            for tensor in (eigen.q_a, eigen.q_s, eigen.eigenvalues):
+                broadcast_(tensor, source)
         eigens[name] = eigen
     return eigens
 
@@ -461,10 +568,13 @@ def _dense_preconditioner(
     system = dense + torch.diag(diagonal)
 
     def precondition(g: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        flat = torch.cat([g[n].double().reshape(-1) for n in layers])
-        solved = torch.linalg.solve(system, flat)
+        """(k, out, in) per layer -> the same, solved against the dense damped matrix."""
+        k = next(iter(g.values())).shape[0]
+        flat = torch.cat([g[n].double().cpu().reshape(k, -1) for n in layers], dim=1)  # (k, P)
+        solved = torch.linalg.solve(system, flat.T).T
+        device = next(iter(layers.values())).weight.device
         return {
-            n: solved[lo:hi].reshape(layer_shape(m))
+            n: solved[:, lo:hi].reshape(k, *layer_shape(m)).to(device, torch.float32)
             for (n, m), lo, hi in zip(layers.items(), offsets[:-1], offsets[1:], strict=True)
         }
 
