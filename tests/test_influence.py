@@ -90,7 +90,6 @@ def test_factors_and_correction_equal_explicit_per_example_loops(problem):
     a_sum = torch.zeros(16, 16, dtype=torch.float64)
     s_sum = torch.zeros(24, 24, dtype=torch.float64)
     positions = weight_total = 0.0
-    domain_grad = torch.zeros(24, 16, dtype=torch.float64)
     for item, w in zip(
         data["add"].items + data["rev"].items,
         data["add"].weights + data["rev"].weights,
