@@ -196,7 +196,9 @@ def test_check_reports_formats_tokens_and_truncation(cli, tmp_path, model_dir):
     row = next(line for line in result.out.splitlines() if "math" in line)
     cells = [cell.strip() for cell in row.strip("│ ").split("│")]
     # 4 rows, each cut to 8 tokens with its 2 target tokens (answer digit + EOS) kept
-    assert cells == ["math", "2", "alpaca, prompt_completion", "4", "4", "0", "32", "8", "4", "0"]
+    # ... and none re-tokenized (one token per character: nothing merges across the boundary)
+    assert cells == ["math", "2", "alpaca, prompt_completion", "4", "4", "0", "32", "8", "4", "0",
+                     "0"]  # fmt: skip
 
 
 def test_no_target_after_truncation_is_one_line(cli, tmp_path, model_dir):

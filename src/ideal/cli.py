@@ -729,7 +729,7 @@ def check(
     table = Table(title=f"{data}")
     columns = ["domain", "files", "formats", "rows", "volume", "skipped"]
     if tokenizer is not None:
-        columns += ["tokens", "target tokens", "truncated", "no target"]
+        columns += ["tokens", "target tokens", "truncated", "no target", "re-tokenized"]
     for column in columns:
         table.add_column(column)
     for name, domain in training.pool.items():
@@ -739,7 +739,7 @@ def check(
         if tokenizer is not None:
             _, report = tokenize_examples(domain.examples, tokenizer, max_length, on_invalid.value)
             row += [str(report.tokens), str(report.target_tokens), str(report.truncated),
-                    str(len(report.no_target))]  # fmt: skip
+                    str(len(report.no_target)), str(report.retokenized)]  # fmt: skip
         table.add_row(*row)
     _console().print(table)
 

@@ -1,8 +1,10 @@
 """Tiny models and a character-level tokenizer, built locally: for the demo suite and the tests.
 
-Nothing here downloads anything. The tokenizer is a real `PreTrainedTokenizerFast` (one token per
-character, plus special tokens) with a chat template, so it saves and loads with `AutoTokenizer` like
-any Hugging Face tokenizer; the models are ordinary `transformers` causal LMs built from a config.
+Nothing here downloads anything. The tokenizers are real `PreTrainedTokenizerFast`s with a chat
+template, so they save and load with `AutoTokenizer` like any Hugging Face tokenizer: one token per
+character (`char_tokenizer`), or a byte-level BPE trained here on a few lines of text and code, whose
+merges join "\n\n" and runs of spaces as real instruct models' do (`byte_bpe_tokenizer`, with a
+ChatML template). The models are ordinary `transformers` causal LMs built from a config.
 
     tok = char_tokenizer()
     model = tiny_causal_lm("llama", vocab_size=len(tok))
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -62,6 +64,58 @@ def char_tokenizer(
     tokenizer.padding_side = "right"
     if chat_template:
         tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+#: ChatML, as Qwen's and many other instruct models' templates write it: every turn ends with
+#: <|im_end|> (the EOS token) and a newline; the generation prompt is "<|im_start|>assistant\n".
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+#: What `byte_bpe_tokenizer` learns its merges from: chat words, prose with blank lines, indented
+#: code, a reasoning block.
+BPE_CORPUS = (
+    "system\nuser\nassistant\nYou are a helpful assistant.\n",
+    "Write a function.\n\nHere it is:\n\ndef add(a, b):\n    return a + b\n\n\n",
+    "if x:\n        y = 1\n    else:\n        y = 2\n\n",
+    "Question one.\n\nAnswer two.\n\n  indented  text\n\n",
+    "<think>Think first.</think>Then answer.\n",
+)
+
+
+def byte_bpe_tokenizer(
+    vocab_size: int = 400, chat_template: str = CHATML_TEMPLATE
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (GPT-2 pre-tokenizer, no prefix space) trained on `BPE_CORPUS`.
+
+    Ids 0-2 are <|endoftext|> (padding), <|im_start|> and <|im_end|> (EOS), then the 256 bytes, then
+    the learned merges, among them "\n\n", "\n" + spaces and runs of spaces: the merges that make a
+    rendered prompt's tokens differ from the start of prompt+answer's when the answer begins with a
+    blank line or with indentation. Training is deterministic.
+    """
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(BPE_CORPUS * 4, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.padding_side = "right"
+    tokenizer.chat_template = chat_template
     return tokenizer
 
 

@@ -4,16 +4,16 @@
 
 For each capability directory of DIR:
 - loss: mean over examples of l(z), the mean target NLL (the reference loss of METHOD.md);
-- accuracy, for rows that carry an `answer`: batched greedy decoding from the prompt (left padding with
-  an explicit attention mask and positions that count only real tokens, stopping at EOS), scored by
-  the capability's scorer: `exact` (after whitespace normalisation, default), `number` (the last
+- accuracy, for rows that carry an `answer`: batched greedy decoding with transformers' `generate`
+  (left padding with an explicit attention mask, stopping at EOS) from the row's own prompt ids, the
+  prompt part of the very ids the loss is computed on (and training trains on), scored by the
+  capability's scorer: `exact` (after whitespace normalisation, default), `number` (the last
   number in the output), `contains`, or a Python callable registered with `register_scorer`.
 Reported per capability with its number of examples, with the mean and the worst capability.
 """
 
 from __future__ import annotations
 
-import inspect
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from transformers import GenerationConfig
 
-from ideal.data.rows import Domain, Example, Tokenized, render_prompt_ids, tokenize_examples
+from ideal.data.rows import Domain, Tokenized, tokenize_examples
 from ideal.errors import IdealError
 from ideal.lm import collate, example_losses, position_ids
 
@@ -75,46 +76,39 @@ def register_scorer(name: str, scorer: Scorer) -> None:
 def greedy_decode(
     model: nn.Module, prompts: Sequence[list[int]], eos_id: int, pad_id: int, max_new_tokens: int
 ) -> list[list[int]]:
-    """Greedy continuation of each prompt (token ids), batched with left padding; stops at EOS.
+    """Greedy continuation of each prompt (token ids) with `model.generate`, batched with left
+    padding and an explicit attention mask (the model derives positions that count only real
+    tokens, and keeps whatever cache its family uses); each row stops at EOS.
 
     The returned ids exclude the prompt and the EOS token.
     """
     device = next(model.parameters()).device
     length = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long, device=device)
+    ids = torch.full((len(prompts), length), pad_id, dtype=torch.long, device=device)  # (B, T)
     mask = torch.zeros_like(ids)
     for row, prompt in enumerate(prompts):
         ids[row, length - len(prompt) :] = torch.tensor(prompt, device=device)
         mask[row, length - len(prompt) :] = 1
-    positions = position_ids(mask)
-    # transformers >= 5.x calls the KV cache `cache` (earlier: `past_key_values`); stubs may have none
-    cache_arg = (
-        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    # Every field that would otherwise come from the model's generation_config.json (sampling,
+    # penalties) is set to its neutral value: decoding is plain argmax whatever the checkpoint says.
+    config = GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=max_new_tokens,
+        min_length=0,
+        temperature=1.0,
+        top_k=50,
+        top_p=1.0,
+        typical_p=1.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
     )
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    cache = getattr(out, cache_arg, None)
-    generated: list[list[int]] = [[] for _ in prompts]
-    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    next_pos = positions[:, -1:] + 1
-    for _ in range(max_new_tokens):
-        token = out.logits[:, -1].argmax(-1)  # (B,)
-        for row in range(len(prompts)):
-            if not finished[row] and int(token[row]) != eos_id:
-                generated[row].append(int(token[row]))
-        finished |= token == eos_id
-        if bool(finished.all()):
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        if cache is None:  # a model without a cache: feed the whole sequence again
-            ids = torch.cat([ids, token[:, None]], dim=1)
-            out = model(
-                input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False
-            )
-        else:
-            step = {"input_ids": token[:, None], "attention_mask": mask, "position_ids": next_pos}
-            out = model(**step, **{cache_arg: cache}, use_cache=True)
-            cache = getattr(out, cache_arg)
-        next_pos = next_pos + 1
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    generated = []
+    for row in out[:, length:].tolist():  # (B, <= max_new_tokens); rows that ended early are padded
+        generated.append(row[: row.index(eos_id)] if eos_id in row else row)
     return generated
 
 
@@ -162,7 +156,7 @@ def evaluate_capability(
 
     With `generate=False` only the loss is computed (reference sets: the method needs no decoding).
     """
-    items, _ = tokenize_examples(domain.examples, tokenizer, max_length)
+    items, _ = tokenize_examples(domain.examples, tokenizer, max_length)  # one per row, in order
     losses = mean_losses(model, items, tokenizer.pad_token_id, batch_size)
     with_answer = [e for e in domain.examples if e.answer is not None] if generate else []
     if scorer is not None and not with_answer:
@@ -178,13 +172,19 @@ def evaluate_capability(
         if name not in SCORERS:
             raise IdealError(f"unknown scorer '{name}'; choose from {', '.join(sorted(SCORERS))}")
         correct = 0
-        for s in range(0, len(with_answer), batch_size):
-            part: list[Example] = with_answer[s : s + batch_size]
-            prompts = [render_prompt_ids(tokenizer, e.prompt_messages) for e in part]
+        for s in range(0, len(items), batch_size):
+            part = items[s : s + batch_size]
+            examples = domain.examples[s : s + batch_size]
+            prompts = []
+            for item in part:
+                try:  # the prompt part of the very ids the loss above was computed on
+                    prompts.append(item.prompt_ids)
+                except ValueError as err:
+                    raise IdealError(f"{item.source}: {err}") from None
             generated = greedy_decode(
                 model, prompts, tokenizer.eos_token_id, tokenizer.pad_token_id, max_new_tokens
             )
-            for example, ids in zip(part, generated, strict=True):
+            for example, ids in zip(examples, generated, strict=True):
                 text = tokenizer.decode(ids, skip_special_tokens=True)
                 ok = SCORERS[name](text, example.answer or "")
                 correct += ok

@@ -116,6 +116,10 @@ def compute_influence(
         "memory": memory,
         "sampled_examples": {d: len(ws.items) for d, ws in domains.items()},
         "sampled_weight": {d: float(sum(ws.weights)) for d, ws in domains.items()},
+        "retokenized": {  # sampled rows whose answer is encoded after the prompt's tokens
+            "domains": {d: sum(i.retokenized for i in ws.items) for d, ws in domains.items()},
+            "references": {r: sum(i.retokenized for i in ws.items) for r, ws in refs.items()},
+        },
         "tokens": result.tokens,
         "settings": {**asdict(settings), "max_length": max_length, "layers": layers},
         "model": str(Path(model_dir).resolve()),

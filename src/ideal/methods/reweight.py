@@ -69,7 +69,8 @@ def update_mixture(
     """One update: the rule's requested volumes, then the constraints, then seeded resampling.
 
     Returns the next mixture and a record of the update (for its manifest): requested volumes,
-    the requested and the realised beta, the constraints and the previous volumes.
+    the requested and the realised beta, the constraints, the previous volumes and, from an
+    influence.json, its count of re-tokenized rows.
     """
     before = training.mixture.volumes
     sizes = {d: len(domain.examples) for d, domain in training.pool.items()}
@@ -81,7 +82,7 @@ def update_mixture(
     def relative(new: dict[str, float]) -> dict[str, float]:
         return {d: new[d] / before[d] - 1.0 if before[d] else 0.0 for d in before}
 
-    return mixture, {
+    record = {
         "rule": rule.name,
         "requested": requested,
         "beta": relative(requested),
@@ -89,6 +90,9 @@ def update_mixture(
         "constraints": asdict(constraints),
         "previous_volumes": before,
     }
+    if "retokenized" in signals:  # the influence step's count of re-tokenized rows, kept in view
+        record["retokenized"] = signals["retokenized"]
+    return mixture, record
 
 
 def reweight(
