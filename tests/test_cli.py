@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
 
+from ideal.artifacts import atomic_write_json
 from ideal.data.mixture_io import load_training_set
+from ideal.errors import WriteError
 from ideal.tiny import char_tokenizer, save_model_dir, tiny_causal_lm
 from tests.helpers import make_data_dir, qa_rows, write_jsonl
 
@@ -214,3 +218,72 @@ def test_missing_model_is_one_line(cli, tmp_path):
     assert_one_line_error(
         cli("check", train, "--model", tmp_path / "nope"), "model directory not found"
     )
+
+
+def test_model_directory_without_config_json_is_one_line(cli, tmp_path, model_dir):
+    train = make_data_dir(tmp_path / "t", {"math": qa_rows("q", 3)})
+    broken = tmp_path / "tokenizer-only"
+    char_tokenizer().save_pretrained(broken)  # a tokenizer but no config.json (no model)
+    assert_one_line_error(
+        cli("check", train, "--model", broken), f"{broken}: not a Hugging Face model directory"
+    )
+    assert_one_line_error(cli("eval", "--model", broken, "--data", train), "(no config.json)")
+
+
+def test_tokenizer_without_chat_template_and_eos_is_one_line(cli, tmp_path):
+    tokenizer = char_tokenizer(chat_template=False)
+    tokenizer.eos_token = None  # the plain template ends answers with EOS: there is none
+    path = save_model_dir(
+        tmp_path / "m", tiny_causal_lm("llama", vocab_size=len(tokenizer)), tokenizer
+    )
+    train = make_data_dir(tmp_path / "t", {"math": qa_rows("q", 3)})
+    assert_one_line_error(cli("check", train, "--model", path), f"{path}: the tokenizer has no EOS")
+    out = tmp_path / "out"
+    result = cli("train", "--model", path, "--train", train, "--out", out, "--max-steps", "1")
+    assert_one_line_error(result, "no EOS token")
+    assert not out.exists() and not out.with_name("out.partial").exists()
+
+
+def disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("where", ["fsync", "write_text"])
+def test_a_full_disk_is_one_line_and_writes_nothing(cli, tmp_path, train_dir, monkeypatch, where):
+    influence = write_influence(
+        tmp_path / "inf.json", {"math": -2.0, "code": 1.0}, {"math": 40, "code": 30}
+    )
+    out = tmp_path / "r1"
+    # the manifest's atomic write (fsync) or the rows inside the atomic directory (write_text)
+    monkeypatch.setattr(*((os, "fsync") if where == "fsync" else (Path, "write_text")), disk_full)
+    result = cli("reweight", "--train", train_dir, "--influence", influence, "--out", out)
+    named = out / "mixture.json" if where == "fsync" else out
+    assert_one_line_error(result, f"{named}: cannot write (No space left on device)")
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inf.json", "train"]  # no temp files
+
+
+def test_a_full_disk_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "summary.json"
+    atomic_write_json(path, {"rounds": 1})
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(WriteError, match="No space left on device"):
+        atomic_write_json(path, {"rounds": 2})
+    assert json.loads(path.read_text()) == {"rounds": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_ctrl_c_is_one_line_and_leaves_no_output(cli, tmp_path, train_dir, monkeypatch):
+    influence = write_influence(
+        tmp_path / "inf.json", {"math": -2.0, "code": 1.0}, {"math": 40, "code": 30}
+    )
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", interrupted)  # Ctrl-C while the rows are written
+    result = cli(
+        "reweight", "--train", train_dir, "--influence", influence, "--out", tmp_path / "o"
+    )
+    assert (result.code, result.out, result.err) == (130, "", "ideal: interrupted\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["inf.json", "train"]

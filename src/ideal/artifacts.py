@@ -1,6 +1,8 @@
 """Files we write: atomic writes (temporary file, then rename), atomic output directories, hashes.
 
-Nothing is ever half-written: a crash leaves either the previous state or the complete new one.
+Nothing is ever half-written: a crash leaves either the previous state or the complete new one. A
+write the environment refuses (full disk, quota, permissions) is a `WriteError` naming the path, with
+the temporary file or directory removed.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ideal.errors import IdealError
+from ideal.errors import ENVIRONMENT_ERRNOS, IdealError, WriteError
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -33,18 +35,31 @@ def sha256_text(text: str) -> str:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` to `path` through a temporary file in the same directory, then rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        _refused(path, err)
+        raise
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(err, OSError):
+            _refused(path, err)
         raise
+
+
+def _refused(path: Path, err: OSError) -> None:
+    """Raise a one-line WriteError for `path` if the environment refused the write (full disk,
+    quota, permissions); return for any other OSError, which is a bug to see in full."""
+    if err.errno in ENVIRONMENT_ERRNOS:
+        raise WriteError(path, err.strerror or str(err)) from None
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -78,13 +93,23 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
     On any exception the temporary directory is removed and `out` is left as it was.
     """
     out = check_new_output_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as err:
+        _refused(out, err)
+        raise
     try:
         yield tmp
         if out.exists():  # an empty directory (checked above): replace it
             out.rmdir()
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        # name the file the user will look for, not the temporary directory that is gone
+        if isinstance(err, WriteError) and err.path.is_relative_to(tmp):
+            raise WriteError(out / err.path.relative_to(tmp), err.reason) from None
+        if isinstance(err, OSError):
+            where = Path(err.filename) if isinstance(err.filename, str) else tmp
+            _refused(out / where.relative_to(tmp) if where.is_relative_to(tmp) else out, err)
         raise

@@ -1,7 +1,12 @@
 """The `ideal` command line: thin commands over the Python API (`ideal --help`).
 
-User errors (`IdealError`) end the command with `ideal: error: <one line>` on stderr and exit code 1,
-never a traceback; usage errors exit with 2. `main(argv) -> int` is the entry point, for tests too.
+User errors (`IdealError`; a full disk or a denied path) end the command with `ideal: error: <one
+line>` on stderr and exit code 1, never a traceback. Usage errors (unknown option or command, missing
+option, bad value, bad `key=value` override) get the framework's short form (usage line, "Try 'ideal
+CMD --help' for help.", "Error: ..." naming the option) and exit code 2; Ctrl-C prints
+`ideal: interrupted` and exits with 130. Under `torchrun` / `accelerate launch` every process parses
+the same arguments, so only the main process prints those two. `main(argv) -> int` is the entry
+point, for tests too.
 """
 
 from __future__ import annotations
@@ -13,12 +18,11 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from ideal.errors import IdealError
+from ideal.errors import IdealError, environment_error
 
 app = typer.Typer(
     name="ideal",
@@ -28,6 +32,11 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+try:  # recent typer carries its own copy of click; older typer raises click's own exceptions
+    from typer._click.exceptions import ClickException as _UsageException
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click import ClickException as _UsageException
 
 
 def _console() -> Console:
@@ -75,6 +84,28 @@ def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.3f}"
 
 
+def _load_run_config(config_file: Path, overrides: list[str]):
+    """The run config with its overrides. An override at fault is a usage error (exit code 2), like
+    a bad option; a fault of the file itself stays a one-line error (exit code 1)."""
+    hint = "KEY=VALUE override"
+    for item in overrides:
+        if "=" not in item:
+            raise typer.BadParameter(f"'{item}' is not of the form key=value", param_hint=hint)
+    from ideal.config import load_config
+
+    try:
+        return load_config(config_file, overrides)
+    except IdealError as err:
+        if not overrides:
+            raise
+        try:
+            load_config(config_file)
+        except IdealError:
+            raise err from None  # the file alone fails too (or needs these overrides to be whole)
+        message = str(err).removeprefix("config: ")
+        raise typer.BadParameter(message, param_hint=hint) from None
+
+
 @app.command()
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/demo"),
@@ -115,11 +146,10 @@ def run(
     ] = False,
 ) -> None:
     """The closed loop: train -> evaluate -> influence -> reweight -> resample, round after round."""
-    from ideal.config import load_config
     from ideal.distributed import is_main
     from ideal.loop import run_loop
 
-    summary = run_loop(load_config(config_file, overrides or []), out_dir, resume=resume)
+    summary = run_loop(_load_run_config(config_file, overrides or []), out_dir, resume=resume)
     if is_main():  # under torchrun: one table
         _print_rounds(summary, out_dir)
 
@@ -157,10 +187,9 @@ def compare(
 
     Writes OUT/compare.json and OUT/compare.html (table + accuracy-vs-compute plot)."""
     from ideal.compare import run_compare
-    from ideal.config import load_config
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
-    config = load_config(config_file, overrides or [])
+    config = _load_run_config(config_file, overrides or [])
     document = run_compare(
         config, chosen, list(range(seeds)), out_dir, random_candidates, grid_resolution
     )
@@ -751,24 +780,41 @@ def main(argv: list[str] | None = None) -> int:
         handler.setFormatter(logging.Formatter("ideal: %(message)s"))
         log.addHandler(handler)
         # under torchrun / accelerate launch, progress and logs come from the main process only
-        main_process = os.environ.get("RANK", "0") == "0"
-        log.setLevel(logging.INFO if main_process else logging.WARNING)
+        log.setLevel(logging.INFO if _main_process() else logging.WARNING)
         log.propagate = False
     command = typer.main.get_command(app)
     try:
-        command.main(args=argv, prog_name="ideal", standalone_mode=False)
+        code = command.main(args=argv, prog_name="ideal", standalone_mode=False)
     except IdealError as err:
         print(f"ideal: error: {err}", file=sys.stderr)
         return 1
-    except click.exceptions.Exit as exit_:
-        return int(exit_.exit_code)
-    except click.ClickException as err:
-        err.show()
+    except typer.Exit as exit_:
+        code = exit_.exit_code
+    except _UsageException as err:  # the framework's short form: usage, "Try ...", "Error: ..."
+        if _main_process():
+            message = getattr(err, "message", None)
+            if isinstance(message, str):  # typer's pydantic coercion prefixes "Value error, "
+                err.message = message.removeprefix("Value error, ")
+            err.show()
         return err.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        print("ideal: interrupted", file=sys.stderr)
+    except (typer.Abort, KeyboardInterrupt):
+        code = 130
+    except OSError as err:  # a full disk, a denied path: one line; any other OSError is a bug
+        error = environment_error(err)
+        if error is None:
+            raise
+        print(f"ideal: error: {error}", file=sys.stderr)
+        return 1
+    if code == 130:  # Ctrl-C: typer turns KeyboardInterrupt into exit code 130
+        if _main_process():
+            print("ideal: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code if isinstance(code, int) else 0
+
+
+def _main_process() -> bool:
+    # before the process group exists (e.g. while parsing arguments), the launcher's RANK says
+    return os.environ.get("RANK", "0") == "0"
 
 
 def entry() -> None:

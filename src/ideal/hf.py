@@ -61,6 +61,10 @@ def load_tokenizer(path: str | Path) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as err:
         raise IdealError(f"{source}: cannot load the tokenizer ({_first_line(err)})") from None
+    if tokenizer.eos_token_id is None:  # every answer ends with EOS, trained on and generated
+        raise IdealError(
+            f"{source}: the tokenizer has no EOS token; set eos_token in its tokenizer_config.json"
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = (
             tokenizer.eos_token
