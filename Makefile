@@ -9,6 +9,7 @@ THREADS ?= 1
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PEER_STAMP := $(VENV)/.installed-peer
+EXTRAS_STAMP := $(VENV)/.installed-extras
 
 .PHONY: demo test lint install clean
 
@@ -26,6 +27,12 @@ $(PEER_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet einops einconv opt-einsum
 	touch $(PEER_STAMP)
 
+# The optional backends the tests exercise (issue 19): TRL in-process, lm-evaluation-harness.
+# Both resolve beside the pinned torch and transformers without changing them.
+$(EXTRAS_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[trl,lm-eval]"
+	touch $(EXTRAS_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -37,7 +44,7 @@ lint: $(STAMP)
 
 # One torch/OpenMP thread by default: two threads on a busy 2-core machine run 7-20x slower than
 # one. The suite reads IDEAL_TEST_THREADS (tests/conftest.py), so THREADS=2 really runs 2.
-test: lint $(PEER_STAMP)
+test: lint $(PEER_STAMP) $(EXTRAS_STAMP)
 	IDEAL_PEER_CHECK=1 IDEAL_TEST_THREADS=$(THREADS) OMP_NUM_THREADS=$(THREADS) \
 		MKL_NUM_THREADS=$(THREADS) HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
 		$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,7 +1,14 @@
-"""Backends: who trains and who evaluates inside the loop.
+"""Backends: who trains and who evaluates inside the loop (`train.backend`, `eval.backend`).
 
-    train.py     the builtin trainer: SFT on Accelerate (full or LoRA, resumable), `ideal train`
-    evaluate.py  the builtin evaluator: per-capability loss, greedy decoding, scorers, `ideal eval`
+    protocol.py     the one small protocol (Trainer, Evaluator, their jobs, Score), the check of
+                    what an external trainer produced, the documented scores JSON
+    train.py        builtin trainer: SFT on Accelerate (full or LoRA, resumable), `ideal train`
+    evaluate.py     builtin evaluator: per-capability loss, greedy decoding, scorers, `ideal eval`
+    trl_sft.py      `trl`: TRL's SFTTrainer in this process, on ideal's tokens and masks
+    command.py      `command`: any trainer or evaluator as a command template (no shell, timeout, log)
+    presets.py      `llamafactory`, `axolotl`, `trl-cli`: the tool's YAML rendered over `command`
+    lmeval.py       `lm-eval`: lm-evaluation-harness in this process; its results-file parser
+    opencompass.py  OpenCompass's summary CSV parser
 
 May import: ideal.lm, ideal.data and the ground floor. Not ideal.influence, ideal.methods,
 ideal.config or above.

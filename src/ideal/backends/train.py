@@ -15,6 +15,11 @@ The data order is a pure function of (seed, epoch), so a run killed mid-way resu
 checkpoint (weights, optimizer, scheduler, RNG, step) and ends with the same weights as an
 uninterrupted run. Work in progress lives in `<out>.partial/`; the finished model directory appears
 at `<out>` in one rename.
+
+Why our own loop when TRL exists (`train.backend: trl`): TRL, LLaMA-Factory and axolotl normalise
+the loss per token over the step; this loop also offers the per-example normalisation that
+METHOD.md's L_mix defines and the influence step differentiates by default, plus resumption to
+bit-identical weights. Where neither matters, the other backends train the round just as well.
 """
 
 from __future__ import annotations
@@ -414,3 +419,29 @@ def run_train(
     shutil.rmtree(partial)
     barrier()
     return result
+
+
+@dataclass
+class BuiltinTrainer:
+    """`train.backend: builtin`: this loop behind the trainer protocol (backends/protocol.py)."""
+
+    settings: TrainSettings
+    name: str = "builtin"
+    all_processes: bool = True  # DDP: every process of the group trains
+
+    @property
+    def loss(self) -> str:
+        return self.settings.loss_normalization
+
+    def train(self, job: Any) -> dict[str, Any]:
+        partial = job.output_dir.with_name(job.output_dir.name + ".partial")
+        result = run_train(
+            job.base_model, job.mixture_dir, job.output_dir, self.settings, resume=partial.exists()
+        )
+        return {
+            "backend": self.name,
+            "loss": self.loss,
+            "seconds": result.seconds,
+            "steps": result.steps,
+            "settings_hash": self.settings.hash(),
+        }
