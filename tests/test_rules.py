@@ -137,3 +137,31 @@ def test_proxy_rule_turns_weights_into_volumes_at_the_same_total():
     proposed = ProxyRule("doremi").propose(volumes, {"weights": weights})
     assert proposed == pytest.approx({"a": 200.0, "b": 100.0, "c": 100.0})
     assert ProxyRule("doge").name == "doge" and ProxyRule("doge").signal == "proxy"
+
+
+def test_noise_gate_holds_domains_within_min_z_standard_errors():
+    from ideal.methods.rules import IdealRule
+
+    volumes = {"a": 100, "b": 100, "c": 100}
+    signals = {
+        "sensitivity": {"a": -2.0, "b": 0.5, "c": 1.0},
+        "sensitivity_stderr": {"a": 0.5, "b": 0.4, "c": 0.2},  # z = 4, 1.25, 5
+    }
+    off = IdealRule(step=0.2).propose(volumes, signals)
+    assert off == pytest.approx({"a": 120.0, "b": 95.0, "c": 90.0})
+    gate = IdealRule(step=0.2, min_z=2.0)
+    assert gate.held(signals) == ["b"]
+    assert gate.propose(volumes, signals) == pytest.approx({"a": 120.0, "b": 100.0, "c": 90.0})
+    # without standard errors (an older influence.json) nothing is held
+    assert gate.held({"sensitivity": signals["sensitivity"]}) == []
+
+
+def test_heatmap_marks_scores_within_two_standard_errors_of_zero(tmp_path):
+    from ideal.report.plots import influence_heatmap, noise_mask
+
+    scores = np.array([[1.0, -0.1], [0.3, 2.0]])
+    stderr = np.array([[0.1, 0.2], [0.2, 0.5]])
+    assert noise_mask(scores, stderr).tolist() == [[False, True], [True, False]]
+    assert not noise_mask(scores, None).any()
+    path = influence_heatmap(scores, ["d1", "d2"], ["r1", "r2"], tmp_path / "h.png", "t", stderr)
+    assert path.read_bytes()[:4] == b"\x89PNG"

@@ -16,13 +16,14 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from ideal.errors import IdealError, environment_error
+from ideal.influence.defaults import CURVATURE_EXAMPLES, MAX_EXAMPLES
 
 app = typer.Typer(
     name="ideal",
@@ -263,6 +264,13 @@ def reweight(
     seed: Annotated[
         int | None, typer.Option("--seed", help="Resampling seed (default: the input mixture's).")
     ] = None,
+    min_z: Annotated[
+        float,
+        typer.Option(
+            "--min-z",
+            help="Leave unchanged a domain whose sensitivity is within this many standard errors of 0 (0: off).",
+        ),
+    ] = 0.0,
     on_invalid: OnInvalidOption = OnInvalid.error,
 ) -> None:
     """Apply one IDEAL update: rescale each domain's volume from influence.json and resample."""
@@ -277,6 +285,7 @@ def reweight(
         constraints=Constraints(min_examples, max_repeats, keep_total),
         seed=seed,
         on_invalid=on_invalid.value,
+        min_z=min_z,
     )
     table = Table(title=f"IDEAL update (m = {step})")
     for column in (
@@ -326,48 +335,78 @@ class Objective(str, Enum):
     worst = "worst"
 
 
+def _count_or_all(flag: str, value: str) -> int | None:
+    """A positive count, or None for 'all'."""
+    if value.strip().lower() == "all":
+        return None
+    try:
+        count = int(value)
+    except ValueError:
+        raise IdealError(f"{flag} must be a positive integer or 'all', got {value!r}") from None
+    if count < 1:
+        raise IdealError(f"{flag} must be a positive integer or 'all', got {value!r}")
+    return count
+
+
 def _print_plan(
     model: Path,
-    train: Path,
     reference: Path,
     layers: str | None,
-    curvature: str,
+    settings: Any,
+    memory: str | None,
     probe: dict | None = None,
 ) -> None:
-    from ideal.data.rows import load_domains
-    from ideal.influence.plan import human, meta_model, plan_influence
+    import torch
 
-    domains, references = len(load_domains(train)), len(load_domains(reference))
+    from ideal.data.rows import load_domains
+    from ideal.influence.plan import human, memory_plan, meta_model, parse_size
+
+    references = len(load_domains(reference))
     network = meta_model(model)
     patterns = [p for p in layers.split(",") if p.strip()] if layers else None
-    plans = plan_influence(network, patterns, domains, references, curvature)
-    title = f"influence step ({curvature}): {len(plans)} layers, {domains} domains, {references} references"
-    table = Table(title=title)
-    parts = ("covariances", "eigenvectors", "eigenvalues", "gradients")
-    for column in ("layer", "out x in", *parts, "total"):
-        table.add_column(column, justify="left" if column == "layer" else "right")
-    for p in plans:
-        sizes = (human(getattr(p, k)) for k in parts)
-        table.add_row(p.name, f"{p.d_out} x {p.d_in}", *sizes, human(p.total))
-    total = sum(p.total for p in plans)
-    table.add_row(
-        "total", "", *(human(sum(getattr(p, k) for p in plans)) for k in parts), human(total)
+    budget = parse_size(memory) if memory is not None else None
+    # device plan with bf16 weights (what a GPU holds); a CPU run holds the config's dtype
+    plan = memory_plan(network, patterns, references, settings.curvature, budget, torch.bfloat16,
+                       settings.chunk)  # fmt: skip
+    title = (
+        f"influence step ({settings.curvature}): {len(plan.layers)} layers, {references} references, "
+        f"{len(plan.groups)} layer group(s)"
     )
+    table = Table(title=title)
+    parts = ("covariances", "eigenvectors", "eigenvalues", "correction", "references", "directions")
+    for column in ("layer", "out x in", "group", *parts, "device"):
+        table.add_column(column, justify="left" if column == "layer" else "right")
+    group_of = {p.name: k for k, g in enumerate(plan.groups) for p in g}
+    for p in plan.layers:
+        sizes = (human(getattr(p, k)) for k in parts)
+        table.add_row(
+            p.name, f"{p.d_out} x {p.d_in}", str(group_of[p.name]), *sizes, human(p.device)
+        )
+    table.add_row("total", "", "", *(human(sum(getattr(p, k) for p in plan.layers)) for k in parts),
+                  human(sum(p.device for p in plan.layers)))  # fmt: skip
     console = _console()
     console.print(table)
     parameters = sum(t.numel() for t in network.parameters())
+    passes = ", ".join(f"{v} over {k}" for k, v in plan.passes.items())
+    console.print(f"model: {parameters:,} parameters, {human(plan.model)} of bf16 weights "
+                  "(sizes from the config alone)")  # fmt: skip
+    console.print(f"passes: {passes}")
+    console.print(f"peak host memory: {plan.peak_host / 2**30:.2f} GiB (statistics of one group)")
     console.print(
-        f"model: {parameters:,} parameters (sizes from the config alone); "
-        f"statistics held: {human(total)}"
+        "peak device memory: "
+        f"{plan.peak_device / 2**30:.2f} GiB (weights, one group's statistics, one layer's "
+        "transients; activations of one batch come on top)"
     )
     if probe is None:
         console.print("time: no estimate (no weights in the model directory to run a probe on)")
         return
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in probe["estimate_seconds"].items())
+    examples, probed = probe["examples"], probe["probe_examples"]
     console.print(
-        f"time: ~{probe['estimate_total']:.1f} s on this machine for {probe['examples']['domains']} "
-        f"sampled and {probe['examples']['references']} reference examples, from a timed probe on "
-        f"{probe['probe_examples']['domains']} + {probe['probe_examples']['references']} ({stages})"
+        f"time: ~{probe['estimate_total']:.1f} s on this machine for {examples['domains']} sampled, "
+        f"{examples['curvature']} curvature and {examples['references']} reference examples, from a "
+        f"timed probe on {probed['domains']} + {probed['curvature']} + {probed['references']} "
+        f"({stages})"
     )
 
 
@@ -431,9 +470,30 @@ def influence(
         float,
         typer.Option(
             "--sample",
-            help="Fraction of the mixture used for curvature statistics and domain gradients (1.0 = all).",
+            help="Fraction of each domain's copies its score is computed on (1.0 = all), capped by --max-examples.",
         ),
     ] = 0.5,
+    max_examples: Annotated[
+        str,
+        typer.Option(
+            "--max-examples",
+            help="At most this many copies per domain for its score ('all': no cap).",
+        ),
+    ] = str(MAX_EXAMPLES),
+    curvature_examples: Annotated[
+        str,
+        typer.Option(
+            "--curvature-examples",
+            help="Copies of the mixture the curvature is fitted on, drawn in proportion to the volumes ('all': every copy).",
+        ),
+    ] = str(CURVATURE_EXAMPLES),
+    memory: Annotated[
+        str | None,
+        typer.Option(
+            "--memory",
+            help="Device memory budget, e.g. 70GiB: layers are fitted in groups that fit it (one set of passes per group).",
+        ),
+    ] = None,
     max_length: Annotated[
         int | None, typer.Option("--max-length", help="Truncate examples to this many tokens.")
     ] = None,
@@ -490,11 +550,14 @@ def influence(
         factors=factors,
     )
     patterns = [p for p in layers.split(",") if p.strip()] if layers else None
+    caps = {"max_examples": _count_or_all("--max-examples", max_examples),
+            "curvature_examples": _count_or_all("--curvature-examples", curvature_examples)}  # fmt: skip
     if plan:  # sizes from the config; a timed probe when there are weights to run
         probe = None
         if has_weights(model):
-            probe = probe_seconds(model, train, reference, settings, sample, patterns, max_length)
-        _print_plan(model, train, reference, layers, curvature.value, probe)
+            probe = probe_seconds(model, train, reference, settings, sample, patterns, max_length,
+                                  **caps)  # fmt: skip
+        _print_plan(model, reference, layers, settings, memory, probe)
         return
     if out_dir is None:
         raise IdealError("--out is required (or --plan)")
@@ -511,17 +574,27 @@ def influence(
         size_factor=size_factor,
         on_invalid=on_invalid.value,
         progress=track,
+        memory=memory,
+        **caps,
     )
     from ideal.distributed import is_main
 
     if not is_main():  # under torchrun only the main process reports
         return
-    table = Table(title="influence s_ji (> 0: more of the domain lowers the reference loss)")
+    table = Table(
+        title="influence s_ji +- standard error (> 0: more of the domain lowers the reference loss)"
+    )
     table.add_column("reference \\ domain")
     for domain in result.domains:
-        table.add_column(domain, justify="right")
+        table.add_column(f"{domain} ({result.examples[domain]:.0f})", justify="right")
     for j, ref in enumerate(result.references):
-        table.add_row(ref, *(f"{x:.4g}" for x in result.scores[j]))
+        table.add_row(
+            ref,
+            *(
+                f"{x:.4g} +- {e:.2g}"
+                for x, e in zip(result.scores[j], result.stderr[j], strict=True)
+            ),
+        )
     table.add_row("dQ/dbeta", *(f"{document['sensitivity'][d]:.4g}" for d in result.domains))
     table.add_row("beta (m=0.15)", *(f"{document['beta'][d]:+.3f}" for d in result.domains))
     console = _console()

@@ -22,6 +22,7 @@ from ideal.artifacts import sha256_text
 from ideal.backends.train import TrainSettings
 from ideal.data.suite import SuiteConfig
 from ideal.errors import IdealError
+from ideal.influence.defaults import CURVATURE_EXAMPLES, MAX_EXAMPLES, SAMPLE
 from ideal.influence.engine import InfluenceSettings
 
 
@@ -31,6 +32,7 @@ class UpdateSettings:
     temperature: float = 2.0  # for rule = temperature: volumes ~ pool size ** (1 / T)
     shares: dict[str, float] = field(default_factory=dict)  # for rule = fixed: domain -> share
     step: float = 0.15  # m: the largest relative change of a domain's volume per round
+    min_z: float = 0.0  # ideal: hold domains whose sensitivity is within min_z standard errors of 0
     max_repeats: int = 4
     min_examples: int = 1
     keep_total: bool = True
@@ -48,7 +50,10 @@ class InfluenceConfig:
     damping_abs: float | None = None
     fisher: str = "sampled"
     fisher_samples: int = 1
-    sample: float = 0.5
+    sample: float = SAMPLE  # fraction of each domain's copies for its score, capped below
+    max_examples: int | None = MAX_EXAMPLES  # cap per domain (null: none)
+    curvature_examples: int | None = CURVATURE_EXAMPLES  # curvature sample size (null: all)
+    memory: str | None = None  # device budget, e.g. 70GiB: layers in groups that fit it
     layers: tuple[str, ...] | None = None
     batch_size: int = 16
     factors: str = "cpu"  # where the factors and sums live: cpu | device

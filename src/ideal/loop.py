@@ -115,7 +115,7 @@ def initial_mixture(config: RunConfig, training: TrainingSet) -> Mixture:
 def make_rule(config: RunConfig) -> Rule:
     """The update rule a config names (`update.rule`)."""
     rules: dict[str, Rule] = {
-        "ideal": IdealRule(step=config.update.step),
+        "ideal": IdealRule(step=config.update.step, min_z=config.update.min_z),
         "uniform": UniformRule(),
         "temperature": TemperatureRule(config.update.temperature),
         "fixed": FixedRule(tuple(sorted(config.update.shares.items()))),
@@ -213,6 +213,10 @@ def run_loop(config: RunConfig, run_dir: str | Path, resume: bool = False) -> di
     from ideal.progress import track
 
     init_from_env()
+    if config.train.threads:  # every stage, also those a resumed run does before any training
+        import torch
+
+        torch.set_num_threads(config.train.threads)
     main = is_main()
     if main:
         paths = prepare_run(config, run_dir, resume)
@@ -250,6 +254,9 @@ def run_loop(config: RunConfig, run_dir: str | Path, resume: bool = False) -> di
                 paths.reference,
                 config.influence.settings(config.seed),
                 sample=config.influence.sample,
+                max_examples=config.influence.max_examples,
+                curvature_examples=config.influence.curvature_examples,
+                memory=config.influence.memory,
                 layers=list(config.influence.layers) if config.influence.layers else None,
                 max_length=config.max_length,
                 objective=config.update.objective,

@@ -269,9 +269,8 @@ def write_influence_files(
     atomic_write_json(directory / "influence.json", document)
     atomic_write_text(directory / "influence.csv", scores_csv(result))
     title = f"influence ({document['curvature']}, {document['fisher']} Fisher)"
-    influence_heatmap(
-        result.scores, result.domains, result.references, directory / "influence.png", title
-    )
+    influence_heatmap(result.scores, result.domains, result.references,
+                      directory / "influence.png", title, result.stderr)  # fmt: skip
 
 
 def write_influence(out: str | Path, result: InfluenceResult, document: dict[str, Any]) -> Path:

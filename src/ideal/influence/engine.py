@@ -138,6 +138,7 @@ class InfluenceResult:
     seconds: dict[str, float] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
     stderr: np.ndarray | None = None  # (references, domains): standard error of each score
+    covariance: np.ndarray | None = None  # (domains, references, references): of a domain's scores
     examples: dict[str, float] = field(default_factory=dict)  # copies used per domain
     curvature_examples: float = 0.0  # copies in the curvature sample
     groups: list[list[str]] = field(default_factory=list)  # layer groups, one set of passes each
@@ -429,7 +430,7 @@ def domain_influence(
         for p, flag in requires.items():
             p.requires_grad_(flag)
     start = time.perf_counter()
-    scores, stderr, used = domain_means(domains, contributions, len(references))
+    scores, stderr, covariance, used = domain_means(domains, contributions, len(references))
     seconds["scores"] = time.perf_counter() - start
     tokens = {
         d: int(all_reduce_float(sum(len(i.input_ids) for i in ws.items)))
@@ -445,6 +446,7 @@ def domain_influence(
         seconds,
         tokens,
         stderr=stderr,
+        covariance=covariance,
         examples=used,
         curvature_examples=all_reduce_float(float(sum(curvature.weights))),
         groups=groups,
@@ -457,25 +459,29 @@ def _add(seconds: dict[str, float], stage: str, start: float) -> None:
 
 def domain_means(
     domains: dict[str, WeightedSet], contributions: dict[str, np.ndarray], k: int
-) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
     """Scores (k, n) as the weighted means of the per-example contributions, their standard errors
-    and the copies used per domain, summed over every process's shard.
+    (k, n), the covariance of each domain's k scores (n, k, k) and the copies used per domain,
+    summed over every process's shard.
 
     A domain's sample is m copies drawn without replacement from its V copies, an example drawn
-    w times counting w times: the mean's standard error is sqrt((1 - m/V) S^2 / m), S^2 the
-    sample variance over the m copies (no correction without a population: the sample is all)."""
-    scores, stderr, used = np.zeros((k, len(domains))), np.zeros((k, len(domains))), {}
+    w times counting w times: the mean's covariance is (1 - m/V) C / m, C the sample covariance
+    over the m copies (no correction without a population: the sample is all). The covariance
+    gives the standard error of any combination over references (the sensitivities')."""
+    n = len(domains)
+    scores, covariance, used = np.zeros((k, n)), np.zeros((n, k, k)), {}
     for i, (domain, ws) in enumerate(domains.items()):
-        w = np.asarray(ws.weights, dtype=np.float64)[:, None]  # (n, 1)
-        c = contributions[domain]  # (n, k)
-        sums = torch.from_numpy(np.concatenate([[w.sum()], (w * c).sum(0), (w * c * c).sum(0)]))
-        sums = all_reduce_(sums).numpy()
-        m, first, second = sums[0], sums[1 : 1 + k], sums[1 + k :]
+        w = np.asarray(ws.weights, dtype=np.float64)[:, None]  # (n_i, 1)
+        c = contributions[domain]  # (n_i, k)
+        sums = np.concatenate([[w.sum()], (w * c).sum(0), ((w * c).T @ c).ravel()])
+        sums = all_reduce_(torch.from_numpy(sums)).numpy()
+        m, first, second = sums[0], sums[1 : 1 + k], sums[1 + k :].reshape(k, k)
         mean = first / m
-        variance = np.maximum(second - m * mean**2, 0.0) / max(m - 1.0, 1.0)
+        sample_cov = (second - m * np.outer(mean, mean)) / max(m - 1.0, 1.0)
         fpc = 0.0 if ws.population is None else max(0.0, 1.0 - m / ws.population)
-        scores[:, i], stderr[:, i], used[domain] = mean, np.sqrt(fpc * variance / m), float(m)
-    return scores, stderr, used
+        scores[:, i], covariance[i], used[domain] = mean, fpc * sample_cov / m, float(m)
+    stderr = np.sqrt(np.maximum(np.diagonal(covariance, axis1=1, axis2=2), 0.0)).T
+    return scores, stderr, covariance, used
 
 
 def _preconditioner(
@@ -655,10 +661,21 @@ def result_summary(
 ) -> dict[str, Any]:
     """sensitivities dQ/dbeta_i and the default beta, for influence.json."""
     weights = objective_weights(objective, result.references, sizes, result.reference_losses)
-    alpha = sensitivities(result.scores, [volumes[d] for d in result.domains], weights, size_factor)
+    counts = [volumes[d] for d in result.domains]
+    alpha = sensitivities(result.scores, counts, weights, size_factor)
     beta = ideal_beta(alpha, step)
+    extra: dict[str, Any] = {}
+    if result.covariance is not None:  # alpha_i = -share_i w^T s_i: its error from s_i's covariance
+        share = np.asarray(counts, float) / sum(counts) if size_factor else np.ones(len(counts))
+        spread = np.sqrt(
+            np.maximum(np.einsum("j,ijk,k->i", weights, result.covariance, weights), 0)
+        )
+        extra["sensitivity_stderr"] = dict(
+            zip(result.domains, (np.abs(share) * spread).tolist(), strict=True)
+        )
     return {
         "sensitivity": dict(zip(result.domains, alpha.tolist(), strict=True)),
+        **extra,
         "beta": dict(zip(result.domains, beta.tolist(), strict=True)),
         "objective": {
             "kind": objective,

@@ -90,6 +90,9 @@ def update_mixture(
         "constraints": asdict(constraints),
         "previous_volumes": before,
     }
+    if isinstance(rule, IdealRule) and rule.min_z > 0:  # the noise gate, and whom it held
+        record["min_z"] = rule.min_z
+        record["held_by_noise"] = rule.held(signals)
     if "retokenized" in signals:  # the influence step's count of re-tokenized rows, kept in view
         record["retokenized"] = signals["retokenized"]
     return mixture, record
@@ -103,14 +106,20 @@ def reweight(
     constraints: Constraints | None = None,
     seed: int | None = None,
     on_invalid: OnInvalid = "error",
+    min_z: float = 0.0,
 ) -> ReweightResult:
-    """Apply the IDEAL step to the training set at `train` and write the next mixture to `out`."""
+    """Apply the IDEAL step to the training set at `train` and write the next mixture to `out`.
+
+    `min_z` > 0 leaves unchanged every domain whose sensitivity is within min_z standard errors of
+    zero (influence.json's `sensitivity_stderr`)."""
     constraints = constraints or Constraints()
     check_new_output_dir(out)  # fail before any work
     training = load_training_set(train, on_invalid)
     signals = read_influence(influence, training)
     seed = training.mixture.seed if seed is None else seed
-    mixture, update = update_mixture(training, IdealRule(step=step), constraints, seed, signals)
+    mixture, update = update_mixture(
+        training, IdealRule(step=step, min_z=min_z), constraints, seed, signals
+    )
     update["step"] = step
     update["influence"] = {"path": str(Path(influence).resolve()), "sha256": sha256_file(influence)}
     write_mixture_dir(out, training, mixture, extra={"update": update})

@@ -79,16 +79,30 @@ class Rule(Protocol):
 
 @dataclass(frozen=True)
 class IdealRule:
-    """The IDEAL step from `signals["sensitivity"]` (domain -> dQ/dbeta_i)."""
+    """The IDEAL step from `signals["sensitivity"]` (domain -> dQ/dbeta_i).
+
+    With `min_z` > 0, a domain whose sensitivity is within `min_z` standard errors of zero
+    (`signals["sensitivity_stderr"]`) is held: beta_i = 0, and the step is scaled over the others.
+    """
 
     step: float = 0.15
+    min_z: float = 0.0
     name: str = "ideal"
     signal: str = "influence"
 
+    def held(self, signals: Mapping[str, Any]) -> list[str]:
+        """Domains the noise gate leaves unchanged (none when min_z = 0 or without errors)."""
+        errors = signals.get("sensitivity_stderr")
+        if self.min_z <= 0 or not errors:
+            return []
+        alpha = signals["sensitivity"]
+        return [d for d in alpha if abs(alpha[d]) < self.min_z * errors[d]]
+
     def propose(self, volumes: Mapping[str, int], signals: Mapping[str, Any]) -> dict[str, float]:
-        sensitivity = signals["sensitivity"]
+        sensitivity, held = signals["sensitivity"], set(self.held(signals))
         domains = list(volumes)
-        beta = ideal_beta([sensitivity[d] for d in domains], self.step)
+        alpha = [0.0 if d in held else sensitivity[d] for d in domains]
+        beta = ideal_beta(alpha, self.step)
         return {d: volumes[d] * (1.0 + b) for d, b in zip(domains, beta, strict=True)}
 
 

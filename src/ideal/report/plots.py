@@ -17,17 +17,28 @@ SIGN_CONVENTION = (
 )
 
 
+def noise_mask(scores: np.ndarray, stderr: np.ndarray | None, z: float = 2.0) -> np.ndarray:
+    """True where a score is within `z` standard errors of zero (its sign is not established)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if stderr is None:
+        return np.zeros(scores.shape, dtype=bool)
+    return np.abs(scores) < z * np.asarray(stderr, dtype=np.float64)
+
+
 def influence_heatmap(
     scores: np.ndarray,
     domains: Sequence[str],
     references: Sequence[str],
     path: str | Path,
     title: str,
+    stderr: np.ndarray | None = None,
 ) -> Path:
-    """references x domains heatmap, diverging around 0, each cell annotated with its score."""
+    """references x domains heatmap, diverging around 0, each cell annotated with its score (and
+    standard error); cells within 2 standard errors of zero are hatched and marked '~0?'."""
     scores = np.asarray(scores, dtype=np.float64)
+    noisy = noise_mask(scores, stderr)
     limit = float(np.abs(scores).max()) or 1.0
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(domains), 1.6 + 0.7 * len(references)))
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(domains), 1.6 + 0.8 * len(references)))
     image = ax.imshow(scores, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto")
     ax.set_xticks(range(len(domains)), domains, rotation=30, ha="right")
     ax.set_yticks(range(len(references)), references)
@@ -36,7 +47,16 @@ def influence_heatmap(
     for j in range(scores.shape[0]):
         for i in range(scores.shape[1]):
             color = "white" if abs(scores[j, i]) > 0.6 * limit else "black"
-            ax.text(i, j, f"{scores[j, i]:.3g}", ha="center", va="center", fontsize=8, color=color)
+            text = f"{scores[j, i]:.3g}"
+            if stderr is not None:
+                text += f"\n+-{float(np.asarray(stderr)[j, i]):.2g}"
+            if noisy[j, i]:
+                text += " ~0?"
+                ax.add_patch(plt.Rectangle((i - 0.5, j - 0.5), 1, 1, fill=False, hatch="///",
+                                           edgecolor="grey", linewidth=0))  # fmt: skip
+            ax.text(i, j, text, ha="center", va="center", fontsize=7, color=color)
+    if stderr is not None:
+        title += "; hatched ~0?: within 2 standard errors of zero"
     fig.colorbar(image, ax=ax, label="influence s_ji")
     ax.set_title(f"{title}\n{SIGN_CONVENTION}", fontsize=8)
     fig.tight_layout()
