@@ -71,11 +71,85 @@ class InfluenceConfig:
         )
 
 
+TRAIN_BACKENDS = ("builtin", "trl", "command", "llamafactory", "axolotl", "trl-cli")
+EVAL_BACKENDS = ("builtin", "lm-eval", "command")
+EVAL_PARSERS = ("scores", "lm-eval", "opencompass")
+EXPORT_FORMATS = ("llamafactory", "trl", "axolotl")
+
+
+@dataclass(frozen=True)
+class TrainConfig(TrainSettings):
+    """`train:` of the run config: the builtin loop's settings, and who trains (ideal.backends).
+
+    The loop's fields (epochs, lr, batch_size, ...) drive `builtin` and map onto SFTConfig for
+    `trl`; an external trainer (`command` and its presets) takes its recipe from its own config.
+    """
+
+    backend: str = "builtin"  # builtin | trl | command | llamafactory | axolotl | trl-cli
+    command: str | tuple[str, ...] | None = None  # command template; presets have a default
+    base_config: str | None = None  # presets: the tool's YAML that each round's config starts from
+    export: str = "trl"  # command: the tool file `ideal export` writes beside the jsonl files
+    env: dict[str, str] = field(default_factory=dict)  # more environment for the command
+    timeout: float | None = 172800.0  # seconds before the command's process group is ended
+    trl_args: dict[str, Any] = field(default_factory=dict)  # trl: more SFTConfig fields
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.backend not in TRAIN_BACKENDS:
+            raise IdealError(
+                f"train.backend must be one of {', '.join(TRAIN_BACKENDS)}, got {self.backend!r}"
+            )
+        if self.export not in EXPORT_FORMATS:
+            raise IdealError(
+                f"train.export must be one of {', '.join(EXPORT_FORMATS)}, got {self.export!r}"
+            )
+        if self.backend == "command" and not self.command:
+            raise IdealError("train.backend command: give train.command, the command to run")
+        if self.backend in ("llamafactory", "axolotl", "trl-cli") and not self.base_config:
+            raise IdealError(
+                f"train.backend {self.backend}: give train.base_config, your {self.backend} YAML"
+            )
+        if self.timeout is not None and not self.timeout > 0:
+            raise IdealError(f"train.timeout must be > 0 seconds, got {self.timeout}")
+
+    def settings(self) -> TrainSettings:
+        """The builtin loop's settings alone (what `ideal train` takes and hashes)."""
+        return TrainSettings(**{f.name: getattr(self, f.name) for f in fields(TrainSettings)})
+
+
 @dataclass(frozen=True)
 class EvalConfig:
+    """`eval:` of the run config. Reference losses are always computed by ideal (the method needs
+    them); `backend` says who scores the test capabilities (ideal.backends)."""
+
     scorers: dict[str, str] = field(default_factory=dict)  # capability -> scorer (default exact)
     max_new_tokens: int = 32
     batch_size: int = 32
+    backend: str = "builtin"  # builtin | lm-eval | command
+    command: str | tuple[str, ...] | None = None  # command: the evaluator's command template
+    parse: str = "scores"  # command: {scores}, or the tool's results: lm-eval | opencompass
+    tasks: dict[str, Any] = field(default_factory=dict)  # capability -> task/dataset and metric
+    include_path: str | None = None  # lm-eval: directory of local task YAMLs
+    include_defaults: bool = True  # lm-eval: also its shipped tasks (false: include_path only)
+    limit: float | None = None  # lm-eval: examples per task
+    options: dict[str, Any] = field(default_factory=dict)  # lm-eval: more simple_evaluate arguments
+    env: dict[str, str] = field(default_factory=dict)
+    timeout: float | None = 172800.0
+
+    def __post_init__(self) -> None:
+        if self.backend not in EVAL_BACKENDS:
+            raise IdealError(
+                f"eval.backend must be one of {', '.join(EVAL_BACKENDS)}, got {self.backend!r}"
+            )
+        if self.parse not in EVAL_PARSERS:
+            raise IdealError(
+                f"eval.parse must be one of {', '.join(EVAL_PARSERS)}, got {self.parse!r}"
+            )
+        if self.backend == "command" and not self.command:
+            raise IdealError("eval.backend command: give eval.command, the command to run")
+        needs_tasks = self.backend == "lm-eval" or self.parse != "scores"
+        if needs_tasks and not self.tasks:
+            raise IdealError("eval.tasks: map each capability to the evaluator's task and metric")
 
 
 @dataclass(frozen=True)
@@ -89,17 +163,19 @@ class RunConfig:
     tolerance: float = 0.01  # stop early when max |beta| after constraints falls below this
     seed: int = 0
     max_length: int | None = None
-    train: TrainSettings = field(default_factory=TrainSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
     influence: InfluenceConfig = field(default_factory=InfluenceConfig)
     update: UpdateSettings = field(default_factory=UpdateSettings)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        if self.suite is None and not all(
-            (self.model, self.train_data, self.reference_data, self.test_data)
-        ):
+        needed = (self.model, self.train_data, self.reference_data)
+        if self.eval.backend == "builtin":  # an external evaluator brings its own test sets
+            needed = (*needed, self.test_data)
+        if self.suite is None and not all(needed):
             raise IdealError(
                 "config: give either 'suite' or all of 'model', 'train_data', 'reference_data', 'test_data'"
+                + ("" if self.eval.backend == "builtin" else " (test_data optional)")
             )
         if self.rounds < 0:
             raise IdealError(f"config: rounds must be >= 0, got {self.rounds}")
@@ -137,7 +213,12 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         options = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:
             return None
-        return _convert(options[0], value, where)
+        for option in options[:-1]:  # the first that takes the value (str | tuple: a string stays)
+            try:
+                return _convert(option, value, where)
+            except IdealError:
+                continue
+        return _convert(options[-1], value, where)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, where)
     if origin is tuple:

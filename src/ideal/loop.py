@@ -4,6 +4,8 @@
     RUN/suite/                 the generated suite (data + base model), when the config names one
     RUN/round-K/mixture.json   the mixture of round K (rows under RUN/round-K/data/<domain>/)
     RUN/round-K/model/         the SFT model of round K, trained from the base model
+    RUN/round-K/train.json     who trained it (train.backend), the loss it minimised (example|token);
+                               an external trainer's command, exit code, seconds (+ train.log)
     RUN/round-K/metrics.json   reference loss, test loss and accuracy per capability; mean; worst
     RUN/round-K/influence.json influence of round K's model (+ .csv, .png); drives round K+1
     RUN/round-K/proxy.json     rules doremi/doge instead: the proxy run's domain weights (+ .png)
@@ -48,7 +50,7 @@ class RunPaths:
     base: Path
     train: Path
     reference: Path
-    test: Path
+    test: Path | None  # None: an external evaluator brings its own test sets
 
     def round(self, k: int) -> Path:
         return self.run / f"round-{k}"
@@ -83,13 +85,13 @@ def prepare_run(config: RunConfig, run_dir: str | Path, resume: bool) -> RunPath
             log.info("generating the suite into %s", suite)
             generate_suite(config.suite, suite)
         return RunPaths(run, suite / "base", suite / "train", suite / "reference", suite / "test")
-    assert config.model and config.train_data and config.reference_data and config.test_data
+    assert config.model and config.train_data and config.reference_data
     return RunPaths(
         run,
         Path(config.model),
         Path(config.train_data),
         Path(config.reference_data),
-        Path(config.test_data),
+        Path(config.test_data) if config.test_data else None,
     )
 
 
@@ -140,8 +142,87 @@ def next_mixture(
     return mixture, {**record, "step": update.step}
 
 
-def evaluate_round(config: RunConfig, paths: RunPaths, model_dir: Path) -> dict[str, Any]:
-    """metrics.json of one round: reference loss (no decoding), test loss and accuracy."""
+def make_trainer(config: RunConfig) -> Any:
+    """The trainer `train.backend` names (ideal.backends; the protocol in backends/protocol.py)."""
+    train = config.train
+    if train.backend == "builtin":
+        from ideal.backends.train import BuiltinTrainer
+
+        return BuiltinTrainer(_train_settings(config))
+    if train.backend == "trl":
+        from ideal.backends.trl_sft import TrlTrainer
+
+        return TrlTrainer(_train_settings(config), dict(train.trl_args))
+    if train.backend == "command":
+        from ideal.backends.command import CommandTrainer
+
+        return CommandTrainer(train.command, train.export, dict(train.env), train.timeout)
+    from ideal.backends.presets import preset_trainer
+
+    return preset_trainer(
+        train.backend, train.base_config, train.command, dict(train.env), train.timeout
+    )
+
+
+def make_evaluator(config: RunConfig) -> Any:
+    """The external evaluator `eval.backend` names, or None for the builtin one."""
+    spec = config.eval
+    if spec.backend == "lm-eval":
+        from ideal.backends.lmeval import LmEvalEvaluator
+
+        return LmEvalEvaluator(
+            dict(spec.tasks),
+            spec.include_path,
+            spec.limit,
+            spec.batch_size,
+            dict(spec.options),
+            spec.include_defaults,
+        )
+    if spec.backend == "command":
+        from ideal.backends.command import CommandEvaluator
+
+        return CommandEvaluator(
+            spec.command, spec.parse, dict(spec.tasks), dict(spec.env), spec.timeout
+        )
+    return None
+
+
+def train_round(config: RunConfig, paths: RunPaths, k: int) -> None:
+    """RUN/round-K/model and train.json, by the configured trainer (resumable: a failed or killed
+    round is trained again by `--resume`; the builtin loop continues from its checkpoint)."""
+    from ideal.artifacts import atomic_write_json
+    from ideal.backends.protocol import TrainJob
+    from ideal.distributed import barrier, is_main, world_size
+
+    trainer = make_trainer(config)
+    if not trainer.all_processes and world_size() > 1:
+        raise IdealError(
+            f"train.backend {trainer.name} launches its own processes: run `ideal run` as one "
+            "process and put the launcher in the trainer's command (README: multi-GPU)"
+        )
+    here = paths.round(k)
+    job = TrainJob(
+        base_model=paths.base.resolve(),
+        mixture_dir=here,
+        output_dir=here / "model",
+        round=k,
+        run_dir=paths.run,
+        config_file=paths.run / "config.yaml",
+    )
+    log.info("round %d: training (%s)", k, trainer.name)
+    record = trainer.train(job)
+    if is_main():
+        atomic_write_json(here / "train.json", {"round": k, **record})
+    barrier()
+
+
+def evaluate_round(
+    config: RunConfig, paths: RunPaths, model_dir: Path, k: int | None = None
+) -> dict[str, Any]:
+    """metrics.json of one round: reference loss (no decoding), test loss and accuracy.
+
+    Reference (and, with test data, test) losses are always ideal's own; with an external
+    `eval.backend` the test accuracy of each capability is the evaluator's score."""
     from ideal.backends.evaluate import evaluate_capability
     from ideal.data.rows import load_domains
     from ideal.hf import load_causal_lm, load_tokenizer
@@ -149,7 +230,9 @@ def evaluate_round(config: RunConfig, paths: RunPaths, model_dir: Path) -> dict[
     start = time.perf_counter()
     model, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
     model.eval()
-    references, tests = load_domains(paths.reference), load_domains(paths.test)
+    references = load_domains(paths.reference)
+    tests = load_domains(paths.test) if paths.test is not None else {}
+    evaluator = make_evaluator(config)
     capabilities: dict[str, dict[str, Any]] = {}
     for name, domain in references.items():
         result = evaluate_capability(
@@ -167,37 +250,71 @@ def evaluate_round(config: RunConfig, paths: RunPaths, model_dir: Path) -> dict[
             model,
             tokenizer,
             domain,
-            config.eval.scorers.get(name),
+            config.eval.scorers.get(name) if evaluator is None else None,
             config.max_length,
             config.eval.max_new_tokens,
             config.eval.batch_size,
+            generate=evaluator is None,
         )
         capabilities.setdefault(name, {}).update(
-            test_loss=result.loss,
-            test_accuracy=result.accuracy,
-            test_examples=result.examples,
-            scorer=result.scorer,
+            test_loss=result.loss, test_examples=result.examples
         )
+        if evaluator is None:
+            capabilities[name].update(test_accuracy=result.accuracy, scorer=result.scorer)
+    if evaluator is not None:
+        from ideal.backends.protocol import EvalJob
+
+        del model  # the evaluator loads the model itself
+        here = model_dir.parent
+        job = EvalJob(
+            model_dir=model_dir,
+            base_model=_base_of(model_dir),
+            work_dir=here / "eval",
+            round=k if k is not None else -1,
+            run_dir=paths.run,
+            config_file=paths.run / "config.yaml",
+            test_data=paths.test,
+        )
+        for name, score in evaluator.evaluate(job).items():
+            capabilities.setdefault(name, {}).update(
+                test_accuracy=score.score,
+                test_metric=score.metric,
+                test_stderr=score.stderr,
+                test_scored=score.n,
+                test_source=score.source,
+                scorer=evaluator.name,
+            )
     reference_losses = {
         c: v["reference_loss"] for c, v in capabilities.items() if "reference_loss" in v
     }
     accuracies = {
         c: v["test_accuracy"] for c, v in capabilities.items() if v.get("test_accuracy") is not None
     }
+    test_losses = [v["test_loss"] for v in capabilities.values() if "test_loss" in v]
     metrics: dict[str, Any] = {
         "capabilities": capabilities,
         "reference_loss_mean": float(np.mean(list(reference_losses.values()))),
-        "test_loss_mean": float(
-            np.mean([v["test_loss"] for v in capabilities.values() if "test_loss" in v])
-        ),
+        "test_loss_mean": float(np.mean(test_losses)) if test_losses else None,
         "test_accuracy_mean": float(np.mean(list(accuracies.values()))) if accuracies else None,
         "test_accuracy_worst": min(accuracies.values()) if accuracies else None,
         "test_accuracy_worst_capability": min(accuracies, key=accuracies.get)
         if accuracies
         else None,
     }
+    if evaluator is not None:
+        metrics["evaluator"] = evaluator.name
     metrics["seconds"] = time.perf_counter() - start
     return metrics
+
+
+def _base_of(model_dir: Path) -> Path:
+    """An adapter's base model directory, or the model directory itself."""
+    config = model_dir / "adapter_config.json"
+    if config.is_file():
+        base = read_json(config).get("base_model_name_or_path")
+        if base:
+            return Path(base)
+    return model_dir
 
 
 def run_loop(config: RunConfig, run_dir: str | Path, resume: bool = False) -> dict[str, Any]:
@@ -207,7 +324,6 @@ def run_loop(config: RunConfig, run_dir: str | Path, resume: bool = False) -> di
     shard; the main process alone writes the run directory, evaluates and runs proxy runs, while
     the others wait. The run directory must be on a filesystem that every process sees.
     """
-    from ideal.backends.train import run_train
     from ideal.distributed import barrier, init_from_env, is_main
     from ideal.influence.command import compute_influence, write_influence_files
     from ideal.progress import track
@@ -233,12 +349,10 @@ def run_loop(config: RunConfig, run_dir: str | Path, resume: bool = False) -> di
         here = paths.round(k)
         model_dir = here / "model"
         if not model_dir.is_dir():
-            log.info("round %d: training", k)
-            partial = model_dir.with_name(model_dir.name + ".partial")
-            run_train(paths.base, here, model_dir, _train_settings(config), resume=partial.exists())
+            train_round(config, paths, k)
         if main and not (here / "metrics.json").is_file():
             log.info("round %d: evaluating", k)
-            atomic_write_json(here / "metrics.json", evaluate_round(config, paths, model_dir))
+            atomic_write_json(here / "metrics.json", evaluate_round(config, paths, model_dir, k))
         barrier()
         if k >= config.rounds:
             break
@@ -376,7 +490,7 @@ def write_proxy_files(here: Path, document: dict[str, Any]) -> None:
 def _train_settings(config: RunConfig):
     from dataclasses import replace
 
-    return replace(config.train, max_length=config.max_length)
+    return replace(config.train.settings(), max_length=config.max_length)
 
 
 def summarise_run(run: Path) -> dict[str, Any]:

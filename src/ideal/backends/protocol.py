@@ -11,8 +11,9 @@ influence step can differentiate the same objective.
 
 An external trainer may write anything; `find_trained_model` accepts a loadable Hugging Face model
 directory (config.json + weights) or a peft adapter (adapter_config.json + adapter weights), at the
-top of its output directory or in `merged/` (axolotl's `merge-lora`), and refuses a sharded DeepSpeed
-or FSDP checkpoint with the one-line fix. `collect_model` moves it to RUN/round-K/model.
+top of its output directory or in `merged/` (axolotl's `merge-lora`; preferred when both are
+there), and refuses a sharded DeepSpeed or FSDP checkpoint with the one-line fix.
+`collect_model` moves it to RUN/round-K/model.
 
 The scores an external evaluator hands back (`read_scores`), documented in README.md:
 
@@ -151,10 +152,10 @@ def _sharded_checkpoint(path: Path) -> str | None:
 
 
 def find_trained_model(output_dir: Path) -> TrainedModel:
-    """What an external trainer produced: its output directory itself, or its `merged/`."""
+    """What an external trainer produced: its `merged/` (axolotl merge-lora), or the directory."""
     if not output_dir.is_dir() or not any(output_dir.iterdir()):
         raise IdealError(f"{output_dir}: the trainer exited with code 0 but wrote nothing there")
-    for candidate in (output_dir, output_dir / "merged"):
+    for candidate in (output_dir / "merged", output_dir):  # a merge the user asked for first
         kind = model_kind(candidate)
         if kind is not None:
             return TrainedModel(candidate, kind)
