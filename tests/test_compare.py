@@ -33,6 +33,11 @@ def test_compare_uniform_and_ideal_on_the_quick_config(cli, tmp_path):
     assert (
         entry["runs"][0]["final"]["round"] == 1 and entry["test_accuracy_mean"]["mean"] is not None
     )
+    # one seed: the paired difference is printed, but nothing separates the methods
+    assert "paired differences against uniform" in result.out
+    paired = document["paired"]["uniform"]["ideal"]["test_accuracy_mean"]
+    assert paired["verdict"] == "not separable" and paired["stderr"] is None
+    assert "Against uniform" in (tmp_path / "c" / "compare.html").read_text()
 
 
 def test_unknown_method_is_one_line(cli, tmp_path):
@@ -79,6 +84,33 @@ def test_gap_closure_by_hand():
     assert closure["uniform"]["closure"] == pytest.approx(-1 / 3)
     assert closure["ideal"]["oracle_minus_original"] == pytest.approx(0.3)
     assert gap_closure({"original": method(0.2)}) is None
+
+
+def test_paired_differences_and_verdicts_by_hand():
+    from ideal.compare import paired_differences, verdict
+
+    def method(mean, worst):
+        return {"runs": [{"seed": s, "final": {"test_accuracy_mean": m, "test_accuracy_worst": w}}
+                         for s, (m, w) in enumerate(zip(mean, worst, strict=True))]}  # fmt: skip
+
+    results = {
+        "original": method([0.30, 0.20, 0.40], [0.1, 0.0, 0.2]),
+        # +0.05, +0.06, +0.04 every seed: mean 0.05, sd 0.01, stderr 0.01/sqrt(3)
+        "ideal": method([0.35, 0.26, 0.44], [0.1, 0.0, 0.2]),
+        # +0.10, -0.10, +0.02: mean 0.0067 with sd 0.1: not separable
+        "noisy": method([0.40, 0.10, 0.42], [0.0, 0.1, 0.2]),
+        "bad": method([0.20, 0.11, 0.29], [0.0, 0.0, 0.1]),
+    }
+    paired = paired_differences(results, "original")
+    ideal = paired["ideal"]["test_accuracy_mean"]
+    assert ideal["per_seed"] == pytest.approx([0.05, 0.06, 0.04])
+    assert ideal["mean"] == pytest.approx(0.05) and ideal["sd"] == pytest.approx(0.01)
+    assert ideal["stderr"] == pytest.approx(0.01 / 3**0.5) and ideal["verdict"] == "better"
+    assert paired["ideal"]["test_accuracy_worst"]["verdict"] == "not separable"  # all zero
+    assert paired["noisy"]["test_accuracy_mean"]["verdict"] == "not separable"
+    assert paired["bad"]["test_accuracy_mean"]["verdict"] == "worse"
+    assert "original" not in paired
+    assert verdict(0.1, None) == "not separable"  # one seed: no error, no verdict
 
 
 @pytest.mark.slow

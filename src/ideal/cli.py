@@ -211,6 +211,33 @@ def compare(
         )
     console = _console()
     console.print(table)
+    for baseline, paired in document.get("paired", {}).items():
+        seeds_note = "" if seeds > 1 else " (one seed: nothing separates)"
+        against = Table(
+            title=f"paired differences against {baseline}, per seed: method - {baseline}; "
+            f"verdict at 2 standard errors{seeds_note}"
+        )
+        for column in (
+            "method",
+            "mean accuracy diff",
+            "per seed",
+            "verdict",
+            "worst diff",
+            "verdict",
+        ):
+            against.add_column(column, justify="left" if column == "method" else "right")
+        for method, entry in paired.items():
+            mean, worst = entry["test_accuracy_mean"], entry["test_accuracy_worst"]
+
+            def diff(d: dict) -> str:
+                error = "" if d["stderr"] is None else f" +- {d['stderr']:.3f}"
+                return f"{d['mean']:+.3f}{error}"
+
+            per_seed = " ".join(f"{x:+.3f}" for x in mean["per_seed"])
+            against.add_row(
+                method, diff(mean), per_seed, mean["verdict"], diff(worst), worst["verdict"]
+            )
+        console.print(against)
     for method, entry in (document.get("gap_closure") or {}).items():
         if entry["closure"] is not None:
             console.print(

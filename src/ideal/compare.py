@@ -284,11 +284,59 @@ def run_compare(
         }
     document = {"methods": results, "seeds": seeds, "config_hash": config.hash()}
     document["gap_closure"] = gap_closure(results)
+    document["paired"] = {
+        baseline: paired_differences(results, baseline)
+        for baseline in ("original", "uniform")
+        if baseline in results
+    }
     atomic_write_json(out / "compare.json", document)
     from ideal.report.compare import write_compare_report
 
     write_compare_report(out, document)
     return document
+
+
+VERDICT_Z = 2.0  # standard errors of the paired difference that separate two methods
+
+
+def verdict(mean: float, stderr: float | None, z: float = VERDICT_Z) -> str:
+    """ "better" / "worse" when the mean paired difference is more than z standard errors from 0,
+    else "not separable" (also with one seed, where the difference has no error)."""
+    if stderr is None or not np.isfinite(stderr):
+        return "not separable"
+    if mean > z * stderr:
+        return "better"
+    if mean < -z * stderr:
+        return "worse"
+    return "not separable"
+
+
+def paired_differences(results: dict[str, Any], baseline: str) -> dict[str, Any]:
+    """Per method: its final-round mean and worst test accuracy minus the baseline's, seed by seed
+    (the same seeds, hence the same D0, split and base model), their mean, sd and standard error
+    sd / sqrt(seeds), and a verdict at VERDICT_Z standard errors."""
+
+    def by_seed(method: str, key: str) -> dict[int, float]:
+        return {r["seed"]: r["final"][key] for r in results[method]["runs"]}
+
+    out: dict[str, Any] = {}
+    for method in results:
+        if method == baseline:
+            continue
+        entry: dict[str, Any] = {}
+        for key in ("test_accuracy_mean", "test_accuracy_worst"):
+            ours, theirs = by_seed(method, key), by_seed(baseline, key)
+            seeds = sorted(set(ours) & set(theirs))
+            diffs = [
+                ours[s] - theirs[s] for s in seeds if ours[s] is not None and theirs[s] is not None
+            ]
+            mean = float(np.mean(diffs)) if diffs else float("nan")
+            sd = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None
+            stderr = sd / np.sqrt(len(diffs)) if sd is not None else None
+            entry[key] = {"per_seed": diffs, "seeds": seeds, "mean": mean, "sd": sd,
+                          "stderr": stderr, "verdict": verdict(mean, stderr)}  # fmt: skip
+        out[method] = entry
+    return out
 
 
 def gap_closure(results: dict[str, Any]) -> dict[str, Any] | None:

@@ -60,6 +60,35 @@ def accuracy_vs_compute_plot(document: dict[str, Any], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def _paired_table(baseline: str, paired: dict[str, Any]) -> str:
+    """Per-seed differences against a baseline, with the verdict at 2 standard errors."""
+    rows = []
+    for method, entry in paired.items():
+        cells = [html.escape(method)]
+        for key in ("test_accuracy_mean", "test_accuracy_worst"):
+            d = entry[key]
+            error = "" if d["stderr"] is None else f" &plusmn; {d['stderr']:.3f}"
+            cells += [f"{d['mean']:+.3f}{error}", " ".join(f"{x:+.3f}" for x in d["per_seed"]),
+                      html.escape(d["verdict"])]  # fmt: skip
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    header = [
+        "method",
+        "mean acc. diff",
+        "per seed",
+        "verdict",
+        "worst diff",
+        "per seed",
+        "verdict",
+    ]
+    head = "".join(f"<th>{h}</th>" for h in header)
+    return (
+        f"<h2>Against {html.escape(baseline)}: paired per seed (method - {html.escape(baseline)})</h2>"
+        "<p>Same seeds, so the same D0, split and base model; better / worse only beyond 2 standard "
+        "errors of the paired difference.</p>"
+        f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
 def write_compare_report(out: str | Path, document: dict[str, Any]) -> Path:
     out = Path(out)
     plot = accuracy_vs_compute_plot(document, out / "compare.png")
@@ -90,6 +119,7 @@ def write_compare_report(out: str | Path, document: dict[str, Any]) -> Path:
         if "oracle-grid" in methods
         else ""
     )
+    paired_tables = "".join(_paired_table(b, p) for b, p in document.get("paired", {}).items())
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>ideal compare</title>
 <style>
@@ -105,6 +135,7 @@ same total volume and training recipe for all; each (method, seed) is a run dire
 report under <code>&lt;method&gt;/seed-&lt;s&gt;/</code>.</p>
 <table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>
 {note}
+{paired_tables}
 <figure><img src="{html.escape(plot.name)}" alt="accuracy vs compute"></figure>
 </body></html>
 """
