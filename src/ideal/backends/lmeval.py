@@ -130,7 +130,10 @@ class LmEvalEvaluator:
 
         mapping = task_map(self.tasks)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = load_causal_lm(job.model_dir).to(device).eval()
+        model = load_causal_lm(job.model_dir)
+        if hasattr(model, "merge_and_unload"):  # a peft adapter: evaluate the merged weights
+            model = model.merge_and_unload()
+        model = model.to(device).eval()
         tokenizer = load_tokenizer(job.model_dir)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, device=device)
         manager = TaskManager(
