@@ -518,7 +518,7 @@ def _preconditioner(
     }
 
     def precondition(g: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """(k, out, in) -> (k, out, in): one layer at a time on the device, solved in float64."""
+        """(k, out, in) -> (k, out, in): one layer at a time on the device, in float32."""
         out = {}
         for n, v in g.items():
             e = eigens[n]
