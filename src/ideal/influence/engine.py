@@ -261,8 +261,13 @@ class InfluenceEngine:
         `directions[name]` is (k, out, in): the k preconditioned reference gradients of a layer.
         Each example's gradient is formed `chunk` examples at a time and discarded."""
         out = {d: np.zeros((len(ws.items), 0)) for d, ws in domains.items()}
-        on_device = {n: v.to(self.device, torch.float32) for n, v in directions.items()}
-        k = next(iter(on_device.values())).shape[0]
+        # (k, out * in): the dot products are then one matrix product per chunk (a measured 5x
+        # faster on CPU than einsum("boi,koi->bk"), which torch does not route to a matmul)
+        on_device = {
+            n: v.to(self.device, torch.float32).reshape(v.shape[0], -1).T.contiguous()
+            for n, v in directions.items()
+        }
+        k = next(iter(on_device.values())).shape[1]
         chunk = self.settings.chunk
         with Capture(self.layers) as cap:
             for domain, ws in domains.items():
@@ -279,8 +284,8 @@ class InfluenceEngine:
                         a, g = cap.inputs[name].float(), cap.grads[name].float()
                         for start in range(0, a.shape[0], chunk):
                             part = slice(start, start + chunk)
-                            per_example = torch.einsum("bto,bti->boi", g[part], a[part])
-                            dots = torch.einsum("boi,koi->bk", per_example, on_device[name])
+                            per_example = torch.bmm(g[part].transpose(1, 2), a[part])  # (b, o, i)
+                            dots = per_example.reshape(per_example.shape[0], -1) @ on_device[name]
                             total[part] += dots.double().cpu()
                     rows = [position[int(key)] for key in batch.keys]
                     values[rows] = total.numpy()
