@@ -4,6 +4,8 @@
                     what an external trainer produced, the documented scores JSON
     train.py        builtin trainer: SFT on Accelerate (full or LoRA, resumable), `ideal train`
     evaluate.py     builtin evaluator: per-capability loss, greedy decoding, scorers, `ideal eval`
+    scorers.py      `choice` (multiple choice by log-likelihood, no generation) and the
+                    instruction-following checks (words, keywords, no_commas, lowercase, ...)
     trl_sft.py      `trl`: TRL's SFTTrainer in this process, on ideal's tokens and masks
     command.py      `command`: any trainer or evaluator as a command template (no shell, timeout, log)
     presets.py      `llamafactory`, `axolotl`, `trl-cli`: the tool's YAML rendered over `command`

@@ -8,7 +8,12 @@ For each capability directory of DIR:
   (left padding with an explicit attention mask, stopping at EOS) from the row's own prompt ids, the
   prompt part of the very ids the loss is computed on (and training trains on), scored by the
   capability's scorer: `exact` (after whitespace normalisation, default), `number` (the last
-  number in the output), `contains`, or a Python callable registered with `register_scorer`.
+  number in the output), `contains`, the instruction-following checks of `scorers.py` (`words`,
+  `keywords`, `no_commas`, `lowercase`, `ends_with`, `json`, `instructions`), or a Python callable
+  registered with `register_scorer`;
+- or, with the scorer `choice`, multiple-choice accuracy without generation: the log-likelihood of
+  each of the row's `choices` given its prompt (lm-eval's `acc`, and `acc_norm` as
+  `accuracy_norm`; `scorers.py` documents the row format).
 Reported per capability with its number of examples, with the mean and the worst capability.
 """
 
@@ -25,6 +30,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
+from ideal.backends.scorers import CHOICE, INSTRUCTION_SCORERS, score_choices
 from ideal.data.rows import Domain, Tokenized, tokenize_examples
 from ideal.errors import IdealError
 from ideal.lm import collate, example_losses, position_ids
@@ -64,7 +70,13 @@ SCORERS: dict[str, Scorer] = {
     "exact": score_exact,
     "number": score_number,
     "contains": score_contains,
+    **INSTRUCTION_SCORERS,
 }
+
+
+def scorer_names() -> list[str]:
+    """Every scorer a capability may name: the generative ones and `choice`."""
+    return sorted({*SCORERS, CHOICE})
 
 
 def register_scorer(name: str, scorer: Scorer) -> None:
@@ -140,6 +152,7 @@ class CapabilityResult:
     accuracy: float | None
     scorer: str | None
     outputs: list[dict[str, Any]]
+    accuracy_norm: float | None = None  # `choice`: acc_norm (length-normalised log-likelihood)
 
 
 def evaluate_capability(
@@ -167,10 +180,22 @@ def evaluate_capability(
             f"{missing.source}: row has no 'answer' while other rows of '{domain.name}' do"
         )
     accuracy, outputs, name = None, [], None
+    if with_answer and scorer == CHOICE:
+        chosen = score_choices(model, tokenizer, domain.examples, max_length, batch_size)
+        return CapabilityResult(
+            domain.name,
+            len(items),
+            float(losses.mean()),
+            len(with_answer),
+            chosen.accuracy,
+            CHOICE,
+            chosen.outputs,
+            chosen.accuracy_norm,
+        )
     if with_answer:
         name = scorer or "exact"
         if name not in SCORERS:
-            raise IdealError(f"unknown scorer '{name}'; choose from {', '.join(sorted(SCORERS))}")
+            raise IdealError(f"unknown scorer '{name}'; choose from {', '.join(scorer_names())}")
         correct = 0
         for s in range(0, len(items), batch_size):
             part = items[s : s + batch_size]
@@ -211,6 +236,7 @@ def summarise(results: list[CapabilityResult]) -> dict[str, Any]:
             "scored": r.scored,
             "accuracy": r.accuracy,
             "scorer": r.scorer,
+            **({"accuracy_norm": r.accuracy_norm} if r.accuracy_norm is not None else {}),
         }
         for r in results
     }
@@ -241,9 +267,9 @@ def parse_scorers(spec: str | None) -> dict[str, str]:
         if "=" not in part:
             raise IdealError(f"--scorer: expected CAPABILITY=SCORER, got '{part}'")
         capability, name = (x.strip() for x in part.split("=", 1))
-        if name not in SCORERS:
+        if name not in scorer_names():
             raise IdealError(
-                f"--scorer: unknown scorer '{name}'; choose from {', '.join(sorted(SCORERS))}"
+                f"--scorer: unknown scorer '{name}'; choose from {', '.join(scorer_names())}"
             )
         out[capability] = name
     return out
