@@ -760,7 +760,9 @@ def eval_(
         str | None,
         typer.Option(
             "--scorer",
-            help="Per capability: CAP=exact|number|contains|<registered>, comma-separated (default exact).",
+            help="Per capability: CAP=exact|number|contains|choice|instructions|words|keywords|"
+            "no_commas|lowercase|ends_with|json|<registered>, comma-separated (default exact; "
+            "choice: multiple choice by log-likelihood, no generation).",
         ),
     ] = None,
     max_new_tokens: Annotated[
