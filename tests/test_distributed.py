@@ -72,6 +72,25 @@ def test_two_processes_give_the_same_influence_as_one(tmp_path):
     assert b["reference_loss"] == pytest.approx(a["reference_loss"], rel=1e-6)
 
 
+@pytest.mark.slow
+def test_two_processes_give_the_same_refined_influence_as_one(tmp_path):
+    """--refine: each process multiplies its shard of the curvature sample, the products are summed."""
+    tiny_model_dir(tmp_path / "model")
+    make_data_dir(tmp_path / "train", {"add": qa_rows("add", 13), "mul": qa_rows("mul", 7)})
+    make_data_dir(tmp_path / "reference", {"math": qa_rows("sum", 5), "chat": qa_rows("hi", 3)})
+    one_and_two_processes(tmp_path, ["influence", "--model", str(tmp_path / "model"), "--train", str(tmp_path / "train"),
+                                     "--reference", str(tmp_path / "reference"), "--sample", "1.0", "--batch-size", "4",
+                                     "--refine", "3"])  # fmt: skip
+    a = json.loads((tmp_path / "one" / "influence.json").read_text())
+    b = json.loads((tmp_path / "two" / "influence.json").read_text())
+    assert (a["processes"], b["processes"]) == (1, 2)
+    np.testing.assert_allclose(np.array(b["scores"]), np.array(a["scores"]), rtol=1e-5)
+    (ra,), (rb,) = a["refine"]["residuals"], b["refine"]["residuals"]
+    for reference, values in ra.items():  # CG lowers the error's A-norm, not always the residual
+        assert len(values) == 4 and np.isfinite(values).all()
+        np.testing.assert_allclose(rb[reference], values, rtol=1e-4)
+
+
 def train_logs(one: Path, two: Path) -> tuple[list[dict], list[dict]]:
     return tuple(
         [json.loads(x) for x in (d / "train_log.jsonl").read_text().splitlines()]

@@ -394,13 +394,14 @@ def _print_plan(
     budget = parse_size(memory) if memory is not None else None
     # device plan with bf16 weights (what a GPU holds); a CPU run holds the config's dtype
     plan = memory_plan(network, patterns, references, settings.curvature, budget, torch.bfloat16,
-                       settings.chunk)  # fmt: skip
+                       settings.chunk, settings.refine)  # fmt: skip
     title = (
         f"influence step ({settings.curvature}): {len(plan.layers)} layers, {references} references, "
         f"{len(plan.groups)} layer group(s)"
     )
     table = Table(title=title)
     parts = ("covariances", "eigenvectors", "eigenvalues", "correction", "references", "directions")
+    parts += ("refinement",) if settings.refine else ()
     for column in ("layer", "out x in", "group", *parts, "device"):
         table.add_column(column, justify="left" if column == "layer" else "right")
     group_of = {p.name: k for k, g in enumerate(plan.groups) for p in g}
@@ -550,6 +551,15 @@ def influence(
             "holds only the model and a batch) or device (no transfers, more device memory).",
         ),
     ] = "cpu",
+    refine: Annotated[
+        int,
+        typer.Option(
+            "--refine",
+            help="Conjugate-gradient steps that refine the k reference directions toward the exact "
+            "Gauss-Newton solution, preconditioned by EK-FAC (0: off; K steps cost K + 1 products, "
+            "each about 2-3 forward+backward passes over the curvature sample per reference).",
+        ),
+    ] = 0,
     plan: Annotated[
         bool,
         typer.Option(
@@ -575,6 +585,7 @@ def influence(
         seed=seed,
         fisher_samples=fisher_samples,
         factors=factors,
+        refine=refine,
     )
     patterns = [p for p in layers.split(",") if p.strip()] if layers else None
     caps = {"max_examples": _count_or_all("--max-examples", max_examples),

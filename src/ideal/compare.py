@@ -60,6 +60,8 @@ GRID_LIMIT = 60  # mixtures per seed for oracle-grid
 def method_config(config: RunConfig, method: str, seed: int) -> RunConfig:
     """The config of one (method, seed): same data, recipe and total; the method's rule and rounds."""
     spec = METHODS[method]
+    curvature = spec.get("curvature", config.influence.curvature)
+    refine = config.influence.refine if curvature in ("ekfac", "kfac") else 0  # needs factors
     suite = replace(config.suite, seed=seed) if config.suite is not None else None
     return replace(
         config,
@@ -68,9 +70,7 @@ def method_config(config: RunConfig, method: str, seed: int) -> RunConfig:
         rounds=spec.get("rounds", config.rounds),
         train=replace(config.train, seed=seed),
         update=replace(config.update, rule=spec.get("rule", config.update.rule)),
-        influence=replace(
-            config.influence, curvature=spec.get("curvature", config.influence.curvature)
-        ),
+        influence=replace(config.influence, curvature=curvature, refine=refine),
     )
 
 

@@ -57,6 +57,7 @@ class InfluenceConfig:
     layers: tuple[str, ...] | None = None
     batch_size: int = 16
     factors: str = "cpu"  # where the factors and sums live: cpu | device
+    refine: int = 0  # conjugate-gradient steps toward the exact Gauss-Newton solution (0: off)
 
     def settings(self, seed: int) -> InfluenceSettings:
         return InfluenceSettings(
@@ -68,6 +69,7 @@ class InfluenceConfig:
             seed=seed,
             fisher_samples=self.fisher_samples,
             factors=self.factors,
+            refine=self.refine,
         )
 
 

@@ -113,6 +113,14 @@ def compute_influence(
         "curvature_examples": result.curvature_examples,
         "curvature_sample": {"requested": curvature_examples, "unique": len(curvature.items)},
         "groups": result.groups,
+        "refine": {  # per layer group (lists): each reference's relative residual, start then
+            # every step; the EK-FAC solution's own residual and the scale the start gave it
+            "iterations": settings.refine,
+            **{
+                key: [group[key] for group in result.refinement]
+                for key in ("residuals", "preconditioned_residual", "start_scale")
+            },
+        },
         "memory": memory,
         "sampled_examples": {d: len(ws.items) for d, ws in domains.items()},
         "sampled_weight": {d: float(sum(ws.weights)) for d, ws in domains.items()},
@@ -239,6 +247,7 @@ def probe_seconds(
         "curvature_covariances": count["curvature"] / probed["curvature"],
         "curvature_eigenvalue_correction": count["curvature"] / probed["curvature"],
         "exact_gauss_newton": count["curvature"] / probed["curvature"],
+        "refine": count["curvature"] / probed["curvature"],
         "domains": count["domains"] / probed["domains"],
         "references": count["references"] / probed["references"],
     }

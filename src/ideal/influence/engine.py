@@ -14,6 +14,8 @@ Organised around the k reference directions (METHOD.md, "Computing the scores at
     2. curvature from a bounded, seeded sample C of the mixture (covariances, float64
        eigendecomposition, for EK-FAC a second pass for the eigenvalue correction);
     3. v_j = (G + lambda)^{-1} g_Rj, float32: the only model-sized state that outlives the curvature;
+       with `refine` K > 0, K conjugate-gradient steps toward the exact Gauss-Newton solution
+       (refine.py; within each layer group when there are several);
     4. one pass per domain over its seeded sample: every example's gradient of the selected layers is
        dotted with every v_j (in chunks) and discarded. s_ji is the weighted mean of the
        contributions v_j^T grad l(z), and its standard error comes from their spread.
@@ -47,6 +49,7 @@ from ideal.influence.curvature import (
     kfac_eigen,
     layer_stats,
 )
+from ideal.influence.refine import GaussNewton, Refinement, conjugate_gradient
 from ideal.lm import Batch, collate, example_losses, position_ids, sample_labels, token_nll
 from ideal.methods.rules import ideal_beta, sensitivities
 
@@ -74,6 +77,7 @@ class InfluenceSettings:
         1  # label draws per example for the sampled Fisher (less Monte Carlo noise)
     )
     factors: str = "cpu"  # where the running sums live: cpu (device memory for the model) | device
+    refine: int = 0  # conjugate-gradient steps toward the exact Gauss-Newton solution (refine.py)
 
     def __post_init__(self) -> None:
         if self.curvature not in CURVATURES:
@@ -92,6 +96,12 @@ class InfluenceSettings:
             raise IdealError(f"--factors must be cpu or device, got {self.factors!r}")
         if self.batch_size < 1:
             raise IdealError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.refine < 0:
+            raise IdealError(f"--refine must be >= 0, got {self.refine}")
+        if self.refine and self.curvature not in ("ekfac", "kfac"):
+            raise IdealError(
+                f"--refine needs --curvature ekfac or kfac (its preconditioner), got {self.curvature}"
+            )
 
 
 @dataclass
@@ -142,6 +152,9 @@ class InfluenceResult:
     examples: dict[str, float] = field(default_factory=dict)  # copies used per domain
     curvature_examples: float = 0.0  # copies in the curvature sample
     groups: list[list[str]] = field(default_factory=list)  # layer groups, one set of passes each
+    # --refine, per layer group: {"residuals": {reference: [start, step 1, ...]}, and per reference
+    # "preconditioned_residual" (the EK-FAC solution's own) and "start_scale"} (refine.Refinement)
+    refinement: list[dict[str, Any]] = field(default_factory=list)
 
 
 def make_batches(
@@ -405,6 +418,7 @@ def domain_influence(
     contributions = {d: np.zeros((len(ws.items), len(references))) for d, ws in domains.items()}
     ref_losses: dict[str, float] = {}
     damping: dict[str, float] = {}
+    refinement: list[dict[str, Any]] = []
     try:
         for group in groups:
             engine = InfluenceEngine(
@@ -422,8 +436,15 @@ def domain_influence(
             stacked = {n: torch.stack([ref_grads[r][n] for r in references]) for n in group}
             del ref_grads
             directions = precondition(stacked)  # (k, out, in) float32 per layer, on the device
-            del stacked
             _add(seconds, "precondition", start)
+            if settings.refine:
+                start = time.perf_counter()
+                directions, report = _refine(
+                    engine, curvature, stacked, directions, precondition, group_damping
+                )
+                refinement.append(report.named(list(references)))
+                _add(seconds, "refine", start)
+            del stacked
             start = time.perf_counter()
             for d, values in engine.contribution_pass(domains, directions).items():
                 contributions[d] += values
@@ -455,6 +476,28 @@ def domain_influence(
         examples=used,
         curvature_examples=all_reduce_float(float(sum(curvature.weights))),
         groups=groups,
+        refinement=refinement,
+    )
+
+
+def _refine(
+    engine: InfluenceEngine,
+    curvature: WeightedSet,
+    gradients: dict[str, torch.Tensor],
+    directions: dict[str, torch.Tensor],
+    precondition: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+    damping: dict[str, float],
+) -> tuple[dict[str, torch.Tensor], Refinement]:
+    """`settings.refine` PCG steps from the preconditioned directions on the exact damped
+    Gauss-Newton matrix of the curvature sample (this process's shard; products summed across
+    processes). Each forward carries k copies of max(1, batch_size // k) examples."""
+    k = next(iter(directions.values())).shape[0]
+    rows = max(1, engine.settings.batch_size // k)
+    batches = make_batches(curvature, rows, engine.pad_id)
+    weight_total = all_reduce_float(float(sum(curvature.weights)))
+    product = GaussNewton(engine.model, engine.layers, batches, weight_total, engine.progress)
+    return conjugate_gradient(
+        product, precondition, damping, gradients, directions, engine.settings.refine
     )
 
 

@@ -10,13 +10,16 @@ allocated), so an 8B-parameter config plans in seconds on a laptop. Sizes follow
     eigenvalue table Lambda (out x in)                float32 (+ its float64 running sum)
     reference gradients (k, out, in)                  float32   host, freed once preconditioned
     reference directions v_j (k, out, in)             float32   device, during the domain passes
+    refinement r, z, p, A p (4 x (k, out, in))        float32   device, `--refine K` only
 
 Covariances and eigenvectors are freed once a layer group's directions exist, so the device holds,
 per group, the larger of its eigenvectors + eigenvalues (correction pass) and its directions
 (domain passes), plus the model and the transients of one layer (one chunk of per-example
 gradients and their rotations; the float64 preconditioning of one layer). With a budget
 (`--memory`), layers are grouped in model order so that each group fits; each group costs one pass
-over the references, one or two over the curvature sample and one over every domain's sample.
+over the references, one or two over the curvature sample and one over every domain's sample;
+`--refine K` adds K + 1 Gauss-Newton products (refine.py), each a dual forward and a backward over
+the curvature sample repeated once per reference.
 Activations of one batch come on top (they depend on the sequence lengths, not on the plan).
 """
 
@@ -62,6 +65,7 @@ class LayerPlan:
     references: int  # k reference gradients, float32 (host), until preconditioned
     directions: int  # k preconditioned directions, float32 (device, during the domain passes)
     transient: int  # the largest short-lived device tensors while this layer is processed
+    refinement: int = 0  # --refine: r, z, p, A p beside the directions, float32 (device)
 
     @property
     def host(self) -> int:
@@ -74,11 +78,11 @@ class LayerPlan:
     @property
     def device(self) -> int:
         """Device bytes this layer holds for its whole group's pass (correction or domains)."""
-        return max(self.eigenvectors + self.eigenvalues, self.directions)
+        return max(self.eigenvectors + self.eigenvalues, self.directions + self.refinement)
 
 
 def layer_plan(
-    name: str, d_out: int, d_in: int, references: int, curvature: str, chunk: int
+    name: str, d_out: int, d_in: int, references: int, curvature: str, chunk: int, refine: int = 0
 ) -> LayerPlan:
     factored = curvature in ("ekfac", "kfac")
     square = d_in * d_in + d_out * d_out
@@ -98,6 +102,7 @@ def layer_plan(
         references=references * matrix * F32,
         directions=references * matrix * F32,
         transient=max(per_example, precondition),
+        refinement=4 * references * matrix * F32 if refine else 0,
     )
 
 
@@ -124,10 +129,11 @@ def plan_influence(
     references: int,
     curvature: str = "ekfac",
     chunk: int = 16,
+    refine: int = 0,
 ) -> list[LayerPlan]:
     """Bytes per selected layer held by the influence step (see the module docstring)."""
     return [
-        layer_plan(name, *layer_shape(module), references, curvature, chunk)
+        layer_plan(name, *layer_shape(module), references, curvature, chunk, refine)
         for name, module in select_layers(model, patterns).items()
     ]
 
@@ -165,6 +171,7 @@ class MemoryPlan:
     groups: list[list[LayerPlan]]
     model: int  # bytes of the weights on the device
     curvature: str
+    refine: int = 0  # --refine K: K + 1 Gauss-Newton products per group
 
     @property
     def peak_device(self) -> int:
@@ -180,7 +187,10 @@ class MemoryPlan:
         """Passes over each kind of data: every group runs its own."""
         curvature = {"ekfac": 2, "kfac": 1, "exact": 1, "identity": 0}[self.curvature]
         n = len(self.groups)
-        return {"references": n, "curvature sample": curvature * n, "each domain's sample": n}
+        passes = {"references": n, "curvature sample": curvature * n, "each domain's sample": n}
+        if self.refine:  # each product: a dual forward and a backward, one copy per reference
+            passes["the curvature sample x references (refinement)"] = (self.refine + 1) * n
+        return passes
 
 
 def memory_plan(
@@ -191,10 +201,11 @@ def memory_plan(
     budget: int | None = None,
     weights_dtype: torch.dtype | None = None,
     chunk: int = 16,
+    refine: int = 0,
 ) -> MemoryPlan:
-    plans = plan_influence(model, patterns, references, curvature, chunk)
+    plans = plan_influence(model, patterns, references, curvature, chunk, refine)
     weights = model_bytes(model, weights_dtype)
-    return MemoryPlan(plans, group_plans(plans, budget, weights), weights, curvature)
+    return MemoryPlan(plans, group_plans(plans, budget, weights), weights, curvature, refine)
 
 
 def layer_groups(
@@ -202,7 +213,9 @@ def layer_groups(
 ) -> list[list[str]]:
     """The layer groups of a run on a loaded model (weights as loaded) within `budget` bytes."""
     plans = [
-        layer_plan(name, *layer_shape(m), references, settings.curvature, settings.chunk)
+        layer_plan(
+            name, *layer_shape(m), references, settings.curvature, settings.chunk, settings.refine
+        )
         for name, m in layers.items()
     ]
     return [[p.name for p in g] for g in group_plans(plans, budget, model_bytes(model))]
