@@ -66,7 +66,7 @@ def test_influence_writes_json_csv_and_heatmap(cli, workspace, tmp_path):
         "total",
     }
     # every score with its standard error and the copies it used; the curvature sample (default
-    # 256 copies) holds the whole 21-copy mixture here
+    # 128 copies) holds the whole 21-copy mixture here
     stderr = np.array(doc["stderr"])
     assert stderr.shape == (2, 3) and (stderr > 0).all()
     assert doc["examples"] == {"add": 5.0, "mul": 4.0, "sub": 3.0}
@@ -166,11 +166,11 @@ def test_user_errors_are_one_line_and_write_nothing(cli, workspace, tmp_path):
 def test_default_bounded_scores_agree_with_the_full_computation_within_3_standard_errors(
     cli, workspace, tmp_path
 ):
-    """Default: half of each domain (at most 128 copies), curvature on at most 256 copies (here all
-    180); full: every copy. The difference is domain sampling alone, which the errors describe."""
+    """Default: half of each domain (at most 64 copies), curvature on at most 128 copies (here all
+    120); full: every copy. The difference is domain sampling alone, which the errors describe."""
     make_data_dir(
         tmp_path / "train",
-        {d: [{"prompt": f"{d} {i} {i % 7}?", "completion": str((i * 7) % 10)} for i in range(60)]
+        {d: [{"prompt": f"{d} {i} {i % 7}?", "completion": str((i * 7) % 10)} for i in range(40)]
          for d in ("add", "mul", "sub")},
     )  # fmt: skip
     common = ["influence", "--model", workspace / "llama", "--train", tmp_path / "train",
@@ -181,9 +181,9 @@ def test_default_bounded_scores_agree_with_the_full_computation_within_3_standar
     assert full.code == 0, full.err
     bounded = json.loads((tmp_path / "default" / "influence.json").read_text())
     exact = json.loads((tmp_path / "full" / "influence.json").read_text())
-    assert bounded["examples"] == {"add": 30.0, "mul": 30.0, "sub": 30.0}
-    assert exact["examples"] == {"add": 60.0, "mul": 60.0, "sub": 60.0}
-    assert bounded["curvature_examples"] == exact["curvature_examples"] == 180.0
+    assert bounded["examples"] == {"add": 20.0, "mul": 20.0, "sub": 20.0}
+    assert exact["examples"] == {"add": 40.0, "mul": 40.0, "sub": 40.0}
+    assert bounded["curvature_examples"] == exact["curvature_examples"] == 120.0
     assert np.array(exact["stderr"]).max() == 0.0  # the whole population: no sampling error
     difference = np.abs(np.array(bounded["scores"]) - np.array(exact["scores"]))
     assert (difference <= 3 * np.array(bounded["stderr"])).all()
