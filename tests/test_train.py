@@ -198,3 +198,46 @@ def test_train_errors_are_one_line(cli, workspace, tmp_path):
         ),
         "already exists",
     )
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        # what torch.save and safetensors raise on a full disk: no OSError, no errno
+        (
+            "checkpoint",
+            "[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed "
+            "writing file data/0: file write failed",
+        ),  # fmt: skip
+        (
+            "model",
+            "Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+            '"No space left on device" })',
+        ),  # fmt: skip
+    ],
+)
+def test_a_full_disk_while_saving_is_one_line_and_leaves_no_half_file(
+    cli, workspace, tmp_path, monkeypatch, target, message
+):
+    import transformers.modeling_utils
+
+    def full(*args, **kwargs):
+        raise RuntimeError(message)
+
+    if target == "checkpoint":
+        monkeypatch.setattr(torch, "save", full)
+    else:  # transformers imported safetensors' save_file under this name
+        monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", full)
+    out = tmp_path / "m"
+    result = cli("train", "--model", workspace / "base", "--train", workspace / "train",
+                 "--out", out, "--max-steps", "3", "--checkpoint-every", "1")  # fmt: skip
+    # progress lines come before it on stderr (no terminal); the error is one line, the last
+    assert result.code == 1 and "Traceback" not in result.err
+    last = result.err.strip().splitlines()[-1]
+    assert last.startswith("ideal: error: ") and "cannot write" in last and "disk full" in last
+    assert not out.exists()
+    if target == "checkpoint":
+        assert "state.pt" in last
+        assert not list((tmp_path / "m.partial").rglob("*.tmp"))
+    else:
+        assert not (tmp_path / "m.partial" / "final").exists()

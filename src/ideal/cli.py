@@ -48,6 +48,19 @@ def _console() -> Console:
 log = logging.getLogger("ideal")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the sys.stderr of the moment, not the one of the first call (main() may run many
+    times in one process, e.g. under a test runner that swaps the streams)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it
+        pass
+
+
 class OnInvalid(str, Enum):
     error = "error"
     skip = "skip"
@@ -928,7 +941,7 @@ def suite_prepare(
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code instead of exiting."""
     if not log.handlers:  # our messages only; libraries keep their own levels
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("ideal: %(message)s"))
         log.addHandler(handler)
         # under torchrun / accelerate launch, progress and logs come from the main process only

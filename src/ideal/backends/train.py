@@ -30,8 +30,8 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from torch import nn
 from ideal.artifacts import atomic_write_json, sha256_text
 from ideal.data.rows import OnInvalid, Tokenized, tokenize_examples
 from ideal.distributed import barrier, init_from_env, is_main
-from ideal.errors import IdealError
+from ideal.errors import IdealError, WriteError, environment_error
 from ideal.lm import collate, token_nll
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,39 @@ def wrap_lora(model: nn.Module, settings: TrainSettings) -> nn.Module:
         raise IdealError(f"--lora: {str(err).splitlines()[0]}") from None
 
 
+@contextmanager
+def writing(path: Path, cleanup: Path) -> Iterator[None]:
+    """Writes of torch and safetensors that a full disk or a denied path makes fail: one line
+    (WriteError naming `path`) instead of a traceback, and `cleanup` (what was half written) gone.
+
+    torch.save reports a full disk as a RuntimeError ("... file write failed") and safetensors as
+    its own error ("... StorageFull ..."), neither an OSError with an errno, so the message is read.
+    """
+    try:
+        yield
+    except OSError as err:
+        error = environment_error(err)
+        if error is None:
+            raise
+        _remove(cleanup)
+        raise WriteError(path, err.strerror or str(err)) from None
+    except Exception as err:
+        text = str(err)
+        if not any(
+            s in text for s in ("write failed", "StorageFull", "No space left", "os error 28")
+        ):
+            raise
+        _remove(cleanup)
+        raise WriteError(path, "the write failed: is the disk full?") from None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 @dataclass
 class Checkpoint:
     path: Path
@@ -184,7 +217,8 @@ class Checkpoint:
         }
         self.path.mkdir(parents=True, exist_ok=True)
         tmp = self.file.with_suffix(".tmp")
-        torch.save(state, tmp)
+        with writing(self.file, cleanup=tmp):
+            torch.save(state, tmp)
         os.replace(tmp, self.file)  # a kill during the save leaves the previous checkpoint
 
     def load(self, model: nn.Module, optimizer: Any, scheduler: Any) -> int:
@@ -403,8 +437,9 @@ def run_train(
         return result
     final = partial / "final"
     shutil.rmtree(final, ignore_errors=True)
-    result.model.save_pretrained(final, safe_serialization=True)
-    tokenizer.save_pretrained(final)
+    with writing(final, cleanup=final):
+        result.model.save_pretrained(final, safe_serialization=True)
+        tokenizer.save_pretrained(final)
     if settings.lora:  # the adapter points at its base model directory
         config_path = final / "adapter_config.json"
         config = json.loads(config_path.read_text())
