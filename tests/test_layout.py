@@ -49,11 +49,17 @@ def part_of(module: str) -> str:
 
 
 def imports(path: Path) -> set[str]:
+    """Every ideal module `path` imports, relative imports resolved against its package."""
     found = set()
+    here = module_name(path).split(".")
+    package = here if path.name == "__init__.py" else here[:-1]
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names if a.name.split(".")[0] == "ideal"}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        elif isinstance(node, ast.ImportFrom) and node.level > 0:
+            base = package[: len(package) - (node.level - 1)]
+            found.add(".".join([*base, *([node.module] if node.module else [])]))
+        elif isinstance(node, ast.ImportFrom) and node.module:
             found |= {node.module} if node.module.split(".")[0] == "ideal" else set()
     return found
 
@@ -81,8 +87,12 @@ def test_the_check_sees_an_upward_import(tmp_path, monkeypatch):
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(path.read_text())
     (fake / "data" / "sneaky.py").write_text("def f():\n    from ideal.loop import run_loop\n")
+    (fake / "data" / "relative.py").write_text("from ..methods import rules\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
-    assert violations() == ["ideal.data.sneaky imports ideal.loop (ideal.data -> ideal.loop)"]
+    assert violations() == [
+        "ideal.data.relative imports ideal.methods (ideal.data -> ideal.methods)",
+        "ideal.data.sneaky imports ideal.loop (ideal.data -> ideal.loop)",
+    ]
 
 
 def test_every_subpackage_says_what_it_owns_and_may_import():

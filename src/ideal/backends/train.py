@@ -141,21 +141,28 @@ def micro_batch_loss(
     return total / normaliser, int(batch.attention_mask.sum())
 
 
-def wrap_lora(model: nn.Module, settings: TrainSettings) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
+def lora_config(settings: TrainSettings) -> Any:
+    """peft's LoraConfig for the settings (also what the trl backend hands to SFTTrainer)."""
+    from peft import LoraConfig
 
     targets: Any = (
         settings.lora_targets[0]
         if settings.lora_targets == ("all-linear",)
         else list(settings.lora_targets)
     )
-    config = LoraConfig(
+    return LoraConfig(
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
         target_modules=targets,
         task_type="CAUSAL_LM",
     )
+
+
+def wrap_lora(model: nn.Module, settings: TrainSettings) -> nn.Module:
+    from peft import get_peft_model
+
+    config = lora_config(settings)
     try:
         return get_peft_model(model, config)
     except ValueError as err:

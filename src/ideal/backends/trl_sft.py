@@ -29,7 +29,7 @@ from ideal.distributed import barrier, init_from_env, is_main
 from ideal.errors import IdealError
 
 from .protocol import TrainJob
-from .train import TrainSettings
+from .train import TrainSettings, lora_config
 
 log = logging.getLogger(__name__)
 
@@ -106,20 +106,7 @@ class TrlTrainer:
             raise IdealError(f"train.trl_args: {str(err).splitlines()[0]}") from None
         peft_config = None
         if settings.lora:
-            from peft import LoraConfig
-
-            targets: Any = (
-                "all-linear"
-                if settings.lora_targets == ("all-linear",)
-                else list(settings.lora_targets)
-            )
-            peft_config = LoraConfig(
-                r=settings.lora_r,
-                lora_alpha=settings.lora_alpha,
-                lora_dropout=settings.lora_dropout,
-                target_modules=targets,
-                task_type="CAUSAL_LM",
-            )
+            peft_config = lora_config(settings)
         start = time.perf_counter()
         trainer = SFTTrainer(
             model=model,
