@@ -27,7 +27,7 @@ groups (`--memory`), steps 1-4 run once per group of layers and the contribution
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -232,6 +232,19 @@ class InfluenceEngine:
             return batch.labels
         return sample_labels(logits, batch.labels, batch.keys, self.settings.seed + 7919 * draw)
 
+    def _fisher_backwards(
+        self, cap: Capture, logits: torch.Tensor, batch: Batch
+    ) -> Iterator[torch.Tensor]:
+        """For every label draw of the batch (one, or --fisher-samples for the sampled Fisher):
+        the backward of the SUMMED token loss of the drawn labels, whose output gradients' outer
+        products / T_z are the Gauss-Newton's, left in `cap`; yields the examples' weights for
+        that draw (the batch weights / draws). Both curvature passes use it: the same labels."""
+        draws = self.settings.fisher_samples if self.settings.fisher == "sampled" else 1
+        for draw in range(draws):
+            nll, _ = token_nll(logits, self._fisher_labels(logits, batch, draw))
+            cap.backward(nll.sum(), retain_graph=draw < draws - 1)
+            yield batch.weights / draws
+
     def curvature_pass(self, curvature: dict[str, WeightedSet]) -> dict[str, LayerStats]:
         """Pass 1 over the curvature sample: K-FAC covariance sums (kfac, ekfac)."""
         stats = {
@@ -239,17 +252,12 @@ class InfluenceEngine:
             for n, m in self.layers.items()
         }
         batches = _keyed_batches(curvature, self.settings.batch_size, self.pad_id)
-        draws = self.settings.fisher_samples if self.settings.fisher == "sampled" else 1
         with Capture(self.layers) as cap:
             for _, batch in self.progress(batches, len(batches), "curvature 1/2: covariances"):
                 batch = batch.to(self.device)
                 logits = forward_logits(self.model, batch)
                 targets = batch.targets.float()
-                for draw in range(draws):
-                    # g of the SUMMED token loss: its outer products / T_z are the Gauss-Newton's
-                    nll, _ = token_nll(logits, self._fisher_labels(logits, batch, draw))
-                    cap.backward(nll.sum(), retain_graph=draw < draws - 1)
-                    weights = batch.weights / draws
+                for weights in self._fisher_backwards(cap, logits, batch):
                     for name in self.layers:
                         part = layer_stats(
                             cap.inputs[name],
@@ -324,18 +332,14 @@ class InfluenceEngine:
                 batch = batch.to(self.device)
                 logits = forward_logits(self.model, batch)
                 targets = batch.targets.float()
-                draws = self.settings.fisher_samples if self.settings.fisher == "sampled" else 1
-                for draw in range(draws):
-                    labels = self._fisher_labels(logits, batch, draw)
-                    nll, _ = token_nll(logits, labels)
-                    cap.backward(nll.sum(), retain_graph=draw < draws - 1)
+                for weights in self._fisher_backwards(cap, logits, batch):
                     for name in self.layers:
                         part = correction_sum(
                             cap.grads[name],
                             cap.inputs[name],
                             batch.attention_mask,
                             targets,
-                            batch.weights / draws,
+                            weights,
                             on_device[name],
                             self.settings.chunk,
                         )
