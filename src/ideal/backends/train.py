@@ -368,7 +368,11 @@ def run_train(
     partial = out.with_name(out.name + ".partial")
     if out.exists():
         raise IdealError(f"{out}: already exists; choose another --out")
-    if partial.exists() and not resume:
+    # decided once, before the barrier: afterwards the main process creates `partial`, and
+    # another process checking it then would find it without its settings yet (a race seen
+    # under torchrun: "made with other settings or data" on a fresh run)
+    existed = partial.exists()
+    if existed and not resume:
         raise IdealError(
             f"{partial}: an earlier run stopped here; rerun with --resume, or remove it"
         )
@@ -397,7 +401,7 @@ def run_train(
         "threads": torch.get_num_threads(),
     }
     settings_file = partial / "train_settings.json"
-    if partial.exists():
+    if existed:
         previous = json.loads(settings_file.read_text()) if settings_file.is_file() else {}
         if {k: previous.get(k) for k in ("settings_hash", "train", "base_model")} != {
             k: manifest[k] for k in ("settings_hash", "train", "base_model")
