@@ -72,7 +72,10 @@ def test_run_directory_follows_the_spec(finished):
             "reference_loss",
             "test_loss",
             "test_accuracy",
+            "reference_accuracy",  # the suite's reference rows have answers: `select` may use it
         }
+        accuracies = [c["reference_accuracy"] for c in metrics["capabilities"].values()]
+        assert metrics["reference_accuracy_mean"] == pytest.approx(sum(accuracies) / 2)
         assert (here / "influence.json").is_file() == (k < 2)
     first, second = summary["rounds"][0], summary["rounds"][1]
     assert first["volumes"] == {"add": 40, "reverse": 20, "reverse_alt": 40}
@@ -89,6 +92,7 @@ def test_run_directory_follows_the_spec(finished):
     for domain, b in beta.items():
         if abs(b) > 0.05:
             assert (second["volumes"][domain] - first["volumes"][domain]) * b > 0
+    assert summary["select"] == "last" and summary["selected_round"] == 2
     assert json.loads((run / "summary.json").read_text()) == summary
     html = (run / "report.html").read_text()
     for image in (

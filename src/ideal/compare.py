@@ -63,13 +63,16 @@ def method_config(config: RunConfig, method: str, seed: int) -> RunConfig:
     curvature = spec.get("curvature", config.influence.curvature)
     refine = config.influence.refine if curvature in ("ekfac", "kfac") else 0  # needs factors
     suite = replace(config.suite, seed=seed) if config.suite is not None else None
+    rule, rounds = spec.get("rule", config.update.rule), spec.get("rounds", config.rounds)
+    iterative = rule == "ideal" and rounds > 0
     return replace(
         config,
         suite=suite,
         seed=seed,
-        rounds=spec.get("rounds", config.rounds),
+        rounds=rounds,
+        select=config.select if iterative else "last",  # a baseline returns its own mixture
         train=replace(config.train, seed=seed),
-        update=replace(config.update, rule=spec.get("rule", config.update.rule)),
+        update=replace(config.update, rule=rule),
         influence=replace(config.influence, curvature=curvature, refine=refine),
     )
 
@@ -261,12 +264,14 @@ def run_compare(
             else:
                 summary = _run_one(config_k, run, first)
                 seconds = _seconds(summary)
-            final = summary["rounds"][-1]
+            selected = summary.get("selected_round")
+            final = summary["rounds"][-1 if selected is None else selected]
             runs.append(
                 {
                     "seed": seed,
                     "rounds": len(summary["rounds"]) - 1,
                     "final": final,
+                    "selected_round": final["round"],
                     "seconds": seconds,
                     **extra,
                 }

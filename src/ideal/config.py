@@ -24,6 +24,8 @@ from ideal.data.suite import SuiteConfig
 from ideal.errors import IdealError
 from ideal.influence.defaults import CURVATURE_EXAMPLES, MAX_EXAMPLES, SAMPLE
 from ideal.influence.engine import InfluenceSettings
+from ideal.lm import LOSSES
+from ideal.methods.select import SELECTIONS
 
 
 @dataclass(frozen=True)
@@ -58,8 +60,19 @@ class InfluenceConfig:
     batch_size: int = 16
     factors: str = "cpu"  # where the factors and sums live: cpu | device
     refine: int = 0  # conjugate-gradient steps toward the exact Gauss-Newton solution (0: off)
+    # the training objective the step differentiates (METHOD.md "Setting"): example | token, or
+    # auto: what train.backend minimises (RunConfig.influence_loss)
+    loss: str = "auto"
 
-    def settings(self, seed: int) -> InfluenceSettings:
+    def __post_init__(self) -> None:
+        if self.loss not in ("auto", *LOSSES):
+            raise IdealError(f"influence.loss must be auto, example or token, got {self.loss!r}")
+
+    def settings(self, seed: int, loss: str | None = None) -> InfluenceSettings:
+        """The engine's settings; `loss` is the resolved objective (RunConfig.influence_loss
+        resolves `auto` from the trainer); without it `auto` reads as example."""
+        if loss is None:
+            loss = "example" if self.loss == "auto" else self.loss
         return InfluenceSettings(
             curvature=self.curvature,
             damping=self.damping,
@@ -70,6 +83,7 @@ class InfluenceConfig:
             fisher_samples=self.fisher_samples,
             factors=self.factors,
             refine=self.refine,
+            loss=loss,
         )
 
 
@@ -163,6 +177,7 @@ class RunConfig:
     test_data: str | None = None
     rounds: int = 2  # IDEAL updates after round 0 (D0)
     tolerance: float = 0.01  # stop early when max |beta| after constraints falls below this
+    select: str = "last"  # the round returned (ideal.methods.select), e.g. reference_accuracy
     seed: int = 0
     max_length: int | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -181,6 +196,30 @@ class RunConfig:
             )
         if self.rounds < 0:
             raise IdealError(f"config: rounds must be >= 0, got {self.rounds}")
+        if self.select not in SELECTIONS:
+            raise IdealError(
+                f"config: select must be one of {', '.join(SELECTIONS)}, got '{self.select}'"
+            )
+
+    def influence_loss(self) -> tuple[str, str]:
+        """`influence.loss` resolved: (example | token, where the value came from). `auto`
+        follows the trainer: the builtin loop's `train.loss_normalization`; every other backend
+        (TRL, LLaMA-Factory, axolotl, a command) normalises per token."""
+        if self.influence.loss != "auto":
+            return self.influence.loss, "influence.loss"
+        if self.train.backend == "builtin":
+            return (
+                self.train.loss_normalization,
+                "influence.loss auto: train.loss_normalization of train.backend builtin",
+            )
+        return (
+            "token",
+            f"influence.loss auto: train.backend {self.train.backend} normalises per token",
+        )
+
+    def influence_settings(self) -> InfluenceSettings:
+        """The influence step's settings, with `influence.loss` resolved (`influence_loss`)."""
+        return self.influence.settings(self.seed, self.influence_loss()[0])
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))

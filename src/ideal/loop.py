@@ -40,6 +40,7 @@ from ideal.data.mixture_io import TrainingSet, load_training_set, write_mixture_
 from ideal.errors import IdealError
 from ideal.methods.reweight import update_mixture
 from ideal.methods.rules import FixedRule, IdealRule, ProxyRule, Rule, TemperatureRule, UniformRule
+from ideal.methods.select import select_round
 
 log = logging.getLogger("ideal")
 
@@ -235,16 +236,22 @@ def evaluate_round(
     evaluator = make_evaluator(config)
     capabilities: dict[str, dict[str, Any]] = {}
     for name, domain in references.items():
+        # reference accuracy (decoding) when every reference row has an answer: `select:
+        # reference_accuracy` returns the round that scores best on the user's own reference sets
+        scored = all(e.answer is not None for e in domain.examples)
         result = evaluate_capability(
             model,
             tokenizer,
             domain,
-            None,
+            config.eval.scorers.get(name) if scored else None,
             config.max_length,
-            generate=False,
-            batch_size=config.eval.batch_size,
+            config.eval.max_new_tokens,
+            config.eval.batch_size,
+            generate=scored,
         )
         capabilities[name] = {"reference_loss": result.loss, "reference_examples": result.examples}
+        if result.accuracy is not None:
+            capabilities[name]["reference_accuracy"] = result.accuracy
     for name, domain in tests.items():
         result = evaluate_capability(
             model,
@@ -290,10 +297,16 @@ def evaluate_round(
     accuracies = {
         c: v["test_accuracy"] for c, v in capabilities.items() if v.get("test_accuracy") is not None
     }
+    reference_accuracies = [
+        v["reference_accuracy"] for v in capabilities.values() if "reference_accuracy" in v
+    ]
     test_losses = [v["test_loss"] for v in capabilities.values() if "test_loss" in v]
     metrics: dict[str, Any] = {
         "capabilities": capabilities,
         "reference_loss_mean": float(np.mean(list(reference_losses.values()))),
+        "reference_accuracy_mean": float(np.mean(reference_accuracies))
+        if len(reference_accuracies) == len(reference_losses)
+        else None,
         "test_loss_mean": float(np.mean(test_losses)) if test_losses else None,
         "test_accuracy_mean": float(np.mean(list(accuracies.values()))) if accuracies else None,
         "test_accuracy_worst": min(accuracies.values()) if accuracies else None,
@@ -523,6 +536,8 @@ def summarise_run(run: Path) -> dict[str, Any]:
                 "test_accuracy_worst": metrics["test_accuracy_worst"],
                 "reference_loss": {c: v.get("reference_loss") for c, v in caps.items()},
                 "reference_loss_mean": metrics["reference_loss_mean"],
+                "reference_accuracy": {c: v.get("reference_accuracy") for c, v in caps.items()},
+                "reference_accuracy_mean": metrics.get("reference_accuracy_mean"),
                 "predicted_reference_loss_change": predicted,
                 "realised_reference_loss_change": (
                     metrics["reference_loss_mean"] - rounds[-1]["reference_loss_mean"]
@@ -538,4 +553,8 @@ def summarise_run(run: Path) -> dict[str, Any]:
             }
         )
         k += 1
-    return {"rounds": rounds}
+    stored = run / "config.yaml"
+    select = (yaml.safe_load(stored.read_text()) or {}).get("select") if stored.is_file() else None
+    select = select or "last"
+    selected = select_round(rounds, select) if rounds else None
+    return {"rounds": rounds, "select": select, "selected_round": selected}

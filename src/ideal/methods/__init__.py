@@ -4,6 +4,7 @@
                  DoReMi / DoGE weight updates and volumes from proxy weights (pure)
     reweight.py  one IDEAL update from influence.json (`ideal reweight`)
     proxy.py     DoReMi / DoGE proxy runs for SFT: domain weights learned while a proxy trains
+    select.py    which round a run returns: the last, or the best on the reference sets (pure)
 
 May import: ideal.lm, ideal.data and the ground floor. Not ideal.influence (which imports the rules),
 ideal.backends, ideal.config or above.
