@@ -35,6 +35,8 @@ class UpdateSettings:
     shares: dict[str, float] = field(default_factory=dict)  # for rule = fixed: domain -> share
     step: float = 0.15  # m: the largest relative change of a domain's volume per round
     min_z: float = 0.0  # ideal: hold domains whose sensitivity is within min_z standard errors of 0
+    trust_region: bool = False  # ideal: double m after a round that lowered Q, else back off
+    max_step: float = 0.9  # ideal with trust_region: the largest m
     max_repeats: int = 4
     min_examples: int = 1
     keep_total: bool = True

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from ideal.errors import IdealError
 from ideal.methods.reweight import update_mixture
 from ideal.methods.rules import FixedRule, IdealRule, ProxyRule, Rule, TemperatureRule, UniformRule
 from ideal.methods.select import select_round
+from ideal.methods.trust import StepDecision, trust_step
 
 log = logging.getLogger("ideal")
 
@@ -133,14 +134,29 @@ def make_rule(config: RunConfig) -> Rule:
 
 
 def next_mixture(
-    config: RunConfig, training: TrainingSet, influence: dict[str, Any]
+    config: RunConfig, training: TrainingSet, influence: dict[str, Any], step: float | None = None
 ) -> tuple[Mixture, dict[str, Any]]:
-    """Round K+1's mixture from round K's: the update rule, then constraints, then resampling."""
-    rule = make_rule(config)
-    update = config.update
+    """Round K+1's mixture from round K's: the update rule, then constraints, then resampling.
+
+    `step` replaces `update.step` (the trust region's m of this round)."""
+    update = config.update if step is None else replace(config.update, step=step)
+    rule = make_rule(replace(config, update=update))
     constraints = Constraints(update.min_examples, update.max_repeats, update.keep_total)
     mixture, record = update_mixture(training, rule, constraints, config.seed, influence)
     return mixture, {**record, "step": update.step}
+
+
+def step_decision(config: RunConfig, paths: RunPaths, k: int) -> StepDecision:
+    """Where round K+1's update starts from and with which m: round K and `update.step`, or,
+    with `update.trust_region`, the trust region's decision after round K (`ideal.methods.trust`)."""
+    update = config.update
+    if not (update.trust_region and update.rule == "ideal") or k == 0:
+        return StepDecision(update.step, k, True)
+    record = read_json(paths.round(k) / "mixture.json")["update"]
+    base = record.get("from_round", k - 1)
+    loss = read_json(paths.round(k) / "metrics.json")["reference_loss_mean"]
+    base_loss = read_json(paths.round(base) / "metrics.json")["reference_loss_mean"]
+    return trust_step(record["step"], base, base_loss, k, loss, update.max_step)
 
 
 def make_trainer(config: RunConfig) -> Any:
@@ -370,10 +386,21 @@ def run_loop(config: RunConfig, run_dir: str | Path, resume: bool = False) -> di
         if k >= config.rounds:
             break
         rule = make_rule(config)
+        decision = step_decision(config, paths, k)
+        if decision.base != k:
+            log.info(
+                "round %d: reference loss not below round %d's; the next update starts again "
+                "from round %d with step %.3g",
+                k,
+                decision.base,
+                decision.base,
+                decision.step,
+            )
         if main and rule.signal == "proxy" and not (here / "proxy.json").is_file():
             log.info("round %d: proxy run (%s)", k, rule.name)
             write_proxy_files(here, proxy_round(config, paths, here, model_dir))
-        if rule.signal == "influence" and not (here / "influence.json").is_file():
+        needed = decision.base == k  # a rejected round's influence is never used
+        if rule.signal == "influence" and needed and not (here / "influence.json").is_file():
             log.info("round %d: influence", k)
             result, document = compute_influence(
                 model_dir,
@@ -396,9 +423,16 @@ def run_loop(config: RunConfig, run_dir: str | Path, resume: bool = False) -> di
         following = paths.round(k + 1)
         if not (following / "mixture.json").is_file():
             # every process computes the (deterministic) update, so all agree on stopping
-            training = load_training_set(here)
-            signals = read_json(here / f"{rule.signal}.json") if rule.signal != "none" else {}
-            mixture, update = next_mixture(config, training, signals)
+            source = paths.round(decision.base)
+            training = load_training_set(source)
+            # numbered (and its resampling seeded) as round K+1 even when it starts from an
+            # earlier base
+            training.mixture = replace(training.mixture, round=k)
+            signals = read_json(source / f"{rule.signal}.json") if rule.signal != "none" else {}
+            mixture, update = next_mixture(config, training, signals, decision.step)
+            update["from_round"] = decision.base
+            if config.update.trust_region and k > 0:
+                update["trust_region"] = {"accepted": decision.accepted, "after_round": k}
             if max(abs(b) for b in update["beta_realised"].values()) < config.tolerance:
                 log.info(
                     "round %d: largest volume change below tolerance %.3g; stopping",
@@ -522,7 +556,8 @@ def summarise_run(run: Path) -> dict[str, Any]:
         if (here / "proxy.json").is_file():  # DoReMi / DoGE: the proxy run is their signal's cost
             extra_seconds["proxy"] = read_json(here / "proxy.json")["seconds"]["total"]
         predicted = None
-        previous = run / f"round-{k - 1}" / "influence.json"
+        origin = mixture.get("update", {}).get("from_round", k - 1)  # the update's base round
+        previous = run / f"round-{origin}" / "influence.json"
         if k > 0 and previous.is_file():
             sensitivity = read_json(previous)["sensitivity"]
             beta = mixture.get("update", {}).get("beta_realised", {})
@@ -540,7 +575,7 @@ def summarise_run(run: Path) -> dict[str, Any]:
                 "reference_accuracy_mean": metrics.get("reference_accuracy_mean"),
                 "predicted_reference_loss_change": predicted,
                 "realised_reference_loss_change": (
-                    metrics["reference_loss_mean"] - rounds[-1]["reference_loss_mean"]
+                    metrics["reference_loss_mean"] - rounds[origin]["reference_loss_mean"]
                     if rounds
                     else None
                 ),

@@ -5,6 +5,8 @@
     reweight.py  one IDEAL update from influence.json (`ideal reweight`)
     proxy.py     DoReMi / DoGE proxy runs for SFT: domain weights learned while a proxy trains
     select.py    which round a run returns: the last, or the best on the reference sets (pure)
+    trust.py     the IDEAL step's round-level control: double m after a round that lowered Q,
+                 else start again from the best round with m halved (pure)
 
 May import: ideal.lm, ideal.data and the ground floor. Not ideal.influence (which imports the rules),
 ideal.backends, ideal.config or above.
