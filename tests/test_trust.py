@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from ideal.compare import method_config
 from ideal.config import load_config
 from ideal.errors import IdealError
 from ideal.loop import RunPaths, run_loop, step_decision
@@ -69,3 +70,12 @@ def test_a_trusting_loop_records_each_decision(tmp_path):
         step, base = decision.step, decision.base
         if k < 3:  # a rejected round's influence is never computed
             assert (run / f"round-{k}" / "influence.json").is_file() == decision.accepted
+
+
+def test_compare_method_ideal_trust(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(TINY)
+    loaded = load_config(config)
+    assert method_config(loaded, "ideal-trust", 0).update.trust_region
+    assert not method_config(loaded, "ideal", 0).update.trust_region
+    assert not method_config(loaded, "original", 0).update.trust_region  # round 0 shared
