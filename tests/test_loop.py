@@ -108,9 +108,29 @@ def test_run_directory_follows_the_spec(finished):
 def test_a_changed_config_on_resume_is_an_error(finished, tiny_config, cli):
     run, _ = finished
     result = cli("run", tiny_config, "rounds=3", "--out", run, "--resume")
-    assert result.code == 1 and "config changed" in result.err
+    assert result.code == 1 and "config changed" in result.err and "(rounds)" in result.err
     result = cli("run", tiny_config, "--out", run)
     assert result.code == 1 and "--resume" in result.err
+
+
+def test_a_run_from_before_an_option_existed_resumes(finished, tiny_config, tmp_path):
+    """A run started before `update.trust_region` and `select` existed (its config.yaml lacks
+    them) resumes while they stay at their defaults, and refuses once one is set."""
+    import shutil
+
+    import yaml
+
+    from ideal.errors import IdealError
+
+    run = tmp_path / "older"
+    shutil.copytree(finished[0], run)
+    stored = yaml.safe_load((run / "config.yaml").read_text())
+    del stored["select"], stored["update"]["trust_region"]
+    stored["hash"] = "from-an-older-ideal"
+    (run / "config.yaml").write_text(yaml.safe_dump(stored, sort_keys=False))
+    assert run_loop(load_config(tiny_config), run, resume=True) == finished[1]
+    with pytest.raises(IdealError, match=r"\(update.trust_region\)"):
+        run_loop(load_config(tiny_config, ["update.trust_region=true"]), run, resume=True)
 
 
 def test_killed_after_the_first_training_resumes_to_the_same_artifacts(

@@ -230,6 +230,52 @@ class RunConfig:
         return sha256_text(json.dumps(self.to_dict(), sort_keys=True))
 
 
+def config_changes(stored: dict[str, Any], current: dict[str, Any], cls: type = None) -> list[str]:
+    """Dotted keys whose value differs between a stored config (a run's config.yaml) and the
+    current one. A key the stored config lacks is no change when its current value is the field's
+    default: an option added to ideal since the run started, which leaves the run as it was."""
+    cls = cls or RunConfig
+    hints = typing.get_type_hints(cls)
+    defaults = {}
+    for f in fields(cls):
+        if f.default is not dataclasses.MISSING:
+            defaults[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            defaults[f.name] = f.default_factory()
+    changes: list[str] = []
+    for key in sorted((set(stored) | set(current)) - {"hash"}):
+        if key not in stored:
+            default = defaults.get(key, dataclasses.MISSING)
+            if default is dataclasses.MISSING or current[key] != _plain(default):
+                changes.append(key)
+            continue
+        if key not in current:
+            changes.append(key)
+            continue
+        old, new = stored[key], current[key]
+        nested = [t for t in _members(hints.get(key)) if dataclasses.is_dataclass(t)]
+        if nested and isinstance(old, dict) and isinstance(new, dict):
+            changes += [f"{key}.{c}" for c in config_changes(old, new, nested[0])]
+        elif old != new:
+            changes.append(key)
+    return changes
+
+
+def _members(hint: Any) -> tuple:
+    """The types of a hint, a union's members included."""
+    if hint is None:
+        return ()
+    args = typing.get_args(hint)
+    return args if args and isinstance(hint, types.UnionType) else (hint,)
+
+
+def _plain(value: Any) -> Any:
+    """A default as config.yaml stores it (dataclasses as mappings, tuples as lists)."""
+    if dataclasses.is_dataclass(value):
+        value = asdict(value)
+    return json.loads(json.dumps(value))
+
+
 def _build(cls: type, data: Any, where: str) -> Any:
     """Instantiate dataclass `cls` from plain data, recursively, with errors that name the key."""
     if not isinstance(data, dict):

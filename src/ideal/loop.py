@@ -29,7 +29,7 @@ import numpy as np
 import yaml
 
 from ideal.artifacts import atomic_write_json, atomic_write_text, read_json
-from ideal.config import RunConfig
+from ideal.config import RunConfig, config_changes
 from ideal.data.mixture import (
     Constraints,
     Mixture,
@@ -69,9 +69,13 @@ def prepare_run(config: RunConfig, run_dir: str | Path, resume: bool) -> RunPath
             )
         previous = yaml.safe_load(stored.read_text()) or {}
         if previous.get("hash") != config.hash():
-            raise IdealError(
-                f"{stored}: the config changed since this run started (hash differs); use another --out"
-            )
+            # options added to ideal since the run started, at their defaults, change nothing
+            changes = config_changes(previous, config.to_dict())
+            if changes:
+                raise IdealError(
+                    f"{stored}: the config changed since this run started ({', '.join(changes)});"
+                    " use another --out"
+                )
     elif run.exists() and any(run.iterdir()):
         raise IdealError(f"{run}: output directory exists and is not empty; choose another --out")
     else:
