@@ -370,6 +370,11 @@ class Fisher(str, Enum):
     empirical = "empirical"
 
 
+class LossNormalization(str, Enum):
+    example = "example"
+    token = "token"
+
+
 class Objective(str, Enum):
     mean = "mean"
     pooled = "pooled"
@@ -554,9 +559,20 @@ def influence(
         bool,
         typer.Option(
             "--size-factor/--no-size-factor",
-            help="Multiply domain i's sensitivity by n_i/N (METHOD.md).",
+            help="Multiply domain i's sensitivity by n_i/N (METHOD.md; t_i/T, its share of target "
+            "tokens, with --loss token).",
         ),
     ] = True,
+    loss: Annotated[
+        LossNormalization | None,
+        typer.Option(
+            "--loss",
+            help="The training objective to differentiate: example (mean of per-example mean "
+            "NLLs; ideal train's default) or token (token mean over the set: TRL, LLaMA-Factory, "
+            "axolotl). Default: what the model directory's train_settings.json / train.json "
+            "records, else example.",
+        ),
+    ] = None,
     factors: Annotated[
         str,
         typer.Option(
@@ -586,10 +602,11 @@ def influence(
     on_invalid: OnInvalidOption = OnInvalid.error,
 ) -> None:
     """Influence of every training domain on every reference capability (EK-FAC by default)."""
-    from ideal.influence.command import has_weights, probe_seconds, run_influence
+    from ideal.influence.command import has_weights, probe_seconds, resolve_loss, run_influence
     from ideal.influence.engine import InfluenceSettings
     from ideal.progress import track
 
+    loss_value, loss_source = resolve_loss(model, loss.value if loss is not None else None)
     settings = InfluenceSettings(
         curvature=curvature.value,
         damping=damping,
@@ -600,6 +617,7 @@ def influence(
         fisher_samples=fisher_samples,
         factors=factors,
         refine=refine,
+        loss=loss_value,
     )
     patterns = [p for p in layers.split(",") if p.strip()] if layers else None
     caps = {"max_examples": _count_or_all("--max-examples", max_examples),
@@ -627,6 +645,7 @@ def influence(
         on_invalid=on_invalid.value,
         progress=track,
         memory=memory,
+        loss_source=loss_source,
         **caps,
     )
     from ideal.distributed import is_main
@@ -657,11 +676,6 @@ def influence(
 class Optimizer(str, Enum):
     adamw = "adamw"
     sgd = "sgd"
-
-
-class LossNormalization(str, Enum):
-    example = "example"
-    token = "token"
 
 
 @app.command()

@@ -1,6 +1,16 @@
 """Causal-LM batches: padding tokenized examples, and the per-example loss of METHOD.md.
 
 l(z) = mean negative log-likelihood over z's target tokens (labels != -100, shifted by one).
+
+A set's loss is one of two objectives (`influence.loss`, METHOD.md "Setting"), both written as
+
+    L(S) = sum_z scale_z NLL_z / sum_z mass_z        NLL_z: the SUMMED target NLL of z (T_z tokens)
+
+    example:  scale_z = w_z / T_z,  mass_z = w_z        the weighted mean of l(z)
+    token:    scale_z = w_z,        mass_z = w_z T_z    the token mean over the set (TRL, ...)
+
+with w_z the example's weight (copies). `loss_scales` gives both; every pass of the influence step
+(gradients, curvature, Gauss-Newton products) weighs examples through it.
 """
 
 from __future__ import annotations
@@ -58,6 +68,19 @@ def collate(
     )
     k = torch.arange(len(items)) if keys is None else torch.tensor(list(keys), dtype=torch.long)
     return Batch(ids, mask, labels, w, k)
+
+
+LOSSES = ("example", "token")
+
+
+def loss_scales(weights: Tensor, targets: Tensor, loss: str = "example") -> tuple[Tensor, Tensor]:
+    """(scale_z, mass_z) per example of the objective `loss` (module docstring), from the
+    examples' weights w_z and target-token counts T_z (float tensors of shape (B,))."""
+    if loss == "example":
+        return weights / targets, weights
+    if loss == "token":
+        return weights, weights * targets
+    raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:

@@ -2,6 +2,13 @@
 
 Writes, atomically, into a new directory: `influence.json` (SPEC.md), `influence.csv` (references x
 domains) and `influence.png` (heatmap with the sign convention written on it).
+
+The objective differentiated (`settings.loss`: example | token) is the one the model was trained
+with. `ideal influence` takes `--loss`, or else what the model directory's trainer record says
+(`recorded_loss`); `ideal run` resolves `influence.loss: auto` from `train.backend`. influence.json
+records the value (`loss`) and where it came from (`loss_source`). Under `token` the size factor is
+each domain's share of the mixture's target tokens, counted over the whole mixture (every unique
+row with its copies, tokenized once more: cheap next to the passes).
 """
 
 from __future__ import annotations
@@ -18,7 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ideal.artifacts import atomic_dir, atomic_write_json, atomic_write_text, check_new_output_dir
+from ideal.artifacts import (
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    check_new_output_dir,
+    read_json,
+)
 from ideal.data.mixture import sample_counts, sample_mixture
 from ideal.data.mixture_io import load_training_set
 from ideal.data.rows import OnInvalid, load_domains, tokenize_examples
@@ -37,6 +50,7 @@ from ideal.influence.engine import (
     result_summary,
 )
 from ideal.influence.plan import layer_groups, parse_size
+from ideal.lm import LOSSES
 from ideal.report.plots import influence_heatmap
 
 log = logging.getLogger(__name__)
@@ -67,12 +81,14 @@ def compute_influence(
     curvature_examples: int | None = CURVATURE_EXAMPLES,
     max_examples: int | None = MAX_EXAMPLES,
     memory: str | int | None = None,
+    loss_source: str | None = None,
 ) -> tuple[InfluenceResult, dict[str, Any]]:
     """Influence of every training domain on every reference capability; returns (result, influence.json).
 
     `curvature_examples` copies of the mixture (None: all) fit the curvature; each domain's score
     uses `sample` of its copies, at most `max_examples`; `memory` (bytes or "70GiB") splits the
-    layers into groups whose statistics fit it (one set of passes per group)."""
+    layers into groups whose statistics fit it (one set of passes per group). `settings.loss` is
+    the objective differentiated, `loss_source` says where it came from (recorded as given)."""
     start = time.perf_counter()
     sampling = Sampling(settings.seed, sample, max_examples, curvature_examples)
     model, tokenizer, selected, training, domains, refs, curvature = _inputs(
@@ -89,7 +105,19 @@ def compute_influence(
     result.seconds = {"load_and_tokenize": prepare, **result.seconds}
     volumes = training.mixture.volumes
     sizes = {name: len(ws.items) for name, ws in refs.items()}
-    summary = result_summary(result, volumes, objective, size_factor, sizes)
+    target_tokens = None
+    if settings.loss == "token":  # the size factor t_i/T: target tokens of the whole mixture
+        target_tokens = mixture_target_tokens(training, tokenizer, max_length, on_invalid)
+    summary = result_summary(result, target_tokens or volumes, objective, size_factor, sizes)
+    recorded = recorded_loss(model_dir)
+    if recorded is not None and recorded[0] != settings.loss:
+        log.warning(
+            "influence: differentiating the %s-normalised objective, but %s says the model was "
+            "trained with %s normalisation",
+            settings.loss,
+            recorded[1],
+            recorded[0],
+        )
     document: dict[str, Any] = {
         "domains": result.domains,
         "references": result.references,
@@ -98,6 +126,10 @@ def compute_influence(
         "examples": result.examples,
         "sign_convention": "s_ji > 0: training more on domain i is predicted to lower the loss on reference j",
         "volumes": volumes,
+        "loss": settings.loss,
+        "loss_source": loss_source or "settings",
+        "loss_recorded": None if recorded is None else {"loss": recorded[0], "file": recorded[1]},
+        "target_tokens": target_tokens,
         **summary,
         "reference_loss": result.reference_losses,
         "curvature": settings.curvature,
@@ -192,6 +224,57 @@ def _inputs(
         for name, d in references.items()
     }
     return model, tokenizer, selected, training, domains, refs, curvature
+
+
+def mixture_target_tokens(
+    training: Any, tokenizer: Any, max_length: int | None, on_invalid: OnInvalid
+) -> dict[str, int]:
+    """t_i: target tokens of every domain's current multiset (each unique row x its copies)."""
+    out = {}
+    for name, counts in training.mixture.counts.items():
+        keep = np.flatnonzero(counts)
+        examples = [training.pool[name].examples[i] for i in keep]
+        copies = {e.source: int(counts[i]) for e, i in zip(examples, keep, strict=True)}
+        items, _ = tokenize_examples(examples, tokenizer, max_length, on_invalid)
+        out[name] = sum(copies[item.source] * item.num_targets for item in items)
+    return out
+
+
+def recorded_loss(model_dir: str | Path) -> tuple[str, str] | None:
+    """(loss, file) that the trainer of `model_dir` recorded, or None: `loss` of its
+    train_settings.json (trl, command and presets write it) or train.json, else the builtin
+    trainer's `settings.loss_normalization` in train_settings.json."""
+    path = Path(model_dir)
+    for name in ("train_settings.json", "train.json"):
+        file = path / name
+        if not file.is_file():
+            continue
+        try:
+            record = read_json(file)
+        except IdealError:  # an unreadable record says nothing about the loss
+            continue
+        if not isinstance(record, dict):
+            continue
+        value = record.get("loss")
+        key = "loss"
+        if value is None and isinstance(record.get("settings"), dict):
+            value, key = record["settings"].get("loss_normalization"), "settings.loss_normalization"
+        if value in LOSSES:
+            return str(value), f"{file}: {key}"
+    return None
+
+
+def resolve_loss(model_dir: str | Path, loss: str | None) -> tuple[str, str]:
+    """`ideal influence --loss`: (value, where it came from). Without the flag, the model
+    directory's trainer record, else `example` (our trainer's default)."""
+    if loss is not None:
+        if loss not in LOSSES:
+            raise IdealError(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+        return loss, "--loss"
+    recorded = recorded_loss(model_dir)
+    if recorded is not None:
+        return recorded
+    return "example", f"default (no trainer record of the loss in {model_dir})"
 
 
 def has_weights(model_dir: str | Path) -> bool:

@@ -1,25 +1,29 @@
 """Curvature of the mixture loss per linear layer, and its damped inverse-vector products.
 
 Pure functions over tensors (no files, no model). Every curvature option approximates the SAME matrix,
-the Gauss-Newton matrix of the mixture loss (METHOD.md) restricted to the selected layers,
+the Gauss-Newton matrix of the mixture loss (METHOD.md) restricted to the selected layers. With the
+training objective written as L = sum_z scale_z NLL_z / sum_z mass_z (ideal.lm.loss_scales: the
+example mean, scale = w/T_z and mass = w, or the token mean, scale = w and mass = w T_z),
 
-    G = E_z [ (1/T_z) * sum over z's target tokens t of  J_t^T H_t J_t ],
+    G = sum_z scale_z sum over z's target tokens t of J_t^T H_t J_t  /  sum_z mass_z,
 
-with l(z) the mean NLL over z's T_z target tokens and H_t the softmax Hessian of token t. With labels
-y sampled from the model, E_y[G_z G_z^T] = sum_t E_y[g_t g_t^T] for the per-example gradient G_z of the
-SUMMED token loss (cross terms vanish), so G = E_z[ vec(G_z) vec(G_z)^T / T_z ]. All four options
-share that scale, so an absolute damping means the same thing for each (kronfluence's K-FAC is ~T
-times smaller than its EK-FAC; we avoid that trap by construction).
+H_t the softmax Hessian of token t. For `influence.loss: example` that is E_z[(1/T_z) sum_t ...]; for
+`token` every target token of the mixture counts the same, so an example weighs by its T_z. With
+labels y sampled from the model, E_y[G_z G_z^T] = sum_t E_y[g_t g_t^T] for the per-example gradient
+G_z of the SUMMED token loss (cross terms vanish), so G = sum_z scale_z vec(G_z) vec(G_z)^T /
+sum_z mass_z. All four options share that scale, so an absolute damping means the same thing for
+each (kronfluence's K-FAC is ~T times smaller than its EK-FAC; we avoid that trap by construction).
 
 For one layer with weight W (out x in), the statistics (sums over examples z with weights w_z; batch
 products in float32, running sums over batches in float64) are
 
     A      = sum_z w_z sum_{t in P_z} a_t a_t^T  /  sum_z w_z |P_z|      P_z: non-padding positions
-    S      = sum_z w_z (1/T_z) sum_t g_t g_t^T  /  sum_z w_z             g: output gradients
+    S      = sum_z scale_z sum_t g_t g_t^T  /  sum_z mass_z             g: output gradients
     K-FAC:  G_l = A (x) S,  i.e. eigenvalues s_p a_q in the eigenbases Q_S, Q_A
-    EK-FAC: Lambda[p, q] = sum_z w_z (1/T_z) (Q_S^T G_z Q_A)[p, q]^2 / sum_z w_z
+    EK-FAC: Lambda[p, q] = sum_z scale_z (Q_S^T G_z Q_A)[p, q]^2 / sum_z mass_z
 
-and the damped inverse-HVP is  V -> Q_S [ (Q_S^T V Q_A) / (Lambda + lambda) ] Q_A^T.
+(A weighs positions by w_z under both objectives: it is the input statistic of every position, as
+METHOD.md defines it.) The damped inverse-HVP is  V -> Q_S [ (Q_S^T V Q_A) / (Lambda + lambda) ] Q_A^T.
 Damping lambda is `damping * mean(Lambda)` per layer (relative, default 0.1), or an absolute value.
 """
 
@@ -30,6 +34,8 @@ from typing import Any
 
 import torch
 
+from ideal.lm import loss_scales
+
 Tensor = torch.Tensor
 
 
@@ -38,9 +44,9 @@ class LayerStats:
     """Running sums for one layer, float64. Normalise with `covariances`."""
 
     a_sum: Tensor  # (in, in)   sum of w a a^T over non-padding positions
-    s_sum: Tensor  # (out, out) sum of w g g^T / T_z
+    s_sum: Tensor  # (out, out) sum of scale_z g g^T (w / T_z, or w with token normalisation)
     positions: float = 0.0  # sum of w |P_z|
-    examples: float = 0.0  # sum of w
+    examples: float = 0.0  # sum of mass_z: S's normaliser (sum of w, or of w T_z for token)
 
     @classmethod
     def zeros(
@@ -58,7 +64,9 @@ class LayerStats:
         self.examples += other.examples
 
 
-def layer_stats(a: Tensor, g: Tensor, mask: Tensor, targets: Tensor, weights: Tensor) -> LayerStats:
+def layer_stats(
+    a: Tensor, g: Tensor, mask: Tensor, targets: Tensor, weights: Tensor, loss: str = "example"
+) -> LayerStats:
     """Covariance sums of one batch for one layer: float32 products, returned in float64.
 
     The batch's products run in float32 (2.5x faster than float64 on CPU, and what accelerators
@@ -68,7 +76,8 @@ def layer_stats(a: Tensor, g: Tensor, mask: Tensor, targets: Tensor, weights: Te
     sums of float32 batch products, by under 1e-5 (docs/results.md).
 
     a: (B, T, in) inputs; g: (B, T, out) output gradients of the summed token loss; mask: (B, T)
-    non-padding positions; targets: (B,) target-token counts T_z; weights: (B,) example weights.
+    non-padding positions; targets: (B,) target-token counts T_z; weights: (B,) example weights;
+    loss: the objective whose Gauss-Newton S estimates (example | token, ideal.lm.loss_scales).
     """
     m = mask.unsqueeze(-1).float()
     a = (a.float() * m).reshape(-1, a.shape[-1])  # (B*T, in), padding rows zeroed
@@ -77,11 +86,12 @@ def layer_stats(a: Tensor, g: Tensor, mask: Tensor, targets: Tensor, weights: Te
     )  # (B*T, out); zero at padding already, made explicit
     tokens = mask.shape[1]
     wa = a * weights.float().repeat_interleave(tokens).unsqueeze(-1)
-    wg = g * (weights.float() / targets.float()).repeat_interleave(tokens).unsqueeze(-1)
+    scale, mass = loss_scales(weights.float(), targets.float(), loss)
+    wg = g * scale.repeat_interleave(tokens).unsqueeze(-1)
     a_sum = (wa.T @ a).double()
     s_sum = (wg.T @ g).double()
     positions = float((mask.float().sum(1) * weights.float()).sum())
-    return LayerStats(a_sum, s_sum, positions, float(weights.float().sum()))
+    return LayerStats(a_sum, s_sum, positions, float(mass.sum()))
 
 
 def covariances(stats: LayerStats) -> tuple[Tensor, Tensor]:
@@ -129,14 +139,22 @@ def rotated_squares(g: Tensor, a: Tensor, mask: Tensor, eigen: Eigen) -> Tensor:
 
 
 def correction_sum(
-    g: Tensor, a: Tensor, mask: Tensor, targets: Tensor, weights: Tensor, eigen: Eigen, chunk: int
+    g: Tensor,
+    a: Tensor,
+    mask: Tensor,
+    targets: Tensor,
+    weights: Tensor,
+    eigen: Eigen,
+    chunk: int,
+    loss: str = "example",
 ) -> Tensor:
-    """sum_z w_z (1/T_z) (Q_S^T G_z Q_A)^2 over a batch, `chunk` examples at a time (bounded memory).
+    """sum_z scale_z (Q_S^T G_z Q_A)^2 over a batch, `chunk` examples at a time (bounded memory);
+    scale_z = w_z / T_z (example) or w_z (token), as ideal.lm.loss_scales.
 
     Per-example terms are float32; the batch sum is returned in float64.
     """
     total = torch.zeros_like(eigen.eigenvalues, dtype=torch.float64)
-    scale = (weights.float() / targets.float()).view(-1, 1, 1)
+    scale = loss_scales(weights.float(), targets.float(), loss)[0].view(-1, 1, 1)
     for start in range(0, g.shape[0], chunk):
         part = slice(start, start + chunk)
         squares = rotated_squares(g[part], a[part], mask[part], eigen)

@@ -8,6 +8,13 @@ Sign convention (METHOD.md), used everywhere in `ideal` (files, plots, docs):
 Up-weighting domain i by epsilon moves the optimum by -epsilon (n_i/N) H^{-1} gbar_i, so the reference
 loss changes by -epsilon (n_i/N) s_ji: a positive score means the loss goes down.
 
+The objective differentiated is the one the model was trained with (`settings.loss`, METHOD.md
+"Setting"; ideal.lm.loss_scales): `example`, a set's loss the mean of per-example mean NLLs, or
+`token`, the sum of its token NLLs over its target-token count. Under `token`, gbar_i and g_Rj are
+token-weighted means of the per-example gradients, the curvature is that of
+L_mix = sum_i t_i L(D_i) / T (each example weighs by its target tokens), and the size factor n_i/N
+becomes t_i/T, the domain's share of the mixture's target tokens (`result_summary`).
+
 Organised around the k reference directions (METHOD.md, "Computing the scores at scale"):
 
     1. reference gradients g_Rj: one pass over the reference sets;
@@ -18,7 +25,8 @@ Organised around the k reference directions (METHOD.md, "Computing the scores at
        (refine.py; within each layer group when there are several);
     4. one pass per domain over its seeded sample: every example's gradient of the selected layers is
        dotted with every v_j (in chunks) and discarded. s_ji is the weighted mean of the
-       contributions v_j^T grad l(z), and its standard error comes from their spread.
+       contributions v_j^T grad l(z) (weights: copies, times T_z under `token`), and its standard
+       error comes from their spread (`domain_means`).
 
 No per-domain gradient sum and no per-example gradient beyond one chunk is ever stored. With layer
 groups (`--memory`), steps 1-4 run once per group of layers and the contributions add up.
@@ -50,7 +58,16 @@ from ideal.influence.curvature import (
     layer_stats,
 )
 from ideal.influence.refine import GaussNewton, Refinement, conjugate_gradient
-from ideal.lm import Batch, collate, example_losses, position_ids, sample_labels, token_nll
+from ideal.lm import (
+    LOSSES,
+    Batch,
+    collate,
+    example_losses,
+    loss_scales,
+    position_ids,
+    sample_labels,
+    token_nll,
+)
 from ideal.methods.rules import ideal_beta, sensitivities
 
 CURVATURES = ("ekfac", "kfac", "identity", "exact")
@@ -78,6 +95,7 @@ class InfluenceSettings:
     )
     factors: str = "cpu"  # where the running sums live: cpu (device memory for the model) | device
     refine: int = 0  # conjugate-gradient steps toward the exact Gauss-Newton solution (refine.py)
+    loss: str = "example"  # the training objective differentiated: example | token (METHOD.md)
 
     def __post_init__(self) -> None:
         if self.curvature not in CURVATURES:
@@ -98,6 +116,8 @@ class InfluenceSettings:
             raise IdealError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.refine < 0:
             raise IdealError(f"--refine must be >= 0, got {self.refine}")
+        if self.loss not in LOSSES:
+            raise IdealError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
         if self.refine and self.curvature not in ("ekfac", "kfac"):
             raise IdealError(
                 f"--refine needs --curvature ekfac or kfac (its preconditioner), got {self.curvature}"
@@ -118,6 +138,14 @@ class WeightedSet:
     @classmethod
     def uniform(cls, items: list[Tokenized]) -> WeightedSet:
         return cls(items, [1.0] * len(items))
+
+    def mass(self, loss: str) -> float:
+        """sum_z mass_z (ideal.lm.loss_scales): the copies, or their target tokens for `token`."""
+        if loss == "token":
+            return float(
+                sum(w * i.num_targets for w, i in zip(self.weights, self.items, strict=True))
+            )
+        return float(sum(self.weights))
 
     def shard(self, rank: int, world: int) -> WeightedSet:
         """Every world-th example from `rank`: disjoint shards that cover the set, keys kept."""
@@ -147,6 +175,7 @@ class InfluenceResult:
     damping: dict[str, float]  # lambda per layer (or the dense block for exact)
     seconds: dict[str, float] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
+    loss: str = "example"  # the objective differentiated (InfluenceSettings.loss)
     stderr: np.ndarray | None = None  # (references, domains): standard error of each score
     covariance: np.ndarray | None = None  # (domains, references, references): of a domain's scores
     examples: dict[str, float] = field(default_factory=dict)  # copies used per domain
@@ -265,6 +294,7 @@ class InfluenceEngine:
                             batch.attention_mask,
                             targets,
                             weights,
+                            self.settings.loss,
                         )
                         stats[name].add(_moved(part, self.store))
         for layer in stats.values():
@@ -342,16 +372,22 @@ class InfluenceEngine:
                             weights,
                             on_device[name],
                             self.settings.chunk,
+                            self.settings.loss,
                         )
                         sums[name] += part.to(self.store)
-                weight_total += float(batch.weights.sum())
+                weight_total += float(
+                    loss_scales(batch.weights, targets, self.settings.loss)[1].sum()
+                )
         weight_total = all_reduce_float(weight_total)
         return {n: all_reduce_(s) / weight_total for n, s in sums.items()}
 
     def reference_pass(
         self, references: dict[str, WeightedSet]
     ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, float]]:
-        """Mean gradient and mean loss of every reference set (true labels)."""
+        """Gradient and loss L(R_j) of every reference set (true labels): under `example` the mean
+        over its examples of l(z) and grad l(z); under `token` the sums of their token NLLs and
+        of its gradients over the set's target-token count."""
+        token = self.settings.loss == "token"
         grads, losses = {}, {}
         batches = _keyed_batches(references, self.settings.batch_size, self.pad_id)
         sums = {
@@ -362,13 +398,18 @@ class InfluenceEngine:
         with Capture(self.layers) as cap:
             for ref, batch in self.progress(batches, len(batches), "reference gradients"):
                 batch = batch.to(self.device)
-                losses_b = example_losses(forward_logits(self.model, batch), batch.labels)
+                logits = forward_logits(self.model, batch)
+                if token:  # (B,) summed target NLL per example
+                    losses_b = token_nll(logits, batch.labels)[0].sum(1)
+                else:  # (B,) mean target NLL per example
+                    losses_b = example_losses(logits, batch.labels)
                 cap.backward(losses_b.sum())
                 loss_sums[ref] += float(losses_b.detach().sum())
                 for name in self.layers:
                     sums[ref][name] += _batch_gradient(cap, name).to(self.store)
         for ref, ws in references.items():
-            count = all_reduce_float(float(len(ws.items)))
+            size = sum(i.num_targets for i in ws.items) if token else len(ws.items)
+            count = all_reduce_float(float(size))
             grads[ref] = {n: all_reduce_(s) / count for n, s in sums[ref].items()}
             losses[ref] = all_reduce_float(loss_sums[ref]) / count
         return grads, losses
@@ -460,7 +501,9 @@ def domain_influence(
         for p, flag in requires.items():
             p.requires_grad_(flag)
     start = time.perf_counter()
-    scores, stderr, covariance, used = domain_means(domains, contributions, len(references))
+    scores, stderr, covariance, used = domain_means(
+        domains, contributions, len(references), settings.loss
+    )
     seconds["scores"] = time.perf_counter() - start
     tokens = {
         d: int(all_reduce_float(sum(len(i.input_ids) for i in ws.items)))
@@ -475,6 +518,7 @@ def domain_influence(
         damping,
         seconds,
         tokens,
+        loss=settings.loss,
         stderr=stderr,
         covariance=covariance,
         examples=used,
@@ -498,8 +542,11 @@ def _refine(
     k = next(iter(directions.values())).shape[0]
     rows = max(1, engine.settings.batch_size // k)
     batches = make_batches(curvature, rows, engine.pad_id)
-    weight_total = all_reduce_float(float(sum(curvature.weights)))
-    product = GaussNewton(engine.model, engine.layers, batches, weight_total, engine.progress)
+    loss = engine.settings.loss
+    weight_total = all_reduce_float(curvature.mass(loss))
+    product = GaussNewton(
+        engine.model, engine.layers, batches, weight_total, engine.progress, loss=loss
+    )
     return conjugate_gradient(
         product, precondition, damping, gradients, directions, engine.settings.refine
     )
@@ -510,7 +557,10 @@ def _add(seconds: dict[str, float], stage: str, start: float) -> None:
 
 
 def domain_means(
-    domains: dict[str, WeightedSet], contributions: dict[str, np.ndarray], k: int
+    domains: dict[str, WeightedSet],
+    contributions: dict[str, np.ndarray],
+    k: int,
+    loss: str = "example",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
     """Scores (k, n) as the weighted means of the per-example contributions, their standard errors
     (k, n), the covariance of each domain's k scores (n, k, k) and the copies used per domain,
@@ -519,7 +569,17 @@ def domain_means(
     A domain's sample is m copies drawn without replacement from its V copies, an example drawn
     w times counting w times: the mean's covariance is (1 - m/V) C / m, C the sample covariance
     over the m copies (no correction without a population: the sample is all). The covariance
-    gives the standard error of any combination over references (the sensitivities')."""
+    gives the standard error of any combination over references (the sensitivities').
+
+    Under `token` the score is v_j^T gbar_i with gbar_i = sum_z w_z grad NLL_z / sum_z w_z T_z,
+    i.e. the ratio of two sample means, R = mean(y) / mean(x) with y_z = T_z c_z (the contribution
+    of z's summed token NLL) and x_z = T_z: a ratio estimator, not a weighted mean with fixed
+    weights, because the sample's token total is itself random (which examples were drawn decides
+    it). Its covariance is the delta method's (1 - m/V) C_u / (m xbar^2), C_u the sample covariance
+    of u_z = y_z - R x_z = T_z (c_z - R) over the copies and xbar = mean(x); with equal T_z it is
+    the formula above."""
+    if loss == "token":
+        return _token_means(domains, contributions, k)
     n = len(domains)
     scores, covariance, used = np.zeros((k, n)), np.zeros((n, k, k)), {}
     for i, (domain, ws) in enumerate(domains.items()):
@@ -532,6 +592,38 @@ def domain_means(
         sample_cov = (second - m * np.outer(mean, mean)) / max(m - 1.0, 1.0)
         fpc = 0.0 if ws.population is None else max(0.0, 1.0 - m / ws.population)
         scores[:, i], covariance[i], used[domain] = mean, fpc * sample_cov / m, float(m)
+    stderr = np.sqrt(np.maximum(np.diagonal(covariance, axis1=1, axis2=2), 0.0)).T
+    return scores, stderr, covariance, used
+
+
+def _token_means(
+    domains: dict[str, WeightedSet], contributions: dict[str, np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
+    """`domain_means` under token normalisation: the ratio estimator and its delta-method
+    covariance, from sums that add across processes (C_u expanded around R, known only after
+    the reduction: sum w x^2 (c - R)(c - R)^T = Q - R P^T - P R^T + X2 R R^T)."""
+    n = len(domains)
+    scores, covariance, used = np.zeros((k, n)), np.zeros((n, k, k)), {}
+    for i, (domain, ws) in enumerate(domains.items()):
+        w = np.asarray(ws.weights, dtype=np.float64)[:, None]  # (n_i, 1) copies
+        x = np.asarray([item.num_targets for item in ws.items], dtype=np.float64)[:, None]
+        c = contributions[domain]  # (n_i, k): v_j^T grad l(z), l the mean NLL
+        wx, wxx = w * x, w * x * x
+        sums = np.concatenate(
+            [[w.sum(), wx.sum(), wxx.sum()], (wx * c).sum(0), (wxx * c).sum(0),
+             ((wxx * c).T @ c).ravel()]
+        )  # fmt: skip
+        sums = all_reduce_(torch.from_numpy(sums)).numpy()
+        m, total, x2 = sums[0], sums[1], sums[2]
+        y, p, q = sums[3 : 3 + k], sums[3 + k : 3 + 2 * k], sums[3 + 2 * k :].reshape(k, k)
+        ratio = y / total if total > 0 else np.zeros(k)
+        spread = q - np.outer(ratio, p) - np.outer(p, ratio) + x2 * np.outer(ratio, ratio)
+        sample_cov = spread / max(m - 1.0, 1.0)  # of u_z = T_z (c_z - R), per copy
+        xbar = total / m if m > 0 else 1.0
+        fpc = 0.0 if ws.population is None else max(0.0, 1.0 - m / ws.population)
+        scores[:, i] = ratio
+        covariance[i] = fpc * sample_cov / (m * xbar**2) if total > 0 else 0.0
+        used[domain] = float(m)
     stderr = np.sqrt(np.maximum(np.diagonal(covariance, axis1=1, axis2=2), 0.0)).T
     return scores, stderr, covariance, used
 
@@ -549,7 +641,9 @@ def _preconditioner(
     sample = {"curvature": curvature}
     if settings.curvature == "exact":
         start = time.perf_counter()
-        dense = dense_gauss_newton(engine.model, engine.layers, sample, engine.pad_id)
+        dense = dense_gauss_newton(
+            engine.model, engine.layers, sample, engine.pad_id, settings.loss
+        )
         _add(seconds, "exact_gauss_newton", start)
         return _dense_preconditioner(dense, engine.layers, settings)
     start = time.perf_counter()
@@ -640,12 +734,17 @@ def _dense_preconditioner(
 
 
 def dense_gauss_newton(
-    model: nn.Module, layers: dict[str, nn.Linear], domains: dict[str, WeightedSet], pad_id: int
+    model: nn.Module,
+    layers: dict[str, nn.Linear],
+    domains: dict[str, WeightedSet],
+    pad_id: int,
+    loss: str = "example",
 ) -> torch.Tensor:
     """The dense Gauss-Newton matrix of the mixture loss over the selected layers, float64.
 
-    G = sum_z w_z (1/T_z) sum_t J_t^T (diag p_t - p_t p_t^T) J_t / sum_z w_z, with J_t the Jacobian of
-    the logits at target position t w.r.t. the layers' [W | b] (row-major). Tiny models only.
+    G = sum_z scale_z sum_t J_t^T (diag p_t - p_t p_t^T) J_t / sum_z mass_z, with J_t the Jacobian
+    of the logits at target position t w.r.t. the layers' [W | b] (row-major) and (scale, mass)
+    = (w_z / T_z, w_z) for `loss` example, (w_z, w_z T_z) for token. Tiny models only.
     """
     names = list(layers)
     params = {f"{n}.weight": layers[n].weight for n in names}
@@ -682,8 +781,12 @@ def dense_gauss_newton(
             weighted = j * probs.sqrt().unsqueeze(-1)  # diag(p)^(1/2) J
             mean = torch.einsum("tv,tvp->tp", probs, j)  # p^T J
             ggn = torch.einsum("tvp,tvq->pq", weighted, weighted) - mean.T @ mean
-            total += (weight / len(target)) * ggn.cpu()
-            weight_total += weight
+            if loss == "token":  # every target token of the mixture weighs the same
+                total += weight * ggn.cpu()
+                weight_total += weight * len(target)
+            else:
+                total += (weight / len(target)) * ggn.cpu()
+                weight_total += weight
     return all_reduce_(total) / all_reduce_float(weight_total)
 
 
@@ -711,7 +814,11 @@ def result_summary(
     sizes: dict[str, int],
     step: float = 0.15,
 ) -> dict[str, Any]:
-    """sensitivities dQ/dbeta_i and the default beta, for influence.json."""
+    """sensitivities dQ/dbeta_i and the default beta, for influence.json.
+
+    `volumes` are the sizes whose shares are the size factor: the copies n_i of each domain in the
+    mixture under `influence.loss: example`, its target tokens t_i under `token` (a domain's weight
+    in L_mix; the caller passes them, METHOD.md "Setting")."""
     weights = objective_weights(objective, result.references, sizes, result.reference_losses)
     counts = [volumes[d] for d in result.domains]
     alpha = sensitivities(result.scores, counts, weights, size_factor)
@@ -733,6 +840,7 @@ def result_summary(
             "kind": objective,
             "weights": dict(zip(result.references, weights.tolist(), strict=True)),
             "size_factor": size_factor,
+            "size_factor_of": "target tokens" if result.loss == "token" else "volumes",
             "step": step,
         },
     }

@@ -6,9 +6,11 @@ conjugate gradient (PCG) on
 
     (G_C + Lambda) v_j = g_Rj        for every reference j at once (one step size per reference)
 
-    G_C = sum_z w_z (1/T_z) sum_t J_t^T (diag p_t - p_t p_t^T) J_t / sum_z w_z
+    G_C = sum_z scale_z sum_t J_t^T (diag p_t - p_t p_t^T) J_t / sum_z mass_z
 
-the exact Gauss-Newton matrix of the mixture loss over the curvature sample C (the weighted examples
+((scale, mass) = (w_z / T_z, w_z) for `influence.loss: example`, (w_z, w_z T_z) for `token`:
+ideal.lm.loss_scales), the exact Gauss-Newton matrix of the mixture loss that the model was trained
+with, over the curvature sample C (the weighted examples
 the EK-FAC factors are fitted on; `engine.dense_gauss_newton` is its dense form), Lambda = lambda_l I
 on layer l (the preconditioner's own damping), the EK-FAC inverse as preconditioner and its solution
 as the start (scaled per reference to minimise the error's (G_C + Lambda)-norm: free, see
@@ -16,7 +18,7 @@ as the start (scaled per reference to minimise the error's (G_C + Lambda)-norm: 
 
     J V   forward mode: a dual forward pass in which every selected layer adds V_l [a | 1] to its
           output's tangent (a: the layer's input);
-    H     per target token t: p_t * u - p_t (p_t^T u) with u = (J V)_t, scaled by w_z / T_z;
+    H     per target token t: p_t * u - p_t (p_t^T u) with u = (J V)_t, scaled by scale_z;
     J^T   reverse mode from the logits: sum_t g_t [a_t | 1]^T per layer, as for a gradient.
 
 Attention runs through the math SDPA kernel meanwhile: the fused kernels (flash, memory-efficient,
@@ -48,7 +50,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ideal.distributed import all_reduce_
 from ideal.errors import IdealError
-from ideal.lm import Batch, position_ids
+from ideal.lm import Batch, loss_scales, position_ids
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +59,8 @@ Vectors = dict[str, torch.Tensor]  # layer name -> (k, out, in)
 
 class GaussNewton:
     """V -> G_C V for k vectors per layer, over this process's batches of the curvature sample,
-    summed across processes. `weight_total` is sum_z w_z over the whole sample (every process)."""
+    summed across processes. `weight_total` is sum_z mass_z over the whole sample (every process):
+    sum_z w_z for `loss` example, sum_z w_z T_z for token."""
 
     def __init__(
         self,
@@ -66,8 +69,10 @@ class GaussNewton:
         batches: list[Batch],
         weight_total: float,
         progress: Callable[[Iterable[Batch], int, str], Iterable[Batch]] | None = None,
+        loss: str = "example",
     ):
         self.model, self.layers, self.batches = model, layers, batches
+        self.loss = loss
         self.weight_total = weight_total
         self.progress = progress or (lambda items, total, description: items)
         self.device = next(model.parameters()).device
@@ -83,7 +88,7 @@ class GaussNewton:
         return out
 
     def add_batch(self, batch: Batch, vectors: Vectors, out: Vectors) -> None:
-        """out += sum_z w_z (1/T_z) sum_t J_t^T H_t J_t V over one batch, layer by layer."""
+        """out += sum_z scale_z sum_t J_t^T H_t J_t V over one batch, layer by layer."""
         k = next(iter(vectors.values())).shape[0]
         inputs: dict[str, torch.Tensor] = {}  # (k, b, T, in [+1]) primal inputs, one copy per j
         outputs: dict[str, torch.Tensor] = {}  # layer outputs, in the autograd graph
@@ -111,7 +116,7 @@ class GaussNewton:
         if tangent is None:  # no selected layer reached the logits: G_C V = 0
             return
         with torch.no_grad():
-            cotangent = _softmax_hessian_product(primal, tangent, batch, k)
+            cotangent = _softmax_hessian_product(primal, tangent, batch, k, self.loss)
         names = list(outputs)
         grads = torch.autograd.grad(primal, [outputs[n] for n in names], cotangent,
                                     allow_unused=True)  # fmt: skip
@@ -148,16 +153,18 @@ def _tangent_hook(
 
 
 def _softmax_hessian_product(
-    logits: torch.Tensor, tangent: torch.Tensor, batch: Batch, k: int
+    logits: torch.Tensor, tangent: torch.Tensor, batch: Batch, k: int, loss: str = "example"
 ) -> torch.Tensor:
-    """w_z / T_z (diag p_t - p_t p_t^T) u_t at every target position t (logits at t predict t+1),
-    zero elsewhere; (k b, T, V) in the logits' dtype. The softmax is taken in float32 at least."""
+    """scale_z (diag p_t - p_t p_t^T) u_t at every target position t (logits at t predict t+1),
+    zero elsewhere, scale_z = w_z / T_z (example) or w_z (token); (k b, T, V) in the logits'
+    dtype. The softmax is taken in float32 at least."""
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     p = torch.softmax(logits[:, :-1].to(dtype), dim=-1)  # (k b, T-1, V)
     u = tangent[:, :-1].to(dtype)
     hu = p * u - p * (p * u).sum(-1, keepdim=True)
     targets = (batch.labels[:, 1:] != -100).to(dtype)  # (b, T-1)
-    scale = (batch.weights.to(dtype) / batch.targets.to(dtype).clamp_min(1)).unsqueeze(1)
+    weights, counts = batch.weights.to(dtype), batch.targets.to(dtype).clamp_min(1)
+    scale = loss_scales(weights, counts, loss)[0].unsqueeze(1)
     weight = (targets * scale).repeat(k, 1).unsqueeze(-1)  # (k b, T-1, 1)
     out = torch.zeros_like(logits)
     out[:, :-1] = (hu * weight).to(logits.dtype)
