@@ -410,7 +410,7 @@ def run_loop(config: RunConfig, run_dir: str | Path, resume: bool = False) -> di
                 model_dir,
                 here,
                 paths.reference,
-                config.influence.settings(config.seed),
+                config.influence_settings(),  # influence.loss resolved from train.backend
                 sample=config.influence.sample,
                 max_examples=config.influence.max_examples,
                 curvature_examples=config.influence.curvature_examples,
@@ -420,6 +420,7 @@ def run_loop(config: RunConfig, run_dir: str | Path, resume: bool = False) -> di
                 objective=config.update.objective,
                 size_factor=config.update.size_factor,
                 progress=track,
+                loss_source=config.influence_loss()[1],
             )
             if main:
                 write_influence_files(here, result, document)
