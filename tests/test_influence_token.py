@@ -432,3 +432,36 @@ def test_cli_records_the_loss_and_uses_token_shares_as_the_size_factor(cli, work
     doc = json.loads((tmp_path / "recorded" / "influence.json").read_text())
     assert doc["loss"] == "token" and doc["loss_source"].endswith("train_settings.json: loss")
     assert doc["loss_recorded"]["loss"] == "token"
+
+
+LOOP = """
+suite:
+  domains:
+    - {name: add, task: add, pool: 20, volume: 12}
+    - {name: reverse, task: reverse, pool: 20, volume: 8}
+  capabilities: [add, reverse]
+  reference_size: 4
+  test_size: 4
+  hidden_size: 16
+  num_layers: 1
+  num_heads: 2
+  intermediate_size: 32
+rounds: 1
+train: {max_steps: 3, lr: 0.003, batch_size: 8, threads: 1, loss_normalization: token}
+influence: {curvature: identity, batch_size: 16}
+eval: {max_new_tokens: 2}
+"""
+
+
+def test_the_loop_differentiates_what_the_builtin_trainer_minimised(tmp_path):
+    from ideal.loop import run_loop
+
+    path = tmp_path / "c.yaml"
+    path.write_text(LOOP)
+    run_loop(load_config(path), tmp_path / "run")
+    here = tmp_path / "run" / "round-0"
+    assert json.loads((here / "train.json").read_text())["loss"] == "token"
+    doc = json.loads((here / "influence.json").read_text())
+    assert doc["loss"] == "token" and "train.loss_normalization" in doc["loss_source"]
+    assert doc["loss_recorded"]["loss"] == "token"  # the model's own record agrees
+    assert set(doc["target_tokens"]) == {"add", "reverse"}
