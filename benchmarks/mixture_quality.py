@@ -1,10 +1,11 @@
 """Does IDEAL beat the simple baselines? Issue 17's diagnosis over suites and seeds.
 
     python benchmarks/mixture_quality.py [--suites demo,conflict,skewed,noisy] [--seeds 5]
-        [--out runs/quality] [--threads 1] [--analyse-only] [key=value ...]
+        [--methods ideal,ideal-trust] [--out runs/quality] [--threads 1] [--analyse-only]
+        [--plot docs/mixture-quality.png] [key=value ...]
 
 For every suite (the demo's, and those in benchmarks/suites/), runs `ideal compare` with original,
-uniform and ideal over the seeds (resumable: an interrupted run continues), then prints, per suite:
+uniform and the iterative methods over the seeds (resumable: an interrupted run continues), then prints, per suite:
 
 - mean +- sd over seeds of the mean and worst test accuracy of D0, uniform, IDEAL after each round,
   and IDEAL under every `select` (which round is returned; chosen on the reference sets only),
@@ -27,9 +28,11 @@ import torch
 
 from ideal.compare import VERDICT_Z, run_compare, verdict
 from ideal.config import load_config
+from ideal.errors import IdealError
 from ideal.methods.select import SELECTIONS, select_round
 
 HERE = Path(__file__).parent
+ITERATIVE = ("ideal", "ideal-trust")  # methods whose every round and selection are shown
 
 
 def suite_config(name: str) -> Path:
@@ -70,24 +73,28 @@ def analyse(name: str, out: Path, seeds: list[int]) -> None:
     d0, uniform, ideal = (summaries(out, m, seeds) for m in ("original", "uniform", "ideal"))
     if not ideal:
         print(f"\n## {name}: no finished ideal run in {out}")
-        return
+        return None
     rows: dict[str, dict[int, dict]] = {
         "original (D0)": {s: r["rounds"][0] for s, r in d0.items()},
         "uniform": {s: r["rounds"][-1] for s, r in uniform.items()},
     }
-    rounds = max(len(r["rounds"]) for r in ideal.values()) - 1
-    for k in range(1, rounds + 1):
-        rows[f"ideal, round {k}"] = {
-            s: r["rounds"][k] for s, r in ideal.items() if len(r["rounds"]) > k
-        }
-    for by in SELECTIONS:
-        picked = {}
-        for s, r in ideal.items():
-            try:
-                picked[s] = r["rounds"][select_round(r["rounds"], by)]
-            except Exception:  # noqa: BLE001 - e.g. no reference accuracy in an older run
-                continue
-        rows[f"ideal, select={by}"] = picked
+    for method in ITERATIVE:
+        runs = ideal if method == "ideal" else summaries(out, method, seeds)
+        if not runs:
+            continue
+        rounds = max(len(r["rounds"]) for r in runs.values()) - 1
+        for k in range(1, rounds + 1):
+            rows[f"{method}, round {k}"] = {
+                s: r["rounds"][k] for s, r in runs.items() if len(r["rounds"]) > k
+            }
+        for by in SELECTIONS[1:]:
+            picked = {}
+            for s, r in runs.items():
+                try:
+                    picked[s] = r["rounds"][select_round(r["rounds"], by)]
+                except IdealError:  # e.g. no reference accuracy in an older run
+                    continue
+            rows[f"{method}, select={by}"] = picked
 
     def metric(entries: dict[int, dict], key: str) -> dict[int, float]:
         return {s: e[key] for s, e in entries.items() if e.get(key) is not None}
@@ -137,6 +144,39 @@ def analyse(name: str, out: Path, seeds: list[int]) -> None:
             f"{int((realised < 0).sum())} of {len(pairs)}"
         )
     print(f"(verdicts at {VERDICT_Z:g} standard errors of the paired difference)")
+    return {label: metric(entries, "test_accuracy_mean") for label, entries in rows.items()}
+
+
+def plot(tables: dict[str, dict[str, dict[int, float]]], path: Path) -> None:
+    """Per suite: each mixture's paired difference of mean test accuracy against the better of D0
+    and uniform on the same seed (dots), with its mean +- 2 standard errors."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        1, len(tables), figsize=(4.2 * len(tables), 4.6), sharey=True, squeeze=False
+    )
+    for ax, (name, table) in zip(axes[0], tables.items(), strict=True):
+        d0, uni = table["original (D0)"], table["uniform"]
+        best = {s: max(d0[s], uni[s]) for s in d0 if s in uni}
+        labels = [lab for lab in table if lab != "original (D0)"]
+        for x, label in enumerate(labels):
+            diffs = [table[label][s] - best[s] for s in sorted(best) if s in table[label]]
+            if not diffs:
+                continue
+            ax.scatter([x] * len(diffs), diffs, s=12, color="tab:blue", alpha=0.6)
+            se = np.std(diffs, ddof=1) / np.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+            ax.errorbar(x + 0.2, np.mean(diffs), yerr=2 * se, fmt="o", color="black", capsize=3)
+        ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_xticks(range(len(labels)), labels, rotation=70, ha="right", fontsize=7)
+        ax.set_title(name)
+    axes[0][0].set_ylabel("mean test accuracy - max(D0, uniform), per seed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")
 
 
 def main() -> None:
@@ -147,19 +187,26 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--methods", default="ideal", help="iterative methods: ideal,ideal-trust")
     parser.add_argument("--analyse-only", action="store_true", help="only read finished runs")
+    parser.add_argument("--plot", type=Path, help="write the paired differences as a PNG here")
     parser.add_argument("overrides", nargs="*", help="key=value run-config overrides")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds = list(range(args.seeds))
+    tables = {}
     for name in args.suites.split(","):
         out = args.out / name
         if not args.analyse_only:
             config = load_config(
                 suite_config(name), [f"train.threads={args.threads}", *args.overrides]
             )
-            run_compare(config, ["original", "uniform", "ideal"], seeds, out)
-        analyse(name, out, seeds)
+            run_compare(config, ["original", "uniform", *args.methods.split(",")], seeds, out)
+        table = analyse(name, out, seeds)
+        if table is not None:
+            tables[name] = table
+    if args.plot and tables:
+        plot(tables, args.plot)
 
 
 if __name__ == "__main__":
