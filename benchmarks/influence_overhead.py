@@ -98,17 +98,19 @@ def stage_sft(model_dir: Path, train: Path, save: Path | None = None) -> dict:
 
 
 def stage_influence(model_dir: Path, train: Path, reference: Path, variant: str) -> dict:
-    """`variant` is FISHER:SAMPLE[:CURVATURE_EXAMPLES[:MAX_EXAMPLES]] ('all' for no bound; the
-    defaults when left out)."""
+    """`variant` is FISHER:SAMPLE[:CURVATURE_EXAMPLES[:MAX_EXAMPLES[:REFINE]]] ('all' for no
+    bound; the defaults when left out; REFINE conjugate-gradient steps, default 0)."""
     from ideal.influence.command import compute_influence
     from ideal.influence.defaults import CURVATURE_EXAMPLES, MAX_EXAMPLES
     from ideal.influence.engine import InfluenceSettings
 
     fisher, sample, *bounds = variant.split(":")
     curvature, cap = [*bounds, str(CURVATURE_EXAMPLES), str(MAX_EXAMPLES)][:2]
+    refine = int(bounds[2]) if len(bounds) > 2 else 0
     start = time.perf_counter()
     _, doc = compute_influence(
-        model_dir, train, reference, InfluenceSettings(fisher=fisher), sample=float(sample),
+        model_dir, train, reference, InfluenceSettings(fisher=fisher, refine=refine),
+        sample=float(sample),
         curvature_examples=None if curvature == "all" else int(curvature),
         max_examples=None if cap == "all" else int(cap),
     )  # fmt: skip
@@ -122,6 +124,7 @@ def stage_influence(model_dir: Path, train: Path, reference: Path, variant: str)
         "stderr": doc["stderr"],
         "examples": doc["examples"],
         "curvature_examples": doc["curvature_examples"],
+        "refine": doc.get("refine"),
     }
 
 
@@ -174,8 +177,9 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="sampled:0.5",
-        help="influence settings FISHER:SAMPLE[:CURVATURE_EXAMPLES[:MAX_EXAMPLES]], comma-separated; "
-        "the first is the one the ratio lines report",
+        help="influence settings FISHER:SAMPLE[:CURVATURE_EXAMPLES[:MAX_EXAMPLES[:REFINE]]], "
+        "comma-separated; the first is the one the ratio lines report (refinement: e.g. "
+        "sampled:0.5,sampled:0.5:128:64:3,sampled:0.5:128:64:10)",
     )
     parser.add_argument("--curve", action="store_true", help="accuracy vs cost of sample sizes")
     parser.add_argument("--stage", choices=["sft", "influence"], help=argparse.SUPPRESS)
@@ -239,6 +243,17 @@ def main() -> None:
                     }
                     print(f"    stages {stages}; copies per domain {influence['examples']}, "
                           f"curvature {influence['curvature_examples']:.0f}")  # fmt: skip
+                    if k == 0:
+                        first = influence
+                    elif (influence.get("refine") or {}).get("iterations"):  # moves vs the first
+                        import numpy as np
+
+                        pearson, error = agreement(influence["scores"], first["scores"])
+                        final = [r[-1] for g in influence["refine"]["residuals"]
+                                 for r in g.values()]  # fmt: skip
+                        print(f"    vs {variants[0]}: Pearson {pearson:.4f}, max change / max "
+                              f"|score| {error:.3f}; last relative residuals "
+                              f"{np.round(final, 4).tolist()}")  # fmt: skip
             if args.curve and size == sizes[-1]:
                 common = ["--data", str(data[1]), "--model", str(Path(tmp) / f"{size}-trained")]
                 full = run_stage(["--stage", "influence", "--variants", "sampled:1.0:all:all",
