@@ -237,7 +237,7 @@ def test_llamafactory_preset_renders_the_round_and_warns_about_its_template(tmp_
     info = json.loads((export / "dataset_info.json").read_text())
     assert info["ideal_add"]["file_name"] == "add.jsonl"
     assert len((export / "add.jsonl").read_text().splitlines()) == 4  # the volume, repeated rows
-    assert any("template `llama3`" in w for w in warnings)
+    assert any(f"{tmp_path / 'base.yaml'}: `template: llama3`" in w for w in warnings)
     assert any("max_samples" in w for w in warnings)
 
 

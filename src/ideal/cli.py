@@ -875,8 +875,12 @@ def export(
 @app.command()
 def check(
     data: Annotated[
-        Path, typer.Argument(help="Data directory: <dir>/<domain>/*.jsonl, or a mixture directory.")
-    ],
+        Path | None,
+        typer.Argument(
+            help="Data directory: <dir>/<domain>/*.jsonl, or a mixture directory (default: the "
+            "--config's train_data)."
+        ),
+    ] = None,
     model: Annotated[
         Path | None,
         typer.Option("--model", help="Model directory whose tokenizer renders the rows."),
@@ -884,12 +888,41 @@ def check(
     max_length: Annotated[
         int | None, typer.Option("--max-length", help="Truncate to this many tokens.")
     ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="A run config: also warn where its train.backend renders rows or masks the loss "
+            "differently from ideal's influence step (LLaMA-Factory's template, axolotl's "
+            "roles_to_train, TRL's assistant-only loss); its model and train_data are the defaults.",
+        ),
+    ] = None,
     on_invalid: OnInvalidOption = OnInvalid.error,
 ) -> None:
-    """Validate a data directory: formats per file, rows, and (with --model) tokens and truncation."""
+    """Validate a data directory: formats per file, rows, and (with --model) tokens and truncation;
+    with --config, the trainer's rendering and loss masking against ideal's."""
     from ideal.data.mixture_io import load_training_set
     from ideal.data.rows import tokenize_examples
 
+    warnings: list[str] = []
+    if config is not None:
+        from ideal.backends.masking import masking_warnings
+        from ideal.config import load_config
+
+        run_config = load_config(config)
+        model = model or (Path(run_config.model) if run_config.model else None)
+        if data is None and run_config.train_data:
+            data = Path(run_config.train_data)
+        train = run_config.train
+        base = None
+        if train.base_config:
+            from ideal.backends.presets import load_base_config
+
+            base = load_base_config(train.base_config, train.backend)
+        where = str(train.base_config) if base is not None else str(config)
+        warnings = masking_warnings(train.backend, base, where, model, dict(train.trl_args))
+    if data is None:
+        raise IdealError("give a data directory (or a --config with train_data)")
     training = load_training_set(data, on_invalid.value)
     tokenizer = None
     if model is not None:
@@ -911,7 +944,10 @@ def check(
             row += [str(report.tokens), str(report.target_tokens), str(report.truncated),
                     str(len(report.no_target)), str(report.retokenized)]  # fmt: skip
         table.add_row(*row)
-    _console().print(table)
+    console = _console()
+    console.print(table)
+    for warning in warnings:
+        console.print(f"warning: {warning}", markup=False, highlight=False, soft_wrap=True)
 
 
 suite_app = typer.Typer(

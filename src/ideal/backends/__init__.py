@@ -9,6 +9,7 @@
     trl_sft.py      `trl`: TRL's SFTTrainer in this process, on ideal's tokens and masks
     command.py      `command`: any trainer or evaluator as a command template (no shell, timeout, log)
     presets.py      `llamafactory`, `axolotl`, `trl-cli`: the tool's YAML rendered over `command`
+    masking.py      where a trainer's template or loss masking differs from ideal's (warnings)
     lmeval.py       `lm-eval`: lm-evaluation-harness in this process; its results-file parser
     opencompass.py  OpenCompass's summary CSV parser
 

@@ -9,10 +9,11 @@ base model, the round's export written by `ideal export`, the output directory) 
 RUN/round-K/trainer.yaml, which `{config}` names. `train.command` replaces the default command (to
 add a launcher, for instance); `train.env` adds environment variables (`FORCE_TORCHRUN: "1"`).
 
-Each renderer returns warnings where the tool's rendering or loss masking is known to differ from
-how `ideal` renders rows for the influence step (the tokenizer's chat template; loss on every
-assistant turn and its end-of-turn token, never on prompts), or where a setting would change the
-round's volumes (held-out splits, sample caps). They are logged and kept in RUN/round-K/train.json.
+Each round warns where the tool's rendering or loss masking is known to differ from how `ideal`
+renders rows for the influence step (masking.py: the tokenizer's chat template; loss on every
+assistant turn and its end-of-turn token, never on prompts), and each renderer where a setting would
+change the round's volumes (held-out splits, sample caps). They are logged and kept in
+RUN/round-K/train.json (`warnings`); `ideal check --config` prints the first kind before a run.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ideal.artifacts import atomic_write_text
 from ideal.errors import IdealError
 
 from .command import CommandTrainer
+from .masking import masking_warnings
 from .protocol import TrainJob
 
 #: preset -> (the export format it reads, its default command)
@@ -77,27 +79,6 @@ def render_llamafactory(
         warnings.append(
             f"llamafactory: `val_size: {base['val_size']}` holds out part of the round's mixture"
         )
-    template = base.get("template")
-    if template is None:
-        warnings.append(
-            "llamafactory: no `template`: LLaMA-Factory parses the tokenizer's chat template into "
-            "its own, which may render rows differently from the template ideal's influence uses"
-        )
-    else:
-        warnings.append(
-            f"llamafactory: rows are rendered with LLaMA-Factory's template `{template}`, not the "
-            "tokenizer's chat template that ideal's influence step uses: check that they agree"
-        )
-    if base.get("train_on_prompt"):
-        warnings.append(
-            "llamafactory: `train_on_prompt: true` puts loss on prompt tokens; ideal's influence "
-            "counts assistant tokens only"
-        )
-    if base.get("mask_history"):
-        warnings.append(
-            "llamafactory: `mask_history: true` trains on the last assistant turn only; ideal's "
-            "influence counts every assistant turn"
-        )
     config.update(
         model_name_or_path=str(job.base_model.resolve()),
         stage="sft",
@@ -115,27 +96,8 @@ def render_axolotl(
 ) -> tuple[dict[str, Any], list[str]]:
     exported = yaml.safe_load((data_dir / "datasets.yaml").read_text(encoding="utf-8"))
     warnings: list[str] = []
-    for entry in base.get("datasets") or []:
-        roles = entry.get("roles_to_train") if isinstance(entry, dict) else None
-        if roles is not None and list(roles) != ["assistant"]:
-            warnings.append(
-                f"axolotl: the base config's `roles_to_train: {roles}` is replaced by [assistant] "
-                "(what ideal's influence counts)"
-            )
     if base.get("datasets"):
         warnings.append("axolotl: the base config's `datasets` are replaced by the round's export")
-    chat_template = base.get("chat_template")
-    if chat_template not in (None, "tokenizer_default"):
-        warnings.append(
-            f"axolotl: rows are rendered with `chat_template: {chat_template}`, not the "
-            "tokenizer's chat template that ideal's influence step uses: check that they agree, or "
-            "use `chat_template: tokenizer_default`"
-        )
-    if base.get("train_on_inputs"):
-        warnings.append(
-            "axolotl: `train_on_inputs: true` puts loss on prompt tokens; ideal's influence counts "
-            "assistant tokens only"
-        )
     if base.get("val_set_size"):
         warnings.append(
             f"axolotl: `val_set_size: {base['val_set_size']}` holds out part of the round's mixture"
@@ -167,11 +129,6 @@ def render_trl_cli(
         warnings.append("trl-cli: the base config's `datasets` are replaced by the round's export")
     if any("fraction" in (e or {}) for e in base.get("datasets") or []):
         warnings.append("trl-cli: dataset `fraction`s dropped: the export repeats rows as counted")
-    if base.get("assistant_only_loss") is False:
-        warnings.append(
-            "trl-cli: `assistant_only_loss: false` trains on every token of the `messages` rows; "
-            "ideal's influence counts assistant tokens only"
-        )
     config.setdefault("assistant_only_loss", True)  # TRL's default (False) trains on prompts too
     config.update(
         model_name_or_path=str(job.base_model.resolve()),
@@ -206,7 +163,7 @@ def preset_trainer(
     def render(job: TrainJob, data_dir: Path, output_dir: Path, config_path: Path) -> list[str]:
         config, warnings = renderer(base, job, data_dir, output_dir)
         atomic_write_text(config_path, yaml.safe_dump(config, sort_keys=False))
-        return warnings
+        return masking_warnings(preset, base, str(base_config), job.base_model) + warnings
 
     return CommandTrainer(
         command=command or default_command,

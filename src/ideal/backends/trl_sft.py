@@ -28,6 +28,7 @@ from ideal.artifacts import atomic_write_json
 from ideal.distributed import barrier, init_from_env, is_main
 from ideal.errors import IdealError
 
+from .masking import trl_warnings
 from .protocol import TrainJob
 from .train import TrainSettings, lora_config
 
@@ -84,6 +85,9 @@ class TrlTrainer:
         from ideal.hf import load_causal_lm, load_tokenizer
 
         init_from_env()
+        warnings = trl_warnings(self.options, str(job.config_file))
+        for warning in warnings if is_main() else []:
+            log.warning("round %d: %s", job.round, warning)
         settings, out = self.settings, job.output_dir
         partial = out.with_name(out.name + ".partial")
         if is_main():
@@ -127,6 +131,7 @@ class TrlTrainer:
             "examples": len(items),
             "target_tokens": report.target_tokens,
             "truncated": report.truncated,
+            "warnings": warnings,
             "sft_config": {k: v for k, v in values.items() if k != "output_dir"},
         }
         if is_main():

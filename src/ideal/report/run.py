@@ -87,6 +87,36 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def trainer_warnings(run: Path, rounds: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """Each warning of the rounds' trainers (RUN/round-K/train.json `warnings`: where the trainer
+    renders rows or masks the loss differently from ideal's influence step, or changes the
+    volumes) -> the rounds it was raised in."""
+    out: dict[str, list[int]] = {}
+    for r in rounds:
+        path = run / f"round-{r['round']}" / "train.json"
+        if not path.is_file():
+            continue
+        record = read_json(path)
+        warnings = record.get("warnings") if isinstance(record, dict) else None
+        for warning in warnings or []:
+            out.setdefault(str(warning), []).append(r["round"])
+    return out
+
+
+def _warnings_html(warnings: dict[str, list[int]]) -> str:
+    if not warnings:
+        return ""
+    items = "".join(
+        f"<li>{html.escape(w)} <small>(round {', '.join(map(str, ks))})</small></li>"
+        for w, ks in warnings.items()
+    )
+    return (
+        "<h2>Trainer warnings</h2><p>Where the trainer renders rows or masks the loss "
+        "differently from how the influence step does (its scores then differentiate another "
+        f"objective than the one trained), or changes the volumes:</p><ul>{items}</ul>"
+    )
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Plots and report.html from RUN/summary.json and the round directories."""
     run = Path(run_dir)
@@ -166,6 +196,7 @@ figure {{ display: inline-block; margin: 0.5em; }} img {{ max-width: 520px; }}
 <h1>IDEAL run <code>{html.escape(str(run))}</code></h1>
 <p>Round 0 is the original mixture D0; each later round applies the IDEAL update to the previous round's
 influence and retrains from the base model. {html.escape(SIGN_CONVENTION)}.</p>
+{_warnings_html(trainer_warnings(run, rounds))}
 <h2>Rounds</h2>{overview}
 <h2>Per capability</h2>{per_capability}
 <h2>Volumes</h2>{volumes}
