@@ -38,7 +38,9 @@ def sensitivities(
     """dQ/dbeta_i for every domain i, from influence scores (references x domains).
 
     `weights` w_j default to 1/k (every capability counts the same). With `size_factor`, the
-    domain's share n_i/N multiplies its term (METHOD.md; the reference code drops it).
+    domain's share n_i/N multiplies its term (METHOD.md; the reference code drops it). Under
+    `influence.loss: token` the caller passes target-token counts t_i as `volumes`: the share is
+    then t_i/T, the domain's weight in the token-normalised L_mix.
     """
     scores = np.asarray(scores, dtype=np.float64)
     k, n = scores.shape
