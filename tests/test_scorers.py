@@ -178,3 +178,32 @@ def test_instruction_scorer_in_a_generative_evaluation(tmp_path):
     result = evaluate_capability(BigramStub(len(tokenizer)), tokenizer, domain, "instructions")
     assert [o["correct"] for o in result.outputs] == [True, True, False]
     assert result.accuracy == pytest.approx(2 / 3)
+
+
+def test_a_rounds_metrics_carry_acc_norm_and_the_reference_accuracy(tmp_path):
+    """metrics.json of a round scored with `choice`: acc and acc_norm of the test set, and the
+    reference set's accuracy with the same scorer (what `select: reference_accuracy` reads)."""
+    from ideal.config import EvalConfig, RunConfig
+    from ideal.hf import load_causal_lm
+    from ideal.loop import RunPaths, evaluate_round
+    from tests.test_distributed import tiny_model_dir
+
+    model_dir = tiny_model_dir(tmp_path / "model")
+    rows = [
+        {"prompt": "2+2=", "completion": "4", "choices": ["4", "22", "five"], "answer": 0},
+        {"prompt": "sky?", "completion": "blue", "choices": ["red", "blue"], "answer": 1},
+        {"prompt": "1+1=", "completion": "2", "choices": ["2", "eleven"], "answer": 0},
+    ]
+    for split in ("reference", "test"):
+        make_data_dir(tmp_path / split, {"mc": rows})
+    config = RunConfig(model=str(model_dir), train_data=str(tmp_path / "reference"),
+                       reference_data=str(tmp_path / "reference"), test_data=str(tmp_path / "test"),
+                       eval=EvalConfig(scorers={"mc": "choice"}))  # fmt: skip
+    paths = RunPaths(tmp_path, model_dir, tmp_path, tmp_path / "reference", tmp_path / "test")
+    metrics = evaluate_round(config, paths, model_dir)["capabilities"]["mc"]
+    direct = evaluate_capability(
+        load_causal_lm(model_dir).eval(), char_tokenizer(), choice_domain(tmp_path, rows), "choice"
+    )
+    assert metrics["test_accuracy"] == direct.accuracy
+    assert metrics["test_accuracy_norm"] == direct.accuracy_norm
+    assert metrics["reference_accuracy"] == direct.accuracy  # the same rows, the same scorer

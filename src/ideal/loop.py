@@ -288,6 +288,8 @@ def evaluate_round(
         )
         if evaluator is None:
             capabilities[name].update(test_accuracy=result.accuracy, scorer=result.scorer)
+            if result.accuracy_norm is not None:  # `choice`: lm-eval's acc_norm beside acc
+                capabilities[name]["test_accuracy_norm"] = result.accuracy_norm
     if evaluator is not None:
         from ideal.backends.protocol import EvalJob
 
