@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from peft import LoraConfig, get_peft_model
 
+from ideal.errors import IdealError
 from ideal.tiny import char_tokenizer, save_model_dir, tiny_causal_lm
 from tests.helpers import make_data_dir, qa_rows
 from tests.test_cli import assert_one_line_error
@@ -196,3 +197,53 @@ def test_default_bounded_scores_agree_with_the_full_computation_within_3_standar
     assert doc["curvature_examples"] == 20.0 and doc["curvature_sample"]["requested"] == 20
     bad = cli(*common, "--out", tmp_path / "bad", "--curvature-examples", "some")
     assert bad.code == 1 and "--curvature-examples" in bad.err
+
+
+def test_unseen_domain_rows_score_the_pool_rows_the_mixture_lacks(workspace, tmp_path):
+    """`domain_rows: unseen` scores a domain by its pool rows with no copy in the mixture, each
+    once (the mixture's copies when it holds every row). With identity curvature a score is the
+    reference gradient dotted with that mean gradient, so it equals the `mixture` score of a
+    mixture made of exactly those rows once."""
+    from ideal.data.mixture import Mixture
+    from ideal.data.mixture_io import load_training_set, write_mixture_dir
+    from ideal.influence.command import compute_influence
+    from ideal.influence.engine import InfluenceSettings
+
+    training = load_training_set(workspace / "train")
+    sizes = {d: len(p.examples) for d, p in training.pool.items()}
+    held = {"add": [3, 2, 1, 1, 0, 0, 0, 0, 0], "mul": [1] * 7, "sub": [0, 2, 0, 1, 0]}
+    counts = {d: np.array(c, dtype=np.int64) for d, c in held.items()}
+    assert {d: len(c) for d, c in counts.items()} == sizes
+    write_mixture_dir(tmp_path / "d0", training, Mixture(counts))
+    unseen = {d: (c == 0).astype(np.int64) if (c == 0).any() else c for d, c in counts.items()}
+    write_mixture_dir(tmp_path / "fresh", training, Mixture(unseen))
+    settings = InfluenceSettings(curvature="identity", batch_size=4)
+
+    def scores(train, rows):
+        _, doc = compute_influence(workspace / "llama", train, workspace / "reference", settings,
+                                   sample=1.0, max_examples=None, domain_rows=rows)  # fmt: skip
+        return doc
+
+    ours, by_hand = scores(tmp_path / "d0", "unseen"), scores(tmp_path / "fresh", "mixture")
+    assert ours["domain_rows"] == "unseen" and ours["volumes"] == {"add": 7, "mul": 7, "sub": 3}
+    assert ours["sampled_weight"] == {"add": 5.0, "mul": 7.0, "sub": 3.0}  # rows not in D0, once
+    # float32 per-example gradients, summed in other batch groupings: round-off ~1e-7 relative
+    np.testing.assert_allclose(ours["scores"], by_hand["scores"], rtol=1e-5)
+    plain = scores(tmp_path / "d0", "mixture")
+    assert plain["sampled_weight"] == {"add": 7.0, "mul": 7.0, "sub": 3.0}
+    assert not np.allclose(plain["scores"], ours["scores"], rtol=1e-3)  # other rows, other scores
+    with pytest.raises(IdealError, match="domain rows must be one of"):
+        scores(tmp_path / "d0", "pool")
+
+
+def test_domain_rows_option(cli, workspace, tmp_path):
+    """`--domain-rows unseen` on plain data (every row once: nothing unseen) scores the mixture's
+    copies, and says which rows it asked for."""
+    for rows in ("mixture", "unseen"):
+        result = run(cli, workspace, tmp_path / rows, "--domain-rows", rows, "--sample", "1.0")
+        assert result.code == 0, result.err
+    a, b = (
+        json.loads((tmp_path / r / "influence.json").read_text()) for r in ("mixture", "unseen")
+    )
+    assert (a["domain_rows"], b["domain_rows"]) == ("mixture", "unseen")
+    assert a["scores"] == b["scores"]

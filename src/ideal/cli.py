@@ -177,8 +177,8 @@ def compare(
         typer.Option(
             "--methods",
             help="Comma-separated: original, uniform, temperature, random, first-order, ideal, "
-            "ideal-kfac, ideal-trust, doremi, doge, oracle-grid (an upper bound scored on the test "
-            "sets).",
+            "ideal-kfac, ideal-trust, ideal-unseen, doremi, doge, oracle-grid (an upper bound scored "
+            "on the test sets).",
         ),
     ] = "original,uniform,ideal",
     seeds: Annotated[int, typer.Option("--seeds", help="Seeds 0..K-1 for every method.")] = 3,
@@ -365,6 +365,11 @@ class Curvature(str, Enum):
     exact = "exact"
 
 
+class DomainRows(str, Enum):
+    mixture = "mixture"
+    unseen = "unseen"
+
+
 class Fisher(str, Enum):
     sampled = "sampled"
     empirical = "empirical"
@@ -527,6 +532,14 @@ def influence(
             help="At most this many copies per domain for its score ('all': no cap).",
         ),
     ] = str(MAX_EXAMPLES),
+    domain_rows: Annotated[
+        DomainRows,
+        typer.Option(
+            "--domain-rows",
+            help="Whose gradient scores a domain: its copies in the mixture (METHOD.md), or the "
+            "pool rows the mixture does not hold yet (what raising its volume adds first).",
+        ),
+    ] = DomainRows.mixture,
     curvature_examples: Annotated[
         str,
         typer.Option(
@@ -646,6 +659,7 @@ def influence(
         progress=track,
         memory=memory,
         loss_source=loss_source,
+        domain_rows=domain_rows.value,
         **caps,
     )
     from ideal.distributed import is_main

@@ -12,6 +12,8 @@ seed: it is trained once and copied into the others.
     ideal         the IDEAL rule with EK-FAC, all rounds
     ideal-kfac    the IDEAL rule with K-FAC, all rounds
     ideal-trust   the IDEAL rule with EK-FAC and its trust region (`update.trust_region`), all rounds
+    ideal-unseen  the IDEAL rule with EK-FAC, each domain scored by the pool rows the mixture does not
+                  hold yet (`influence.domain_rows: unseen`), all rounds
     random        K random mixtures on the simplex at the same total (`--random-candidates`), each
                   trained; the one with the best reference objective is kept (its compute counts all K)
     doremi        DoReMi adapted to SFT (`ideal.methods.proxy`): a proxy run learns domain weights on the
@@ -49,7 +51,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "first-order": {"rule": "ideal", "curvature": "identity"},
     "ideal": {"rule": "ideal", "curvature": "ekfac"},
     "ideal-kfac": {"rule": "ideal", "curvature": "kfac"},
-    "ideal-trust": {"rule": "ideal", "curvature": "ekfac", "trust_region": True},
+    "ideal-trust": {"rule": "ideal", "curvature": "ekfac", "update": {"trust_region": True}},
+    "ideal-unseen": {"rule": "ideal", "curvature": "ekfac", "influence": {"domain_rows": "unseen"}},
     "random": {"rounds": 1, "rule": "fixed"},
     "doremi": {"rounds": 1, "rule": "doremi"},
     "doge": {"rounds": 1, "rule": "doge"},
@@ -74,12 +77,10 @@ def method_config(config: RunConfig, method: str, seed: int) -> RunConfig:
         rounds=rounds,
         select=config.select if iterative else "last",  # a baseline returns its own mixture
         train=replace(config.train, seed=seed),
-        update=replace(
-            config.update,
-            rule=rule,
-            trust_region=spec.get("trust_region", config.update.trust_region),
+        update=replace(config.update, rule=rule, **spec.get("update", {})),
+        influence=replace(
+            config.influence, curvature=curvature, refine=refine, **spec.get("influence", {})
         ),
-        influence=replace(config.influence, curvature=curvature, refine=refine),
     )
 
 

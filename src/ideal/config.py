@@ -62,6 +62,8 @@ class InfluenceConfig:
     batch_size: int = 16
     factors: str = "cpu"  # where the factors and sums live: cpu | device
     refine: int = 0  # conjugate-gradient steps toward the exact Gauss-Newton solution (0: off)
+    # whose gradient scores a domain (ideal.influence.command.DOMAIN_ROWS): mixture | unseen
+    domain_rows: str = "mixture"
     # the training objective the step differentiates (METHOD.md "Setting"): example | token, or
     # auto: what train.backend minimises (RunConfig.influence_loss)
     loss: str = "auto"
@@ -69,6 +71,10 @@ class InfluenceConfig:
     def __post_init__(self) -> None:
         if self.loss not in ("auto", *LOSSES):
             raise IdealError(f"influence.loss must be auto, example or token, got {self.loss!r}")
+        if self.domain_rows not in ("mixture", "unseen"):
+            raise IdealError(
+                f"influence.domain_rows must be mixture or unseen, got {self.domain_rows!r}"
+            )
 
     def settings(self, seed: int, loss: str | None = None) -> InfluenceSettings:
         """The engine's settings; `loss` is the resolved objective (RunConfig.influence_loss

@@ -415,6 +415,7 @@ def run_loop(config: RunConfig, run_dir: str | Path, resume: bool = False) -> di
                 config.influence_settings(),  # influence.loss resolved from train.backend
                 sample=config.influence.sample,
                 max_examples=config.influence.max_examples,
+                domain_rows=config.influence.domain_rows,
                 curvature_examples=config.influence.curvature_examples,
                 memory=config.influence.memory,
                 layers=list(config.influence.layers) if config.influence.layers else None,

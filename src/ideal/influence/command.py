@@ -64,6 +64,14 @@ class Sampling:
     sample: float = 0.5
     max_examples: int | None = MAX_EXAMPLES
     curvature_examples: int | None = CURVATURE_EXAMPLES
+    domain_rows: str = "mixture"  # whose gradient scores a domain: mixture | unseen (DOMAIN_ROWS)
+
+
+DOMAIN_ROWS = {
+    "mixture": "the domain's copies in the current mixture (METHOD.md's gbar_i)",
+    "unseen": "the pool rows the mixture does not hold yet, which an increase adds first "
+    "(the mixture's copies once every row is in it)",
+}
 
 
 def compute_influence(
@@ -82,15 +90,19 @@ def compute_influence(
     max_examples: int | None = MAX_EXAMPLES,
     memory: str | int | None = None,
     loss_source: str | None = None,
+    domain_rows: str = "mixture",
 ) -> tuple[InfluenceResult, dict[str, Any]]:
     """Influence of every training domain on every reference capability; returns (result, influence.json).
 
     `curvature_examples` copies of the mixture (None: all) fit the curvature; each domain's score
     uses `sample` of its copies, at most `max_examples`; `memory` (bytes or "70GiB") splits the
     layers into groups whose statistics fit it (one set of passes per group). `settings.loss` is
-    the objective differentiated, `loss_source` says where it came from (recorded as given)."""
+    the objective differentiated, `loss_source` says where it came from (recorded as given).
+    `domain_rows` (DOMAIN_ROWS) says whose gradient scores a domain: its copies in the mixture, or
+    the pool rows not in it yet. An example the model has fitted many times says little about
+    what fresh rows of its domain would do; fresh rows are what raising the volume adds."""
     start = time.perf_counter()
-    sampling = Sampling(settings.seed, sample, max_examples, curvature_examples)
+    sampling = Sampling(settings.seed, sample, max_examples, curvature_examples, domain_rows)
     model, tokenizer, selected, training, domains, refs, curvature = _inputs(
         model_dir, train, reference, sampling, layers, max_length, on_invalid
     )
@@ -142,6 +154,7 @@ def compute_influence(
         "fisher": settings.fisher,
         "sample": sample,
         "max_examples": max_examples,
+        "domain_rows": domain_rows,
         "curvature_examples": result.curvature_examples,
         "curvature_sample": {"requested": curvature_examples, "unique": len(curvature.items)},
         "groups": result.groups,
@@ -202,8 +215,14 @@ def _inputs(
         items, _ = tokenize_examples(examples, tokenizer, max_length, on_invalid)
         return items, [weight[item.source] for item in items]
 
+    if sampling.domain_rows not in DOMAIN_ROWS:
+        raise IdealError(
+            f"domain rows must be one of {', '.join(DOMAIN_ROWS)}, got '{sampling.domain_rows}'"
+        )
     domains: dict[str, WeightedSet] = {}
     for name, counts in training.mixture.counts.items():
+        if sampling.domain_rows == "unseen" and np.any(counts == 0):
+            counts = (np.asarray(counts) == 0).astype(np.int64)  # each row not yet drawn, once
         rng = np.random.default_rng([sampling.seed, zlib.crc32(name.encode()), 17])
         sampled = sample_counts(counts, sampling.sample, rng, sampling.max_examples)
         items, weights = weighted(name, sampled)
