@@ -32,7 +32,7 @@ from ideal.errors import IdealError
 from ideal.methods.select import SELECTIONS, select_round
 
 HERE = Path(__file__).parent
-ITERATIVE = ("ideal", "ideal-trust")  # methods whose every round and selection are shown
+ITERATIVE = ("ideal", "ideal-trust", "ideal-unseen")  # every round and selection shown
 
 
 def suite_config(name: str) -> Path:
@@ -187,7 +187,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--methods", default="ideal", help="iterative methods: ideal,ideal-trust")
+    parser.add_argument(
+        "--methods", default="ideal", help="iterative methods, e.g. ideal,ideal-unseen"
+    )
     parser.add_argument("--analyse-only", action="store_true", help="only read finished runs")
     parser.add_argument("--plot", type=Path, help="write the paired differences as a PNG here")
     parser.add_argument("overrides", nargs="*", help="key=value run-config overrides")
