@@ -15,6 +15,9 @@ The script ends with exactly two lines, `influence/sft_epoch = R` (x1) and
 `influence/sft_epoch at xS = R8` (the largest scale), so that a program can read them. SPEC.md
 targets: R <= 0.5 and, at x8, R8 <= 0.15.
 
+Beside wall seconds, each stage reports its process CPU seconds and the ratio of those: with one
+thread they match wall time on an idle machine and stay a fair measure of cost on a busy one.
+
 The SFT epoch is `ideal.backends.train.train_model` (AdamW, batch 8, warmup + cosine, clipping), the
 trainer the loop uses; its mean throughput in tokens/s (padding included) is printed too.
 """
@@ -84,13 +87,16 @@ def stage_sft(model_dir: Path, train: Path, save: Path | None = None) -> dict:
     ]
     setup = time.perf_counter() - start
     settings = TrainSettings(epochs=1, lr=1e-4, batch_size=8, checkpoint_every=0)
+    cpu = time.process_time()
     result = train_model(model, items, settings, tokenizer.pad_token_id)
+    cpu = time.process_time() - cpu
     if save is not None:
         result.model.save_pretrained(save, safe_serialization=True)
         tokenizer.save_pretrained(save)
     tokens_per_s = sum(r["tokens_per_s"] for r in result.log) / len(result.log)
     return {
         "seconds": result.seconds,
+        "cpu_seconds": cpu,
         "setup_seconds": setup,
         "examples": len(items),
         "tokens_per_s": tokens_per_s,
@@ -107,17 +113,18 @@ def stage_influence(model_dir: Path, train: Path, reference: Path, variant: str)
     fisher, sample, *bounds = variant.split(":")
     curvature, cap = [*bounds, str(CURVATURE_EXAMPLES), str(MAX_EXAMPLES)][:2]
     refine = int(bounds[2]) if len(bounds) > 2 else 0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     _, doc = compute_influence(
         model_dir, train, reference, InfluenceSettings(fisher=fisher, refine=refine),
         sample=float(sample),
         curvature_examples=None if curvature == "all" else int(curvature),
         max_examples=None if cap == "all" else int(cap),
     )  # fmt: skip
-    total = time.perf_counter() - start
+    total, cpu = time.perf_counter() - start, time.process_time() - cpu
     seconds = doc["seconds"]
     return {
         "seconds": total - seconds["load_and_tokenize"],
+        "cpu_seconds": cpu,  # loading and tokenizing included (~1 s here)
         "setup_seconds": seconds["load_and_tokenize"],
         "stages": seconds,
         "scores": doc["scores"],
@@ -224,7 +231,7 @@ def main() -> None:
                 print(f"\n[{size} x{scale}] {params / 1e6:.2f}M parameters, {sft['examples']} "
                       "training examples")  # fmt: skip
                 print(
-                    f"  SFT epoch                 {sft['seconds']:8.2f} s   peak RSS {sft['peak_rss_mib']:7.0f} MiB"
+                    f"  SFT epoch                 {sft['seconds']:8.2f} s   cpu {sft['cpu_seconds']:8.2f} s   peak RSS {sft['peak_rss_mib']:7.0f} MiB"
                     f"   {sft['tokens_per_s']:.0f} tokens/s"
                 )
                 for k, variant in enumerate(variants):
@@ -234,7 +241,7 @@ def main() -> None:
                     if k == 0 and size == sizes[-1]:
                         ratios[scale] = ratio
                     print(
-                        f"  influence {variant:<15} {influence['seconds']:8.2f} s   peak RSS {influence['peak_rss_mib']:7.0f} MiB   ratio {ratio:.3f}"
+                        f"  influence {variant:<15} {influence['seconds']:8.2f} s   cpu {influence['cpu_seconds']:8.2f} s   peak RSS {influence['peak_rss_mib']:7.0f} MiB   ratio {ratio:.3f} (cpu {influence['cpu_seconds'] / sft['cpu_seconds']:.3f})"
                     )
                     stages = {
                         k: round(v, 2)
