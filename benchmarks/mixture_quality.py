@@ -32,7 +32,12 @@ from ideal.errors import IdealError
 from ideal.methods.select import SELECTIONS, select_round
 
 HERE = Path(__file__).parent
-ITERATIVE = ("ideal", "ideal-trust", "ideal-unseen")  # every round and selection shown
+ITERATIVE = (
+    "ideal",
+    "ideal-trust",
+    "ideal-unseen",
+    "ideal-unseen-trust",
+)  # every round and selection shown
 
 
 def suite_config(name: str) -> Path:

@@ -78,4 +78,6 @@ def test_compare_method_ideal_trust(tmp_path):
     loaded = load_config(config)
     assert method_config(loaded, "ideal-trust", 0).update.trust_region
     assert not method_config(loaded, "ideal", 0).update.trust_region
+    both = method_config(loaded, "ideal-unseen-trust", 0)
+    assert both.update.trust_region and both.influence.domain_rows == "unseen"
     assert not method_config(loaded, "original", 0).update.trust_region  # round 0 shared

@@ -177,8 +177,8 @@ def compare(
         typer.Option(
             "--methods",
             help="Comma-separated: original, uniform, temperature, random, first-order, ideal, "
-            "ideal-kfac, ideal-trust, ideal-unseen, doremi, doge, oracle-grid (an upper bound scored "
-            "on the test sets).",
+            "ideal-kfac, ideal-trust, ideal-unseen, ideal-unseen-trust, doremi, doge, oracle-grid (an "
+            "upper bound scored on the test sets).",
         ),
     ] = "original,uniform,ideal",
     seeds: Annotated[int, typer.Option("--seeds", help="Seeds 0..K-1 for every method.")] = 3,

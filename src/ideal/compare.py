@@ -14,6 +14,7 @@ seed: it is trained once and copied into the others.
     ideal-trust   the IDEAL rule with EK-FAC and its trust region (`update.trust_region`), all rounds
     ideal-unseen  the IDEAL rule with EK-FAC, each domain scored by the pool rows the mixture does not
                   hold yet (`influence.domain_rows: unseen`), all rounds
+    ideal-unseen-trust  both of the above
     random        K random mixtures on the simplex at the same total (`--random-candidates`), each
                   trained; the one with the best reference objective is kept (its compute counts all K)
     doremi        DoReMi adapted to SFT (`ideal.methods.proxy`): a proxy run learns domain weights on the
@@ -53,6 +54,12 @@ METHODS: dict[str, dict[str, Any]] = {
     "ideal-kfac": {"rule": "ideal", "curvature": "kfac"},
     "ideal-trust": {"rule": "ideal", "curvature": "ekfac", "update": {"trust_region": True}},
     "ideal-unseen": {"rule": "ideal", "curvature": "ekfac", "influence": {"domain_rows": "unseen"}},
+    "ideal-unseen-trust": {
+        "rule": "ideal",
+        "curvature": "ekfac",
+        "influence": {"domain_rows": "unseen"},
+        "update": {"trust_region": True},
+    },
     "random": {"rounds": 1, "rule": "fixed"},
     "doremi": {"rounds": 1, "rule": "doremi"},
     "doge": {"rounds": 1, "rule": "doge"},
