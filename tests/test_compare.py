@@ -30,9 +30,12 @@ def test_compare_uniform_and_ideal_on_the_quick_config(cli, tmp_path):
     assert a.read_bytes() == b.read_bytes()
     assert (ideal / "round-0" / "influence.json").is_file() and (ideal / "report.html").is_file()
     entry = document["methods"]["ideal"]
-    assert (
-        entry["runs"][0]["final"]["round"] == 1 and entry["test_accuracy_mean"]["mean"] is not None
-    )
+    # the round `select` returns (default: the lowest mean reference loss), round 0 included
+    rounds = json.loads((ideal / "summary.json").read_text())["rounds"]
+    losses = [r["reference_loss_mean"] for r in rounds]
+    assert len(rounds) == 2 and entry["runs"][0]["final"]["round"] == losses.index(min(losses))
+    assert entry["runs"][0]["selected_round"] == entry["runs"][0]["final"]["round"]
+    assert entry["test_accuracy_mean"]["mean"] is not None
     # one seed: the paired difference is printed, but nothing separates the methods
     assert "paired differences against uniform" in result.out
     paired = document["paired"]["uniform"]["ideal"]["test_accuracy_mean"]

@@ -92,9 +92,12 @@ def test_run_directory_follows_the_spec(finished):
     for domain, b in beta.items():
         if abs(b) > 0.05:
             assert (second["volumes"][domain] - first["volumes"][domain]) * b > 0
-    assert summary["select"] == "last" and summary["selected_round"] == 2
+    losses = [r["reference_loss_mean"] for r in summary["rounds"]]
+    assert summary["select"] == "reference_loss"  # the default
+    assert summary["selected_round"] == losses.index(min(losses))
     assert json.loads((run / "summary.json").read_text()) == summary
     html = (run / "report.html").read_text()
+    assert f"Returned: <b>round {summary['selected_round']}</b>" in html
     for image in (
         "volumes.png",
         "accuracy.png",
@@ -190,3 +193,4 @@ def test_demo_quick(cli, tmp_path):
     assert "round 0" in result.out and "report:" in result.out
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert len(summary["rounds"]) == 2 and summary["rounds"][0]["test_accuracy_mean"] is not None
+    assert f"returned: round {summary['selected_round']} (select: reference_loss)" in result.out

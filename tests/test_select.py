@@ -41,7 +41,7 @@ def test_bad_selections_are_one_line():
 def test_config_refuses_an_unknown_selection(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("suite: {domains: [{name: a, task: add}], capabilities: [add]}\n")
-    assert load_config(path).select == "last"
+    assert load_config(path).select == "reference_loss"  # the default (docs/results.md)
     with pytest.raises(IdealError, match="select must be one of"):
         load_config(path, ["select=best"])
 

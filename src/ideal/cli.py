@@ -91,6 +91,12 @@ def _print_rounds(summary: dict, run_dir: Path) -> None:
         table.add_row(f"volume {domain}", *(str(r["volumes"].get(domain)) for r in rounds))
     console = _console()
     console.print(table)
+    selected = summary.get("selected_round")
+    if selected is not None:
+        console.print(
+            f"returned: round {selected} (select: {summary.get('select')}), its mixture: "
+            f"{run_dir / f'round-{selected}' / 'mixture.json'}"
+        )
     console.print(f"report: {run_dir / 'report.html'}")
 
 

@@ -117,12 +117,27 @@ def _warnings_html(warnings: dict[str, list[int]]) -> str:
     )
 
 
+def _returned_html(summary: dict) -> str:
+    """Which round the run returns (`select`), as one sentence."""
+    selected = summary.get("selected_round")
+    if selected is None:
+        return ""
+    how = {"last": "the last round", "reference_loss": "the lowest mean reference loss",
+           "reference_accuracy": "the highest mean reference accuracy"}.get(summary.get("select"), "")  # fmt: skip
+    return (
+        f"<p>Returned: <b>round {selected}</b> ({html.escape(how)}; "
+        f"<code>select: {html.escape(str(summary.get('select')))}</code>), its mixture in "
+        f"<code>round-{selected}/mixture.json</code>.</p>"
+    )
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Plots and report.html from RUN/summary.json and the round directories."""
     run = Path(run_dir)
     if not (run / "summary.json").is_file():
         raise IdealError(f"{run}: no summary.json (not a finished `ideal run` directory)")
-    rounds = read_json(run / "summary.json")["rounds"]
+    summary = read_json(run / "summary.json")
+    rounds = summary["rounds"]
     if not rounds:
         raise IdealError(f"{run}/summary.json: no rounds")
     images = [
@@ -197,7 +212,7 @@ figure {{ display: inline-block; margin: 0.5em; }} img {{ max-width: 520px; }}
 <p>Round 0 is the original mixture D0; each later round applies the IDEAL update to the previous round's
 influence and retrains from the base model. {html.escape(SIGN_CONVENTION)}.</p>
 {_warnings_html(trainer_warnings(run, rounds))}
-<h2>Rounds</h2>{overview}
+<h2>Rounds</h2>{_returned_html(summary)}{overview}
 <h2>Per capability</h2>{per_capability}
 <h2>Volumes</h2>{volumes}
 <h2>Plots</h2>{figures}
