@@ -177,7 +177,7 @@ def plot(tables: dict[str, dict[str, dict[int, float]]], path: Path) -> None:
         ax.axhline(0.0, color="grey", lw=0.8)
         ax.set_xticks(range(len(labels)), labels, rotation=70, ha="right", fontsize=7)
         ax.set_title(name)
-    axes[0][0].set_ylabel("mean test accuracy - max(D0, uniform), per seed")
+    axes[0][0].set_ylabel("mean test acc. - max(D0, uniform)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
