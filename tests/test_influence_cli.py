@@ -199,7 +199,22 @@ def test_default_bounded_scores_agree_with_the_full_computation_within_3_standar
     assert bad.code == 1 and "--curvature-examples" in bad.err
 
 
-def test_unseen_domain_rows_score_the_pool_rows_the_mixture_lacks(workspace, tmp_path):
+def bpe_lora_model(root):
+    """A byte-level BPE with a ChatML template and a LoRA adapter on a tiny Llama."""
+    from ideal.hf import load_causal_lm
+    from ideal.tiny import byte_bpe_tokenizer
+
+    tokenizer = byte_bpe_tokenizer()
+    base = save_model_dir(root / "base", tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=1),
+                          tokenizer)  # fmt: skip
+    adapter = get_peft_model(load_causal_lm(base), LoraConfig(r=2, target_modules=["down_proj"]))
+    adapter.save_pretrained(root / "lora")
+    tokenizer.save_pretrained(root / "lora")
+    return root / "lora"
+
+
+@pytest.mark.parametrize("stand_in", ["char", "bpe-chatml-lora"])
+def test_unseen_domain_rows_score_the_pool_rows_the_mixture_lacks(workspace, tmp_path, stand_in):
     """`domain_rows: unseen` scores a domain by its pool rows with no copy in the mixture, each
     once (the mixture's copies when it holds every row). With identity curvature a score is the
     reference gradient dotted with that mean gradient, so it equals the `mixture` score of a
@@ -209,7 +224,13 @@ def test_unseen_domain_rows_score_the_pool_rows_the_mixture_lacks(workspace, tmp
     from ideal.influence.command import compute_influence
     from ideal.influence.engine import InfluenceSettings
 
-    training = load_training_set(workspace / "train")
+    model, train_dir = workspace / "llama", workspace / "train"
+    if stand_in != "char":  # answers that start with a newline, as real chat data has
+        model = bpe_lora_model(tmp_path)
+        rows = {d: [{"prompt": f"{d} {i}?", "completion": f"\n{i}"} for i in range(n)]
+                for d, n in (("add", 9), ("mul", 7), ("sub", 5))}  # fmt: skip
+        train_dir = make_data_dir(tmp_path / "train", rows)
+    training = load_training_set(train_dir)
     sizes = {d: len(p.examples) for d, p in training.pool.items()}
     held = {"add": [3, 2, 1, 1, 0, 0, 0, 0, 0], "mul": [1] * 7, "sub": [0, 2, 0, 1, 0]}
     counts = {d: np.array(c, dtype=np.int64) for d, c in held.items()}
@@ -220,7 +241,7 @@ def test_unseen_domain_rows_score_the_pool_rows_the_mixture_lacks(workspace, tmp
     settings = InfluenceSettings(curvature="identity", batch_size=4)
 
     def scores(train, rows):
-        _, doc = compute_influence(workspace / "llama", train, workspace / "reference", settings,
+        _, doc = compute_influence(model, train, workspace / "reference", settings,
                                    sample=1.0, max_examples=None, domain_rows=rows)  # fmt: skip
         return doc
 

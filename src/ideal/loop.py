@@ -598,6 +598,6 @@ def summarise_run(run: Path) -> dict[str, Any]:
         k += 1
     stored = run / "config.yaml"
     select = (yaml.safe_load(stored.read_text()) or {}).get("select") if stored.is_file() else None
-    select = select or RunConfig.__dataclass_fields__["select"].default
+    select = select or RunConfig.select  # the default
     selected = select_round(rounds, select) if rounds else None
     return {"rounds": rounds, "select": select, "selected_round": selected}
