@@ -206,7 +206,12 @@ def main() -> None:
         out = args.out / name
         if not args.analyse_only:
             config = load_config(
-                suite_config(name), [f"train.threads={args.threads}", *args.overrides]
+                suite_config(name),
+                [
+                    f"train.threads={args.threads}",
+                    "eval.reference_accuracy=always",
+                    *args.overrides,
+                ],
             )
             run_compare(config, ["original", "uniform", *args.methods.split(",")], seeds, out)
         table = analyse(name, out, seeds)

@@ -198,7 +198,7 @@ def test_a_rounds_metrics_carry_acc_norm_and_the_reference_accuracy(tmp_path):
         make_data_dir(tmp_path / split, {"mc": rows})
     config = RunConfig(model=str(model_dir), train_data=str(tmp_path / "reference"),
                        reference_data=str(tmp_path / "reference"), test_data=str(tmp_path / "test"),
-                       eval=EvalConfig(scorers={"mc": "choice"}))  # fmt: skip
+                       eval=EvalConfig(scorers={"mc": "choice"}, reference_accuracy="always"))  # fmt: skip
     paths = RunPaths(tmp_path, model_dir, tmp_path, tmp_path / "reference", tmp_path / "test")
     metrics = evaluate_round(config, paths, model_dir)["capabilities"]["mc"]
     direct = evaluate_capability(

@@ -54,6 +54,25 @@ def test_compare_selects_for_ideal_only(tmp_path):
     assert method_config(config, "first-order", 1).select == "reference_accuracy"
     for baseline in ("original", "uniform", "random", "doge"):
         assert method_config(config, baseline, 1).select == "last"  # a baseline is its mixture
+        # ... and still decodes its references: round 0 is shared with ideal, which needs them
+        assert method_config(config, baseline, 1).decode_references()
+    plain = load_config(path)
+    assert not any(method_config(plain, m, 1).decode_references() for m in ("original", "ideal"))
+
+
+def test_reference_decoding_follows_the_selection(tmp_path):
+    """eval.reference_accuracy auto decodes the reference sets only for select reference_accuracy
+    (on a real model decoding costs more than every loss); always / never override it."""
+    path = tmp_path / "c.yaml"
+    path.write_text("suite: {domains: [{name: a, task: add}], capabilities: [add]}\n")
+    assert not load_config(path).decode_references()
+    assert load_config(path, ["select=reference_accuracy"]).decode_references()
+    assert load_config(path, ["eval.reference_accuracy=always"]).decode_references()
+    assert not load_config(path, ["eval.reference_accuracy=never"]).decode_references()
+    with pytest.raises(IdealError, match="eval.reference_accuracy must be one of"):
+        load_config(path, ["eval.reference_accuracy=sometimes"])
+    with pytest.raises(IdealError, match="needs eval.reference_accuracy auto or always"):
+        load_config(path, ["select=reference_accuracy", "eval.reference_accuracy=never"])
 
 
 def test_summary_records_the_selected_round(tmp_path):

@@ -84,6 +84,10 @@ def method_config(config: RunConfig, method: str, seed: int) -> RunConfig:
         rounds=rounds,
         select=config.select if iterative else "last",  # a baseline returns its own mixture
         train=replace(config.train, seed=seed),
+        # every method decodes its references or none does: round 0 is shared between them
+        eval=replace(
+            config.eval, reference_accuracy="always" if config.decode_references() else "never"
+        ),
         update=replace(config.update, rule=rule, **spec.get("update", {})),
         influence=replace(
             config.influence, curvature=curvature, refine=refine, **spec.get("influence", {})

@@ -27,6 +27,8 @@ from ideal.influence.engine import InfluenceSettings
 from ideal.lm import LOSSES
 from ideal.methods.select import SELECTIONS
 
+REFERENCE_ACCURACY = ("auto", "always", "never")
+
 
 @dataclass(frozen=True)
 class UpdateSettings:
@@ -149,6 +151,9 @@ class EvalConfig:
     scorers: dict[str, str] = field(default_factory=dict)  # capability -> scorer (default exact)
     max_new_tokens: int = 32
     batch_size: int = 32
+    # decode the reference sets for `reference_accuracy`: auto = only when `select` needs it (on a
+    # real model, decoding costs more than the losses); always; never
+    reference_accuracy: str = "auto"
     backend: str = "builtin"  # builtin | lm-eval | command
     command: str | tuple[str, ...] | None = None  # command: the evaluator's command template
     parse: str = "scores"  # command: {scores}, or the tool's results: lm-eval | opencompass
@@ -210,6 +215,21 @@ class RunConfig:
             raise IdealError(
                 f"config: select must be one of {', '.join(SELECTIONS)}, got '{self.select}'"
             )
+        if self.eval.reference_accuracy not in REFERENCE_ACCURACY:
+            raise IdealError(
+                "config: eval.reference_accuracy must be one of "
+                f"{', '.join(REFERENCE_ACCURACY)}, got '{self.eval.reference_accuracy}'"
+            )
+        if self.select == "reference_accuracy" and self.eval.reference_accuracy == "never":
+            raise IdealError(
+                "config: select reference_accuracy needs eval.reference_accuracy auto or always"
+            )
+
+    def decode_references(self) -> bool:
+        """Whether each round decodes its reference sets (`eval.reference_accuracy`)."""
+        if self.eval.reference_accuracy == "auto":
+            return self.select == "reference_accuracy"
+        return self.eval.reference_accuracy == "always"
 
     def influence_loss(self) -> tuple[str, str]:
         """`influence.loss` resolved: (example | token, where the value came from). `auto`

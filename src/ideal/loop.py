@@ -256,9 +256,10 @@ def evaluate_round(
     evaluator = make_evaluator(config)
     capabilities: dict[str, dict[str, Any]] = {}
     for name, domain in references.items():
-        # reference accuracy (decoding) when every reference row has an answer: `select:
-        # reference_accuracy` returns the round that scores best on the user's own reference sets
-        scored = all(e.answer is not None for e in domain.examples)
+        # reference accuracy (decoding) when every reference row has an answer and the config asks
+        # for it: `select: reference_accuracy` returns the round that scores best on the user's
+        # own reference sets
+        scored = config.decode_references() and all(e.answer is not None for e in domain.examples)
         result = evaluate_capability(
             model,
             tokenizer,

@@ -102,12 +102,12 @@ BIGBENCH_TASKS = (
 class RealSizes:
     """Rows per split. Train pools are the original mixture D0 (each row once)."""
 
-    math: int = 80
-    math_wrong: int = 80
-    reasoning: int = 80
-    instruct: int = 40
-    reference: int = 16  # per capability
-    test: int = 50  # per capability
+    math: int = 16
+    math_wrong: int = 40  # the harmful source is the largest pool, as cheap scraped data often is
+    reasoning: int = 24
+    instruct: int = 20
+    reference: int = 12  # per capability
+    test: int = 24  # per capability
     variants: int = 6  # generated problems per fast template
     test_templates: int = 20  # math templates held out for reference and test
 
