@@ -151,8 +151,8 @@ class EvalConfig:
     scorers: dict[str, str] = field(default_factory=dict)  # capability -> scorer (default exact)
     max_new_tokens: int = 32
     batch_size: int = 32
-    # decode the reference sets for `reference_accuracy`: auto = only when `select` needs it (on a
-    # real model, decoding costs more than the losses); always; never
+    # decode the reference sets for `reference_accuracy`: auto = only when `select` needs it
+    # (decoding is most of a real model's evaluation); always; never
     reference_accuracy: str = "auto"
     backend: str = "builtin"  # builtin | lm-eval | command
     command: str | tuple[str, ...] | None = None  # command: the evaluator's command template
