@@ -62,7 +62,7 @@ def test_compare_selects_for_ideal_only(tmp_path):
 
 def test_reference_decoding_follows_the_selection(tmp_path):
     """eval.reference_accuracy auto decodes the reference sets only for select reference_accuracy
-    (on a real model decoding costs more than every loss); always / never override it."""
+    (decoding is most of a real model's evaluation); always / never override it."""
     path = tmp_path / "c.yaml"
     path.write_text("suite: {domains: [{name: a, task: add}], capabilities: [add]}\n")
     assert not load_config(path).decode_references()
