@@ -37,6 +37,8 @@ ITERATIVE = (
     "ideal-trust",
     "ideal-unseen",
     "ideal-unseen-trust",
+    "ideal-additive",
+    "ideal-unseen-additive",
 )  # every round and selection shown
 
 
@@ -75,18 +77,17 @@ def paired(ours: dict[int, float], theirs: dict[int, float]) -> tuple[str, float
 
 
 def analyse(name: str, out: Path, seeds: list[int]) -> None:
-    d0, uniform, ideal = (summaries(out, m, seeds) for m in ("original", "uniform", "ideal"))
-    if not ideal:
-        print(f"\n## {name}: no finished ideal run in {out}")
+    d0, uniform = (summaries(out, m, seeds) for m in ("original", "uniform"))
+    iterative = {m: summaries(out, m, seeds) for m in ITERATIVE}
+    iterative = {m: runs for m, runs in iterative.items() if runs}
+    if not iterative:
+        print(f"\n## {name}: no finished iterative run in {out}")
         return None
     rows: dict[str, dict[int, dict]] = {
         "original (D0)": {s: r["rounds"][0] for s, r in d0.items()},
         "uniform": {s: r["rounds"][-1] for s, r in uniform.items()},
     }
-    for method in ITERATIVE:
-        runs = ideal if method == "ideal" else summaries(out, method, seeds)
-        if not runs:
-            continue
+    for method, runs in iterative.items():
         rounds = max(len(r["rounds"]) for r in runs.values()) - 1
         for k in range(1, rounds + 1):
             rows[f"{method}, round {k}"] = {
@@ -107,7 +108,8 @@ def analyse(name: str, out: Path, seeds: list[int]) -> None:
     base_mean = metric(rows["original (D0)"], "test_accuracy_mean")
     base_worst = metric(rows["original (D0)"], "test_accuracy_worst")
     uni_mean = metric(rows["uniform"], "test_accuracy_mean")
-    print(f"\n## {name} ({len(ideal)} seeds: {sorted(ideal)})\n")
+    seen = sorted({s for runs in iterative.values() for s in runs})
+    print(f"\n## {name} ({len(seen)} seeds: {seen})\n")
     print(
         "| mixture | mean test acc | worst | mean ref. loss | vs D0 (mean) | vs uniform (mean) "
         "| vs D0 (worst) | rounds picked | acceptance |"
@@ -134,22 +136,29 @@ def analyse(name: str, out: Path, seeds: list[int]) -> None:
             f"| {mean_sd(list(loss.values()))} | {vs_d0} | {vs_uni} | {vs_worst} | {picked} "
             f"| {accept} |"
         )
+    for method, runs in iterative.items():
+        predicted_vs_realised(method, runs)
+    print(f"(verdicts at {VERDICT_Z:g} standard errors of the paired difference)")
+    return {label: metric(entries, "test_accuracy_mean") for label, entries in rows.items()}
+
+
+def predicted_vs_realised(method: str, runs: dict[int, dict]) -> None:
+    """Does the first-order prediction of a round's change of the reference loss hold?"""
     pairs = [
         (r["predicted_reference_loss_change"], r["realised_reference_loss_change"])
-        for s in ideal.values()
+        for s in runs.values()
         for r in s["rounds"][1:]
         if r.get("predicted_reference_loss_change") is not None
     ]
     if len(pairs) > 2:
         predicted, realised = np.array(pairs).T
         print(
-            f"\npredicted vs realised change of the mean reference loss over {len(pairs)} rounds: "
+            f"\n{method}: predicted vs realised change of the mean reference loss over "
+            f"{len(pairs)} rounds: "
             f"Pearson {np.corrcoef(predicted, realised)[0, 1]:.2f}, realised/predicted median "
             f"{np.median(realised / predicted):.2f}, realised < 0 in "
             f"{int((realised < 0).sum())} of {len(pairs)}"
         )
-    print(f"(verdicts at {VERDICT_Z:g} standard errors of the paired difference)")
-    return {label: metric(entries, "test_accuracy_mean") for label, entries in rows.items()}
 
 
 def plot(tables: dict[str, dict[str, dict[int, float]]], path: Path) -> None:

@@ -100,6 +100,31 @@ def test_reweight_end_to_end(cli, tmp_path, train_dir):
         assert (tmp_path / "r1" / name).read_bytes() == (tmp_path / "r1b" / name).read_bytes()
 
 
+def test_reweight_additive_geometry(cli, tmp_path, train_dir):
+    influence = write_influence(
+        tmp_path / "inf.json", {"math": -2.0, "code": 1.0}, {"math": 40, "code": 30}
+    )
+    args = ["reweight", "--train", train_dir, "--influence", influence, "--keep-total"]
+    result = cli(*args, "--out", tmp_path / "r1", "--geometry", "additive")
+    assert result.code == 0, result.err
+    manifest = json.loads((tmp_path / "r1" / "mixture.json").read_text())
+    # g = alpha/n = [-0.05, +0.0333], centred [-0.0417, +0.0417]; dn = -0.15 x 35 x g/0.0417 =
+    # [+5.25, -5.25]; code may lose at most 15 %: 25.5; total 70.75 -> 70 by scaling then
+    # largest remainder: 44.77 + 25.23 -> 45 + 25
+    assert manifest["update"]["requested"] == pytest.approx({"math": 45.25, "code": 25.5})
+    assert {d: e["volume"] for d, e in manifest["domains"].items()} == {"code": 25, "math": 45}
+    assert manifest["update"]["geometry"] == "additive"
+    # the gradient in volumes needs the size factor in the sensitivities
+    document = json.loads(influence.read_text())
+    document["objective"] = {"size_factor": False}
+    influence.write_text(json.dumps(document))
+    assert_one_line_error(
+        cli(*args, "--out", tmp_path / "r2", "--geometry", "additive"), "size factor"
+    )
+    assert not (tmp_path / "r2" / "mixture.json").exists()
+    assert cli(*args, "--out", tmp_path / "r3", "--geometry", "log").code == 2  # a usage error
+
+
 def test_reweight_respects_max_repeats(cli, tmp_path):
     train = make_data_dir(tmp_path / "t", {"a": qa_rows("a", 10), "b": qa_rows("b", 10)})
     influence = write_influence(tmp_path / "i.json", {"a": -1.0, "b": 0.5}, {"a": 10, "b": 10})

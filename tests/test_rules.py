@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from ideal.errors import IdealError
-from ideal.methods.rules import IdealRule, UniformRule, ideal_beta, sensitivities
+from ideal.methods.rules import (
+    IdealRule,
+    UniformRule,
+    additive_delta,
+    ideal_beta,
+    sensitivities,
+)
 
 # references x domains; s_ji > 0: more of domain i lowers the loss on reference j (i helps j)
 SCORES = np.array([[2.0, -1.0, 0.0], [4.0, -3.0, 1.0]])
@@ -48,6 +54,46 @@ def test_rules_propose_volumes():
     assert UniformRule().propose(volumes, {}) == {"a": 75.0, "b": 75.0}
     # uniform is a fixed point of the uniform rule
     assert UniformRule().propose({"a": 75, "b": 75}, {}) == {"a": 75.0, "b": 75.0}
+
+
+def test_additive_step_by_hand():
+    volumes = {"a": 100, "b": 50}  # mean volume 75; g = alpha/n = [-0.04, 0.02]
+    signals = {"sensitivity": {"a": -4.0, "b": 1.0}}
+    # centred (kept total): g - mean(g) = [-0.03, 0.03]; dn = -0.2 * 75 * g / 0.03 = [+15, -15],
+    # and b may lose at most m = 20 % of its 50: 40, not 35
+    assert IdealRule(step=0.2, geometry="additive").propose(volumes, signals) == pytest.approx(
+        {"a": 115.0, "b": 40.0}
+    )
+    # not centred: dn = -15 * g / 0.04 = [+15, -7.5]
+    free = IdealRule(step=0.2, geometry="additive", keep_total=False)
+    assert free.propose(volumes, signals) == pytest.approx({"a": 115.0, "b": 42.5})
+    assert additive_delta([-4.0, 1.0], [100, 50], 0.2) == pytest.approx([15.0, -15.0])
+    assert additive_delta([0.0, 0.0], [100, 50]).tolist() == [0.0, 0.0]
+
+
+def test_additive_step_moves_scarce_and_large_domains_by_their_per_example_signal():
+    # the same per-example score s on a domain of 1000 and one of 10: relative (METHOD.md) moves
+    # the large one and leaves the scarce one almost where it is; additive moves both by the same
+    # number of rows
+    volumes = [1000, 10, 10]
+    alpha = sensitivities(np.array([[1.0, 1.0, 0.0]]), volumes)
+    beta = ideal_beta(alpha, 0.3)
+    assert beta[0] == pytest.approx(0.3) and beta[1] == pytest.approx(0.003)
+    delta = additive_delta(alpha, volumes, 0.3)
+    assert delta[0] == pytest.approx(delta[1]) and delta[0] > 0 > delta[2]
+    assert np.abs(delta).max() == pytest.approx(0.3 * 1020 / 3)
+    assert delta.sum() == pytest.approx(0.0, abs=1e-9)  # centred: the total is kept
+
+
+def test_additive_step_rejects_bad_input():
+    with pytest.raises(IdealError, match="step m"):
+        additive_delta([1.0], [10], step=0.0)
+    with pytest.raises(IdealError, match="finite"):
+        additive_delta([np.inf, 1.0], [10, 10])
+    with pytest.raises(IdealError, match="volumes must be > 0"):
+        additive_delta([1.0, 1.0], [10, 0])
+    with pytest.raises(IdealError, match="update.geometry"):
+        IdealRule(geometry="log")
 
 
 def test_temperature_rule():

@@ -87,6 +87,12 @@ def test_overrides_and_hash(tmp_path):
         ("rounds: 1\n", [], "give either 'suite'"),
         ("suite: {}\n", ["rounds"], "expected key=value"),
         ("suite: [unclosed\n", [], "invalid YAML"),
+        ("suite: {}\n", ["update.geometry=log"], "update.geometry must be one of"),
+        (
+            "suite: {}\n",
+            ["update.geometry=additive", "update.size_factor=false"],
+            "needs update.size_factor: true",
+        ),
     ],
 )
 def test_config_errors_name_the_problem(tmp_path, text, overrides, message):
@@ -94,3 +100,13 @@ def test_config_errors_name_the_problem(tmp_path, text, overrides, message):
     path.write_text(text)
     with pytest.raises(IdealError, match=message.replace("(", r"\(").replace("'", "'")):
         load_config(path, overrides)
+
+
+def test_update_geometry_reaches_the_rule(tmp_path):
+    from ideal.loop import make_rule
+
+    path = tmp_path / "c.yaml"
+    path.write_text("suite: {}\n")
+    assert make_rule(load_config(path)).geometry == "relative"  # METHOD.md's step by default
+    rule = make_rule(load_config(path, ["update.geometry=additive", "update.keep_total=false"]))
+    assert rule.geometry == "additive" and rule.keep_total is False

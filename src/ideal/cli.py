@@ -66,6 +66,11 @@ class OnInvalid(str, Enum):
     skip = "skip"
 
 
+class Geometry(str, Enum):
+    relative = "relative"
+    additive = "additive"
+
+
 OnInvalidOption = Annotated[
     OnInvalid,
     typer.Option(
@@ -318,6 +323,14 @@ def reweight(
             help="Leave unchanged a domain whose sensitivity is within this many standard errors of 0 (0: off).",
         ),
     ] = 0.0,
+    geometry: Annotated[
+        Geometry,
+        typer.Option(
+            "--geometry",
+            help="relative: beta = -m alpha/max|alpha| (METHOD.md); additive: a step in volumes, "
+            "the largest change m x the mean volume (docs/method-additions.md).",
+        ),
+    ] = Geometry.relative,
     on_invalid: OnInvalidOption = OnInvalid.error,
 ) -> None:
     """Apply one IDEAL update: rescale each domain's volume from influence.json and resample."""
@@ -333,8 +346,9 @@ def reweight(
         seed=seed,
         on_invalid=on_invalid.value,
         min_z=min_z,
+        geometry=geometry.value,
     )
-    table = Table(title=f"IDEAL update (m = {step})")
+    table = Table(title=f"IDEAL update (m = {step}, {geometry.value})")
     for column in (
         "domain",
         "before",

@@ -15,6 +15,9 @@ seed: it is trained once and copied into the others.
     ideal-unseen  the IDEAL rule with EK-FAC, each domain scored by the pool rows the mixture does not
                   hold yet (`influence.domain_rows: unseen`), all rounds
     ideal-unseen-trust  both of the above
+    ideal-additive      the IDEAL rule with EK-FAC, its step taken in volumes
+                        (`update.geometry: additive`), all rounds
+    ideal-unseen-additive  unseen domain rows and the step in volumes, all rounds
     random        K random mixtures on the simplex at the same total (`--random-candidates`), each
                   trained; the one with the best reference objective is kept (its compute counts all K)
     doremi        DoReMi adapted to SFT (`ideal.methods.proxy`): a proxy run learns domain weights on the
@@ -59,6 +62,13 @@ METHODS: dict[str, dict[str, Any]] = {
         "curvature": "ekfac",
         "influence": {"domain_rows": "unseen"},
         "update": {"trust_region": True},
+    },
+    "ideal-additive": {"rule": "ideal", "curvature": "ekfac", "update": {"geometry": "additive"}},
+    "ideal-unseen-additive": {
+        "rule": "ideal",
+        "curvature": "ekfac",
+        "influence": {"domain_rows": "unseen"},
+        "update": {"geometry": "additive"},
     },
     "random": {"rounds": 1, "rule": "fixed"},
     "doremi": {"rounds": 1, "rule": "doremi"},

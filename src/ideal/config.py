@@ -25,6 +25,7 @@ from ideal.errors import IdealError
 from ideal.influence.defaults import CURVATURE_EXAMPLES, MAX_EXAMPLES, SAMPLE
 from ideal.influence.engine import InfluenceSettings
 from ideal.lm import LOSSES
+from ideal.methods.rules import GEOMETRIES
 from ideal.methods.select import SELECTIONS
 
 REFERENCE_ACCURACY = ("auto", "always", "never")
@@ -36,6 +37,9 @@ class UpdateSettings:
     temperature: float = 2.0  # for rule = temperature: volumes ~ pool size ** (1 / T)
     shares: dict[str, float] = field(default_factory=dict)  # for rule = fixed: domain -> share
     step: float = 0.15  # m: the largest relative change of a domain's volume per round
+    # ideal: the step in beta (relative, METHOD.md) or in volumes (additive: the largest change is
+    # m x the mean volume; docs/method-additions.md)
+    geometry: str = "relative"
     min_z: float = 0.0  # ideal: hold domains whose sensitivity is within min_z standard errors of 0
     trust_region: bool = False  # ideal: double m after a round that lowered Q, else back off
     max_step: float = 0.9  # ideal with trust_region: the largest m
@@ -47,6 +51,17 @@ class UpdateSettings:
     proxy_steps: int | None = None  # doremi/doge: proxy run steps (None: the training's steps)
     proxy_eta: float = 1.0  # doremi/doge: step size of the domain-weight update
     proxy_smoothing: float = 1e-3  # doremi: smoothing toward uniform (the paper's c)
+
+    def __post_init__(self) -> None:
+        if self.geometry not in GEOMETRIES:
+            raise IdealError(
+                f"update.geometry must be one of {', '.join(GEOMETRIES)}, got {self.geometry!r}"
+            )
+        if self.geometry == "additive" and not self.size_factor:
+            raise IdealError(
+                "update.geometry additive takes the gradient in volumes, dQ/dn_i = alpha_i/n_i, "
+                "which needs update.size_factor: true"
+            )
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,12 @@ def initial_mixture(config: RunConfig, training: TrainingSet) -> Mixture:
 def make_rule(config: RunConfig) -> Rule:
     """The update rule a config names (`update.rule`)."""
     rules: dict[str, Rule] = {
-        "ideal": IdealRule(step=config.update.step, min_z=config.update.min_z),
+        "ideal": IdealRule(
+            step=config.update.step,
+            min_z=config.update.min_z,
+            geometry=config.update.geometry,
+            keep_total=config.update.keep_total,
+        ),
         "uniform": UniformRule(),
         "temperature": TemperatureRule(config.update.temperature),
         "fixed": FixedRule(tuple(sorted(config.update.shares.items()))),

@@ -107,20 +107,27 @@ def reweight(
     seed: int | None = None,
     on_invalid: OnInvalid = "error",
     min_z: float = 0.0,
+    geometry: str = "relative",
 ) -> ReweightResult:
     """Apply the IDEAL step to the training set at `train` and write the next mixture to `out`.
 
     `min_z` > 0 leaves unchanged every domain whose sensitivity is within min_z standard errors of
-    zero (influence.json's `sensitivity_stderr`)."""
+    zero (influence.json's `sensitivity_stderr`). `geometry` "additive" takes the step in volumes
+    (`ideal.methods.rules.additive_delta`), which needs influence.json's size factor."""
     constraints = constraints or Constraints()
+    rule = IdealRule(step=step, min_z=min_z, geometry=geometry, keep_total=constraints.keep_total)
     check_new_output_dir(out)  # fail before any work
     training = load_training_set(train, on_invalid)
     signals = read_influence(influence, training)
+    if geometry == "additive" and not signals.get("objective", {}).get("size_factor", True):
+        raise IdealError(
+            f"{influence}: computed without the size factor n_i/N; --geometry additive needs "
+            "dQ/dn_i = alpha_i/n_i (recompute without --no-size-factor)"
+        )
     seed = training.mixture.seed if seed is None else seed
-    mixture, update = update_mixture(
-        training, IdealRule(step=step, min_z=min_z), constraints, seed, signals
-    )
+    mixture, update = update_mixture(training, rule, constraints, seed, signals)
     update["step"] = step
+    update["geometry"] = geometry
     update["influence"] = {"path": str(Path(influence).resolve()), "sha256": sha256_file(influence)}
     write_mixture_dir(out, training, mixture, extra={"update": update})
     return ReweightResult(

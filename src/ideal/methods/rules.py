@@ -7,6 +7,12 @@ s_ji > 0 means "training more on domain i is predicted to LOWER the loss on refe
     beta       = -m * alpha / max_i |alpha_i|         (alpha = dQ/dbeta; the largest change is m)
     n_i       <- n_i * (1 + beta_i)                   (then constraints, in `ideal.data.mixture`)
 
+With `geometry="additive"` (docs/method-additions.md) the step is taken in volumes, not in beta:
+
+    g_i  = alpha_i / n_i                              (dQ/dn_i; minus its mean when the total is kept)
+    dn_i = -m * (N/K) * g_i / max_i |g_i|             (the largest change is m times the mean volume)
+    n_i <- max(n_i + dn_i, (1 - m) n_i)               (no domain loses more than m of its volume)
+
 A rule is a small object with a name, the signal it needs, and `propose`: "influence" (the
 influence step), "proxy" (a proxy run that learns domain weights online: DoReMi, DoGE) or "none", so
 rules that need no influence let the loop skip that step.
@@ -68,6 +74,37 @@ def ideal_beta(sensitivity: Sequence[float], step: float = 0.15) -> np.ndarray:
     return -step * alpha / largest
 
 
+GEOMETRIES = ("relative", "additive")
+
+
+def additive_delta(
+    sensitivity: Sequence[float], volumes: Sequence[float], step: float = 0.15, centred: bool = True
+) -> np.ndarray:
+    """dn = -m (N/K) g / max|g| with g_i = alpha_i / n_i = dQ/dn_i: a step in volumes.
+
+    METHOD.md's beta = -m alpha / max|alpha| moves a domain by n_i beta_i, proportional to
+    n_i^2 s_i once the size factor is in alpha: a scarce domain barely moves whatever its
+    scores. The gradient in volumes, g_i = dQ/dn_i, moves every domain by its own per-example
+    signal. `centred` subtracts the mean of g (the projection on sum_i dn_i = 0, for a kept
+    total). The largest |dn_i| is m times the mean volume N/K; all-zero g gives dn = 0.
+    """
+    if not 0.0 < step < 1.0:
+        raise IdealError(f"step m must be in (0, 1), got {step}")
+    alpha = np.asarray(sensitivity, dtype=np.float64)
+    n = np.asarray(volumes, dtype=np.float64)
+    if not np.all(np.isfinite(alpha)):
+        raise IdealError(f"sensitivities must be finite, got {alpha.tolist()}")
+    if alpha.shape != n.shape or not np.all(n > 0):
+        raise IdealError(f"volumes must be > 0, one per sensitivity, got {n.tolist()}")
+    g = alpha / n
+    if centred:
+        g = g - g.mean()
+    largest = np.abs(g).max(initial=0.0)
+    if largest == 0.0:
+        return np.zeros_like(g)
+    return -step * (n.sum() / len(n)) * g / largest
+
+
 class Rule(Protocol):
     """Requested (real-valued) volumes for the next round; constraints are applied afterwards."""
 
@@ -85,12 +122,22 @@ class IdealRule:
 
     With `min_z` > 0, a domain whose sensitivity is within `min_z` standard errors of zero
     (`signals["sensitivity_stderr"]`) is held: beta_i = 0, and the step is scaled over the others.
+    `geometry` "relative" is METHOD.md's beta step; "additive" the step in volumes
+    (`additive_delta`, centred when `keep_total`; a domain loses at most m of its volume).
     """
 
     step: float = 0.15
     min_z: float = 0.0
+    geometry: str = "relative"
+    keep_total: bool = True
     name: str = "ideal"
     signal: str = "influence"
+
+    def __post_init__(self) -> None:
+        if self.geometry not in GEOMETRIES:
+            raise IdealError(
+                f"update.geometry must be one of {', '.join(GEOMETRIES)}, got {self.geometry!r}"
+            )
 
     def held(self, signals: Mapping[str, Any]) -> list[str]:
         """Domains the noise gate leaves unchanged (none when min_z = 0 or without errors)."""
@@ -103,6 +150,16 @@ class IdealRule:
     def propose(self, volumes: Mapping[str, int], signals: Mapping[str, Any]) -> dict[str, float]:
         sensitivity, held = signals["sensitivity"], set(self.held(signals))
         domains = list(volumes)
+        if self.geometry == "additive":
+            moving = [d for d in domains if d not in held]
+            delta = dict.fromkeys(domains, 0.0)
+            if moving:
+                alpha = [sensitivity[d] for d in moving]
+                steps = additive_delta(
+                    alpha, [volumes[d] for d in moving], self.step, self.keep_total
+                )
+                delta.update(zip(moving, steps.tolist(), strict=True))
+            return {d: max(volumes[d] + delta[d], (1.0 - self.step) * volumes[d]) for d in domains}
         alpha = [0.0 if d in held else sensitivity[d] for d in domains]
         beta = ideal_beta(alpha, self.step)
         return {d: volumes[d] * (1.0 + b) for d, b in zip(domains, beta, strict=True)}
