@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from ideal.config import RunConfig, load_config
-from ideal.data.mixture import Mixture, domain_rng, resample
+from ideal.data.mixture import draw_mixture
 from ideal.data.mixture_io import load_training_set, write_mixture_dir
 from ideal.errors import IdealError
 from ideal.loop import run_loop
@@ -81,17 +81,10 @@ def parse_mixture(text: str, d0: dict[str, int]) -> tuple[str, dict[str, int]]:
 def mixture_data(config: RunConfig, volumes: dict[str, int], seed: int, out: Path) -> Path:
     """A plain data directory holding `volumes` drawn (seeded) from the config's pools."""
     training = load_training_set(config.train_data)
-    counts = {
-        d: resample(
-            np.zeros(len(training.pool[d].examples), dtype=np.int64),
-            v,
-            config.update.max_repeats,
-            domain_rng(seed, 0, d),
-        )
-        for d, v in volumes.items()
-        if v > 0
-    }
-    write_mixture_dir(out, training, Mixture(counts, seed=seed), data_subdir="data")
+    sizes = {d: len(t.examples) for d, t in training.pool.items()}
+    drawn = {d: v for d, v in volumes.items() if v > 0}
+    mixture = draw_mixture(sizes, drawn, config.update.max_repeats, seed)
+    write_mixture_dir(out, training, mixture, data_subdir="data")
     return out / "data"
 
 

@@ -10,6 +10,7 @@ from ideal.data.mixture import (
     Mixture,
     apply_constraints,
     domain_rng,
+    draw_mixture,
     resample,
     resample_mixture,
 )
@@ -116,6 +117,19 @@ def test_rounds_are_incremental():
     # the examples dropped in round 1 are the least repeated, so they come back first
     assert (up.counts["math"] == 1).all()
     assert (up.counts["code"] == down.counts["code"]).all()
+
+
+def test_round_zero_draw_is_seeded_and_per_domain():
+    sizes = {"math": 40, "code": 30}
+    d0 = draw_mixture(sizes, {"math": 100, "code": 12}, 4, seed=5)
+    assert d0.round == 0 and d0.seed == 5 and d0.volumes == {"math": 100, "code": 12}
+    assert (d0.counts["math"] >= 2).all() and d0.counts["math"].max() == 3  # spread evenly
+    assert ((d0.counts["code"] == 0) | (d0.counts["code"] == 1)).all()
+    # a domain's draw depends on the seed and its own name only, never on the other domains
+    alone = draw_mixture({"code": 30}, {"code": 12}, 4, seed=5)
+    assert (alone.counts["code"] == d0.counts["code"]).all()
+    other = draw_mixture(sizes, {"math": 100, "code": 12}, 4, seed=6)
+    assert not (other.counts["code"] == d0.counts["code"]).all()
 
 
 def test_mixture_round_trips_through_its_dict():

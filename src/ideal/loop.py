@@ -30,12 +30,7 @@ import yaml
 
 from ideal.artifacts import atomic_write_json, atomic_write_text, read_json
 from ideal.config import RunConfig, config_changes
-from ideal.data.mixture import (
-    Constraints,
-    Mixture,
-    domain_rng,
-    resample,
-)
+from ideal.data.mixture import Constraints, Mixture, draw_mixture
 from ideal.data.mixture_io import TrainingSet, load_training_set, write_mixture_dir
 from ideal.errors import IdealError
 from ideal.methods.reweight import update_mixture
@@ -108,16 +103,10 @@ def initial_mixture(config: RunConfig, training: TrainingSet) -> Mixture:
             {d: len(t.examples) for d, t in training.pool.items()}, seed=config.seed
         )
     volumes = {spec.name: spec.volume for spec in config.suite.domains}
-    counts = {
-        d: resample(
-            np.zeros(len(training.pool[d].examples), dtype=np.int64),
-            volumes[d],
-            config.update.max_repeats,
-            domain_rng(config.seed, 0, d),
-        )
-        for d in training.pool
-    }
-    return Mixture(counts, seed=config.seed, round=0)
+    sizes = {d: len(t.examples) for d, t in training.pool.items()}
+    return draw_mixture(
+        sizes, {d: volumes[d] for d in sizes}, config.update.max_repeats, config.seed
+    )
 
 
 def make_rule(config: RunConfig) -> Rule:

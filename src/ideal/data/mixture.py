@@ -226,6 +226,19 @@ def resample(
     return counts
 
 
+def draw_mixture(
+    pool_sizes: Mapping[str, int], volumes: Mapping[str, int], max_repeats: int, seed: int
+) -> Mixture:
+    """Round 0: `volumes[d]` copies drawn from each domain's pool of `pool_sizes[d]` unique rows,
+    by the same seeded incremental resampling as every later round (starting from no copies)."""
+    counts = {
+        d: resample(np.zeros(int(pool_sizes[d]), dtype=np.int64), int(v), max_repeats,
+                    domain_rng(seed, 0, d))
+        for d, v in volumes.items()
+    }  # fmt: skip
+    return Mixture(counts, seed=seed, round=0)
+
+
 def resample_mixture(
     mixture: Mixture,
     volumes: Mapping[str, int],
