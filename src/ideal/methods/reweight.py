@@ -90,6 +90,8 @@ def update_mixture(
         "constraints": asdict(constraints),
         "previous_volumes": before,
     }
+    if isinstance(rule, IdealRule):
+        record["geometry"] = rule.geometry
     if isinstance(rule, IdealRule) and rule.min_z > 0:  # the noise gate, and whom it held
         record["min_z"] = rule.min_z
         record["held_by_noise"] = rule.held(signals)
@@ -127,7 +129,6 @@ def reweight(
     seed = training.mixture.seed if seed is None else seed
     mixture, update = update_mixture(training, rule, constraints, seed, signals)
     update["step"] = step
-    update["geometry"] = geometry
     update["influence"] = {"path": str(Path(influence).resolve()), "sha256": sha256_file(influence)}
     write_mixture_dir(out, training, mixture, extra={"update": update})
     return ReweightResult(
