@@ -39,6 +39,7 @@ ITERATIVE = (
     "ideal-unseen-trust",
     "ideal-additive",
     "ideal-unseen-additive",
+    "ideal-unseen-additive-trust",
 )  # every round and selection shown
 
 

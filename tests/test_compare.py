@@ -51,6 +51,19 @@ def test_unknown_method_is_one_line(cli, tmp_path):
     assert result.code == 1 and "unknown 'doremy'" in result.err and not (tmp_path / "c").exists()
 
 
+def test_every_method_makes_a_valid_config():
+    from ideal.compare import METHODS, method_config
+    from ideal.config import load_config
+
+    config = load_config(files("ideal") / "configs" / "demo-quick.yaml")
+    made = {m: method_config(config, m, seed=3) for m in METHODS}  # each validated on creation
+    assert all(c.seed == 3 and c.train.seed == 3 for c in made.values())
+    both = made["ideal-unseen-additive-trust"]
+    assert (both.update.geometry, both.update.trust_region) == ("additive", True)
+    assert both.influence.domain_rows == "unseen" and both.select == config.select
+    assert made["ideal"].update.geometry == "relative" and made["uniform"].select == "last"
+
+
 def test_grid_shares_enumerate_the_positive_lattice():
     from ideal.compare import grid_shares
 

@@ -18,6 +18,7 @@ seed: it is trained once and copied into the others.
     ideal-additive      the IDEAL rule with EK-FAC, its step taken in volumes
                         (`update.geometry: additive`), all rounds
     ideal-unseen-additive  unseen domain rows and the step in volumes, all rounds
+    ideal-unseen-additive-trust  unseen domain rows, the step in volumes and the trust region
     random        K random mixtures on the simplex at the same total (`--random-candidates`), each
                   trained; the one with the best reference objective is kept (its compute counts all K)
     doremi        DoReMi adapted to SFT (`ideal.methods.proxy`): a proxy run learns domain weights on the
@@ -69,6 +70,12 @@ METHODS: dict[str, dict[str, Any]] = {
         "curvature": "ekfac",
         "influence": {"domain_rows": "unseen"},
         "update": {"geometry": "additive"},
+    },
+    "ideal-unseen-additive-trust": {
+        "rule": "ideal",
+        "curvature": "ekfac",
+        "influence": {"domain_rows": "unseen"},
+        "update": {"geometry": "additive", "trust_region": True},
     },
     "random": {"rounds": 1, "rule": "fixed"},
     "doremi": {"rounds": 1, "rule": "doremi"},
