@@ -40,6 +40,7 @@ ITERATIVE = (
     "ideal-additive",
     "ideal-unseen-additive",
     "ideal-unseen-additive-trust",
+    "ideal-uniform-probe",
 )  # every round and selection shown
 
 

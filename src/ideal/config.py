@@ -29,6 +29,7 @@ from ideal.methods.rules import GEOMETRIES
 from ideal.methods.select import SELECTIONS
 
 REFERENCE_ACCURACY = ("auto", "always", "never")
+FIRST_ROUNDS = ("ideal", "uniform")  # update.first_round
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class UpdateSettings:
     min_z: float = 0.0  # ideal: hold domains whose sensitivity is within min_z standard errors of 0
     trust_region: bool = False  # ideal: double m after a round that lowered Q, else back off
     max_step: float = 0.9  # ideal with trust_region: the largest m
+    # ideal: round 1 is METHOD.md's step from D0, or the uniform mixture at the same total (a probe;
+    # later updates start from whichever of D0 and round 1 has the lower Q)
+    first_round: str = "ideal"
     max_repeats: int = 4
     min_examples: int = 1
     keep_total: bool = True
@@ -56,6 +60,11 @@ class UpdateSettings:
         if self.geometry not in GEOMETRIES:
             raise IdealError(
                 f"update.geometry must be one of {', '.join(GEOMETRIES)}, got {self.geometry!r}"
+            )
+        if self.first_round not in FIRST_ROUNDS:
+            raise IdealError(
+                f"update.first_round must be one of {', '.join(FIRST_ROUNDS)}, "
+                f"got {self.first_round!r}"
             )
         if self.geometry == "additive" and not self.size_factor:
             raise IdealError(

@@ -145,16 +145,40 @@ def next_mixture(
 
 
 def step_decision(config: RunConfig, paths: RunPaths, k: int) -> StepDecision:
-    """Where round K+1's update starts from and with which m: round K and `update.step`, or,
-    with `update.trust_region`, the trust region's decision after round K (`ideal.methods.trust`)."""
+    """Where round K+1's update starts from and with which m: round K and `update.step`; after
+    the uniform probe (`update.first_round`), the better of D0 and the probe by Q, with
+    `update.step`; with `update.trust_region`, the trust region's decision after round K
+    (`ideal.methods.trust`)."""
     update = config.update
-    if not (update.trust_region and update.rule == "ideal") or k == 0:
+    if update.rule != "ideal" or k == 0:
         return StepDecision(update.step, k, True)
     record = read_json(paths.round(k) / "mixture.json")["update"]
+    probe = record.get("rule") == "uniform"
+    if not (update.trust_region or probe):
+        return StepDecision(update.step, k, True)
     base = record.get("from_round", k - 1)
     loss = read_json(paths.round(k) / "metrics.json")["reference_loss_mean"]
     base_loss = read_json(paths.round(base) / "metrics.json")["reference_loss_mean"]
+    if probe:
+        return StepDecision(update.step, k if loss < base_loss else base, loss < base_loss)
     return trust_step(record["step"], base, base_loss, k, loss, update.max_step)
+
+
+def uniform_probe(
+    config: RunConfig, paths: RunPaths, k: int
+) -> tuple[TrainingSet, Mixture, dict[str, Any]] | None:
+    """Round 1 under `update.first_round: uniform`: D0's pools at equal volumes and D0's total
+    (constraints and resampling as for any update). None for any other round, and when D0 is
+    already uniform (the loop then takes METHOD.md's step)."""
+    update = config.update
+    if k != 0 or update.rule != "ideal" or update.first_round != "uniform":
+        return None
+    training = load_training_set(paths.round(0))
+    probe = replace(config, update=replace(update, rule="uniform"))
+    mixture, record = next_mixture(probe, training, {})
+    if max(abs(b) for b in record["beta_realised"].values()) < config.tolerance:
+        return None
+    return training, mixture, record
 
 
 def make_trainer(config: RunConfig) -> Any:
@@ -386,7 +410,8 @@ def run_loop(config: RunConfig, run_dir: str | Path, resume: bool = False) -> di
         barrier()
         if k >= config.rounds:
             break
-        rule = make_rule(config)
+        probe = uniform_probe(config, paths, k)
+        rule = UniformRule() if probe else make_rule(config)
         decision = step_decision(config, paths, k)
         if decision.base != k:
             log.info(
@@ -400,12 +425,13 @@ def run_loop(config: RunConfig, run_dir: str | Path, resume: bool = False) -> di
         if main and rule.signal == "proxy" and not (here / "proxy.json").is_file():
             log.info("round %d: proxy run (%s)", k, rule.name)
             write_proxy_files(here, proxy_round(config, paths, here, model_dir))
-        needed = decision.base == k  # a rejected round's influence is never used
-        if rule.signal == "influence" and needed and not (here / "influence.json").is_file():
-            log.info("round %d: influence", k)
+        # the influence of the round the update starts from (a rejected round's is never used)
+        source = paths.round(decision.base)
+        if rule.signal == "influence" and not (source / "influence.json").is_file():
+            log.info("round %d: influence", decision.base)
             result, document = compute_influence(
-                model_dir,
-                here,
+                source / "model",
+                source,
                 paths.reference,
                 config.influence_settings(),  # influence.loss resolved from train.backend
                 sample=config.influence.sample,
@@ -421,18 +447,20 @@ def run_loop(config: RunConfig, run_dir: str | Path, resume: bool = False) -> di
                 loss_source=config.influence_loss()[1],
             )
             if main:
-                write_influence_files(here, result, document)
+                write_influence_files(source, result, document)
         barrier()
         following = paths.round(k + 1)
         if not (following / "mixture.json").is_file():
             # every process computes the (deterministic) update, so all agree on stopping
-            source = paths.round(decision.base)
-            training = load_training_set(source)
-            # numbered (and its resampling seeded) as round K+1 even when it starts from an
-            # earlier base
-            training.mixture = replace(training.mixture, round=k)
-            signals = read_json(source / f"{rule.signal}.json") if rule.signal != "none" else {}
-            mixture, update = next_mixture(config, training, signals, decision.step)
+            if probe:
+                training, mixture, update = probe
+            else:
+                training = load_training_set(source)
+                # numbered (and its resampling seeded) as round K+1 even when it starts from an
+                # earlier base
+                training.mixture = replace(training.mixture, round=k)
+                signals = read_json(source / f"{rule.signal}.json") if rule.signal != "none" else {}
+                mixture, update = next_mixture(config, training, signals, decision.step)
             update["from_round"] = decision.base
             if config.update.trust_region and k > 0:
                 update["trust_region"] = {"accepted": decision.accepted, "after_round": k}

@@ -1,0 +1,88 @@
+"""The uniform probe (`update.first_round: uniform`): round 1 is the uniform mixture, and the IDEAL
+updates go on from whichever of D0 and the probe has the lower mean reference loss Q."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ideal.compare import method_config
+from ideal.config import load_config
+from ideal.errors import IdealError
+from ideal.loop import RunPaths, run_loop, step_decision
+from ideal.methods.trust import StepDecision
+from tests.test_loop import TINY
+from tests.test_trust import write_round
+
+
+def config_file(tmp_path, text=TINY):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_step_decision_after_the_probe(tmp_path):
+    probing = load_config(config_file(tmp_path), ["update.first_round=uniform"])
+    run = tmp_path / "run"
+    paths = RunPaths(run, run, run, run, run)
+    write_round(run, 0, 1.0)
+    write_round(run, 1, 1.2, {"rule": "uniform", "step": 0.3, "from_round": 0})
+    write_round(run, 2, 0.9, {"rule": "ideal", "step": 0.3, "from_round": 0})
+    # the probe raised Q: IDEAL goes on from D0, with update.step (the probe was no IDEAL step)
+    assert step_decision(probing, paths, 1) == StepDecision(0.3, 0, False)
+    assert step_decision(probing, paths, 2) == StepDecision(0.3, 2, True)  # then as usual
+    (run / "round-1" / "metrics.json").write_text(json.dumps({"reference_loss_mean": 0.7}))
+    assert step_decision(probing, paths, 1) == StepDecision(0.3, 1, True)
+    # with the trust region too, m is kept after the probe and the trust region resumes after it
+    both = load_config(
+        config_file(tmp_path), ["update.first_round=uniform", "update.trust_region=true"]
+    )
+    assert step_decision(both, paths, 1) == StepDecision(0.3, 1, True)
+    (run / "round-2" / "mixture.json").write_text(
+        json.dumps({"update": {"rule": "ideal", "step": 0.3, "from_round": 1}})
+    )
+    assert step_decision(both, paths, 2) == StepDecision(0.15, 1, False)  # 0.9 > Q(1) = 0.7
+
+
+def test_the_probing_loop(tmp_path):
+    config = load_config(config_file(tmp_path), ["update.first_round=uniform"])
+    run = tmp_path / "run"
+    summary = run_loop(config, run)
+    rounds = summary["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    first = json.loads((run / "round-1" / "mixture.json").read_text())
+    assert first["update"]["rule"] == "uniform" and first["update"]["from_round"] == 0
+    volumes = list(rounds[1]["volumes"].values())
+    assert sum(volumes) == sum(rounds[0]["volumes"].values()) and max(volumes) - min(volumes) <= 1
+    losses = [r["reference_loss_mean"] for r in rounds]
+    base = 1 if losses[1] < losses[0] else 0
+    second = json.loads((run / "round-2" / "mixture.json").read_text())["update"]
+    assert second["rule"] == "ideal" and second["from_round"] == base
+    previous = json.loads((run / f"round-{base}" / "mixture.json").read_text())
+    assert second["previous_volumes"] == {d: e["volume"] for d, e in previous["domains"].items()}
+    # influence only where an IDEAL update started: the base round, never the other
+    assert (run / f"round-{base}" / "influence.json").is_file()
+    assert not (run / f"round-{1 - base}" / "influence.json").is_file()
+    assert summary["selected_round"] == min(range(3), key=lambda k: (losses[k], k))
+
+
+def test_a_uniform_d0_is_not_probed(tmp_path):
+    uniform_d0 = TINY.replace("volume: 20", "volume: 40")
+    config = load_config(
+        config_file(tmp_path, uniform_d0), ["update.first_round=uniform", "rounds=1"]
+    )
+    run = tmp_path / "run"
+    run_loop(config, run)
+    update = json.loads((run / "round-1" / "mixture.json").read_text())["update"]
+    assert update["rule"] == "ideal"  # METHOD.md's step: the probe would change nothing
+    assert (run / "round-0" / "influence.json").is_file()
+
+
+def test_first_round_is_validated_and_reaches_compare(tmp_path):
+    path = config_file(tmp_path)
+    with pytest.raises(IdealError, match="update.first_round must be one of ideal, uniform"):
+        load_config(path, ["update.first_round=doremi"])
+    loaded = load_config(path)
+    assert method_config(loaded, "ideal-uniform-probe", 0).update.first_round == "uniform"
+    assert method_config(loaded, "ideal", 0).update.first_round == "ideal"
