@@ -67,15 +67,20 @@ def test_the_probing_loop(tmp_path):
     assert summary["selected_round"] == min(range(3), key=lambda k: (losses[k], k))
 
 
-def test_a_uniform_d0_is_not_probed(tmp_path):
-    uniform_d0 = TINY.replace("volume: 20", "volume: 40")
+@pytest.mark.parametrize(
+    ("change", "rounds"),
+    [(("volume: 20", "volume: 40"), 2), (("", ""), 1)],
+    ids=["d0-already-uniform", "a-single-round"],
+)
+def test_where_a_probe_is_pointless_round_1_is_the_ideal_step(tmp_path, change, rounds):
     config = load_config(
-        config_file(tmp_path, uniform_d0), ["update.first_round=uniform", "rounds=1"]
+        config_file(tmp_path, TINY.replace(*change)),
+        ["update.first_round=uniform", f"rounds={rounds}", "train.max_steps=10"],
     )
     run = tmp_path / "run"
     run_loop(config, run)
     update = json.loads((run / "round-1" / "mixture.json").read_text())["update"]
-    assert update["rule"] == "ideal"  # METHOD.md's step: the probe would change nothing
+    assert update["rule"] == "ideal"  # METHOD.md's step
     assert (run / "round-0" / "influence.json").is_file()
 
 
