@@ -41,6 +41,7 @@ ITERATIVE = (
     "ideal-unseen-additive",
     "ideal-unseen-additive-trust",
     "ideal-uniform-probe",
+    "ideal-no-probe",
 )  # every round and selection shown
 
 

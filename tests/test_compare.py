@@ -62,6 +62,8 @@ def test_every_method_makes_a_valid_config():
     assert (both.update.geometry, both.update.trust_region) == ("additive", True)
     assert both.influence.domain_rows == "unseen" and both.select == config.select
     assert made["ideal"].update.geometry == "relative" and made["uniform"].select == "last"
+    assert made["ideal"].update.first_round == "uniform"  # the config's default: the probe
+    assert made["ideal-no-probe"].update.first_round == "ideal"
 
 
 def test_grid_shares_enumerate_the_positive_lattice():

@@ -33,7 +33,8 @@ rounds: 2
 # threads a reduction's order (hence its last bit) may change between two processes
 train: {max_steps: 30, lr: 0.003, batch_size: 8, checkpoint_every: 10, threads: 1}
 influence: {batch_size: 16}
-update: {step: 0.3}
+# round 1 is METHOD.md's step (not the default uniform probe): these tests check that step
+update: {step: 0.3, first_round: ideal}
 eval: {max_new_tokens: 6}
 """
 
@@ -128,12 +129,16 @@ def test_a_run_from_before_an_option_existed_resumes(finished, tiny_config, tmp_
     run = tmp_path / "older"
     shutil.copytree(finished[0], run)
     stored = yaml.safe_load((run / "config.yaml").read_text())
-    del stored["select"], stored["update"]["trust_region"]
+    del stored["select"], stored["update"]["trust_region"], stored["update"]["first_round"]
     stored["hash"] = "from-an-older-ideal"
     (run / "config.yaml").write_text(yaml.safe_dump(stored, sort_keys=False))
     assert run_loop(load_config(tiny_config), run, resume=True) == finished[1]
     with pytest.raises(IdealError, match=r"\(update.trust_region\)"):
         run_loop(load_config(tiny_config, ["update.trust_region=true"]), run, resume=True)
+    # an option whose default changed what a run does: a run from before it took the old way
+    # (first_round: ideal), so today's default (the uniform probe) is a change, named
+    with pytest.raises(IdealError, match=r"\(update.first_round\)"):
+        run_loop(load_config(tiny_config, ["update.first_round=uniform"]), run, resume=True)
 
 
 def test_killed_after_the_first_training_resumes_to_the_same_artifacts(

@@ -20,8 +20,10 @@ seed: it is trained once and copied into the others.
     ideal-unseen-additive  unseen domain rows and the step in volumes, all rounds
     ideal-unseen-additive-trust  unseen domain rows, the step in volumes and the trust region
     ideal-uniform-probe  the IDEAL rule with EK-FAC whose round 1 is the uniform mixture
-                  (`update.first_round: uniform`); the later rounds continue from the better of
-                  D0 and uniform by the reference loss
+                  (`update.first_round: uniform`, the default); the later rounds continue from the
+                  better of D0 and uniform by the reference loss
+    ideal-no-probe  the IDEAL rule with EK-FAC, round 1 METHOD.md's step from D0
+                  (`update.first_round: ideal`)
     random        K random mixtures on the simplex at the same total (`--random-candidates`), each
                   trained; the one with the best reference objective is kept (its compute counts all K)
     doremi        DoReMi adapted to SFT (`ideal.methods.proxy`): a proxy run learns domain weights on the
@@ -85,6 +87,7 @@ METHODS: dict[str, dict[str, Any]] = {
         "curvature": "ekfac",
         "update": {"first_round": "uniform"},
     },
+    "ideal-no-probe": {"rule": "ideal", "curvature": "ekfac", "update": {"first_round": "ideal"}},
     "random": {"rounds": 1, "rule": "fixed"},
     "doremi": {"rounds": 1, "rule": "doremi"},
     "doge": {"rounds": 1, "rule": "doge"},

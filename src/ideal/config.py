@@ -44,9 +44,11 @@ class UpdateSettings:
     min_z: float = 0.0  # ideal: hold domains whose sensitivity is within min_z standard errors of 0
     trust_region: bool = False  # ideal: double m after a round that lowered Q, else back off
     max_step: float = 0.9  # ideal with trust_region: the largest m
-    # ideal: round 1 is METHOD.md's step from D0, or the uniform mixture at the same total (a probe;
-    # later updates start from whichever of D0 and round 1 has the lower Q)
-    first_round: str = "ideal"
+    # ideal: round 1 is the uniform mixture at D0's total (a probe; later updates start from
+    # whichever of D0 and round 1 has the lower Q), or METHOD.md's step from D0 ("ideal"). The
+    # probe is the default since 2026-12-03 (docs/results.md, "mixture quality"); a run started
+    # before the option existed took METHOD.md's step ("before").
+    first_round: str = field(default="uniform", metadata={"before": "ideal"})
     max_repeats: int = 4
     min_examples: int = 1
     keep_total: bool = True
@@ -284,13 +286,16 @@ class RunConfig:
 
 def config_changes(stored: dict[str, Any], current: dict[str, Any], cls: type = None) -> list[str]:
     """Dotted keys whose value differs between a stored config (a run's config.yaml) and the
-    current one. A key the stored config lacks is no change when its current value is the field's
-    default: an option added to ideal since the run started, which leaves the run as it was."""
+    current one. A key the stored config lacks is no change when its current value is what the
+    run did before the option existed: the field's default, or its `before` metadata where the
+    default changed the behaviour (an option added to ideal since the run started)."""
     cls = cls or RunConfig
     hints = typing.get_type_hints(cls)
     defaults = {}
     for f in fields(cls):
-        if f.default is not dataclasses.MISSING:
+        if "before" in f.metadata:
+            defaults[f.name] = f.metadata["before"]
+        elif f.default is not dataclasses.MISSING:
             defaults[f.name] = f.default
         elif f.default_factory is not dataclasses.MISSING:
             defaults[f.name] = f.default_factory()
