@@ -45,10 +45,11 @@ def test_step_decision_after_the_probe(tmp_path):
     assert step_decision(both, paths, 2) == StepDecision(0.15, 1, False)  # 0.9 > Q(1) = 0.7
 
 
-def test_the_probing_loop(tmp_path):
-    config = load_config(config_file(tmp_path), ["update.first_round=uniform"])
+def test_the_probing_loop(tmp_path, cli):
     run = tmp_path / "run"
-    summary = run_loop(config, run)
+    result = cli("run", config_file(tmp_path), "update.first_round=uniform", "--out", run)
+    assert result.code == 0, result.err
+    summary = json.loads((run / "summary.json").read_text())
     rounds = summary["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
     first = json.loads((run / "round-1" / "mixture.json").read_text())
@@ -65,6 +66,12 @@ def test_the_probing_loop(tmp_path):
     assert (run / f"round-{base}" / "influence.json").is_file()
     assert not (run / f"round-{1 - base}" / "influence.json").is_file()
     assert summary["selected_round"] == min(range(3), key=lambda k: (losses[k], k))
+    said = " ".join(result.out.split())  # rich may wrap the line
+    where = "round 1 (uniform)" if base == 1 else "round 0 (D0)"
+    assert (
+        f"round 1 is the uniform probe (update.first_round); the IDEAL updates went on from {where}"
+        in said
+    )
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ point, for tests too.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -81,6 +82,23 @@ OnInvalidOption = Annotated[
 ]
 
 
+def _probe_note(run_dir: Path) -> str | None:
+    """A line saying that round 1 was the uniform probe and where the IDEAL updates went on from."""
+    try:
+        first = json.loads((run_dir / "round-1" / "mixture.json").read_text())["update"]
+        second = json.loads((run_dir / "round-2" / "mixture.json").read_text())["update"]
+    except (OSError, KeyError, ValueError):
+        return None
+    if first.get("rule") != "uniform":
+        return None
+    base = second.get("from_round")
+    chosen = "round 1 (uniform)" if base == 1 else "round 0 (D0)"
+    return (
+        f"round 1 is the uniform probe (update.first_round); the IDEAL updates went on from "
+        f"{chosen}, the lower mean reference loss"
+    )
+
+
 def _print_rounds(summary: dict, run_dir: Path) -> None:
     rounds = summary["rounds"]
     table = Table(title="test accuracy per capability (round 0 = the original mixture D0)")
@@ -96,6 +114,9 @@ def _print_rounds(summary: dict, run_dir: Path) -> None:
         table.add_row(f"volume {domain}", *(str(r["volumes"].get(domain)) for r in rounds))
     console = _console()
     console.print(table)
+    probe = _probe_note(run_dir) if len(rounds) > 2 else None
+    if probe:
+        console.print(probe)
     selected = summary.get("selected_round")
     if selected is not None:
         console.print(
