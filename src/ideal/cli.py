@@ -114,7 +114,7 @@ def _print_rounds(summary: dict, run_dir: Path) -> None:
         table.add_row(f"volume {domain}", *(str(r["volumes"].get(domain)) for r in rounds))
     console = _console()
     console.print(table)
-    probe = _probe_note(run_dir) if len(rounds) > 2 else None
+    probe = _probe_note(run_dir)
     if probe:
         console.print(probe)
     selected = summary.get("selected_round")

@@ -150,11 +150,12 @@ def step_decision(config: RunConfig, paths: RunPaths, k: int) -> StepDecision:
     `update.step`; with `update.trust_region`, the trust region's decision after round K
     (`ideal.methods.trust`)."""
     update = config.update
-    if update.rule != "ideal" or k == 0:
+    after_probe = k == 1 and update.first_round == "uniform"  # if round 1 was the probe
+    if update.rule != "ideal" or k == 0 or not (update.trust_region or after_probe):
         return StepDecision(update.step, k, True)
     record = read_json(paths.round(k) / "mixture.json")["update"]
-    probe = record.get("rule") == "uniform"
-    if not (update.trust_region or probe):
+    probe = after_probe and record.get("rule") == "uniform"
+    if not (update.trust_region or probe):  # D0 was already uniform: round 1 was an IDEAL step
         return StepDecision(update.step, k, True)
     base = record.get("from_round", k - 1)
     loss = read_json(paths.round(k) / "metrics.json")["reference_loss_mean"]
