@@ -98,3 +98,44 @@ def test_first_round_is_validated_and_reaches_compare(tmp_path):
     loaded = load_config(path)
     assert method_config(loaded, "ideal-uniform-probe", 0).update.first_round == "uniform"
     assert method_config(loaded, "ideal", 0).update.first_round == "ideal"
+
+
+def test_the_probe_on_a_bpe_chatml_model_with_lora(tmp_path):
+    """The default loop (probe, then IDEAL) on a real-model stand-in: a byte-level BPE with a
+    ChatML template, LoRA training, answers that start with a newline, unequal volumes."""
+    from ideal.hf import load_tokenizer
+    from ideal.tiny import byte_bpe_tokenizer, save_model_dir, tiny_causal_lm
+    from tests.helpers import make_data_dir
+
+    tokenizer = byte_bpe_tokenizer()
+    assert "<|im_start|>" in tokenizer.chat_template
+    base = save_model_dir(
+        tmp_path / "base", tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=1), tokenizer
+    )
+    assert load_tokenizer(base).chat_template == tokenizer.chat_template
+
+    def rows(domain, n, offset=0):
+        return [{"prompt": f"{domain} {i}?", "completion": f"\n{i}", "answer": f"{i}"}
+                for i in range(offset, offset + n)]  # fmt: skip
+
+    make_data_dir(tmp_path / "train", {"add": rows("add", 12), "mul": rows("mul", 4)})
+    make_data_dir(tmp_path / "ref", {"add": rows("add", 3, 20), "mul": rows("mul", 3, 20)})
+    make_data_dir(tmp_path / "test", {"add": rows("add", 3, 30), "mul": rows("mul", 3, 30)})
+    (tmp_path / "c.yaml").write_text(
+        f"model: {base}\ntrain_data: {tmp_path / 'train'}\nreference_data: {tmp_path / 'ref'}\n"
+        f"test_data: {tmp_path / 'test'}\nrounds: 2\n"
+        "train: {max_steps: 4, batch_size: 4, lr: 0.01, lora: true, lora_r: 2, threads: 1}\n"
+        "influence: {batch_size: 8}\nupdate: {step: 0.3}\neval: {max_new_tokens: 3}\n"
+    )
+    run = tmp_path / "run"
+    summary = run_loop(load_config(tmp_path / "c.yaml"), run)  # first_round: the default probe
+    volumes = [r["volumes"] for r in summary["rounds"]]
+    assert volumes[0] == {"add": 12, "mul": 4} and volumes[1] == {"add": 8, "mul": 8}
+    losses = [r["reference_loss_mean"] for r in summary["rounds"]]
+    base_round = 1 if losses[1] < losses[0] else 0
+    second = json.loads((run / "round-2" / "mixture.json").read_text())["update"]
+    assert second["rule"] == "ideal" and second["from_round"] == base_round
+    assert (run / f"round-{base_round}" / "model" / "adapter_config.json").is_file()
+    assert json.loads((run / f"round-{base_round}" / "influence.json").read_text())["volumes"] == (
+        volumes[base_round]
+    )
