@@ -136,6 +136,7 @@ def test_the_probe_on_a_bpe_chatml_model_with_lora(tmp_path):
     second = json.loads((run / "round-2" / "mixture.json").read_text())["update"]
     assert second["rule"] == "ideal" and second["from_round"] == base_round
     assert (run / f"round-{base_round}" / "model" / "adapter_config.json").is_file()
-    assert json.loads((run / f"round-{base_round}" / "influence.json").read_text())["volumes"] == (
-        volumes[base_round]
+    assert (
+        json.loads((run / f"round-{base_round}" / "influence.json").read_text())["volumes"]
+        == (volumes[base_round])
     )
