@@ -27,11 +27,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.helpers import toy_influence_problem  # noqa: E402
 
-import ideal.influence.engine as influence  # noqa: E402
+import ideal.influence.engine as influence  # noqa: E402  (patched: its dense_gauss_newton)
 from ideal.influence.capture import layer_shape, select_layers  # noqa: E402
-from ideal.influence.engine import InfluenceSettings, domain_influence  # noqa: E402
-
-dense = influence.dense_gauss_newton
+from ideal.influence.engine import domain_influence  # noqa: E402
+from ideal.influence.exact import dense_gauss_newton as dense  # noqa: E402
+from ideal.influence.settings import InfluenceSettings  # noqa: E402
 
 
 def block_diagonal(model, layers, domains, pad_id):

@@ -29,7 +29,9 @@ from tests.helpers import toy_influence_problem  # noqa: E402
 
 from ideal.data.mixture import sample_counts, sample_mixture  # noqa: E402
 from ideal.influence.capture import select_layers  # noqa: E402
-from ideal.influence.engine import InfluenceSettings, WeightedSet, domain_influence  # noqa: E402
+from ideal.influence.engine import domain_influence  # noqa: E402
+from ideal.influence.results import WeightedSet  # noqa: E402
+from ideal.influence.settings import InfluenceSettings  # noqa: E402
 
 
 def subset(ws: WeightedSet, counts: np.ndarray, population: float | None) -> WeightedSet:

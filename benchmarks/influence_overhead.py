@@ -106,20 +106,21 @@ def stage_sft(model_dir: Path, train: Path, save: Path | None = None) -> dict:
 def stage_influence(model_dir: Path, train: Path, reference: Path, variant: str) -> dict:
     """`variant` is FISHER:SAMPLE[:CURVATURE_EXAMPLES[:MAX_EXAMPLES[:REFINE]]] ('all' for no
     bound; the defaults when left out; REFINE conjugate-gradient steps, default 0)."""
-    from ideal.influence.command import compute_influence
-    from ideal.influence.defaults import CURVATURE_EXAMPLES, MAX_EXAMPLES
-    from ideal.influence.engine import InfluenceSettings
+    from ideal.influence.settings import InfluenceConfig, InfluenceJob
+    from ideal.influence.step import compute_influence
+    from ideal.settings import default_of
 
     fisher, sample, *bounds = variant.split(":")
-    curvature, cap = [*bounds, str(CURVATURE_EXAMPLES), str(MAX_EXAMPLES)][:2]
+    defaults = [str(default_of(InfluenceConfig, k)) for k in ("curvature_examples", "max_examples")]
+    curvature, cap = [*bounds, *defaults][:2]
     refine = int(bounds[2]) if len(bounds) > 2 else 0
     start, cpu = time.perf_counter(), time.process_time()
-    _, doc = compute_influence(
-        model_dir, train, reference, InfluenceSettings(fisher=fisher, refine=refine),
-        sample=float(sample),
+    config = InfluenceConfig(
+        fisher=fisher, refine=refine, batch_size=8, sample=float(sample),
         curvature_examples=None if curvature == "all" else int(curvature),
         max_examples=None if cap == "all" else int(cap),
     )  # fmt: skip
+    _, doc = compute_influence(model_dir, train, reference, InfluenceJob(config))
     total, cpu = time.perf_counter() - start, time.process_time() - cpu
     seconds = doc["seconds"]
     return {

@@ -34,14 +34,13 @@ PASSES = ("pass1_factors_and_domain_gradients", "pass2_eigenvalue_correction", "
 
 
 def stage(model: Path, data: Path, layers: str | None) -> dict:
-    from ideal.influence.command import compute_influence
-    from ideal.influence.engine import InfluenceSettings
+    from ideal.influence.settings import InfluenceConfig, InfluenceJob
+    from ideal.influence.step import compute_influence
 
     start = time.perf_counter()
-    _, doc = compute_influence(
-        model, data / "train", data / "reference", InfluenceSettings(), sample=1.0,
-        layers=layers.split(",") if layers else None,
-    )  # fmt: skip
+    config = InfluenceConfig(sample=1.0, batch_size=8,
+                             layers=tuple(layers.split(",")) if layers else None)  # fmt: skip
+    _, doc = compute_influence(model, data / "train", data / "reference", InfluenceJob(config))
     return {
         "seconds": time.perf_counter() - start - doc["seconds"]["load_and_tokenize"],
         "stages": doc["seconds"],
@@ -139,10 +138,12 @@ def probe_part(tmp: Path, model: Path, threads: int) -> None:
 
 
 def probe(model: Path, data: Path) -> dict:
-    from ideal.influence.command import probe_seconds
+    from ideal.influence.settings import InfluenceConfig, InfluenceJob
+    from ideal.influence.step import probe_seconds
 
     start = time.perf_counter()
-    result = probe_seconds(model, data / "train", data / "reference", sample=1.0)
+    job = InfluenceJob(InfluenceConfig(sample=1.0, batch_size=8))
+    result = probe_seconds(model, data / "train", data / "reference", job)
     return {**result, "probe_wall": time.perf_counter() - start}
 
 

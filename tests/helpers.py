@@ -67,7 +67,7 @@ def toy_influence_problem(n: int = 40, steps: int = 50, seed: int = 0):
     import numpy as np
     import torch
 
-    from ideal.influence.engine import WeightedSet
+    from ideal.influence.results import WeightedSet
     from ideal.lm import collate, example_losses
     from ideal.tiny import char_tokenizer, tiny_causal_lm
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from ideal.backends.command import (
+from ideal.backends.external import (
     CommandTrainer,
     child_environment,
     fill,
@@ -343,7 +343,7 @@ def test_a_run_with_a_command_trainer_and_evaluator_fails_once_and_resumes(tmp_p
     assert "fake trainer: failing on purpose" in message  # the log's last lines
     assert (run / "round-0" / "metrics.json").is_file() and not (run / "round-1" / "model").exists()
 
-    summary = run_loop(config, run, resume=True)
+    summary = run_loop(config, run, resume=True).to_json()
     assert [r["round"] for r in summary["rounds"]] == [0, 1]
     for k in (0, 1):
         here = run / f"round-{k}"
@@ -519,7 +519,7 @@ def test_a_run_trains_its_round_with_trl(tmp_path):
     pytest.importorskip("trl")
     (tmp_path / "c.yaml").write_text(TINY)
     config = load_config(tmp_path / "c.yaml", ["rounds=0", "train.backend=trl"])
-    summary = run_loop(config, tmp_path / "run")
+    summary = run_loop(config, tmp_path / "run").to_json()
     here = tmp_path / "run" / "round-0"
     record = json.loads((here / "train.json").read_text())
     assert (record["backend"], record["loss"], record["steps"]) == ("trl", "token", 30)

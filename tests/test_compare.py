@@ -33,8 +33,8 @@ def test_compare_uniform_and_ideal_on_the_quick_config(cli, tmp_path):
     # the round `select` returns (default: the lowest mean reference loss), round 0 included
     rounds = json.loads((ideal / "summary.json").read_text())["rounds"]
     losses = [r["reference_loss_mean"] for r in rounds]
-    assert len(rounds) == 2 and entry["runs"][0]["final"]["round"] == losses.index(min(losses))
-    assert entry["runs"][0]["selected_round"] == entry["runs"][0]["final"]["round"]
+    assert len(rounds) == 2 and entry["runs"][0]["selected"]["round"] == losses.index(min(losses))
+    assert entry["runs"][0]["selected_round"] == entry["runs"][0]["selected"]["round"]
     assert entry["test_accuracy_mean"]["mean"] is not None
     # one seed: the paired difference is printed, but nothing separates the methods
     assert "paired differences against uniform" in result.out
@@ -87,7 +87,7 @@ def test_gap_closure_by_hand():
     def method(*accuracies):
         return {
             "runs": [
-                {"seed": s, "final": {"test_accuracy_mean": a}} for s, a in enumerate(accuracies)
+                {"seed": s, "selected": {"test_accuracy_mean": a}} for s, a in enumerate(accuracies)
             ]
         }
 
@@ -108,7 +108,7 @@ def test_paired_differences_and_verdicts_by_hand():
     from ideal.compare import paired_differences, verdict
 
     def method(mean, worst):
-        return {"runs": [{"seed": s, "final": {"test_accuracy_mean": m, "test_accuracy_worst": w}}
+        return {"runs": [{"seed": s, "selected": {"test_accuracy_mean": m, "test_accuracy_worst": w}}
                          for s, (m, w) in enumerate(zip(mean, worst, strict=True))]}  # fmt: skip
 
     results = {
@@ -155,8 +155,8 @@ def test_doremi_doge_and_oracle_grid_on_the_quick_config(cli, tmp_path):
     oracle = document["methods"]["oracle-grid"]["runs"][0]
     assert len(oracle["grid"]) == 6
     best = max([r["test_accuracy_mean"] for r in oracle["grid"]]
-               + [document["methods"]["original"]["runs"][0]["final"]["test_accuracy_mean"]])  # fmt: skip
-    assert oracle["final"]["test_accuracy_mean"] == pytest.approx(best)
+               + [document["methods"]["original"]["runs"][0]["selected"]["test_accuracy_mean"]])  # fmt: skip
+    assert oracle["selected"]["test_accuracy_mean"] == pytest.approx(best)
     closure = document["gap_closure"]
     assert set(closure) == {"doremi", "doge"}
     html = (out / "compare.html").read_text()

@@ -298,7 +298,7 @@ def test_retokenized_rows_are_counted_per_call_and_logged_once_per_domain(tmp_pa
     rows = [{"prompt": f"Question {i}.", "completion": "\n\nAnswer two."} for i in range(3)]
     rows.append({"prompt": "Question one.", "completion": "Answer two."})
     examples = load_domains(make_data_dir(tmp_path, {"code": rows}))["code"].examples
-    with caplog.at_level("INFO", logger="ideal.data.rows"):
+    with caplog.at_level("INFO", logger="ideal.data.tokens"):
         items, report = tokenize_examples(examples, bpe)
         again, _ = tokenize_examples(examples[:2], bpe)  # the same command, a second sample
     assert (report.examples, report.retokenized, report.rewritten) == (4, 3, 0)

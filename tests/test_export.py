@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ideal.data.mixture import draw_mixture
+from ideal.data.mixture_io import load_training_set, write_mixture_dir
 from tests.helpers import make_data_dir, qa_rows
 from tests.test_cli import assert_one_line_error, write_influence
 
@@ -29,6 +31,7 @@ def mixture(cli, tmp_path):
             tmp_path / "mix",
             "--step",
             "0.5",
+            "--no-keep-total",
         ).code
         == 0
     )
@@ -89,3 +92,36 @@ def test_export_errors(cli, tmp_path):
         "expected a mixture.json",
     )
     assert not (tmp_path / "o").exists()
+
+
+def test_export_a_run_or_a_round(cli, tmp_path):
+    """`--run RUN` exports the round the run returned; `--run RUN/round-K` that round."""
+    run = tmp_path / "run"
+    for k, volumes in enumerate([{"math": 4, "code": 2}, {"math": 3, "code": 3}]):
+        train = make_data_dir(
+            tmp_path / f"pool-{k}", {"math": qa_rows("m", 4), "code": qa_rows("c", 3)}
+        )
+        assert cli("check", train).code == 0
+        training = load_training_set(train)
+        sizes = {d: len(p.examples) for d, p in training.pool.items()}
+        write_mixture_dir(run / f"round-{k}", training, draw_mixture(sizes, volumes, 4, 0),
+                          data_subdir="data")  # fmt: skip
+    (run / "summary.json").write_text(
+        json.dumps({"rounds": [], "select": "last", "selected_round": 1})
+    )
+    result = cli("export", "--run", run, "--format", "trl", "--out", tmp_path / "a")
+    assert result.code == 0, result.err
+    assert "round-1" in result.out
+    assert sorted(count_rows(p) for p in (tmp_path / "a").glob("*.jsonl")) == [3, 3]
+    result = cli("export", "--run", run / "round-0", "--format", "trl", "--out", tmp_path / "b")
+    assert result.code == 0 and sorted(count_rows(p) for p in (tmp_path / "b").glob("*.jsonl")) == [
+        2,
+        4,
+    ]
+    assert_one_line_error(
+        cli("export", "--run", tmp_path, "--format", "trl", "--out", tmp_path / "c"),
+        "neither a finished run",
+    )
+    both = cli("export", "--run", run, "--mixture", run / "round-0" / "mixture.json",
+               "--format", "trl", "--out", tmp_path / "d")  # fmt: skip
+    assert both.code == 2 and "exactly one of --run and --mixture" in both.err

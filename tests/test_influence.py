@@ -12,15 +12,11 @@ from torch import nn
 from ideal.errors import IdealError
 from ideal.influence.capture import Capture, select_layers
 from ideal.influence.curvature import kfac_eigen, layer_stats
-from ideal.influence.engine import (
-    InfluenceEngine,
-    InfluenceSettings,
-    WeightedSet,
-    dense_gauss_newton,
-    domain_influence,
-    forward_logits,
-    no_progress,
-)
+from ideal.influence.engine import domain_influence
+from ideal.influence.exact import dense_gauss_newton
+from ideal.influence.passes import InfluenceEngine, forward_logits, no_progress
+from ideal.influence.results import WeightedSet
+from ideal.influence.settings import InfluenceSettings
 from ideal.lm import collate, example_losses, token_nll
 from tests.helpers import toy_influence_problem
 

@@ -56,7 +56,9 @@ def test_influence_writes_json_csv_and_heatmap(cli, workspace, tmp_path):
     share = np.array([9, 7, 5]) / 21
     alpha = -share * scores.mean(0)
     assert [doc["sensitivity"][d] for d in doc["domains"]] == pytest.approx(alpha.tolist())
+    # the CLI adds the beta of an IDEAL step at m = --step (0.15); the step is not the engine's
     assert max(abs(b) for b in doc["beta"].values()) == pytest.approx(0.15)
+    assert "step" not in doc["objective"]
     assert set(doc["seconds"]) >= {
         "references",
         "curvature_covariances",
@@ -92,6 +94,7 @@ def test_influence_writes_json_csv_and_heatmap(cli, workspace, tmp_path):
         tmp_path / "out" / "influence.json",
         "--out",
         tmp_path / "mix",
+        "--no-keep-total",
     )
     assert reweighted.code == 0, reweighted.err
     manifest = json.loads((tmp_path / "mix" / "mixture.json").read_text())
@@ -158,9 +161,8 @@ def test_user_errors_are_one_line_and_write_nothing(cli, workspace, tmp_path):
     )
     assert_one_line_error(run(cli, workspace, out, "--curvature", "exact"), "above the limit")
     assert_one_line_error(run(cli, workspace, out, "--sample", "0"), "--sample must be in (0, 1]")
-    assert_one_line_error(
-        run(cli, workspace, out, "--factors", "gpu"), "--factors must be cpu or device"
-    )
+    usage = run(cli, workspace, out, "--factors", "gpu")  # a choice: the framework's usage error
+    assert usage.code == 2 and "'gpu' is not one of 'cpu', 'device'" in usage.err
     assert not out.exists()
 
 
@@ -221,8 +223,8 @@ def test_unseen_domain_rows_score_the_pool_rows_the_mixture_lacks(workspace, tmp
     mixture made of exactly those rows once."""
     from ideal.data.mixture import Mixture
     from ideal.data.mixture_io import load_training_set, write_mixture_dir
-    from ideal.influence.command import compute_influence
-    from ideal.influence.engine import InfluenceSettings
+    from ideal.influence.settings import InfluenceConfig, InfluenceJob
+    from ideal.influence.step import compute_influence
 
     model, train_dir = workspace / "llama", workspace / "train"
     if stand_in != "char":  # answers that start with a newline, as real chat data has
@@ -238,11 +240,11 @@ def test_unseen_domain_rows_score_the_pool_rows_the_mixture_lacks(workspace, tmp
     write_mixture_dir(tmp_path / "d0", training, Mixture(counts))
     unseen = {d: (c == 0).astype(np.int64) if (c == 0).any() else c for d, c in counts.items()}
     write_mixture_dir(tmp_path / "fresh", training, Mixture(unseen))
-    settings = InfluenceSettings(curvature="identity", batch_size=4)
 
     def scores(train, rows):
-        _, doc = compute_influence(model, train, workspace / "reference", settings,
-                                   sample=1.0, max_examples=None, domain_rows=rows)  # fmt: skip
+        config = InfluenceConfig(curvature="identity", batch_size=4, sample=1.0,
+                                 max_examples=None, domain_rows=rows)  # fmt: skip
+        _, doc = compute_influence(model, train, workspace / "reference", InfluenceJob(config))
         return doc
 
     ours, by_hand = scores(tmp_path / "d0", "unseen"), scores(tmp_path / "fresh", "mixture")
@@ -253,7 +255,7 @@ def test_unseen_domain_rows_score_the_pool_rows_the_mixture_lacks(workspace, tmp
     plain = scores(tmp_path / "d0", "mixture")
     assert plain["sampled_weight"] == {"add": 7.0, "mul": 7.0, "sub": 3.0}
     assert not np.allclose(plain["scores"], ours["scores"], rtol=1e-3)  # other rows, other scores
-    with pytest.raises(IdealError, match="domain rows must be one of"):
+    with pytest.raises(IdealError, match="influence.domain_rows must be one of mixture, unseen"):
         scores(tmp_path / "d0", "pool")
 
 

@@ -19,16 +19,14 @@ from ideal.config import load_config
 from ideal.data.rows import Tokenized
 from ideal.errors import IdealError
 from ideal.influence.capture import layer_shape, select_layers
-from ideal.influence.command import recorded_loss, resolve_loss
-from ideal.influence.engine import (
-    InfluenceSettings,
-    WeightedSet,
-    dense_gauss_newton,
-    domain_influence,
-    domain_means,
-    make_batches,
-)
+from ideal.influence.engine import domain_influence
+from ideal.influence.exact import dense_gauss_newton
+from ideal.influence.passes import make_batches
 from ideal.influence.refine import GaussNewton
+from ideal.influence.results import WeightedSet
+from ideal.influence.settings import InfluenceSettings
+from ideal.influence.statistics import domain_means
+from ideal.influence.step import recorded_loss, resolve_loss
 from ideal.lm import collate
 from ideal.tiny import char_tokenizer, save_model_dir, tiny_causal_lm
 from tests.helpers import make_data_dir, tokenize_pairs
@@ -350,12 +348,12 @@ def test_influence_loss_auto_follows_the_trainer(tmp_path, overrides, expected):
     path.write_text(TINY)
     config = load_config(path, overrides)
     loss, source = config.influence_loss()
-    assert loss == expected and config.influence_settings().loss == expected
+    assert loss == expected and config.influence_job().settings.loss == expected
     if any(o.startswith("influence.loss") for o in overrides):
         assert source == "influence.loss"
     else:
         assert "auto" in source and config.train.backend in source
-    with pytest.raises(IdealError, match="influence.loss must be auto, example or token"):
+    with pytest.raises(IdealError, match="influence.loss must be one of auto, example, token"):
         load_config(path, ["influence.loss=tokens"])
 
 

@@ -19,7 +19,9 @@ import pytest
 import torch
 
 from ideal.influence.capture import select_layers
-from ideal.influence.engine import InfluenceSettings, WeightedSet, domain_influence
+from ideal.influence.engine import domain_influence
+from ideal.influence.results import WeightedSet
+from ideal.influence.settings import InfluenceSettings
 from ideal.lm import collate, example_losses
 from ideal.tiny import char_tokenizer, tiny_causal_lm
 from tests.helpers import tokenize_pairs

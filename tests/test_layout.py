@@ -13,24 +13,32 @@ PACKAGE = Path(ideal.__file__).parent
 
 # Higher imports lower, never the reverse; parts of one rank do not import each other.
 RANKS = {
-    "ideal": 10,  # the lazy top-level API (strings only)
-    "ideal.__main__": 10,
-    "ideal.cli": 9,
-    "ideal.compare": 8,
-    "ideal.loop": 7,
-    "ideal.config": 6,
-    "ideal.influence": 5,  # may import methods: the update rule gives influence.json its beta
-    "ideal.methods": 4,
-    "ideal.backends": 4,
-    "ideal.lm": 3,
-    "ideal.data": 2,
-    "ideal.report": 2,
-    "ideal.artifacts": 1,
-    "ideal.hf": 1,
+    "ideal": 20,  # the lazy top-level API (strings only)
+    "ideal.__main__": 20,
+    "ideal.cli": 19,
+    "ideal.cli_options": 18,
+    "ideal.compare": 17,
+    "ideal.loop": 16,
+    "ideal.stages": 15,
+    "ideal.summary": 14,
+    "ideal.preflight": 14,
+    "ideal.rundir": 14,
+    "ideal.config": 13,
+    "ideal.methods": 12,  # the update rule reads the influence step's sensitivities
+    "ideal.influence": 11,
+    "ideal.backends": 10,
+    "ideal.lm": 9,
+    "ideal.data": 8,
+    "ideal.report": 8,
+    "ideal.records": 7,
+    "ideal.artifacts": 6,
+    "ideal.hf": 6,
+    "ideal.settings": 1,
     "ideal.errors": 0,
     "ideal.distributed": 0,
     "ideal.progress": 0,
     "ideal.tiny": 0,
+    "ideal.version": 0,
 }
 
 

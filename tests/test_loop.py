@@ -53,7 +53,7 @@ def tiny_config(tmp_path_factory):
 @pytest.fixture(scope="module")
 def finished(tiny_config, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "whole"
-    summary = run_loop(load_config(tiny_config), run)
+    summary = run_loop(load_config(tiny_config), run).to_json()
     return run, summary
 
 
@@ -89,10 +89,12 @@ def test_run_directory_follows_the_spec(finished):
         second["reference_loss_mean"] - first["reference_loss_mean"]
     )
     # the volumes follow the influence: beta of round 0's influence.json, after rounding
-    beta = json.loads((run / "round-0" / "influence.json").read_text())["beta"]
-    for domain, b in beta.items():
-        if abs(b) > 0.05:
-            assert (second["volumes"][domain] - first["volumes"][domain]) * b > 0
+    influence = json.loads((run / "round-0" / "influence.json").read_text())
+    assert influence["step"] == 0.3  # the run's m (update.step), not a fixed 0.15
+    beta = influence["beta"]  # keep_total rescales (1 + beta): the order of the changes stays
+    ratio = {d: second["volumes"][d] / first["volumes"][d] for d in beta}
+    assert max(beta, key=beta.get) == max(ratio, key=ratio.get)
+    assert min(beta, key=beta.get) == min(ratio, key=ratio.get)
     losses = [r["reference_loss_mean"] for r in summary["rounds"]]
     assert summary["select"] == "reference_loss"  # the default
     assert summary["selected_round"] == losses.index(min(losses))
@@ -132,7 +134,7 @@ def test_a_run_from_before_an_option_existed_resumes(finished, tiny_config, tmp_
     del stored["select"], stored["update"]["trust_region"], stored["update"]["first_round"]
     stored["hash"] = "from-an-older-ideal"
     (run / "config.yaml").write_text(yaml.safe_dump(stored, sort_keys=False))
-    assert run_loop(load_config(tiny_config), run, resume=True) == finished[1]
+    assert run_loop(load_config(tiny_config), run, resume=True).to_json() == finished[1]
     with pytest.raises(IdealError, match=r"\(update.trust_region\)"):
         run_loop(load_config(tiny_config, ["update.trust_region=true"]), run, resume=True)
     # an option whose default changed what a run does: a run from before it took the old way
@@ -198,4 +200,12 @@ def test_demo_quick(cli, tmp_path):
     assert "round 0" in result.out and "report:" in result.out
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert len(summary["rounds"]) == 2 and summary["rounds"][0]["test_accuracy_mean"] is not None
-    assert f"returned: round {summary['selected_round']} (select: reference_loss)" in result.out
+    selected = summary["rounds"][summary["selected_round"]]
+    kind = "D0" if selected["round"] == 0 else f"ideal step from round {selected['from_round']}"
+    assert f"returned: round {selected['round']} ({kind}; select: reference_loss)" in result.out
+    shares = ", ".join(
+        f"{d} {v} ({100 * v / sum(selected['volumes'].values()):.0f} %)"
+        for d, v in selected["volumes"].items()
+    )
+    assert f"volumes: {shares}" in result.out
+    assert f"ideal export --run {tmp_path / 'demo'} --format" in result.out

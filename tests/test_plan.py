@@ -6,14 +6,18 @@ from __future__ import annotations
 import json
 import re
 import resource
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaConfig
 
 from ideal.influence.capture import select_layers
-from ideal.influence.engine import InfluenceEngine, InfluenceSettings, WeightedSet, no_progress
+from ideal.influence.passes import InfluenceEngine, no_progress
 from ideal.influence.plan import meta_model, plan_influence
+from ideal.influence.results import WeightedSet
+from ideal.influence.settings import InfluenceConfig, InfluenceJob, InfluenceSettings
 from tests.helpers import make_data_dir, qa_rows, tokenize_pairs
 
 
@@ -105,15 +109,16 @@ def test_an_8b_config_plans_within_70_gib(cli, tmp_path):
 
 
 def test_plan_with_weights_adds_a_time_estimate_from_a_probe(cli, tmp_path):
-    from ideal.influence.command import probe_seconds
+    from ideal.influence.step import probe_seconds
     from ideal.tiny import char_tokenizer, save_model_dir, tiny_causal_lm
 
     tokenizer = char_tokenizer()
     save_model_dir(tmp_path / "m", tiny_causal_lm("llama", vocab_size=len(tokenizer)), tokenizer)
     make_data_dir(tmp_path / "train", {"a": qa_rows("a", 12), "b": qa_rows("b", 12)})
     make_data_dir(tmp_path / "reference", {"r": qa_rows("r", 6)})
-    probe = probe_seconds(tmp_path / "m", tmp_path / "train", tmp_path / "reference",
-                          sample=1.0, per_set=2)  # fmt: skip
+    job = InfluenceJob(InfluenceConfig(sample=1.0, batch_size=8))
+    probe = probe_seconds(tmp_path / "m", tmp_path / "train", tmp_path / "reference", job,
+                          per_set=2)  # fmt: skip
     assert probe["probe_examples"] == {"domains": 4, "references": 2, "curvature": 2}
     assert probe["examples"] == {"domains": 24, "references": 6, "curvature": 24}
     measured, estimate = probe["probe_seconds"], probe["estimate_seconds"]
@@ -126,10 +131,46 @@ def test_plan_with_weights_adds_a_time_estimate_from_a_probe(cli, tmp_path):
     assert probe["estimate_total"] == pytest.approx(sum(estimate.values()))
     # by default two batches of every set
     default = probe_seconds(tmp_path / "m", tmp_path / "train", tmp_path / "reference",
-                            InfluenceSettings(batch_size=2), sample=1.0)  # fmt: skip
+                            InfluenceJob(InfluenceConfig(sample=1.0, batch_size=2)))  # fmt: skip
     assert default["probe_examples"] == {"domains": 8, "references": 4, "curvature": 4}
     result = cli("influence", "--model", tmp_path / "m", "--train", tmp_path / "train",
                  "--reference", tmp_path / "reference", "--plan")  # fmt: skip
     assert result.code == 0, result.err
     assert re.search(r"time: ~[\d.]+ s on this machine for 12 sampled, 24 curvature and 6 reference",
                      result.out)  # fmt: skip
+
+
+def test_the_probe_reads_and_samples_the_data_as_the_step_does(cli, tmp_path):
+    """The probe takes the step's job whole: `on_invalid: skip` passes a bad row (the probe once
+    read with `error`, so `--on-invalid skip --plan` exited 1 where the run exited 0), and
+    `domain_rows` decides which rows score a domain (the probe once sampled the mixture's)."""
+    from ideal.data.mixture import Mixture
+    from ideal.data.mixture_io import load_training_set, write_mixture_dir
+    from ideal.errors import IdealError
+    from ideal.influence.step import probe_seconds
+    from ideal.tiny import char_tokenizer, save_model_dir, tiny_causal_lm
+
+    tokenizer = char_tokenizer()
+    save_model_dir(tmp_path / "m", tiny_causal_lm("llama", vocab_size=len(tokenizer)), tokenizer)
+    make_data_dir(tmp_path / "bad", {"a": [*qa_rows("a", 5), "{not json"], "b": qa_rows("b", 4)})
+    make_data_dir(tmp_path / "reference", {"r": qa_rows("r", 3)})
+    args = (tmp_path / "m", tmp_path / "bad", tmp_path / "reference")
+    config = InfluenceConfig(sample=1.0, max_examples=None, curvature="identity", batch_size=4)
+    probe = probe_seconds(*args, InfluenceJob(config, on_invalid="skip"), per_set=2)
+    assert probe["examples"]["domains"] == 9  # the 5 + 4 valid rows
+    with pytest.raises(IdealError, match="invalid JSON"):
+        probe_seconds(*args, InfluenceJob(config), per_set=2)
+    plan = ("influence", "--model", args[0], "--train", args[1], "--reference", args[2], "--plan")
+    assert cli(*plan).code == 1
+    assert cli(*plan, "--on-invalid", "skip").code == 0
+
+    # a mixture that holds 2 of a's 6 rows (3 copies) and every row of b: `unseen` scores a by
+    # its 4 rows not in the mixture, each once, and b by its copies
+    make_data_dir(tmp_path / "pool", {"a": qa_rows("a", 6), "b": qa_rows("b", 4)})
+    training = load_training_set(tmp_path / "pool")
+    counts = {"a": np.array([2, 1, 0, 0, 0, 0]), "b": np.array([1, 1, 1, 1])}
+    write_mixture_dir(tmp_path / "d0", training, Mixture(counts))
+    args = (tmp_path / "m", tmp_path / "d0", tmp_path / "reference")
+    for rows, examples in (("mixture", 2 + 4), ("unseen", 4 + 4)):
+        job = InfluenceJob(replace(config, domain_rows=rows))
+        assert probe_seconds(*args, job, per_set=2)["examples"]["domains"] == examples

@@ -10,8 +10,9 @@ import pytest
 from ideal.compare import method_config
 from ideal.config import load_config
 from ideal.errors import IdealError
-from ideal.loop import RunPaths, run_loop, step_decision
+from ideal.loop import run_loop, step_decision
 from ideal.methods.trust import StepDecision
+from ideal.rundir import RunPaths
 from tests.test_loop import TINY
 from tests.test_trust import write_round
 
@@ -128,7 +129,7 @@ def test_the_probe_on_a_bpe_chatml_model_with_lora(tmp_path):
         "influence: {batch_size: 8}\nupdate: {step: 0.3}\neval: {max_new_tokens: 3}\n"
     )
     run = tmp_path / "run"
-    summary = run_loop(load_config(tmp_path / "c.yaml"), run)  # first_round: the default probe
+    summary = run_loop(load_config(tmp_path / "c.yaml"), run).to_json()  # default: the probe
     volumes = [r["volumes"] for r in summary["rounds"]]
     assert volumes[0] == {"add": 12, "mul": 4} and volumes[1] == {"add": 8, "mul": 8}
     losses = [r["reference_loss_mean"] for r in summary["rounds"]]
@@ -136,7 +137,16 @@ def test_the_probe_on_a_bpe_chatml_model_with_lora(tmp_path):
     second = json.loads((run / "round-2" / "mixture.json").read_text())["update"]
     assert second["rule"] == "ideal" and second["from_round"] == base_round
     assert (run / f"round-{base_round}" / "model" / "adapter_config.json").is_file()
-    assert (
-        json.loads((run / f"round-{base_round}" / "influence.json").read_text())["volumes"]
-        == (volumes[base_round])
-    )
+    influence = json.loads((run / f"round-{base_round}" / "influence.json").read_text())
+    assert influence["volumes"] == volumes[base_round]
+    # influence.json's beta is the step the run took, at the run's m (update.step: 0.3)
+    assert influence["step"] == 0.3
+    assert max(abs(b) for b in influence["beta"].values()) == pytest.approx(0.3)
+    # the summary says once what each round was; the console and the report read it
+    assert [r["kind"] for r in summary["rounds"]] == ["D0", "uniform probe", "ideal"]
+    assert summary["probe_round"] == 1 and summary["continued_from"] == base_round
+    assert summary["rounds"][2]["from_round"] == base_round
+    report = (run / "report.html").read_text()
+    assert "round 1 is the uniform probe" in report.lower()
+    assert f"ideal step from round {base_round}" in report
+    assert "previous round's" not in report

@@ -13,15 +13,13 @@ from peft import LoraConfig, get_peft_model
 
 from ideal.errors import IdealError
 from ideal.influence.capture import layer_shape, select_layers
-from ideal.influence.engine import (
-    InfluenceSettings,
-    WeightedSet,
-    dense_gauss_newton,
-    domain_influence,
-    make_batches,
-)
+from ideal.influence.engine import domain_influence
+from ideal.influence.exact import dense_gauss_newton
+from ideal.influence.passes import make_batches
 from ideal.influence.plan import layer_plan, memory_plan
 from ideal.influence.refine import GaussNewton
+from ideal.influence.results import WeightedSet
+from ideal.influence.settings import InfluenceSettings
 from ideal.tiny import char_tokenizer, save_model_dir, tiny_causal_lm
 from tests.helpers import make_data_dir, qa_rows, tokenize_pairs, toy_influence_problem
 

@@ -6,13 +6,8 @@ import numpy as np
 import pytest
 
 from ideal.errors import IdealError
-from ideal.methods.rules import (
-    IdealRule,
-    UniformRule,
-    additive_delta,
-    ideal_beta,
-    sensitivities,
-)
+from ideal.influence.objective import sensitivities
+from ideal.methods.rules import IdealRule, UniformRule, additive_delta, ideal_beta
 
 # references x domains; s_ji > 0: more of domain i lowers the loss on reference j (i helps j)
 SCORES = np.array([[2.0, -1.0, 0.0], [4.0, -3.0, 1.0]])
@@ -37,14 +32,14 @@ def test_beta_largest_change_is_m_and_signs_follow_the_convention():
 
 
 def test_zero_sensitivities_do_not_move():
-    assert ideal_beta([0.0, 0.0]).tolist() == [0.0, 0.0]
+    assert ideal_beta([0.0, 0.0], 0.15).tolist() == [0.0, 0.0]
 
 
 def test_bad_step_and_non_finite_sensitivities_are_errors():
     with pytest.raises(IdealError, match="step m"):
         ideal_beta([1.0], step=1.5)
     with pytest.raises(IdealError, match="finite"):
-        ideal_beta([np.nan, 1.0])
+        ideal_beta([np.nan, 1.0], 0.15)
 
 
 def test_rules_propose_volumes():
@@ -68,7 +63,7 @@ def test_additive_step_by_hand():
     free = IdealRule(step=0.2, geometry="additive", keep_total=False)
     assert free.propose(volumes, signals) == pytest.approx({"a": 115.0, "b": 42.5})
     assert additive_delta([-4.0, 1.0], [100, 50], 0.2) == pytest.approx([15.0, -15.0])
-    assert additive_delta([0.0, 0.0], [100, 50]).tolist() == [0.0, 0.0]
+    assert additive_delta([0.0, 0.0], [100, 50], 0.15).tolist() == [0.0, 0.0]
 
 
 def test_additive_step_moves_scarce_and_large_domains_by_their_per_example_signal():
@@ -89,9 +84,9 @@ def test_additive_step_rejects_bad_input():
     with pytest.raises(IdealError, match="step m"):
         additive_delta([1.0], [10], step=0.0)
     with pytest.raises(IdealError, match="finite"):
-        additive_delta([np.inf, 1.0], [10, 10])
+        additive_delta([np.inf, 1.0], [10, 10], 0.15)
     with pytest.raises(IdealError, match="volumes must be > 0"):
-        additive_delta([1.0, 1.0], [10, 0])
+        additive_delta([1.0, 1.0], [10, 0], 0.15)
     with pytest.raises(IdealError, match="update.geometry"):
         IdealRule(geometry="log")
 

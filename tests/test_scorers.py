@@ -185,7 +185,8 @@ def test_a_rounds_metrics_carry_acc_norm_and_the_reference_accuracy(tmp_path):
     reference set's accuracy with the same scorer (what `select: reference_accuracy` reads)."""
     from ideal.config import EvalConfig, RunConfig
     from ideal.hf import load_causal_lm
-    from ideal.loop import RunPaths, evaluate_round
+    from ideal.rundir import RunPaths
+    from ideal.stages import evaluate_round
     from tests.test_distributed import tiny_model_dir
 
     model_dir = tiny_model_dir(tmp_path / "model")

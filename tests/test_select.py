@@ -9,8 +9,8 @@ import pytest
 from ideal.compare import method_config
 from ideal.config import load_config
 from ideal.errors import IdealError
-from ideal.loop import summarise_run
 from ideal.methods.select import select_round
+from ideal.summary import summarise_run
 
 
 def rounds(losses, accuracies):
@@ -88,6 +88,6 @@ def test_summary_records_the_selected_round(tmp_path):
         metrics = {"capabilities": caps, "test_accuracy_mean": acc, "test_accuracy_worst": acc,
                    "reference_loss_mean": loss, "reference_accuracy_mean": acc, "seconds": 0.1}  # fmt: skip
         (here / "metrics.json").write_text(json.dumps(metrics))
-    summary = summarise_run(run)
+    summary = summarise_run(run).to_json()
     assert summary["select"] == "reference_loss" and summary["selected_round"] == 1
     assert [r["reference_accuracy_mean"] for r in summary["rounds"]] == [0.1, 0.2, 0.3]

@@ -10,8 +10,9 @@ import pytest
 from ideal.compare import method_config
 from ideal.config import load_config
 from ideal.errors import IdealError
-from ideal.loop import RunPaths, run_loop, step_decision
+from ideal.loop import run_loop, step_decision
 from ideal.methods.trust import StepDecision, trust_step
+from ideal.rundir import RunPaths
 from tests.test_loop import TINY
 
 
@@ -52,7 +53,7 @@ def test_a_trusting_loop_records_each_decision(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(TINY)
     run = tmp_path / "run"
-    summary = run_loop(load_config(config, ["rounds=3", "update.trust_region=true"]), run)
+    summary = run_loop(load_config(config, ["rounds=3", "update.trust_region=true"]), run).to_json()
     losses = [r["reference_loss_mean"] for r in summary["rounds"]]
     step, base = 0.3, 0
     for k in range(1, len(summary["rounds"])):

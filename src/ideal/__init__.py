@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from ideal.version import __version__  # noqa: F401  (ideal.__version__)
 
 _EXPORTS = {
     "IdealError": "ideal.errors",
@@ -32,13 +32,15 @@ _EXPORTS = {
     "apply_constraints": "ideal.data.mixture",
     "resample": "ideal.data.mixture",
     "ideal_beta": "ideal.methods.rules",
-    "sensitivities": "ideal.methods.rules",
+    "sensitivities": "ideal.influence.objective",
     "update_mixture": "ideal.methods.reweight",
     "load_training_set": "ideal.data.mixture_io",
-    "InfluenceSettings": "ideal.influence.engine",
+    "InfluenceConfig": "ideal.influence.settings",
+    "InfluenceJob": "ideal.influence.settings",
+    "InfluenceSettings": "ideal.influence.settings",
     "domain_influence": "ideal.influence.engine",
-    "compute_influence": "ideal.influence.command",
-    "run_influence": "ideal.influence.command",
+    "compute_influence": "ideal.influence.step",
+    "run_influence": "ideal.influence.step",
     "TrainSettings": "ideal.backends.train",
     "run_train": "ideal.backends.train",
     "run_eval": "ideal.backends.evaluate",

@@ -49,8 +49,10 @@ import numpy as np
 from ideal.artifacts import atomic_write_json
 from ideal.config import RunConfig
 from ideal.errors import IdealError
-from ideal.loop import prepare_run, run_loop
+from ideal.loop import run_loop
 from ideal.methods.rules import random_shares
+from ideal.preflight import preflight
+from ideal.rundir import prepare_run
 
 log = logging.getLogger("ideal")
 
@@ -166,7 +168,7 @@ def _run_one(config: RunConfig, run: Path, first: Path | None) -> dict[str, Any]
     if first is not None:
         prepare_run(config, run, resume=True)
         _share_round_zero(first, run)
-    return run_loop(config, run, resume=True)
+    return run_loop(config, run, resume=True, checked=True).to_json()
 
 
 def grid_shares(domains: list[str], resolution: int) -> list[dict[str, float]]:
@@ -233,16 +235,16 @@ def _candidates_run(
         summary = _run_one(candidate, out / f"candidate-{k}", first)
         seconds += _seconds(summary, count_round_zero=k == 0)  # D0 is trained (or copied) once
         first = first or out / f"candidate-{k}"
-        final = summary["rounds"][-1]
+        last = summary["rounds"][-1]
         table.append(
             {
                 "candidate": k,
                 "shares": shares,
-                "test_accuracy_mean": final["test_accuracy_mean"],
-                "reference_loss_mean": final["reference_loss_mean"],
+                "test_accuracy_mean": last["test_accuracy_mean"],
+                "reference_loss_mean": last["reference_loss_mean"],
             }
         )
-        if best is None or _better(final, best["rounds"][-1], score):
+        if best is None or _better(last, best["rounds"][-1], score):
             best = {**summary, "candidate": k, "shares": shares}
         if k == 0 and score == "test_accuracy":  # round 0 (D0 itself) is a candidate too
             zero = summary["rounds"][0]
@@ -250,6 +252,7 @@ def _candidates_run(
                 best = {
                     **summary,
                     "rounds": summary["rounds"][:1],
+                    "selected_round": 0,
                     "candidate": "D0",
                     "shares": None,
                 }
@@ -279,6 +282,10 @@ def run_compare(
         raise IdealError("--seeds must be at least 1")
     if random_candidates < 1:
         raise IdealError("--random-candidates must be at least 1")
+    for warning in preflight(config).warnings:  # the whole run, before anything trains
+        log.warning("warning: %s", warning)
+    for method in methods:  # each method's config is valid
+        method_config(config, method, seeds[0])
     out = Path(out)
     results: dict[str, Any] = {}
     for method in methods:
@@ -310,26 +317,26 @@ def run_compare(
             else:
                 summary = _run_one(config_k, run, first)
                 seconds = _seconds(summary)
-            selected = summary.get("selected_round")
-            final = summary["rounds"][-1 if selected is None else selected]
+            chosen = summary.get("selected_round")
+            selected = summary["rounds"][-1 if chosen is None else chosen]
             runs.append(
                 {
                     "seed": seed,
                     "rounds": len(summary["rounds"]) - 1,
-                    "final": final,
-                    "selected_round": final["round"],
+                    "selected": selected,
+                    "selected_round": selected["round"],
                     "seconds": seconds,
                     **extra,
                 }
             )
-        capabilities = list(runs[0]["final"]["test_accuracy"])
+        capabilities = list(runs[0]["selected"]["test_accuracy"])
         results[method] = {
             "runs": runs,
-            "test_accuracy_mean": _stats([r["final"]["test_accuracy_mean"] for r in runs]),
-            "test_accuracy_worst": _stats([r["final"]["test_accuracy_worst"] for r in runs]),
-            "reference_loss_mean": _stats([r["final"]["reference_loss_mean"] for r in runs]),
+            "test_accuracy_mean": _stats([r["selected"]["test_accuracy_mean"] for r in runs]),
+            "test_accuracy_worst": _stats([r["selected"]["test_accuracy_worst"] for r in runs]),
+            "reference_loss_mean": _stats([r["selected"]["reference_loss_mean"] for r in runs]),
             "per_capability": {
-                c: _stats([r["final"]["test_accuracy"][c] for r in runs]) for c in capabilities
+                c: _stats([r["selected"]["test_accuracy"][c] for r in runs]) for c in capabilities
             },
             "seconds": _stats([r["seconds"] for r in runs]),
         }
@@ -363,12 +370,12 @@ def verdict(mean: float, stderr: float | None, z: float = VERDICT_Z) -> str:
 
 
 def paired_differences(results: dict[str, Any], baseline: str) -> dict[str, Any]:
-    """Per method: its final-round mean and worst test accuracy minus the baseline's, seed by seed
+    """Per method: its selected round's mean and worst test accuracy minus the baseline's, seed by seed
     (the same seeds, hence the same D0, split and base model), their mean, sd and standard error
     sd / sqrt(seeds), and a verdict at VERDICT_Z standard errors."""
 
     def by_seed(method: str, key: str) -> dict[int, float]:
-        return {r["seed"]: r["final"][key] for r in results[method]["runs"]}
+        return {r["seed"]: r["selected"][key] for r in results[method]["runs"]}
 
     out: dict[str, Any] = {}
     for method in results:
@@ -398,7 +405,7 @@ def gap_closure(results: dict[str, Any]) -> dict[str, Any] | None:
         return None
 
     def by_seed(method: str) -> dict[int, float]:
-        return {r["seed"]: r["final"]["test_accuracy_mean"] for r in results[method]["runs"]}
+        return {r["seed"]: r["selected"]["test_accuracy_mean"] for r in results[method]["runs"]}
 
     original, oracle = by_seed("original"), by_seed("oracle-grid")
     closure: dict[str, Any] = {}
@@ -406,7 +413,12 @@ def gap_closure(results: dict[str, Any]) -> dict[str, Any] | None:
         if method in ("original", "oracle-grid"):
             continue
         values = by_seed(method)
-        seeds = sorted(values)  # the seeds every method ran
+        # the seeds on which every one of the three has an accuracy (an external evaluator may
+        # score none)
+        seeds = sorted(s for s in values if None not in (values[s], original.get(s), oracle.get(s)))
+        if not seeds:
+            closure[method] = {"closure": None, "oracle_minus_original": None}
+            continue
         method_mean, base, top = (
             float(np.mean([d[s] for s in seeds])) for d in (values, original, oracle)
         )

@@ -12,219 +12,66 @@ import dataclasses
 import json
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ideal.artifacts import sha256_text
-from ideal.backends.train import TrainSettings
+from ideal.backends.settings import EvalConfig, TrainConfig
 from ideal.data.suite import SuiteConfig
 from ideal.errors import IdealError
-from ideal.influence.defaults import CURVATURE_EXAMPLES, MAX_EXAMPLES, SAMPLE
-from ideal.influence.engine import InfluenceSettings
-from ideal.lm import LOSSES
-from ideal.methods.rules import GEOMETRIES
+from ideal.influence.settings import InfluenceConfig, InfluenceJob
 from ideal.methods.select import SELECTIONS
+from ideal.methods.settings import UpdateSettings
+from ideal.settings import check_choices, setting
 
-REFERENCE_ACCURACY = ("auto", "always", "never")
-FIRST_ROUNDS = ("ideal", "uniform")  # update.first_round
-
-
-@dataclass(frozen=True)
-class UpdateSettings:
-    rule: str = "ideal"  # ideal | uniform | temperature | fixed | doremi | doge
-    temperature: float = 2.0  # for rule = temperature: volumes ~ pool size ** (1 / T)
-    shares: dict[str, float] = field(default_factory=dict)  # for rule = fixed: domain -> share
-    step: float = 0.15  # m: the largest relative change of a domain's volume per round
-    # ideal: the step in beta (relative, METHOD.md) or in volumes (additive: the largest change is
-    # m x the mean volume; docs/method-additions.md)
-    geometry: str = "relative"
-    min_z: float = 0.0  # ideal: hold domains whose sensitivity is within min_z standard errors of 0
-    trust_region: bool = False  # ideal: double m after a round that lowered Q, else back off
-    max_step: float = 0.9  # ideal with trust_region: the largest m
-    # ideal: round 1 is the uniform mixture at D0's total (a probe; later updates start from
-    # whichever of D0 and round 1 has the lower Q), or METHOD.md's step from D0 ("ideal"). The
-    # probe is the default since 2026-12-03 (docs/results.md, "mixture quality"); a run started
-    # before the option existed took METHOD.md's step ("before").
-    first_round: str = field(default="uniform", metadata={"before": "ideal"})
-    max_repeats: int = 4
-    min_examples: int = 1
-    keep_total: bool = True
-    size_factor: bool = True
-    objective: str = "mean"  # mean | pooled | worst
-    proxy_steps: int | None = None  # doremi/doge: proxy run steps (None: the training's steps)
-    proxy_eta: float = 1.0  # doremi/doge: step size of the domain-weight update
-    proxy_smoothing: float = 1e-3  # doremi: smoothing toward uniform (the paper's c)
-
-    def __post_init__(self) -> None:
-        if self.geometry not in GEOMETRIES:
-            raise IdealError(
-                f"update.geometry must be one of {', '.join(GEOMETRIES)}, got {self.geometry!r}"
-            )
-        if self.first_round not in FIRST_ROUNDS:
-            raise IdealError(
-                f"update.first_round must be one of {', '.join(FIRST_ROUNDS)}, "
-                f"got {self.first_round!r}"
-            )
-        if self.geometry == "additive" and not self.size_factor:
-            raise IdealError(
-                "update.geometry additive takes the gradient in volumes, dQ/dn_i = alpha_i/n_i, "
-                "which needs update.size_factor: true"
-            )
-
-
-@dataclass(frozen=True)
-class InfluenceConfig:
-    curvature: str = "ekfac"
-    damping: float = 0.1
-    damping_abs: float | None = None
-    fisher: str = "sampled"
-    fisher_samples: int = 1
-    sample: float = SAMPLE  # fraction of each domain's copies for its score, capped below
-    max_examples: int | None = MAX_EXAMPLES  # cap per domain (null: none)
-    curvature_examples: int | None = CURVATURE_EXAMPLES  # curvature sample size (null: all)
-    memory: str | None = None  # device budget, e.g. 70GiB: layers in groups that fit it
-    layers: tuple[str, ...] | None = None
-    batch_size: int = 16
-    factors: str = "cpu"  # where the factors and sums live: cpu | device
-    refine: int = 0  # conjugate-gradient steps toward the exact Gauss-Newton solution (0: off)
-    # whose gradient scores a domain (ideal.influence.command.DOMAIN_ROWS): mixture | unseen
-    domain_rows: str = "mixture"
-    # the training objective the step differentiates (METHOD.md "Setting"): example | token, or
-    # auto: what train.backend minimises (RunConfig.influence_loss)
-    loss: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.loss not in ("auto", *LOSSES):
-            raise IdealError(f"influence.loss must be auto, example or token, got {self.loss!r}")
-        if self.domain_rows not in ("mixture", "unseen"):
-            raise IdealError(
-                f"influence.domain_rows must be mixture or unseen, got {self.domain_rows!r}"
-            )
-
-    def settings(self, seed: int, loss: str | None = None) -> InfluenceSettings:
-        """The engine's settings; `loss` is the resolved objective (RunConfig.influence_loss
-        resolves `auto` from the trainer); without it `auto` reads as example."""
-        if loss is None:
-            loss = "example" if self.loss == "auto" else self.loss
-        return InfluenceSettings(
-            curvature=self.curvature,
-            damping=self.damping,
-            damping_abs=self.damping_abs,
-            fisher=self.fisher,
-            batch_size=self.batch_size,
-            seed=seed,
-            fisher_samples=self.fisher_samples,
-            factors=self.factors,
-            refine=self.refine,
-            loss=loss,
-        )
-
-
-TRAIN_BACKENDS = ("builtin", "trl", "command", "llamafactory", "axolotl", "trl-cli")
-EVAL_BACKENDS = ("builtin", "lm-eval", "command")
-EVAL_PARSERS = ("scores", "lm-eval", "opencompass")
-EXPORT_FORMATS = ("llamafactory", "trl", "axolotl")
-
-
-@dataclass(frozen=True)
-class TrainConfig(TrainSettings):
-    """`train:` of the run config: the builtin loop's settings, and who trains (ideal.backends).
-
-    The loop's fields (epochs, lr, batch_size, ...) drive `builtin` and map onto SFTConfig for
-    `trl`; an external trainer (`command` and its presets) takes its recipe from its own config.
-    """
-
-    backend: str = "builtin"  # builtin | trl | command | llamafactory | axolotl | trl-cli
-    command: str | tuple[str, ...] | None = None  # command template; presets have a default
-    base_config: str | None = None  # presets: the tool's YAML that each round's config starts from
-    export: str = "trl"  # command: the tool file `ideal export` writes beside the jsonl files
-    env: dict[str, str] = field(default_factory=dict)  # more environment for the command
-    timeout: float | None = 172800.0  # seconds before the command's process group is ended
-    trl_args: dict[str, Any] = field(default_factory=dict)  # trl: more SFTConfig fields
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.backend not in TRAIN_BACKENDS:
-            raise IdealError(
-                f"train.backend must be one of {', '.join(TRAIN_BACKENDS)}, got {self.backend!r}"
-            )
-        if self.export not in EXPORT_FORMATS:
-            raise IdealError(
-                f"train.export must be one of {', '.join(EXPORT_FORMATS)}, got {self.export!r}"
-            )
-        if self.backend == "command" and not self.command:
-            raise IdealError("train.backend command: give train.command, the command to run")
-        if self.backend in ("llamafactory", "axolotl", "trl-cli") and not self.base_config:
-            raise IdealError(
-                f"train.backend {self.backend}: give train.base_config, your {self.backend} YAML"
-            )
-        if self.timeout is not None and not self.timeout > 0:
-            raise IdealError(f"train.timeout must be > 0 seconds, got {self.timeout}")
-
-    def settings(self) -> TrainSettings:
-        """The builtin loop's settings alone (what `ideal train` takes and hashes)."""
-        return TrainSettings(**{f.name: getattr(self, f.name) for f in fields(TrainSettings)})
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """`eval:` of the run config. Reference losses are always computed by ideal (the method needs
-    them); `backend` says who scores the test capabilities (ideal.backends)."""
-
-    scorers: dict[str, str] = field(default_factory=dict)  # capability -> scorer (default exact)
-    max_new_tokens: int = 32
-    batch_size: int = 32
-    # decode the reference sets for `reference_accuracy`: auto = only when `select` needs it
-    # (decoding is most of a real model's evaluation); always; never
-    reference_accuracy: str = "auto"
-    backend: str = "builtin"  # builtin | lm-eval | command
-    command: str | tuple[str, ...] | None = None  # command: the evaluator's command template
-    parse: str = "scores"  # command: {scores}, or the tool's results: lm-eval | opencompass
-    tasks: dict[str, Any] = field(default_factory=dict)  # capability -> task/dataset and metric
-    include_path: str | None = None  # lm-eval: directory of local task YAMLs
-    include_defaults: bool = True  # lm-eval: also its shipped tasks (false: include_path only)
-    limit: float | None = None  # lm-eval: examples per task
-    options: dict[str, Any] = field(default_factory=dict)  # lm-eval: more simple_evaluate arguments
-    env: dict[str, str] = field(default_factory=dict)
-    timeout: float | None = 172800.0
-
-    def __post_init__(self) -> None:
-        if self.backend not in EVAL_BACKENDS:
-            raise IdealError(
-                f"eval.backend must be one of {', '.join(EVAL_BACKENDS)}, got {self.backend!r}"
-            )
-        if self.parse not in EVAL_PARSERS:
-            raise IdealError(
-                f"eval.parse must be one of {', '.join(EVAL_PARSERS)}, got {self.parse!r}"
-            )
-        if self.backend == "command" and not self.command:
-            raise IdealError("eval.backend command: give eval.command, the command to run")
-        needs_tasks = self.backend == "lm-eval" or self.parse != "scores"
-        if needs_tasks and not self.tasks:
-            raise IdealError("eval.tasks: map each capability to the evaluator's task and metric")
+# Keys that two levels would both accept: the top level is their home (they also drive the
+# influence step and the evaluation); RunConfig copies them into `train`.
+MIRRORED = {"train.max_length": "max_length", "train.seed": "seed"}
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    suite: SuiteConfig | None = None
-    model: str | None = None  # base model directory (ignored with a suite)
-    train_data: str | None = None
-    reference_data: str | None = None
-    test_data: str | None = None
-    rounds: int = 2  # IDEAL updates after round 0 (D0)
-    tolerance: float = 0.01  # stop early when max |beta| after constraints falls below this
-    # the round returned (ideal.methods.select): the lowest mean reference loss, measured over 4
-    # suites x 5 seeds against the last round (docs/results.md, "mixture quality")
-    select: str = "reference_loss"
-    seed: int = 0
-    max_length: int | None = None
-    train: TrainConfig = field(default_factory=TrainConfig)
-    influence: InfluenceConfig = field(default_factory=InfluenceConfig)
-    update: UpdateSettings = field(default_factory=UpdateSettings)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    """The whole run: where the data and model are, how many rounds, and one section per part."""
+
+    suite: SuiteConfig | None = setting(
+        None, "The embedded suite (generated into the run directory) instead of your own data."
+    )
+    model: str | None = setting(
+        None,
+        "Base model: a local Hugging Face directory, or a hub id (Org/Name) already in the local "
+        "Hugging Face cache (nothing is downloaded).",
+    )
+    train_data: str | None = setting(None, "Training domains: <dir>/<domain>/<data files>.")
+    reference_data: str | None = setting(
+        None, "Reference sets, one per capability: they drive the method."
+    )
+    test_data: str | None = setting(
+        None, "Test sets, one per capability: they only measure (optional with eval.backend)."
+    )
+    rounds: int = setting(
+        2,
+        "Rounds after round 0 (D0). Under update.first_round uniform (the default) round 1 is "
+        "the uniform probe, so rounds 2 gives one IDEAL step, rounds 3 two.",
+    )
+    tolerance: float = setting(
+        0.01, "Stop early when the largest relative volume change falls below this."
+    )
+    # measured over 4 suites x 5 seeds against the last round (docs/results.md)
+    select: str = setting(
+        "reference_loss",
+        "The round returned: the lowest mean reference loss, the best reference accuracy, or "
+        "the last.",
+        choices=SELECTIONS,
+    )
+    seed: int = setting(0, "Seed of D0's draw, resampling, training and the influence sample.")
+    max_length: int | None = setting(None, "Truncate every example to this many tokens.")
+    train: TrainConfig = setting(factory=TrainConfig, help="Who trains, and the recipe.")
+    influence: InfluenceConfig = setting(factory=InfluenceConfig, help="The influence step.")
+    update: UpdateSettings = setting(factory=UpdateSettings, help="The update rule.")
+    eval: EvalConfig = setting(factory=EvalConfig, help="The evaluation.")
 
     def __post_init__(self) -> None:
         needed = (self.model, self.train_data, self.reference_data)
@@ -237,19 +84,14 @@ class RunConfig:
             )
         if self.rounds < 0:
             raise IdealError(f"config: rounds must be >= 0, got {self.rounds}")
-        if self.select not in SELECTIONS:
-            raise IdealError(
-                f"config: select must be one of {', '.join(SELECTIONS)}, got '{self.select}'"
-            )
-        if self.eval.reference_accuracy not in REFERENCE_ACCURACY:
-            raise IdealError(
-                "config: eval.reference_accuracy must be one of "
-                f"{', '.join(REFERENCE_ACCURACY)}, got '{self.eval.reference_accuracy}'"
-            )
+        check_choices(self, "")
         if self.select == "reference_accuracy" and self.eval.reference_accuracy == "never":
             raise IdealError(
                 "config: select reference_accuracy needs eval.reference_accuracy auto or always"
             )
+        if (self.train.max_length, self.train.seed) != (self.max_length, self.seed):
+            mirrored = replace(self.train, max_length=self.max_length, seed=self.seed)
+            object.__setattr__(self, "train", mirrored)
 
     def decode_references(self) -> bool:
         """Whether each round decodes its reference sets (`eval.reference_accuracy`)."""
@@ -273,9 +115,18 @@ class RunConfig:
             f"influence.loss auto: train.backend {self.train.backend} normalises per token",
         )
 
-    def influence_settings(self) -> InfluenceSettings:
-        """The influence step's settings, with `influence.loss` resolved (`influence_loss`)."""
-        return self.influence.settings(self.seed, self.influence_loss()[0])
+    def influence_job(self) -> InfluenceJob:
+        """The influence step's one settings object, `influence.loss` resolved."""
+        loss, source = self.influence_loss()
+        return InfluenceJob(
+            config=self.influence,
+            seed=self.seed,
+            loss=loss,
+            loss_source=source,
+            max_length=self.max_length,
+            objective=self.update.objective,
+            size_factor=self.update.size_factor,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -289,6 +140,9 @@ def config_changes(stored: dict[str, Any], current: dict[str, Any], cls: type = 
     current one. A key the stored config lacks is no change when its current value is what the
     run did before the option existed: the field's default, or its `before` metadata where the
     default changed the behaviour (an option added to ideal since the run started)."""
+    if cls is None:  # the top: mirrored keys follow their home, compared there
+        stored = _without_mirrors(stored)
+        current = _without_mirrors(current)
     cls = cls or RunConfig
     hints = typing.get_type_hints(cls)
     defaults = {}
@@ -316,6 +170,26 @@ def config_changes(stored: dict[str, Any], current: dict[str, Any], cls: type = 
         elif old != new:
             changes.append(key)
     return changes
+
+
+def _without_mirrors(tree: dict[str, Any]) -> dict[str, Any]:
+    out = dict(tree)
+    for dotted in MIRRORED:
+        section, key = dotted.split(".")
+        if isinstance(out.get(section), dict):
+            out[section] = {k: v for k, v in out[section].items() if k != key}
+    return out
+
+
+def _refuse_mirrors(data: dict[str, Any]) -> None:
+    """`train.max_length` / `train.seed` in a config: one line naming the key's home."""
+    for dotted, home in MIRRORED.items():
+        section, key = dotted.split(".")
+        if isinstance(data.get(section), dict) and key in data[section]:
+            raise IdealError(
+                f"{dotted}: set '{home}' at the top of the config instead (one home: it also "
+                "drives the influence step and the evaluation)"
+            )
 
 
 def _members(hint: Any) -> tuple:
@@ -427,4 +301,5 @@ def load_config(
         except yaml.YAMLError:
             value = raw  # e.g. a glob such as *.mlp.*
         _set(data, key.strip(), value)
+    _refuse_mirrors(data)
     return _build(RunConfig, data, "")

@@ -29,7 +29,11 @@ def world_size() -> int:
 
 
 def is_main() -> bool:
-    return rank() == 0
+    """Whether this is the main process; before the process group exists (while the command line
+    is parsed, say), the launcher's RANK says."""
+    if dist.is_initialized():
+        return rank() == 0
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _through_backend(tensor: torch.Tensor, op) -> torch.Tensor:

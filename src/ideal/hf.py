@@ -1,12 +1,16 @@
-"""Loading local Hugging Face model directories (never a hub id): tokenizer and causal LM.
+"""Loading Hugging Face models from this machine: tokenizer and causal LM, never a download.
 
-Everything goes through `AutoTokenizer` / `AutoModelForCausalLM` with `local_files_only=True`, so any
-local causal LM directory works and nothing is downloaded.
+A model is a local directory, or a hub id (`Org/Name`) already in the local Hugging Face cache
+(`hf download Org/Name` put it there): `resolve_model_dir` turns either into a directory, and every
+loader here goes through it. Everything goes through `AutoTokenizer` / `AutoModelForCausalLM` with
+`local_files_only=True`, so any local causal LM directory works and nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +25,66 @@ hf_logging.disable_progress_bar()  # our own progress bars say what is happening
 
 
 ADAPTER_CONFIG = "adapter_config.json"
+#: "Org/Name" as the hub spells repository ids (huggingface_hub's validate_repo_id, namespaced).
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    return (
+        len(name) <= 96
+        and HUB_ID.fullmatch(name) is not None
+        and ".." not in name
+        and "--" not in name
+        and not name.endswith(".git")
+    )
+
+
+def hub_cache_dir() -> Path:
+    """The local Hugging Face hub cache as the environment names it at this call: HF_HUB_CACHE,
+    else HUGGINGFACE_HUB_CACHE, else HF_HOME/hub, else huggingface_hub's default (which it reads
+    once, at import)."""
+    for variable in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(variable):
+            return Path(os.path.expandvars(os.environ[variable])).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.path.expandvars(os.environ["HF_HOME"])).expanduser() / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def resolve_model_dir(name: str | Path) -> Path:
+    """The directory of a model given as a local directory, or as a hub id (`Org/Name`) found in
+    the local Hugging Face cache (its snapshot of the `main` ref). Nothing touches the network.
+
+    Raises IdealError (one line) when it is neither, saying how to download it.
+    """
+    path = Path(name)
+    if path.is_dir():
+        return path
+    text = str(name)
+    if path.exists() or not looks_like_hub_id(text):
+        raise IdealError(f"{path}: model directory not found")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    cache = hub_cache_dir()
+    try:
+        return Path(snapshot_download(text, cache_dir=cache, local_files_only=True))
+    except LocalEntryNotFoundError as err:
+        if type(err).__name__ == "IncompleteSnapshotError":  # newer huggingface_hub tells it apart
+            raise IdealError(
+                f"{text}: its snapshot in the Hugging Face cache ({cache}) is incomplete; finish "
+                f"the download first: hf download {text}"
+            ) from None
+        raise IdealError(
+            f"{text}: not a local directory and not in the Hugging Face cache ({cache}); "
+            f"download it first: hf download {text}"
+        ) from None
 
 
 def _model_dir(path: str | Path) -> Path:
-    path = Path(path)
-    if not path.is_dir():
-        raise IdealError(f"{path}: model directory not found")
+    path = resolve_model_dir(path)
     if not (path / "config.json").is_file() and not (path / ADAPTER_CONFIG).is_file():
         raise IdealError(f"{path}: not a Hugging Face model directory (no config.json)")
     return path
@@ -42,9 +100,12 @@ def _adapter_base(path: Path) -> Path | None:
         raise IdealError(
             f"{path / ADAPTER_CONFIG}:{err.lineno}: invalid JSON ({err.msg})"
         ) from None
-    if not base or not Path(base).is_dir():
-        raise IdealError(f"{path / ADAPTER_CONFIG}: base model '{base}' is not a local directory")
-    return Path(base)
+    if not base:
+        raise IdealError(f"{path / ADAPTER_CONFIG}: no base_model_name_or_path")
+    try:
+        return resolve_model_dir(base)
+    except IdealError as err:
+        raise IdealError(f"{path / ADAPTER_CONFIG}: base model {err}") from None
 
 
 def _first_line(err: Exception) -> str:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ideal.data.rows import IGNORE_INDEX, Tokenized
+from ideal.settings import LOSSES
 
 Tensor = torch.Tensor
 
@@ -68,9 +69,6 @@ def collate(
     )
     k = torch.arange(len(items)) if keys is None else torch.tensor(list(keys), dtype=torch.long)
     return Batch(ids, mask, labels, w, k)
-
-
-LOSSES = ("example", "token")
 
 
 def loss_scales(weights: Tensor, targets: Tensor, loss: str = "example") -> tuple[Tensor, Tensor]:

@@ -7,7 +7,9 @@
     scorers.py      `choice` (multiple choice by log-likelihood, no generation) and the
                     instruction-following checks (words, keywords, no_commas, lowercase, ...)
     trl_sft.py      `trl`: TRL's SFTTrainer in this process, on ideal's tokens and masks
-    command.py      `command`: any trainer or evaluator as a command template (no shell, timeout, log)
+    external.py     `command`: any trainer or evaluator as a command template (no shell, timeout, log)
+    settings.py     `train:` and `eval:` of the run config and the options of `ideal train` / `ideal eval`
+    factory.py      the trainer and evaluator a config names
     presets.py      `llamafactory`, `axolotl`, `trl-cli`: the tool's YAML rendered over `command`
     masking.py      where a trainer's template or loss masking differs from ideal's (warnings)
     lmeval.py       `lm-eval`: lm-evaluation-harness in this process; its results-file parser

@@ -27,7 +27,7 @@ import yaml
 from ideal.artifacts import atomic_write_text
 from ideal.errors import IdealError
 
-from .command import CommandTrainer
+from .external import CommandTrainer
 from .masking import masking_warnings
 from .protocol import TrainJob
 

@@ -34,8 +34,6 @@ from typing import Any, Protocol
 from ideal.artifacts import read_json
 from ideal.errors import IdealError
 
-LOSSES = ("example", "token")
-
 #: Files of a full model's weights (single file or the index of HF shards).
 WEIGHTS = (
     "model.safetensors",

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -40,68 +39,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ideal.artifacts import atomic_write_json, sha256_text
+from ideal.artifacts import atomic_write_json
+from ideal.backends.settings import TrainSettings
 from ideal.data.rows import OnInvalid, Tokenized, tokenize_examples
 from ideal.distributed import barrier, init_from_env, is_main
 from ideal.errors import IdealError, WriteError, environment_error
 from ideal.lm import collate, token_nll
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    epochs: float = 1.0  # passes over the mixture (fractions allowed)
-    max_steps: int | None = None  # optimizer steps; overrides epochs when set
-    lr: float = 2e-5
-    batch_size: int = 8  # examples per micro-batch
-    grad_accum: int = 1  # micro-batches per optimizer step
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    loss_normalization: str = "example"  # example | token
-    # adamw (default) | sgd: plain SGD without momentum. Adam divides by sqrt(v), so a round-off
-    # difference in a near-zero gradient becomes a full-size step; SGD keeps round-off at its size,
-    # which is what a check of "N processes compute the same steps as 1" needs.
-    optimizer: str = "adamw"
-    max_length: int | None = None
-    seed: int = 0
-    lora: bool = False
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = ("all-linear",)
-    checkpoint_every: int = 50  # optimizer steps between checkpoints (0: none)
-    threads: int | None = None  # CPU threads for torch (None: leave torch's setting)
-
-    def __post_init__(self) -> None:
-        if self.loss_normalization not in ("example", "token"):
-            raise IdealError(
-                f"loss normalization must be example or token, got {self.loss_normalization!r}"
-            )
-        if self.optimizer not in ("adamw", "sgd"):
-            raise IdealError(f"optimizer must be adamw or sgd, got {self.optimizer!r}")
-        for name in ("batch_size", "grad_accum", "lora_r"):
-            if getattr(self, name) < 1:
-                raise IdealError(
-                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
-                )
-        if not self.lr > 0:
-            raise IdealError(f"--lr must be > 0, got {self.lr}")
-        if self.max_steps is None and not self.epochs > 0:
-            raise IdealError(f"--epochs must be > 0, got {self.epochs}")
-
-    @property
-    def examples_per_step(self) -> int:
-        return self.batch_size * self.grad_accum
-
-    def total_steps(self, examples: int) -> int:
-        if self.max_steps is not None:
-            return self.max_steps
-        return max(1, math.ceil(self.epochs * examples / self.examples_per_step))
-
-    def hash(self) -> str:
-        return sha256_text(json.dumps(asdict(self), sort_keys=True))[:16]
 
 
 def step_examples(step: int, examples: int, settings: TrainSettings) -> list[int]:

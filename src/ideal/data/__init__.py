@@ -1,6 +1,8 @@
 """Data: what the mixture is made of, on disk and in memory.
 
-    rows.py        domains on disk -> validated rows -> messages -> token ids + loss labels
+    files.py       data files on disk (jsonl, json, parquet, datasets) -> raw rows with locations
+    rows.py        domains on disk -> validated rows -> chat messages (re-exports tokens.py)
+    tokens.py      chat messages -> token ids + loss labels (chat template, boundary, truncation)
     mixture.py     volumes, constraints, seeded incremental resampling (pure, numpy)
     mixture_io.py  a mixture on disk: read (back to its pool), write with its manifest
     export.py      a mixture as LLaMA-Factory / TRL / axolotl files

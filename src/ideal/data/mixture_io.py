@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ideal.artifacts import atomic_dir, atomic_write_json, read_json, sha256_file
+from ideal.artifacts import atomic_dir, atomic_write_json, read_json
+from ideal.data.files import fingerprint
 from ideal.data.mixture import Mixture
 from ideal.data.rows import Domain, Example, OnInvalid, load_domains
 from ideal.errors import IdealError
@@ -34,7 +35,9 @@ class TrainingSet:
     pool_dir: Path
     pool: dict[str, Domain]
     mixture: Mixture
-    files: dict[str, str]  # "domain/file.jsonl" -> sha256
+    files: dict[
+        str, str
+    ]  # "domain/file.jsonl" -> sha256 (of a datasets directory: files.fingerprint)
     on_invalid: OnInvalid = "error"
     manifest: dict[str, Any] = field(default_factory=dict)  # as read, for a mixture directory
 
@@ -52,7 +55,7 @@ class TrainingSet:
 
 def _hash_pool(pool_dir: Path, pool: dict[str, Domain]) -> dict[str, str]:
     return {
-        f"{name}/{file.name}": sha256_file(file)
+        f"{name}/{file.name}": fingerprint(file)
         for name, domain in pool.items()
         for file in domain.files
     }
@@ -122,3 +125,33 @@ def write_mixture_dir(
             )
         atomic_write_json(tmp / MANIFEST, manifest)
     return manifest
+
+
+def domain_report(
+    training: TrainingSet,
+    tokenizer: Any = None,
+    max_length: int | None = None,
+    on_invalid: OnInvalid = "error",
+) -> list[dict[str, Any]]:
+    """`ideal check`'s rows: per domain its files, file kinds and row formats, rows, volume and
+    skipped rows; with a tokenizer also tokens, target tokens, truncated, no-target and
+    re-tokenized rows."""
+    from ideal.data.tokens import tokenize_examples
+
+    rows = []
+    for name, domain in training.pool.items():
+        row: dict[str, Any] = {
+            "domain": name,
+            "files": len(domain.files),
+            "formats": ", ".join(sorted(set(domain.formats.values()))),
+            "rows": len(domain.examples),
+            "volume": training.mixture.volumes[name],
+            "skipped": len(domain.skipped),
+        }
+        if tokenizer is not None:
+            _, report = tokenize_examples(domain.examples, tokenizer, max_length, on_invalid)
+            row.update({"tokens": report.tokens, "target tokens": report.target_tokens,
+                        "truncated": report.truncated, "no target": len(report.no_target),
+                        "re-tokenized": report.retokenized})  # fmt: skip
+        rows.append(row)
+    return rows

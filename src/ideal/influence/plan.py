@@ -2,8 +2,8 @@
 
 Works from the model's config alone: the model is built on the meta device (no weights are read or
 allocated), so an 8B-parameter config plans in seconds on a laptop. Sizes follow what
-`ideal.influence.engine` allocates for a selected layer of shape (out, in), k references and
-`chunk` examples per per-example-gradient chunk:
+`ideal.influence.engine` and its passes allocate for a selected layer of shape (out, in), k
+references and `chunk` examples per per-example-gradient chunk:
 
     covariances A (in x in) and S (out x out)        float64   host (`--factors device`: device)
     eigenvectors Q_A, Q_S (same shapes)               float32   host; device during the correction
@@ -36,6 +36,7 @@ from torch import nn
 
 from ideal.errors import IdealError
 from ideal.influence.capture import layer_shape, select_layers
+from ideal.report.console import human
 
 F64, F32 = 8, 4
 UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6,
@@ -221,9 +222,16 @@ def layer_groups(
     return [[p.name for p in g] for g in group_plans(plans, budget, model_bytes(model))]
 
 
-def human(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
-        size /= 1024
-    return f"{size:.1f} TiB"
+def job_plan(model_dir: str | Path, reference: str | Path, job: Any) -> tuple[MemoryPlan, int, int]:
+    """`ideal influence --plan`: the plan of an InfluenceJob on a model's config alone, with bf16
+    weights (what a GPU holds; a CPU run holds the config's dtype); returns (plan, references,
+    parameters)."""
+    from ideal.data.rows import load_domains
+
+    references = len(load_domains(reference))
+    network = meta_model(model_dir)
+    config, settings = job.config, job.settings
+    budget = parse_size(config.memory) if config.memory is not None else None
+    plan = memory_plan(network, job.layers, references, settings.curvature, budget,
+                       torch.bfloat16, settings.chunk, settings.refine)  # fmt: skip
+    return plan, references, sum(t.numel() for t in network.parameters())

@@ -11,7 +11,7 @@ conjugate gradient (PCG) on
 ((scale, mass) = (w_z / T_z, w_z) for `influence.loss: example`, (w_z, w_z T_z) for `token`:
 ideal.lm.loss_scales), the exact Gauss-Newton matrix of the mixture loss that the model was trained
 with, over the curvature sample C (the weighted examples
-the EK-FAC factors are fitted on; `engine.dense_gauss_newton` is its dense form), Lambda = lambda_l I
+the EK-FAC factors are fitted on; `exact.dense_gauss_newton` is its dense form), Lambda = lambda_l I
 on layer l (the preconditioner's own damping), the EK-FAC inverse as preconditioner and its solution
 as the start (scaled per reference to minimise the error's (G_C + Lambda)-norm: free, see
 `conjugate_gradient`). G_C is used only through products G_C V, never formed:

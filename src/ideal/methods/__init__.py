@@ -7,7 +7,8 @@
     select.py    which round a run returns: the last, or the best on the reference sets (pure)
     trust.py     the IDEAL step's round-level control: double m after a round that lowered Q,
                  else start again from the best round with m halved (pure)
+    settings.py  `update:` of the run config and `ideal reweight`'s options (one home each)
 
-May import: ideal.lm, ideal.data and the ground floor. Not ideal.influence (which imports the rules),
-ideal.backends, ideal.config or above.
+May import: ideal.influence (the step reads its sensitivities), ideal.lm, ideal.data and the
+ground floor. Not ideal.backends, ideal.config or above.
 """

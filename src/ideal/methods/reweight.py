@@ -16,6 +16,7 @@ from ideal.data.mixture_io import TrainingSet, load_training_set, write_mixture_
 from ideal.data.rows import OnInvalid
 from ideal.errors import IdealError
 from ideal.methods.rules import IdealRule, Rule
+from ideal.methods.settings import UpdateSettings
 
 
 @dataclass
@@ -104,20 +105,19 @@ def reweight(
     train: str | Path,
     influence: str | Path,
     out: str | Path,
-    step: float = 0.15,
-    constraints: Constraints | None = None,
+    update: UpdateSettings = UpdateSettings(),
     seed: int | None = None,
     on_invalid: OnInvalid = "error",
-    min_z: float = 0.0,
-    geometry: str = "relative",
 ) -> ReweightResult:
-    """Apply the IDEAL step to the training set at `train` and write the next mixture to `out`.
+    """Apply the IDEAL step (`update`: step m, min_z, geometry and the constraints) to the
+    training set at `train` and write the next mixture to `out`.
 
     `min_z` > 0 leaves unchanged every domain whose sensitivity is within min_z standard errors of
     zero (influence.json's `sensitivity_stderr`). `geometry` "additive" takes the step in volumes
     (`ideal.methods.rules.additive_delta`), which needs influence.json's size factor."""
-    constraints = constraints or Constraints()
-    rule = IdealRule(step=step, min_z=min_z, geometry=geometry, keep_total=constraints.keep_total)
+    step, geometry = update.step, update.geometry
+    constraints = Constraints(update.min_examples, update.max_repeats, update.keep_total)
+    rule = IdealRule(step, update.min_z, geometry, update.keep_total)
     check_new_output_dir(out)  # fail before any work
     training = load_training_set(train, on_invalid)
     signals = read_influence(influence, training)
@@ -127,10 +127,10 @@ def reweight(
             "dQ/dn_i = alpha_i/n_i (recompute without --no-size-factor)"
         )
     seed = training.mixture.seed if seed is None else seed
-    mixture, update = update_mixture(training, rule, constraints, seed, signals)
-    update["step"] = step
-    update["influence"] = {"path": str(Path(influence).resolve()), "sha256": sha256_file(influence)}
-    write_mixture_dir(out, training, mixture, extra={"update": update})
+    mixture, record = update_mixture(training, rule, constraints, seed, signals)
+    record["step"] = step
+    record["influence"] = {"path": str(Path(influence).resolve()), "sha256": sha256_file(influence)}
+    write_mixture_dir(out, training, mixture, extra={"update": record})
     return ReweightResult(
-        update["previous_volumes"], update["beta"], update["requested"], mixture, Path(out)
+        record["previous_volumes"], record["beta"], record["requested"], mixture, Path(out)
     )

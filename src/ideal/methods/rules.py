@@ -3,7 +3,7 @@
 The IDEAL rule (METHOD.md "The update rule"), with the sign convention used everywhere in `ideal`:
 s_ji > 0 means "training more on domain i is predicted to LOWER the loss on reference j".
 
-    dQ/dbeta_i = -(n_i / N) * sum_j w_j s_ji          (sensitivities; the n_i/N factor is optional)
+    dQ/dbeta_i = -(n_i / N) * sum_j w_j s_ji          (ideal.influence.objective.sensitivities)
     beta       = -m * alpha / max_i |alpha_i|         (alpha = dQ/dbeta; the largest change is m)
     n_i       <- n_i * (1 + beta_i)                   (then constraints, in `ideal.data.mixture`)
 
@@ -33,32 +33,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from ideal.errors import IdealError
+from ideal.methods.settings import GEOMETRIES, UpdateSettings
+from ideal.settings import default_of
 
 
-def sensitivities(
-    scores: np.ndarray,
-    volumes: Sequence[float],
-    weights: Sequence[float] | None = None,
-    size_factor: bool = True,
-) -> np.ndarray:
-    """dQ/dbeta_i for every domain i, from influence scores (references x domains).
-
-    `weights` w_j default to 1/k (every capability counts the same). With `size_factor`, the
-    domain's share n_i/N multiplies its term (METHOD.md; the reference code drops it). Under
-    `influence.loss: token` the caller passes target-token counts t_i as `volumes`: the share is
-    then t_i/T, the domain's weight in the token-normalised L_mix.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    k, n = scores.shape
-    w = np.full(k, 1.0 / k) if weights is None else np.asarray(weights, dtype=np.float64)
-    v = np.asarray(volumes, dtype=np.float64)
-    if w.shape != (k,) or v.shape != (n,):
-        raise IdealError(f"shapes: scores {scores.shape}, weights {w.shape}, volumes {v.shape}")
-    share = v / v.sum() if size_factor else np.ones(n)
-    return -share * (w @ scores)
-
-
-def ideal_beta(sensitivity: Sequence[float], step: float = 0.15) -> np.ndarray:
+def ideal_beta(sensitivity: Sequence[float], step: float) -> np.ndarray:
     """beta = -m * alpha / max|alpha|: move against the gradient, the largest change being `step`.
 
     All-zero sensitivities (nothing to gain) give beta = 0.
@@ -74,11 +53,8 @@ def ideal_beta(sensitivity: Sequence[float], step: float = 0.15) -> np.ndarray:
     return -step * alpha / largest
 
 
-GEOMETRIES = ("relative", "additive")
-
-
 def additive_delta(
-    sensitivity: Sequence[float], volumes: Sequence[float], step: float = 0.15, centred: bool = True
+    sensitivity: Sequence[float], volumes: Sequence[float], step: float, centred: bool = True
 ) -> np.ndarray:
     """dn = -m (N/K) g / max|g| with g_i = alpha_i / n_i = dQ/dn_i: a step in volumes.
 
@@ -126,7 +102,7 @@ class IdealRule:
     (`additive_delta`, centred when `keep_total`; a domain loses at most m of its volume).
     """
 
-    step: float = 0.15
+    step: float = default_of(UpdateSettings, "step")
     min_z: float = 0.0
     geometry: str = "relative"
     keep_total: bool = True

@@ -3,7 +3,8 @@
     plots.py    the influence heatmap, domain weights along a proxy run
     run.py      a run's plots and report.html (`ideal report`)
     compare.py  compare.html and the accuracy-vs-compute plot
+    console.py  the command line's tables, as pure functions of the records
 
-May import: the ground floor only (ideal.errors, ideal.artifacts, ...). It reads what the other parts
+May import: ideal.records and the ground floor (ideal.errors, ideal.artifacts, ...). It reads what the other parts
 wrote; it never trains, scores or resamples.
 """

@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 
 from ideal.artifacts import atomic_write_text, read_json  # noqa: E402
 from ideal.errors import IdealError  # noqa: E402
+from ideal.records import RunSummary  # noqa: E402
 from ideal.report.plots import SIGN_CONVENTION, save_figure  # noqa: E402
 
 
@@ -131,6 +132,11 @@ def _returned_html(summary: dict) -> str:
     )
 
 
+def _probe_html(summary: RunSummary) -> str:
+    note = summary.probe_note()
+    return f"<p>{html.escape(note[0].upper() + note[1:])}.</p>" if note else ""
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Plots and report.html from RUN/summary.json and the round directories."""
     run = Path(run_dir)
@@ -140,6 +146,8 @@ def write_report(run_dir: str | Path) -> Path:
     rounds = summary["rounds"]
     if not rounds:
         raise IdealError(f"{run}/summary.json: no rounds")
+    record = RunSummary.from_json(summary)
+    was = {r.round: r.describe() for r in record.rounds}
     images = [
         _volumes_plot(rounds, run / "volumes.png"),
         _per_capability_plot(
@@ -164,9 +172,9 @@ def write_report(run_dir: str | Path) -> Path:
 
     capabilities = list(rounds[0]["test_accuracy"])
     overview = _table(
-        ["round", "mean accuracy", "worst accuracy", "mean reference loss", "predicted change", "realised change", "train s", "influence s", "eval s"],
+        ["round", "was", "mean accuracy", "worst accuracy", "mean reference loss", "predicted change", "realised change", "train s", "influence s", "eval s"],
         [
-            [r["round"], r["test_accuracy_mean"], r["test_accuracy_worst"], r["reference_loss_mean"], r["predicted_reference_loss_change"],
+            [r["round"], was[r["round"]], r["test_accuracy_mean"], r["test_accuracy_worst"], r["reference_loss_mean"], r["predicted_reference_loss_change"],
              r["realised_reference_loss_change"], r["seconds"]["train"], r["seconds"]["influence"], r["seconds"]["eval"]]
             for r in rounds
         ],
@@ -209,8 +217,10 @@ th {{ background: #f3f3f3; }} td:first-child {{ text-align: left; }}
 figure {{ display: inline-block; margin: 0.5em; }} img {{ max-width: 520px; }}
 </style></head><body>
 <h1>IDEAL run <code>{html.escape(str(run))}</code></h1>
-<p>Round 0 is the original mixture D0; each later round applies the IDEAL update to the previous round's
-influence and retrains from the base model. {html.escape(SIGN_CONVENTION)}.</p>
+<p>Round 0 is the original mixture D0. Under <code>update.first_round: uniform</code> (the
+default) round 1 is the uniform mixture at D0's total, a probe; every later round applies the update
+rule to the influence of the round it starts from (column "was") and retrains from the base model.
+{html.escape(SIGN_CONVENTION)}.</p>{_probe_html(record)}
 {_warnings_html(trainer_warnings(run, rounds))}
 <h2>Rounds</h2>{_returned_html(summary)}{overview}
 <h2>Per capability</h2>{per_capability}

@@ -1,9 +1,10 @@
-"""`ideal influence` end to end: model and data from disk -> influence scores -> files.
+"""The influence step end to end (`ideal influence`, and each round of `ideal run`): model and data
+from disk -> influence scores -> files. One InfluenceJob (settings.py) says what to compute.
 
 Writes, atomically, into a new directory: `influence.json` (SPEC.md), `influence.csv` (references x
 domains) and `influence.png` (heatmap with the sign convention written on it).
 
-The objective differentiated (`settings.loss`: example | token) is the one the model was trained
+The objective differentiated (`job.loss`: example | token) is the one the model was trained
 with. `ideal influence` takes `--loss`, or else what the model directory's trainer record says
 (`recorded_loss`); `ideal run` resolves `influence.loss: auto` from `train.backend`. influence.json
 records the value (`loss`) and where it came from (`loss_source`). Under `token` the size factor is
@@ -18,7 +19,8 @@ import io
 import logging
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -39,76 +41,43 @@ from ideal.distributed import barrier, init_from_env, is_main, world_size
 from ideal.errors import IdealError
 from ideal.hf import load_causal_lm, load_tokenizer
 from ideal.influence.capture import select_layers
-from ideal.influence.defaults import CURVATURE_EXAMPLES, MAX_EXAMPLES
-from ideal.influence.engine import (
-    InfluenceResult,
-    InfluenceSettings,
-    Progress,
-    WeightedSet,
-    domain_influence,
-    no_progress,
-    result_summary,
-)
+from ideal.influence.engine import domain_influence
+from ideal.influence.objective import result_summary
+from ideal.influence.passes import Progress, no_progress
 from ideal.influence.plan import layer_groups, parse_size
-from ideal.lm import LOSSES
+from ideal.influence.results import InfluenceResult, WeightedSet
+from ideal.influence.settings import InfluenceJob
 from ideal.report.plots import influence_heatmap
+from ideal.settings import LOSSES
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How the influence step samples: seed, each domain's fraction and cap, the curvature sample."""
-
-    seed: int = 0
-    sample: float = 0.5
-    max_examples: int | None = MAX_EXAMPLES
-    curvature_examples: int | None = CURVATURE_EXAMPLES
-    domain_rows: str = "mixture"  # whose gradient scores a domain: mixture | unseen (DOMAIN_ROWS)
-
-
-DOMAIN_ROWS = {
-    "mixture": "the domain's copies in the current mixture (METHOD.md's gbar_i)",
-    "unseen": "the pool rows the mixture does not hold yet, which an increase adds first "
-    "(the mixture's copies once every row is in it)",
-}
 
 
 def compute_influence(
     model_dir: str | Path,
     train: str | Path,
     reference: str | Path,
-    settings: InfluenceSettings = InfluenceSettings(),
-    sample: float = 0.5,
-    layers: list[str] | None = None,
-    max_length: int | None = None,
-    objective: str = "mean",
-    size_factor: bool = True,
-    on_invalid: OnInvalid = "error",
+    job: InfluenceJob = InfluenceJob(),
     progress: Progress = no_progress,
-    curvature_examples: int | None = CURVATURE_EXAMPLES,
-    max_examples: int | None = MAX_EXAMPLES,
-    memory: str | int | None = None,
-    loss_source: str | None = None,
-    domain_rows: str = "mixture",
 ) -> tuple[InfluenceResult, dict[str, Any]]:
     """Influence of every training domain on every reference capability; returns (result, influence.json).
 
-    `curvature_examples` copies of the mixture (None: all) fit the curvature; each domain's score
-    uses `sample` of its copies, at most `max_examples`; `memory` (bytes or "70GiB") splits the
-    layers into groups whose statistics fit it (one set of passes per group). `settings.loss` is
-    the objective differentiated, `loss_source` says where it came from (recorded as given).
-    `domain_rows` (DOMAIN_ROWS) says whose gradient scores a domain: its copies in the mixture, or
-    the pool rows not in it yet. An example the model has fitted many times says little about
-    what fresh rows of its domain would do; fresh rows are what raising the volume adds."""
+    Of `job.config`: `curvature_examples` copies of the mixture (None: all) fit the curvature;
+    each domain's score uses `sample` of its copies, at most `max_examples`; `memory` (bytes or
+    "70GiB") splits the layers into groups whose statistics fit it (one set of passes per group);
+    `domain_rows` (settings.DOMAIN_ROWS) says whose gradient scores a domain: its copies in the
+    mixture, or the pool rows not in it yet. An example the model has fitted many times says
+    little about what fresh rows of its domain would do; fresh rows are what raising the volume
+    adds. `job.loss` is the objective differentiated, `job.loss_source` says where it came from
+    (recorded as given)."""
     start = time.perf_counter()
-    sampling = Sampling(settings.seed, sample, max_examples, curvature_examples, domain_rows)
+    config, settings = job.config, job.settings
     model, tokenizer, selected, training, domains, refs, curvature = _inputs(
-        model_dir, train, reference, sampling, layers, max_length, on_invalid
+        model_dir, train, reference, job
     )
     groups = None
-    if memory is not None:
-        groups = layer_groups(model, selected, len(refs), parse_size(memory), settings)
+    if config.memory is not None:
+        groups = layer_groups(model, selected, len(refs), parse_size(config.memory), settings)
     prepare = time.perf_counter() - start
     result = domain_influence(
         model, selected, domains, refs, settings, tokenizer.pad_token_id, progress, curvature,
@@ -119,8 +88,10 @@ def compute_influence(
     sizes = {name: len(ws.items) for name, ws in refs.items()}
     target_tokens = None
     if settings.loss == "token":  # the size factor t_i/T: target tokens of the whole mixture
-        target_tokens = mixture_target_tokens(training, tokenizer, max_length, on_invalid)
-    summary = result_summary(result, target_tokens or volumes, objective, size_factor, sizes)
+        target_tokens = mixture_target_tokens(training, tokenizer, job.max_length, job.on_invalid)
+    summary = result_summary(
+        result, target_tokens or volumes, job.objective, job.size_factor, sizes
+    )
     recorded = recorded_loss(model_dir)
     if recorded is not None and recorded[0] != settings.loss:
         log.warning(
@@ -139,7 +110,7 @@ def compute_influence(
         "sign_convention": "s_ji > 0: training more on domain i is predicted to lower the loss on reference j",
         "volumes": volumes,
         "loss": settings.loss,
-        "loss_source": loss_source or "settings",
+        "loss_source": job.loss_source or "settings",
         "loss_recorded": None if recorded is None else {"loss": recorded[0], "file": recorded[1]},
         "target_tokens": target_tokens,
         **summary,
@@ -152,11 +123,14 @@ def compute_influence(
         },
         "layers": result.layers,
         "fisher": settings.fisher,
-        "sample": sample,
-        "max_examples": max_examples,
-        "domain_rows": domain_rows,
+        "sample": config.sample,
+        "max_examples": config.max_examples,
+        "domain_rows": config.domain_rows,
         "curvature_examples": result.curvature_examples,
-        "curvature_sample": {"requested": curvature_examples, "unique": len(curvature.items)},
+        "curvature_sample": {
+            "requested": config.curvature_examples,
+            "unique": len(curvature.items),
+        },
         "groups": result.groups,
         "refine": {  # per layer group (lists): each reference's relative residual, start then
             # every step; the EK-FAC solution's own residual and the scale the start gave it
@@ -166,7 +140,7 @@ def compute_influence(
                 for key in ("residuals", "preconditioned_residual", "start_scale")
             },
         },
-        "memory": memory,
+        "memory": config.memory,
         "sampled_examples": {d: len(ws.items) for d, ws in domains.items()},
         "sampled_weight": {d: float(sum(ws.weights)) for d, ws in domains.items()},
         "retokenized": {  # sampled rows whose answer is encoded after the prompt's tokens
@@ -174,7 +148,7 @@ def compute_influence(
             "references": {r: sum(i.retokenized for i in ws.items) for r, ws in refs.items()},
         },
         "tokens": result.tokens,
-        "settings": {**asdict(settings), "max_length": max_length, "layers": layers},
+        "settings": {**asdict(settings), "max_length": job.max_length, "layers": job.layers},
         "model": str(Path(model_dir).resolve()),
         "train": {"path": str(Path(train).resolve()), "files": training.files},
         "seconds": {**result.seconds, "total": time.perf_counter() - start},
@@ -183,26 +157,19 @@ def compute_influence(
 
 
 def _inputs(
-    model_dir: str | Path,
-    train: str | Path,
-    reference: str | Path,
-    sampling: Sampling,
-    layers: list[str] | None,
-    max_length: int | None,
-    on_invalid: OnInvalid,
+    model_dir: str | Path, train: str | Path, reference: str | Path, job: InfluenceJob
 ) -> tuple[
     Any, Any, dict[str, Any], Any, dict[str, WeightedSet], dict[str, WeightedSet], WeightedSet
 ]:
     """Model on its device, tokenizer, selected layers, training set, every domain's sample, the
     reference sets and the curvature sample, as the influence step uses them. Only the sampled
     examples are tokenized."""
-    if not 0.0 < sampling.sample <= 1.0:
-        raise IdealError(f"--sample must be in (0, 1], got {sampling.sample}")
+    config, max_length, on_invalid = job.config, job.max_length, job.on_invalid
     training = load_training_set(train, on_invalid)
     references = load_domains(reference, on_invalid)
     model = load_causal_lm(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    selected = select_layers(model, layers)
+    selected = select_layers(model, job.layers)
     device = torch.device(
         f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     )
@@ -215,20 +182,16 @@ def _inputs(
         items, _ = tokenize_examples(examples, tokenizer, max_length, on_invalid)
         return items, [weight[item.source] for item in items]
 
-    if sampling.domain_rows not in DOMAIN_ROWS:
-        raise IdealError(
-            f"domain rows must be one of {', '.join(DOMAIN_ROWS)}, got '{sampling.domain_rows}'"
-        )
     domains: dict[str, WeightedSet] = {}
     for name, counts in training.mixture.counts.items():
-        if sampling.domain_rows == "unseen" and np.any(counts == 0):
+        if config.domain_rows == "unseen" and np.any(counts == 0):
             counts = (np.asarray(counts) == 0).astype(np.int64)  # each row not yet drawn, once
-        rng = np.random.default_rng([sampling.seed, zlib.crc32(name.encode()), 17])
-        sampled = sample_counts(counts, sampling.sample, rng, sampling.max_examples)
+        rng = np.random.default_rng([job.seed, zlib.crc32(name.encode()), 17])
+        sampled = sample_counts(counts, config.sample, rng, config.max_examples)
         items, weights = weighted(name, sampled)
         domains[name] = WeightedSet(items, weights, population=float(np.sum(counts)))
-    rng = np.random.default_rng([sampling.seed, 23])
-    drawn = sample_mixture(training.mixture.counts, sampling.curvature_examples, rng)
+    rng = np.random.default_rng([job.seed, 23])
+    drawn = sample_mixture(training.mixture.counts, config.curvature_examples, rng)
     curvature_items: list[Any] = []
     curvature_weights: list[float] = []
     for name, sampled in drawn.items():
@@ -306,25 +269,21 @@ def probe_seconds(
     model_dir: str | Path,
     train: str | Path,
     reference: str | Path,
-    settings: InfluenceSettings = InfluenceSettings(),
-    sample: float = 0.5,
-    layers: list[str] | None = None,
-    max_length: int | None = None,
+    job: InfluenceJob = InfluenceJob(),
     per_set: int | None = None,
-    curvature_examples: int | None = CURVATURE_EXAMPLES,
-    max_examples: int | None = MAX_EXAMPLES,
 ) -> dict[str, Any]:
     """A short timed probe: the influence step on the first `per_set` examples (default: two
     batches) of every domain's sample, of every reference set and of the curvature sample,
     extrapolated per stage to the full sets (full batches, so per-example costs are those of the
-    real run).
+    real run). The samples are those of `compute_influence` with the same job (its rows, its
+    `on_invalid`, its `domain_rows`); the layers run as one group, whatever `memory` says.
 
     Passes over data scale with their example count; the eigendecomposition, the preconditioning
     and the scores do not (they depend on layer shapes only) and are taken as measured.
     """
-    sampling = Sampling(settings.seed, sample, max_examples, curvature_examples)
+    settings = job.settings
     model, tokenizer, selected, _, domains, refs, curvature = _inputs(
-        model_dir, train, reference, sampling, layers, max_length, "error"
+        model_dir, train, reference, job
     )
     size = per_set or 2 * settings.batch_size
 
@@ -392,17 +351,27 @@ def write_influence(out: str | Path, result: InfluenceResult, document: dict[str
 
 
 def run_influence(
-    out: str | Path, *args: Any, **kwargs: Any
+    out: str | Path,
+    model_dir: str | Path,
+    train: str | Path,
+    reference: str | Path,
+    job: InfluenceJob = InfluenceJob(),
+    progress: Progress = no_progress,
+    amend: Callable[[dict[str, Any]], None] | None = None,
 ) -> tuple[InfluenceResult, dict[str, Any]]:
     """compute_influence, then write its files into the new directory `out` (the main process only).
+    `amend`, if given, edits influence.json's content in place before it is written (the caller
+    adds what is not the step's own, e.g. the beta of an update).
 
     Under `torchrun` / `accelerate launch` every process computes on its own shard and the
     statistics are summed across processes, so the files do not depend on the number of processes.
     """
     init_from_env()
     check_new_output_dir(out)  # fail before the heavy work
-    result, document = compute_influence(*args, **kwargs)
+    result, document = compute_influence(model_dir, train, reference, job, progress)
     document["processes"] = world_size()
+    if amend is not None:
+        amend(document)
     if is_main():
         write_influence(out, result, document)
     barrier()

@@ -1,0 +1,137 @@
+"""Fail fast: every mistake of a run config found before anything trains.
+
+`ideal run`, `ideal compare` and `ideal check --config` call `preflight(config)`: it reads every data
+directory (rows included), checks each scorer name and the capability it names, the backends'
+options, and the base model with its tokenizer. The first mistake is an IdealError of one line that
+names the key and the value; what is suspicious but legal comes back as warnings.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ideal.config import RunConfig
+from ideal.errors import IdealError
+
+log = logging.getLogger("ideal")
+
+# what `train.backend` / `eval.backend` import in this process, and the extra that brings it
+_IMPORTS = {("train", "trl"): ("trl", "trl"), ("eval", "lm-eval"): ("lm_eval", "lm-eval")}
+
+
+@dataclass
+class Preflight:
+    """What the checks found: the capabilities of each set, and the warnings to show."""
+
+    domains: list[str] = field(default_factory=list)
+    references: list[str] = field(default_factory=list)
+    tests: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def preflight(config: RunConfig, config_file: str | Path | None = None) -> Preflight:
+    """Check the whole run (module docstring); returns what was found, raises on a mistake."""
+    found = Preflight()
+    if config.suite is not None:
+        found.domains = sorted(d.name for d in config.suite.domains)
+        found.references = found.tests = sorted(config.suite.capabilities)
+    else:
+        _check_data(config, found)
+        _check_model(config)
+    _check_scorers(config, found)
+    _check_backends(config, found, config_file)
+    return found
+
+
+def _check_data(config: RunConfig, found: Preflight) -> None:
+    from ideal.data.mixture_io import load_training_set
+    from ideal.data.rows import load_domains
+
+    for key in ("train_data", "reference_data", "test_data"):
+        value = getattr(config, key)
+        if value is not None and not Path(value).is_dir():
+            raise IdealError(f"{key}: {value}: not a directory")
+    found.domains = sorted(_loaded("train_data", lambda: load_training_set(config.train_data).pool))
+    found.references = sorted(
+        _loaded("reference_data", lambda: load_domains(config.reference_data))
+    )
+    if config.test_data is not None:
+        found.tests = sorted(_loaded("test_data", lambda: load_domains(config.test_data)))
+        for name in sorted(set(found.references) - set(found.tests)):
+            found.warnings.append(
+                f"capability '{name}' has a reference set but no test set in test_data "
+                f"({config.test_data}): it drives the method but is never measured"
+            )
+        for name in sorted(set(found.tests) - set(found.references)):
+            found.warnings.append(
+                f"capability '{name}' has a test set but no reference set in reference_data "
+                f"({config.reference_data}): it is measured but the method cannot aim at it"
+            )
+
+
+def _loaded(key: str, load):
+    """Run a loader; its error keeps its own line (file, line, reason) after the key."""
+    try:
+        return load()
+    except IdealError as err:
+        raise IdealError(f"{key}: {err}") from None
+
+
+def _check_model(config: RunConfig) -> None:
+    from ideal.hf import load_tokenizer
+
+    try:
+        load_tokenizer(config.model)
+    except IdealError as err:
+        raise IdealError(f"model: {err}") from None
+
+
+def _check_scorers(config: RunConfig, found: Preflight) -> None:
+    from ideal.backends.evaluate import scorer_names
+
+    known = scorer_names()
+    capabilities = found.tests or found.references
+    for capability, name in config.eval.scorers.items():
+        if name not in known:
+            raise IdealError(
+                f"eval.scorers.{capability}: unknown scorer '{name}' (choose from "
+                f"{', '.join(known)})"
+            )
+        if capability not in capabilities:
+            raise IdealError(
+                f"eval.scorers.{capability}: no capability '{capability}' in the "
+                f"{'test' if found.tests else 'reference'} sets (they are: "
+                f"{', '.join(capabilities)})"
+            )
+
+
+def _check_backends(config: RunConfig, found: Preflight, config_file: str | Path | None) -> None:
+    for (part, backend), (module, extra) in _IMPORTS.items():
+        if getattr(config, part).backend == backend and importlib.util.find_spec(module) is None:
+            raise IdealError(
+                f"{part}.backend {backend}: {module} is not installed; pip install -e '.[{extra}]'"
+            )
+    train = config.train
+    base = None
+    if train.base_config:
+        from ideal.backends.presets import load_base_config
+
+        try:
+            base = load_base_config(train.base_config, train.backend)
+        except IdealError as err:
+            raise IdealError(f"train.base_config: {err}") from None
+    if config.eval.backend != "builtin" or config.eval.parse != "scores":
+        capabilities = set(found.tests or found.references)
+        for name in sorted(set(config.eval.tasks) - capabilities) if capabilities else []:
+            found.warnings.append(
+                f"eval.tasks.{name}: no reference or test set named '{name}' (they are: "
+                f"{', '.join(sorted(capabilities))}): it is scored, but the method cannot aim at it"
+            )
+    from ideal.backends.masking import masking_warnings
+
+    where = str(train.base_config) if base is not None else str(config_file or "the run config")
+    model = None if config.suite is not None else config.model
+    found.warnings += masking_warnings(train.backend, base, where, model, dict(train.trl_args))

@@ -1,0 +1,133 @@
+"""Typed records of a run: what each round's update did and what the whole run found.
+
+    UpdateRecord   RUN/round-K/mixture.json's "update": the rule, the round it started from, m,
+                   the realised relative changes (the rest of what the rule recorded rides along)
+    RoundRecord    one entry of RUN/summary.json's "rounds" (SPEC.md)
+    RunSummary     RUN/summary.json: the rounds, the probe's facts, the selected round
+
+The loop writes them once (ideal.summary computes the summary); the command line and the reports
+only read them, so no module re-derives "was round 1 the probe?" or spells a key by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+# what a round was, in the words the console and the report use
+KIND_D0 = "D0"
+KIND_PROBE = "uniform probe"
+
+
+@dataclass(frozen=True)
+class UpdateRecord:
+    """How a round's mixture followed from an earlier round (mixture.json's "update")."""
+
+    rule: str
+    from_round: int
+    step: float | None = None
+    beta_realised: dict[str, float] = field(default_factory=dict)
+    probe: bool = False  # round 1 under update.first_round uniform
+    details: dict[str, Any] = field(default_factory=dict)  # requested, beta, constraints, ...
+
+    def to_json(self) -> dict[str, Any]:
+        core = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "details"}
+        return {**self.details, **core}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], round_: int) -> UpdateRecord:
+        """A stored record; one written before `from_round` existed started from round K-1."""
+        names = {f.name for f in fields(cls)} - {"details"}
+        core = {k: v for k, v in data.items() if k in names}
+        core.setdefault("from_round", round_ - 1)
+        core.setdefault("rule", "ideal")
+        return cls(**core, details={k: v for k, v in data.items() if k not in names})
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One round of summary.json."""
+
+    round: int
+    kind: str  # D0 | uniform probe | the rule's name (ideal, uniform, ...)
+    from_round: int | None  # the round its update started from (None for D0)
+    volumes: dict[str, int]
+    test_accuracy: dict[str, float | None]
+    test_accuracy_mean: float | None
+    test_accuracy_worst: float | None
+    reference_loss: dict[str, float | None]
+    reference_loss_mean: float
+    reference_accuracy: dict[str, float | None] = field(default_factory=dict)
+    reference_accuracy_mean: float | None = None
+    predicted_reference_loss_change: float | None = None
+    realised_reference_loss_change: float | None = None
+    seconds: dict[str, float | None] = field(default_factory=dict)
+
+    @property
+    def shares(self) -> dict[str, float]:
+        total = sum(self.volumes.values())
+        return {d: v / total if total else 0.0 for d, v in self.volumes.items()}
+
+    def describe(self) -> str:
+        """What the round was, in a few words: D0, the uniform probe, an IDEAL step from round K."""
+        if self.kind in (KIND_D0, KIND_PROBE):
+            return self.kind
+        return f"{self.kind} step from round {self.from_round}"
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """RUN/summary.json."""
+
+    rounds: list[RoundRecord]
+    select: str
+    selected_round: int | None
+    probe_round: int | None = None  # the round that was the uniform probe
+    continued_from: int | None = None  # after the probe: the round the IDEAL updates went on from
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rounds": [asdict(r) for r in self.rounds],
+            "select": self.select,
+            "selected_round": self.selected_round,
+            "probe_round": self.probe_round,
+            "continued_from": self.continued_from,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunSummary:
+        names = {f.name for f in fields(RoundRecord)}
+        rounds = []
+        for entry in data["rounds"]:
+            entry = {k: v for k, v in entry.items() if k in names}
+            k = entry["round"]
+            entry.setdefault("kind", KIND_D0 if k == 0 else "ideal")
+            entry.setdefault("from_round", None if k == 0 else k - 1)
+            rounds.append(RoundRecord(**entry))
+        return cls(
+            rounds,
+            data.get("select", "last"),
+            data.get("selected_round"),
+            data.get("probe_round"),
+            data.get("continued_from"),
+        )
+
+    @property
+    def selected(self) -> RoundRecord | None:
+        if self.selected_round is None:
+            return None
+        return next(r for r in self.rounds if r.round == self.selected_round)
+
+    def probe_note(self) -> str | None:
+        """A line saying that round 1 was the uniform probe and where the IDEAL updates went on."""
+        if self.probe_round is None or self.continued_from is None:
+            return None
+        chosen = (
+            f"round {self.probe_round} (uniform)"
+            if self.continued_from == self.probe_round
+            else "round 0 (D0)"
+        )
+        return (
+            f"round {self.probe_round} is the uniform probe (update.first_round); the IDEAL "
+            f"updates went on from {chosen}, the lower mean reference loss"
+        )

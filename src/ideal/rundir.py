@@ -1,0 +1,110 @@
+"""The run directory: where a run's rounds live, its stored config, and starting or resuming it.
+
+    RUN/config.yaml   the resolved config + its hash: a resumed run must have the same config,
+                      except options added to ideal since, at the value the run had
+    RUN/suite/        the generated suite (data + base model), when the config names one
+    RUN/round-K/      one directory per round (ideal.loop)
+
+A run directory in which no stage completed (no round has a trained model) is started again with
+the same --out, whatever its config said: nothing would be lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ideal.artifacts import atomic_write_text
+from ideal.config import RunConfig, config_changes
+from ideal.errors import IdealError
+
+log = logging.getLogger("ideal")
+
+# what `ideal run` writes into a run directory before any stage completes
+_STARTED = ("config.yaml", "suite", "round-0")
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    run: Path
+    base: Path
+    train: Path
+    reference: Path
+    test: Path | None  # None: an external evaluator brings its own test sets
+
+    def round(self, k: int) -> Path:
+        return self.run / f"round-{k}"
+
+
+def started_only(run: Path) -> bool:
+    """Whether a run directory holds nothing but what a run writes before its first stage
+    completes: its config, the generated suite, round 0's mixture without a model."""
+    names = {p.name for p in run.iterdir()}
+    if not names <= set(_STARTED):
+        return False
+    first = run / "round-0"
+    return not (first / "model").exists() and not (first / "metrics.json").exists()
+
+
+def _start_again(run: Path) -> None:
+    for name in _STARTED:
+        path = run / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def prepare_run(config: RunConfig, run_dir: str | Path, resume: bool) -> RunPaths:
+    """Check or write RUN/config.yaml, generate the suite if needed; returns the data paths."""
+    run = Path(run_dir)
+    stored = run / "config.yaml"
+    if stored.is_file() and started_only(run):  # nothing to lose: start again, or go on
+        previous = yaml.safe_load(stored.read_text()) or {}
+        if previous.get("hash") != config.hash():
+            log.info("%s: no stage had completed; starting again with this config", run)
+            _start_again(run)
+        resume = True
+    if stored.is_file():
+        if not resume:
+            raise IdealError(
+                f"{run}: a run is already here; add --resume to continue it, or choose another --out"
+            )
+        previous = yaml.safe_load(stored.read_text()) or {}
+        if previous.get("hash") != config.hash():
+            # options added to ideal since the run started, at their defaults, change nothing
+            changes = config_changes(previous, config.to_dict())
+            if changes:
+                raise IdealError(
+                    f"{stored}: the config changed since this run started ({', '.join(changes)}) "
+                    "and completed stages depend on it; use another --out"
+                )
+    elif run.exists() and any(run.iterdir()):
+        raise IdealError(f"{run}: output directory exists and is not empty; choose another --out")
+    else:
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(
+            stored, yaml.safe_dump({"hash": config.hash(), **config.to_dict()}, sort_keys=False)
+        )
+    if config.suite is not None:
+        suite = run / "suite"
+        if not suite.is_dir():
+            from ideal.data.suite import generate_suite
+
+            log.info("generating the suite into %s", suite)
+            generate_suite(config.suite, suite)
+        return RunPaths(run, suite / "base", suite / "train", suite / "reference", suite / "test")
+    assert config.model and config.train_data and config.reference_data
+    from ideal.hf import resolve_model_dir
+
+    return RunPaths(
+        run,
+        resolve_model_dir(config.model),  # a hub id: its snapshot in the local cache
+        Path(config.train_data),
+        Path(config.reference_data),
+        Path(config.test_data) if config.test_data else None,
+    )

@@ -1,0 +1,114 @@
+"""RUN/summary.json, computed once from the round directories (SPEC.md).
+
+Each round's entry says what the round was (D0, the uniform probe, an update from round K), its
+volumes, scores and seconds, and the predicted against the realised change of the mean reference
+loss; the summary names the probe, the round the IDEAL updates went on from, and the selected round.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ideal.artifacts import read_json
+from ideal.config import RunConfig
+from ideal.errors import IdealError
+from ideal.methods.select import select_round
+from ideal.records import KIND_D0, KIND_PROBE, RoundRecord, RunSummary, UpdateRecord
+
+
+def summarise_run(run: str | Path) -> RunSummary:
+    """The run's summary from RUN/round-K/ (every round with metrics) and RUN/config.yaml."""
+    run = Path(run)
+    stored = run / "config.yaml"
+    config = (yaml.safe_load(stored.read_text()) or {}) if stored.is_file() else {}
+    rule = (config.get("update") or {}).get("rule", "ideal")
+    rounds: list[RoundRecord] = []
+    probe_round = continued_from = None
+    k = 0
+    while (run / f"round-{k}" / "metrics.json").is_file():
+        here = run / f"round-{k}"
+        mixture, metrics = read_json(here / "mixture.json"), read_json(here / "metrics.json")
+        update = UpdateRecord.from_json(mixture.get("update", {}), k) if k > 0 else None
+        # a run from before the flag: round 1 with the uniform rule inside an ideal run
+        probe = update is not None and (
+            update.probe or (k == 1 and update.rule == "uniform" and rule == "ideal")
+        )
+        if probe:
+            probe_round = k
+        elif update is not None and probe_round is not None and continued_from is None:
+            continued_from = update.from_round
+        kind = KIND_D0 if update is None else KIND_PROBE if probe else update.rule
+        rounds.append(_round(run, k, kind, update, mixture, metrics, rounds))
+        k += 1
+    select = config.get("select") or RunConfig.select  # the default
+    records = [_plain(r) for r in rounds]
+    selected = select_round(records, select) if rounds else None
+    return RunSummary(rounds, select, selected, probe_round, continued_from)
+
+
+def _round(
+    run: Path,
+    k: int,
+    kind: str,
+    update: UpdateRecord | None,
+    mixture: dict[str, Any],
+    metrics: dict[str, Any],
+    earlier: list[RoundRecord],
+) -> RoundRecord:
+    here = run / f"round-{k}"
+    caps = metrics["capabilities"]
+    train_settings = read_json(here / "model" / "train_settings.json")
+    seconds: dict[str, float | None] = {"train": train_settings.get("seconds"), "influence": None}
+    if (here / "influence.json").is_file():
+        seconds["influence"] = read_json(here / "influence.json")["seconds"]["total"]
+    seconds["eval"] = metrics["seconds"]
+    if (here / "proxy.json").is_file():  # DoReMi / DoGE: the proxy run is their signal's cost
+        seconds["proxy"] = read_json(here / "proxy.json")["seconds"]["total"]
+    predicted = realised = None
+    if update is not None:
+        source = run / f"round-{update.from_round}" / "influence.json"
+        if source.is_file():
+            sensitivity = read_json(source)["sensitivity"]
+            beta = update.beta_realised
+            predicted = float(sum(sensitivity[d] * beta.get(d, 0.0) for d in sensitivity))
+        realised = metrics["reference_loss_mean"] - earlier[update.from_round].reference_loss_mean
+    return RoundRecord(
+        round=k,
+        kind=kind,
+        from_round=None if update is None else update.from_round,
+        volumes={d: e["volume"] for d, e in mixture["domains"].items()},
+        test_accuracy={c: v.get("test_accuracy") for c, v in caps.items()},
+        test_accuracy_mean=metrics["test_accuracy_mean"],
+        test_accuracy_worst=metrics["test_accuracy_worst"],
+        reference_loss={c: v.get("reference_loss") for c, v in caps.items()},
+        reference_loss_mean=metrics["reference_loss_mean"],
+        reference_accuracy={c: v.get("reference_accuracy") for c, v in caps.items()},
+        reference_accuracy_mean=metrics.get("reference_accuracy_mean"),
+        predicted_reference_loss_change=predicted,
+        realised_reference_loss_change=realised,
+        seconds=seconds,
+    )
+
+
+def _plain(record: RoundRecord) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(record)
+
+
+def returned_mixture(path: str | Path) -> Path:
+    """The mixture.json of a round directory, or of the round a run returned (summary.json)."""
+    path = Path(path)
+    if (path / "mixture.json").is_file():
+        return path / "mixture.json"
+    if (path / "summary.json").is_file():
+        summary = RunSummary.from_json(read_json(path / "summary.json"))
+        if summary.selected_round is None:
+            raise IdealError(f"{path}/summary.json: the run returned no round yet")
+        return path / f"round-{summary.selected_round}" / "mixture.json"
+    raise IdealError(
+        f"{path}: neither a finished run (no summary.json) nor a round directory (no mixture.json)"
+    )

@@ -1,0 +1,228 @@
+"""One home for every setting: the commands' defaults are the dataclasses', a key has one home, and
+a run config's mistakes are found before anything trains (ideal.preflight)."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+import typer
+import yaml
+
+from ideal import cli
+from ideal.backends.settings import EvalConfig, TrainConfig, TrainSettings
+from ideal.compare import METHODS, gap_closure
+from ideal.config import RunConfig, load_config
+from ideal.errors import IdealError
+from ideal.influence.settings import InfluenceConfig
+from ideal.methods.settings import UpdateSettings
+from ideal.records import RunSummary
+from ideal.rundir import prepare_run
+from ideal.settings import default_of
+from ideal.tiny import char_tokenizer, save_model_dir, tiny_causal_lm
+from tests.helpers import make_data_dir, qa_rows
+
+SECTIONS = (TrainSettings, TrainConfig, EvalConfig, InfluenceConfig, UpdateSettings, RunConfig)
+
+
+def _options(command) -> list[tuple[str, str, object, object]]:
+    """(command, parameter, its default, the setting it reads) for every option bound to a setting."""
+    out = []
+    for name, parameter in inspect.signature(command.callback, eval_str=True).parameters.items():
+        for meta in getattr(parameter.annotation, "__metadata__", ()):
+            if getattr(meta, "setting", None) is not None:
+                out.append((command.name, name, parameter.default, meta.setting))
+    return out
+
+
+def _commands():
+    group = typer.main.get_command(cli.app)
+    for name, command in group.commands.items():
+        if hasattr(command, "commands"):  # `ideal suite`
+            yield from command.commands.values()
+        else:
+            command.name = name
+            yield command
+
+
+def test_every_setting_carries_its_help():
+    for cls in SECTIONS:
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+
+
+def test_every_command_takes_its_defaults_from_the_settings():
+    bound = [o for command in _commands() for o in _options(command)]
+    assert len(bound) > 40  # train, influence, reweight, eval, demo ... read the dataclasses
+    for command, name, default, (cls, field) in bound:
+        expected = default_of(cls, field)
+        if default is None and (expected == {} or command == "check"):
+            continue  # none given: an empty mapping, or the config's
+        if isinstance(expected, tuple):  # lists are comma-separated on the command line
+            expected = ",".join(expected)
+        word = dataclasses.fields(cls)[[f.name for f in dataclasses.fields(cls)].index(field)]
+        if word.metadata.get("none"):  # a count, or a word for None ('all')
+            expected = word.metadata["none"] if expected is None else str(expected)
+        assert default == expected, (
+            f"ideal {command} --{name}: {default!r} != {cls.__name__}.{field}"
+        )
+
+
+def test_eval_and_a_run_evaluate_alike():
+    """`ideal eval` on a run's model reproduces the run's evaluation: same generation settings."""
+    params = {p.name: p.default for p in inspect.signature(cli.eval_).parameters.values()}
+    assert params["max_new_tokens"] == EvalConfig().max_new_tokens
+    assert params["batch_size"] == EvalConfig().batch_size
+
+
+def test_compare_help_lists_every_method(cli):
+    result = cli("compare", "--help")
+    text = "".join(result.out.split())  # help wraps long names at their hyphens
+    for method in METHODS:
+        assert method in text, method
+
+
+@pytest.mark.parametrize(
+    ("key", "home"), [("train.max_length", "max_length"), ("train.seed", "seed")]
+)
+def test_a_key_has_one_home(tmp_path, key, home):
+    path = tmp_path / "c.yaml"
+    path.write_text("suite: {}\n")
+    with pytest.raises(IdealError, match=f"{key}: set '{home}' at the top"):
+        load_config(path, [f"{key}=7"])
+    config = load_config(path, [f"{home}=7"])
+    assert getattr(config.train, home.split(".")[-1]) == 7  # the trainer reads the home's value
+
+
+def test_choices_are_checked_with_the_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("suite: {}\n")
+    for override, key in [("influence.curvature=dense", "influence.curvature"),
+                          ("update.geometry=spherical", "update.geometry"),
+                          ("eval.reference_accuracy=maybe", "eval.reference_accuracy"),
+                          ("train.optimizer=lion", "train.optimizer")]:  # fmt: skip
+        with pytest.raises(IdealError, match=key):
+            load_config(path, [override])
+
+
+@pytest.fixture
+def own_data(tmp_path):
+    """A user's layout: a tiny model, train/reference/test directories, a run config."""
+    tokenizer = char_tokenizer()
+    model = tmp_path / "model"
+    network = tiny_causal_lm("llama", len(tokenizer), hidden_size=8, num_layers=1, num_heads=2)
+    save_model_dir(model, network, tokenizer)
+    data = tmp_path / "data"
+    make_data_dir(data / "train", {"math": qa_rows("m", 6), "code": qa_rows("c", 6)})
+    make_data_dir(data / "reference", {"math": qa_rows("rm", 2), "code": qa_rows("rc", 2)})
+    make_data_dir(data / "test", {"math": qa_rows("tm", 2), "code": qa_rows("tc", 2)})
+    config = {
+        "model": str(model),
+        "train_data": str(data / "train"),
+        "reference_data": str(data / "reference"),
+        "test_data": str(data / "test"),
+        "rounds": 1,
+        "train": {"max_steps": 1, "batch_size": 4, "threads": 1},
+    }
+    return tmp_path, config
+
+
+def _write(tmp_path: Path, config: dict) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"test_data": "data/tset"}, "test_data: data/tset: not a directory"),
+        ({"reference_data": "data/refrence"}, "reference_data: data/refrence: not a directory"),
+        ({"eval": {"scorers": {"math": "numeric"}}}, "eval.scorers.math: unknown scorer 'numeric'"),
+        ({"eval": {"scorers": {"maths": "number"}}}, "eval.scorers.maths: no capability 'maths'"),
+        ({"model": "nowhere"}, "model: nowhere"),
+    ],
+)
+def test_run_mistakes_are_found_before_training(own_data, cli, monkeypatch, change, message):
+    tmp_path, config = own_data
+    monkeypatch.chdir(tmp_path)
+    path = _write(tmp_path, {**config, **change})
+    result = cli("check", "--config", path)
+    assert result.code == 1 and message in result.err and result.err.count("\n") == 1
+    result = cli("run", path, "--out", tmp_path / "run")
+    assert result.code == 1 and message in result.err
+    assert not (tmp_path / "run" / "round-0" / "model").exists()  # nothing trained
+    # the fixed config starts at the same --out
+    fixed = _write(tmp_path, config)
+    config_ = load_config(fixed)
+    prepare_run(config_, tmp_path / "run", resume=False)
+
+
+def test_a_capability_without_test_set_is_a_warning(own_data, cli):
+    tmp_path, config = own_data
+    make_data_dir(tmp_path / "data" / "reference", {"extra": qa_rows("x", 2)})
+    result = cli("check", "--config", _write(tmp_path, config))
+    assert result.code == 0
+    assert "capability 'extra' has a reference set but no test set" in result.out
+
+
+def test_a_run_where_no_stage_completed_starts_again(own_data):
+    tmp_path, config = own_data
+    run = tmp_path / "run"
+    first = load_config(_write(tmp_path, {**config, "eval": {"max_new_tokens": 5}}))
+    prepare_run(first, run, resume=False)
+    (run / "round-0").mkdir()  # round 0's mixture was written, then the run stopped
+    second = load_config(_write(tmp_path, config))
+    prepare_run(second, run, resume=False)  # neither "a run is already here" nor "changed"
+    stored = yaml.safe_load((run / "config.yaml").read_text())
+    assert stored["hash"] == second.hash() and not (run / "round-0").exists()
+    (run / "round-0" / "model").mkdir(parents=True)  # now a stage completed
+    with pytest.raises(
+        IdealError, match=r"config changed since this run started \(eval.max_new_tokens\)"
+    ):
+        prepare_run(first, run, resume=True)
+
+
+def test_the_probe_is_said_once_in_the_summary():
+    rounds = [
+        {"round": k, "volumes": {"a": 1}, "test_accuracy": {}, "test_accuracy_mean": None,
+         "test_accuracy_worst": None, "reference_loss": {}, "reference_loss_mean": loss}
+        for k, loss in enumerate([1.0, 0.9, 0.8])
+    ]  # fmt: skip
+    rounds[1].update(kind="uniform probe", from_round=0)
+    rounds[2].update(kind="ideal", from_round=1)
+    summary = RunSummary.from_json(
+        {"rounds": rounds, "select": "last", "selected_round": 2, "probe_round": 1,
+         "continued_from": 1}
+    )  # fmt: skip
+    assert [r.describe() for r in summary.rounds] == [
+        "D0",
+        "uniform probe",
+        "ideal step from round 1",
+    ]
+    assert "went on from round 1 (uniform)" in summary.probe_note()
+    assert RunSummary.from_json(json.loads(json.dumps(summary.to_json()))) == summary
+
+
+def test_gap_closure_without_accuracies():
+    """An external evaluator may score no accuracy: the closure is None, not a TypeError."""
+
+    def runs(values):
+        return {
+            "runs": [
+                {"seed": s, "selected": {"test_accuracy_mean": v}} for s, v in enumerate(values)
+            ]
+        }
+
+    results = {"original": runs([None]), "oracle-grid": runs([None]), "ideal": runs([None])}
+    assert gap_closure(results) == {"ideal": {"closure": None, "oracle_minus_original": None}}
+
+
+def test_version(cli):
+    from ideal.version import __version__
+
+    result = cli("--version")
+    assert result.code == 0 and result.out.strip() == f"ideal {__version__}"
