@@ -69,7 +69,8 @@ def test_trl(cli, tmp_path, mixture):
     config = yaml.safe_load((tmp_path / "trl" / "mixture.yaml").read_text())
     files = {entry["data_files"]: entry for entry in config["datasets"]}
     assert all(e["path"] == "json" and e["split"] == "train" for e in files.values())
-    assert sorted(count_rows(Path(f)) for f in files) == sorted(volumes.values())
+    assert all(not Path(f).is_absolute() for f in files)  # relative to the export directory
+    assert sorted(count_rows(tmp_path / "trl" / f) for f in files) == sorted(volumes.values())
 
 
 def test_axolotl(cli, tmp_path, mixture):
@@ -82,7 +83,8 @@ def test_axolotl(cli, tmp_path, mixture):
         e["type"] == "chat_template" and e["field_messages"] == "messages"
         for e in config["datasets"]
     )
-    total = sum(count_rows(Path(e["path"])) for e in config["datasets"])
+    assert all(not Path(e["path"]).is_absolute() for e in config["datasets"])
+    total = sum(count_rows(tmp_path / "ax" / e["path"]) for e in config["datasets"])
     assert total == sum(volumes.values())
 
 

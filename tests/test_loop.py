@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -101,6 +103,7 @@ def test_run_directory_follows_the_spec(finished):
     assert json.loads((run / "summary.json").read_text()) == summary
     html = (run / "report.html").read_text()
     assert f"Returned: <b>round {summary['selected_round']}</b>" in html
+    # self-contained: every plot inline (the page survives being mailed alone), none by path
     for image in (
         "volumes.png",
         "accuracy.png",
@@ -108,7 +111,17 @@ def test_run_directory_follows_the_spec(finished):
         "prediction.png",
         "round-0/influence.png",
     ):
-        assert f'src="{image}"' in html and (run / image).is_file()
+        inline = base64.b64encode((run / image).read_bytes()).decode("ascii")
+        assert f'src="data:image/png;base64,{inline}"' in html
+    assert re.findall(r'src="(?!data:)', html) == []
+    # the returned round is marked, with its shares and the next step
+    selected = summary["rounds"][summary["selected_round"]]
+    total = sum(selected["volumes"].values())
+    for domain, volume in selected["volumes"].items():
+        assert f"{domain} {volume} ({100 * volume / total:.0f} %)" in html
+    assert html.count("<tr class=returned>") == 1 and f"ideal export --run {run}" in html
+    assert "Predicted vs realised" in html
+    assert not re.search(r"<td>-?\d+\.\d{4,}</td>", html)  # numbers rounded for reading
 
 
 def test_a_changed_config_on_resume_is_an_error(finished, tiny_config, cli):

@@ -226,3 +226,22 @@ def test_version(cli):
 
     result = cli("--version")
     assert result.code == 0 and result.out.strip() == f"ideal {__version__}"
+
+
+def test_init_writes_a_commented_config_that_loads(own_data, cli):
+    tmp_path, config = own_data
+    out = tmp_path / "mine.yaml"
+    result = cli("init", tmp_path / "data", "--model", config["model"], "--out", out)
+    assert result.code == 0, result.err
+    assert "2 domains (code, math)" in result.out and f"ideal run {out}" in result.out
+    text = out.read_text()
+    assert "# lr: 2.0e-05  # Peak learning rate" in text  # every setting, its default and help
+    loaded = load_config(out)
+    assert loaded == load_config(None, base={k: config[k] for k in
+                                             ("model", "train_data", "reference_data", "test_data")})  # fmt: skip
+    again = cli("init", tmp_path / "data", "--model", config["model"], "--out", out)
+    assert again.code == 1 and "already exists" in again.err
+    missing = cli(
+        "init", tmp_path / "data", "--model", tmp_path / "nope", "--out", tmp_path / "x.yaml"
+    )
+    assert missing.code == 1 and "model:" in missing.err and not (tmp_path / "x.yaml").exists()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import yaml
 from rich.console import Console
 
 from ideal.backends.settings import EXPORT_FORMATS, EvalConfig, TrainSettings
@@ -434,6 +435,35 @@ def check(
     rows = domain_report(training, tokenizer, max_length, on_invalid)
     _print(check_table(str(data), rows, tokenizer is not None))
     _print(*(f"warning: {w}" for w in warnings))
+
+
+@app.command()
+def init(
+    data_dir: Annotated[Path, typer.Argument(help="Your data: DIR/train/<domain>/, "
+                        "DIR/reference/<capability>/ and (optional) DIR/test/<capability>/.")],
+    model: Annotated[Path, typer.Option("--model", help="The base model: a local Hugging Face "
+                     "directory, or a hub id in the local cache.")],
+    out_file: Annotated[Path, typer.Option("--out", help="The run config to write (new file).")] = (
+        Path("run.yaml")),
+) -> None:  # fmt: skip
+    """Write a commented run config for your data (every setting at its default, with its help),
+    and check it as `ideal run` would before training."""
+    from ideal.artifacts import atomic_write_text
+    from ideal.config import config_template, load_config
+    from ideal.preflight import preflight
+
+    if out_file.exists():
+        raise IdealError(f"{out_file}: already exists; choose another --out")
+    test = data_dir / "test"
+    text = config_template(str(model), str(data_dir / "train"), str(data_dir / "reference"),
+                           str(test) if test.is_dir() else None)  # fmt: skip
+    config = load_config(None, base=yaml.safe_load(text))
+    found = preflight(config)  # a mistake in the data or the model: one line, nothing written
+    atomic_write_text(out_file, text)
+    _print(f"wrote {out_file}: {len(found.domains)} domains ({', '.join(found.domains)}), "
+           f"{len(found.references)} capabilities ({', '.join(found.references)})",
+           *(f"warning: {w}" for w in found.warnings),
+           f"next: ideal check --config {out_file}; ideal run {out_file} --out runs/mine")  # fmt: skip
 
 
 suite_app = typer.Typer(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import textwrap
 import types
 import typing
 from dataclasses import asdict, dataclass, fields, replace
@@ -25,7 +26,7 @@ from ideal.errors import IdealError
 from ideal.influence.settings import InfluenceConfig, InfluenceJob
 from ideal.methods.select import SELECTIONS
 from ideal.methods.settings import UpdateSettings
-from ideal.settings import check_choices, setting
+from ideal.settings import check_choices, default_of, help_of, setting
 
 # Keys that two levels would both accept: the top level is their home (they also drive the
 # influence step and the evaluation); RunConfig copies them into `train`.
@@ -239,8 +240,8 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
             except IdealError:
                 continue
         return _convert(options[-1], value, where)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
+    if dataclasses.is_dataclass(hint):  # an empty section (`train:` alone) is its defaults
+        return _build(hint, {} if value is None else value, where)
     if origin is tuple:
         (item,) = typing.get_args(hint)[:1]
         if not isinstance(value, list | tuple):
@@ -303,3 +304,36 @@ def load_config(
         _set(data, key.strip(), value)
     _refuse_mirrors(data)
     return _build(RunConfig, data, "")
+
+
+def config_template(model: str, train: str, reference: str, test: str | None) -> str:
+    """A commented run config for your own data (`ideal init`): the data and model filled in,
+    then every section's settings at their defaults with their help, commented out."""
+    lines = [
+        "# ideal run config: `ideal run run.yaml --out runs/mine`; keys below at their defaults",
+        "# (uncomment to change). Check it first: `ideal check --config run.yaml`.",
+        f"model: {model}  # {help_of(RunConfig, 'model')}",
+        f"train_data: {train}",
+        f"reference_data: {reference}",
+    ]
+    lines += [f"test_data: {test}"] if test else ["# test_data: (none: give one to measure)"]
+    for name in ("rounds", "select", "seed", "max_length"):
+        lines += _commented(name, default_of(RunConfig, name), help_of(RunConfig, name), "")
+    for section in ("train", "influence", "update", "eval"):
+        cls = typing.get_type_hints(RunConfig)[section]
+        lines.append(f"{section}:  # {help_of(RunConfig, section)}")
+        for f in fields(cls):
+            if f"{section}.{f.name}" in MIRRORED:
+                continue
+            lines += _commented(f.name, default_of(cls, f.name), help_of(cls, f.name), "  ")
+    return "\n".join(lines) + "\n"
+
+
+def _commented(key: str, value: Any, help: str, indent: str) -> list[str]:
+    """`# key: default  # help`, the help on lines of its own above when the line runs long."""
+    shown = yaml.safe_dump(_plain(value), default_flow_style=True).strip().removesuffix("...")
+    line = f"{indent}# {key}: {shown.strip()}"
+    if len(line) + len(help) + 4 <= 100:
+        return [f"{line}  # {help}"]
+    wrapped = textwrap.wrap(help, 100 - len(indent) - 4)
+    return [*(f"{indent}# {part}" for part in wrapped), line]

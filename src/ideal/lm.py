@@ -11,16 +11,25 @@ A set's loss is one of two objectives (`influence.loss`, METHOD.md "Setting"), b
 
 with w_z the example's weight (copies). `loss_scales` gives both; every pass of the influence step
 (gradients, curvature, Gauss-Newton products) weighs examples through it.
+
+Logits only where a loss needs them (`target_logits`): every loss over targets (training,
+evaluation, choice scores, the influence passes) applies the LM head (vocab x hidden) only to the
+hidden states at positions whose next token is a target, never to every position. The numbers are
+those of the full logits up to float round-off; the head's cost and the (B, T, V) logits, most of
+them at prompt and padding positions, are gone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import nn
 
 from ideal.data.rows import IGNORE_INDEX, Tokenized
+from ideal.errors import IdealError
 from ideal.settings import LOSSES
 
 Tensor = torch.Tensor
@@ -109,14 +118,145 @@ def sample_labels(logits: Tensor, labels: Tensor, keys: Tensor, seed: int) -> Te
     Each example draws from its own generator, seeded by (seed, key), and only at its target
     positions (Gumbel-max): the draws do not depend on batch size, batch order or padding.
     """
+    mask = labels[:, 1:] != IGNORE_INDEX  # logits at t predict t+1
+    return sample_target_labels(TargetLogits(logits[:, :-1][mask], mask), labels, keys, seed)
+
+
+# ----------------------------------------------------------------------------- target-only logits
+
+
+@dataclass
+class TargetLogits:
+    """A batch's logits at its target positions only: the rows of `logits` are the positions t with
+    mask[z, t] (the token t+1 is a target), example by example, in position order."""
+
+    logits: Tensor  # (N, V), N = sum_z T_z
+    mask: Tensor  # (B, T-1) bool: labels[:, 1:] != IGNORE_INDEX
+
+    def nll(self, labels: Tensor) -> Tensor:
+        """(B, T-1) NLL of `labels` (B, T, shifted by one) at the target positions and 0 elsewhere,
+        in float32 (or float64): `token_nll`'s first output, from the gathered logits."""
+        logits = self.logits if self.logits.dtype == torch.float64 else self.logits.float()
+        picked = labels[:, 1:][self.mask].clamp_min(0)  # (N,)
+        nll = torch.nn.functional.cross_entropy(logits, picked, reduction="none")  # (N,)
+        # laid back into (B, T-1) so that every per-example sum adds the same terms in the same
+        # order as the full-logit path
+        return nll.new_zeros(self.mask.shape).masked_scatter(self.mask, nll)
+
+    def example_losses(self, labels: Tensor) -> Tensor:
+        """(B,) mean target NLL per example: l(z) of METHOD.md, as `example_losses`."""
+        return self.nll(labels).sum(1) / self.mask.sum(1).clamp_min(1)
+
+
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The LM head of a causal LM: its output embeddings, through DDP, torch.compile and peft
+    wrappers (peft's `get_base_model()`, the transformers model it adapts); None if it has none."""
+    for _ in range(8):  # unwrap DDP (.module), torch.compile (._orig_mod), peft (get_base_model)
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel) or (
+            not hasattr(model, "get_output_embeddings")
+            and isinstance(getattr(model, "module", None), nn.Module)
+        ):
+            model = model.module
+        else:
+            break
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return head if isinstance(head, nn.Module) else None
+
+
+def touches_head(model: nn.Module, layers: Iterable[nn.Module]) -> bool:
+    """Whether any of `layers` is the LM head or lies inside it (a LoRA adapter on the head): their
+    input statistics are per position, so the passes that hook them keep the full logits."""
+    head = output_head(model)
+    if head is None:
+        return False
+    inside = {id(m) for m in head.modules()}
+    return any(id(layer) in inside for layer in layers)
+
+
+def target_logits(
+    model: nn.Module, batch: Batch, real_positions: bool = False, full: bool = False
+) -> TargetLogits:
+    """Run the causal LM on `batch` and return its logits at the target positions only.
+
+    The model's own forward runs (so DDP's gradient synchronisation, peft adapters, autocast and
+    whatever the family does after its head, such as Gemma's elementwise logit soft-capping, stay
+    as they are) with a forward pre-hook on its head (`output_head`) that hands the head only the
+    hidden states at the target positions: the head sees N = sum_z T_z rows instead of B x T.
+    `real_positions` passes `position_ids(attention_mask)` (positions that count only real tokens,
+    for left padding), as the evaluation and influence passes do; without it the model derives its
+    own, as training does.
+
+    Fallback, exact either way: a model with no separable head (no `get_output_embeddings`, or a
+    forward that does not call it as a module: the hook never runs), or `full=True`, computes the
+    logits at every position and gathers them. A head called on anything but the (B, T, hidden)
+    final hidden states, or more than once, is refused with one line.
+
+    transformers >= 5 can do the same through `logits_to_keep=<(B, T) bool mask>`; the hook also
+    serves the older versions this project supports.
+    """
+    mask = batch.labels[:, 1:] != IGNORE_INDEX  # (B, T-1): logits at t predict t+1
+    inputs: dict[str, Any] = {
+        "input_ids": batch.input_ids,
+        "attention_mask": batch.attention_mask,
+        "use_cache": False,
+    }
+    if real_positions:
+        inputs["position_ids"] = position_ids(batch.attention_mask)
+    head = None if full else output_head(model)
+    if head is None:
+        logits = model(**inputs).logits  # (B, T, V)
+        return TargetLogits(logits[:, :-1][mask], mask)
+    rows, length = batch.input_ids.shape
+    keep = torch.nn.functional.pad(mask, (0, 1))  # (B, T): hidden state t feeds a target logit
+    calls = 0
+
+    def gather(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        nonlocal calls
+        hidden = args[0]
+        calls += 1
+        if calls > 1 or hidden.dim() != 3 or tuple(hidden.shape[:2]) != (rows, length):
+            raise IdealError(
+                f"target-only logits: {type(model).__name__}'s head was called on "
+                f"{tuple(hidden.shape)}, not once on the (B={rows}, T={length}, hidden) states"
+            )
+        return (hidden[keep.to(hidden.device)].unsqueeze(0), *args[1:])  # (1, N, hidden)
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        logits = model(**inputs).logits
+    finally:
+        handle.remove()
+    if calls == 0:  # the head is not a module call of the forward: full logits came back
+        return TargetLogits(logits[:, :-1][mask], mask)
+    return TargetLogits(logits.reshape(-1, logits.shape[-1]), mask)  # (N, V)
+
+
+def target_nll(
+    model: nn.Module, batch: Batch, real_positions: bool = False, full: bool = False
+) -> tuple[Tensor, Tensor]:
+    """`token_nll(model(batch).logits, batch.labels)` from the logits at the target positions only:
+    the per-token NLL (B, T-1), 0 off target, and the target mask (B, T-1)."""
+    targets = target_logits(model, batch, real_positions, full)
+    return targets.nll(batch.labels), targets.mask
+
+
+def sample_target_labels(targets: TargetLogits, labels: Tensor, keys: Tensor, seed: int) -> Tensor:
+    """`sample_labels` from the logits at the target positions: (B, T) labels, drawn at the target
+    positions from the model's predictive distribution; the same draws as from the full logits."""
     sampled = labels.clone()
-    for row in range(labels.shape[0]):
-        positions = (
-            (labels[row, 1:] != IGNORE_INDEX).nonzero().squeeze(1)
-        )  # logits at t predict t+1
-        if positions.numel() == 0:
+    counts = targets.mask.sum(1).tolist()
+    start = 0
+    for row, count in enumerate(counts):
+        if count == 0:
             continue
-        row_logits = logits[row, positions].detach().float()  # (n, V)
+        positions = targets.mask[row].nonzero().squeeze(1)
+        row_logits = targets.logits[start : start + count].detach().float()  # (n, V)
+        start += count
         generator = torch.Generator(device=row_logits.device)
         generator.manual_seed(seed * 1_000_003 + int(keys[row]))
         uniform = torch.rand(row_logits.shape, generator=generator, device=row_logits.device)

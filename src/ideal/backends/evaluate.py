@@ -33,7 +33,7 @@ from transformers import GenerationConfig
 from ideal.backends.scorers import CHOICE, INSTRUCTION_SCORERS, score_choices
 from ideal.data.rows import Domain, Tokenized, tokenize_examples
 from ideal.errors import IdealError
-from ideal.lm import collate, example_losses, position_ids
+from ideal.lm import collate, target_logits
 
 Scorer = Callable[[str, str], bool]
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -126,20 +126,19 @@ def greedy_decode(
 
 @torch.no_grad()
 def mean_losses(
-    model: nn.Module, items: list[Tokenized], pad_id: int, batch_size: int
+    model: nn.Module,
+    items: list[Tokenized],
+    pad_id: int,
+    batch_size: int,
+    full_logits: bool = False,
 ) -> np.ndarray:
-    """l(z) for every example, batched (right padding)."""
+    """l(z) for every example, batched (right padding); the head runs at target positions only."""
     device = next(model.parameters()).device
     out = []
     for s in range(0, len(items), batch_size):
         batch = collate(items[s : s + batch_size], pad_id).to(device)
-        logits = model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=position_ids(batch.attention_mask),
-            use_cache=False,
-        ).logits
-        out.append(example_losses(logits, batch.labels).cpu().double())
+        targets = target_logits(model, batch, real_positions=True, full=full_logits)
+        out.append(targets.example_losses(batch.labels).cpu().double())
     return torch.cat(out).numpy()
 
 

@@ -102,10 +102,11 @@ def render_axolotl(
         warnings.append(
             f"axolotl: `val_set_size: {base['val_set_size']}` holds out part of the round's mixture"
         )
-    datasets = [
-        {**entry, "roles_to_train": ["assistant"], "train_on_eos": "turn"}
+    datasets = [  # the export's paths are relative to its directory
+        {**entry, "path": str((data_dir / entry["path"]).resolve()),
+         "roles_to_train": ["assistant"], "train_on_eos": "turn"}
         for entry in exported["datasets"]
-    ]
+    ]  # fmt: skip
     config = dict(base)
     config.update(
         base_model=str(job.base_model.resolve()),
@@ -132,7 +133,10 @@ def render_trl_cli(
     config.setdefault("assistant_only_loss", True)  # TRL's default (False) trains on prompts too
     config.update(
         model_name_or_path=str(job.base_model.resolve()),
-        datasets=exported["datasets"],
+        datasets=[  # the export's paths are relative to its directory
+            {**e, "data_files": str((data_dir / e["data_files"]).resolve())}
+            for e in exported["datasets"]
+        ],
         dataset_train_split="train",
         output_dir=str(output_dir.resolve()),
     )

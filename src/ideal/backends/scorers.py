@@ -42,7 +42,7 @@ from torch import nn
 
 from ideal.data.rows import Example, Tokenized, tokenize_example
 from ideal.errors import IdealError
-from ideal.lm import collate, position_ids, token_nll
+from ideal.lm import collate, target_nll
 
 CHOICE = "choice"
 
@@ -88,7 +88,11 @@ def choice_row(example: Example) -> ChoiceRow:
 
 @torch.no_grad()
 def sequence_logprobs(
-    model: nn.Module, items: Sequence[Tokenized], pad_id: int, batch_size: int
+    model: nn.Module,
+    items: Sequence[Tokenized],
+    pad_id: int,
+    batch_size: int,
+    full_logits: bool = False,
 ) -> np.ndarray:
     """(N,) sum of the log-probabilities of each item's target tokens (labels != -100), batched with
     right padding; items are grouped by length so that a batch pads little."""
@@ -98,13 +102,8 @@ def sequence_logprobs(
     for s in range(0, len(order), batch_size):
         index = order[s : s + batch_size]
         batch = collate([items[i] for i in index], pad_id).to(device)
-        logits = model(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            position_ids=position_ids(batch.attention_mask),
-            use_cache=False,
-        ).logits  # (B, T, V)
-        nll, _ = token_nll(logits, batch.labels)  # (B, T-1), 0 off target
+        # the head at the target positions only; (B, T-1), 0 off target
+        nll, _ = target_nll(model, batch, real_positions=True, full=full_logits)
         out[index] = -nll.double().sum(1).cpu().numpy()
     return out
 

@@ -44,7 +44,7 @@ from ideal.backends.settings import TrainSettings
 from ideal.data.rows import OnInvalid, Tokenized, tokenize_examples
 from ideal.distributed import barrier, init_from_env, is_main
 from ideal.errors import IdealError, WriteError, environment_error
-from ideal.lm import collate, token_nll
+from ideal.lm import collate, target_nll
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +72,14 @@ def micro_batch_loss(
     pad_id: int,
     normaliser: float,
     settings: TrainSettings,
+    full_logits: bool = False,
 ) -> tuple[torch.Tensor, int]:
-    """This micro-batch's share of the step loss (already divided by the step's normaliser)."""
+    """This micro-batch's share of the step loss (already divided by the step's normaliser).
+
+    The head runs at the target positions only (`ideal.lm.target_nll`); `full_logits` applies it at
+    every position, as before (the same loss up to round-off: for comparisons and benchmarks)."""
     batch = collate(items, pad_id).to(next(model.parameters()).device)
-    logits = model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-    ).logits
-    nll, mask = token_nll(logits, batch.labels)
+    nll, mask = target_nll(model, batch, full=full_logits)  # (B, T-1) each
     if settings.loss_normalization == "token":
         total = nll.sum()
     else:

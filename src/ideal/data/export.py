@@ -9,6 +9,9 @@ counts it, in the conversational form `{"messages": [{"role", "content"}, ...]}`
                   train with `dataset: ideal_add,ideal_code,...` and `dataset_dir: DIR`
     trl           mixture.yaml: a `datasets:` list (TRL's dataset-mixture config) of json data files
     axolotl       datasets.yaml: a `datasets:` list of chat_template json datasets, to paste in a config
+
+Paths inside the tool's file are relative to the export directory, so the directory can move: run
+the trainer from inside it, or prefix the paths with its location (`ideal`'s own presets do).
 """
 
 from __future__ import annotations
@@ -45,11 +48,11 @@ def _llamafactory(domains: list[str]) -> dict[str, str]:
     return {"dataset_info.json": json.dumps(info, indent=2) + "\n"}
 
 
-def _trl(domains: list[str], out: Path) -> dict[str, str]:
+def _trl(domains: list[str]) -> dict[str, str]:
     entries = [
         {
             "path": "json",
-            "data_files": str(out.resolve() / f"{d}.jsonl"),
+            "data_files": f"{d}.jsonl",
             "split": "train",
             "columns": ["messages"],
         }
@@ -58,10 +61,10 @@ def _trl(domains: list[str], out: Path) -> dict[str, str]:
     return {"mixture.yaml": yaml.safe_dump({"datasets": entries}, sort_keys=False)}
 
 
-def _axolotl(domains: list[str], out: Path) -> dict[str, str]:
+def _axolotl(domains: list[str]) -> dict[str, str]:
     entries: list[dict[str, Any]] = [
         {
-            "path": str(out.resolve() / f"{d}.jsonl"),
+            "path": f"{d}.jsonl",
             "ds_type": "json",
             "type": "chat_template",
             "field_messages": "messages",
@@ -92,8 +95,8 @@ def export_mixture(mixture_file: str | Path, fmt: str, out: str | Path) -> dict[
         domains = training.mixture.domains
         files = {
             "llamafactory": lambda: _llamafactory(domains),
-            "trl": lambda: _trl(domains, out),
-            "axolotl": lambda: _axolotl(domains, out),
+            "trl": lambda: _trl(domains),
+            "axolotl": lambda: _axolotl(domains),
         }[fmt]()
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")

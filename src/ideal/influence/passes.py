@@ -4,7 +4,9 @@ v_j^T grad l(z) of every domain's sample; batching and the forward pass they sha
 
 Each pass forms gradients of the selected layers only (ideal.influence.capture), accumulates in
 float32/float64 whatever the model dtype, keeps its running sums where `settings.factors` says
-(host by default), and sums them across processes.
+(host by default), and sums them across processes. The LM head runs at the target positions only
+(`ideal.lm.target_logits`), unless a selected layer is the head or lies in it: its inputs are
+then needed at every position, as the covariances count them, and the logits are full.
 """
 
 from __future__ import annotations
@@ -23,12 +25,13 @@ from ideal.influence.results import WeightedSet
 from ideal.influence.settings import InfluenceSettings
 from ideal.lm import (
     Batch,
+    TargetLogits,
     collate,
-    example_losses,
     loss_scales,
     position_ids,
-    sample_labels,
-    token_nll,
+    sample_target_labels,
+    target_logits,
+    touches_head,
 )
 
 T = TypeVar("T")
@@ -71,6 +74,7 @@ def _keyed_batches(
 
 
 def forward_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """(B, T, V) logits at every position (the passes use `target_logits`)."""
     out = model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
@@ -100,22 +104,28 @@ class InfluenceEngine:
         self.model, self.layers, self.settings, self.pad_id = model, layers, settings, pad_id
         self.progress = progress
         self.params = [p for m in layers.values() for p in m.parameters(recurse=False)]
+        self.full_logits = touches_head(model, layers.values())
         self.device = next(model.parameters()).device
         # the running sums (covariances, gradient sums, corrections): on CPU by default, so the
         # device holds only the model and one batch; `factors="device"` avoids the transfers
         self.store = self.device if settings.factors == "device" else torch.device("cpu")
 
-    def _fisher_labels(self, logits: torch.Tensor, batch: Batch, draw: int) -> torch.Tensor:
+    def _forward(self, batch: Batch) -> TargetLogits:
+        """The logits at the batch's target positions (all that the losses read)."""
+        return target_logits(self.model, batch, real_positions=True, full=self.full_logits)
+
+    def _fisher_labels(self, logits: TargetLogits, batch: Batch, draw: int) -> torch.Tensor:
         """Labels of the curvature's backward pass. Both passes draw the SAME labels per example
         (seeded by its key): the correction then lives in the span that the eigenbasis of S was
         estimated from. With fresh draws, rows of G_z fall in S's (arbitrary) null space when data
         are few, and the scores moved by up to 9 % with the batch size on a tiny model."""
         if self.settings.fisher == "empirical":
             return batch.labels
-        return sample_labels(logits, batch.labels, batch.keys, self.settings.seed + 7919 * draw)
+        seed = self.settings.seed + 7919 * draw
+        return sample_target_labels(logits, batch.labels, batch.keys, seed)
 
     def _fisher_backwards(
-        self, cap: Capture, logits: torch.Tensor, batch: Batch
+        self, cap: Capture, logits: TargetLogits, batch: Batch
     ) -> Iterator[torch.Tensor]:
         """For every label draw of the batch (one, or --fisher-samples for the sampled Fisher):
         the backward of the SUMMED token loss of the drawn labels, whose output gradients' outer
@@ -123,7 +133,7 @@ class InfluenceEngine:
         that draw (the batch weights / draws). Both curvature passes use it: the same labels."""
         draws = self.settings.fisher_samples if self.settings.fisher == "sampled" else 1
         for draw in range(draws):
-            nll, _ = token_nll(logits, self._fisher_labels(logits, batch, draw))
+            nll = logits.nll(self._fisher_labels(logits, batch, draw))  # (B, T-1)
             cap.backward(nll.sum(), retain_graph=draw < draws - 1)
             yield batch.weights / draws
 
@@ -137,7 +147,7 @@ class InfluenceEngine:
         with Capture(self.layers) as cap:
             for _, batch in self.progress(batches, len(batches), "curvature 1/2: covariances"):
                 batch = batch.to(self.device)
-                logits = forward_logits(self.model, batch)
+                logits = self._forward(batch)
                 targets = batch.targets.float()
                 for weights in self._fisher_backwards(cap, logits, batch):
                     for name in self.layers:
@@ -181,7 +191,7 @@ class InfluenceEngine:
                 batches = make_batches(ws, self.settings.batch_size, self.pad_id)
                 for batch in self.progress(batches, len(batches), f"domain {domain}"):
                     batch = batch.to(self.device)
-                    losses = example_losses(forward_logits(self.model, batch), batch.labels)
+                    losses = self._forward(batch).example_losses(batch.labels)
                     cap.backward(losses.sum())  # per example: the gradient of its own l(z)
                     total = torch.zeros(batch.input_ids.shape[0], n_references, dtype=torch.float64)
                     for name in self.layers:
@@ -213,7 +223,7 @@ class InfluenceEngine:
         with Capture(self.layers) as cap:
             for batch in self.progress(batches, len(batches), "curvature 2/2: correction"):
                 batch = batch.to(self.device)
-                logits = forward_logits(self.model, batch)
+                logits = self._forward(batch)
                 targets = batch.targets.float()
                 for weights in self._fisher_backwards(cap, logits, batch):
                     for name in self.layers:
@@ -251,11 +261,11 @@ class InfluenceEngine:
         with Capture(self.layers) as cap:
             for ref, batch in self.progress(batches, len(batches), "reference gradients"):
                 batch = batch.to(self.device)
-                logits = forward_logits(self.model, batch)
+                logits = self._forward(batch)
                 if token:  # (B,) summed target NLL per example
-                    losses_b = token_nll(logits, batch.labels)[0].sum(1)
+                    losses_b = logits.nll(batch.labels).sum(1)
                 else:  # (B,) mean target NLL per example
-                    losses_b = example_losses(logits, batch.labels)
+                    losses_b = logits.example_losses(batch.labels)
                 cap.backward(losses_b.sum())
                 loss_sums[ref] += float(losses_b.detach().sum())
                 for name in self.layers:

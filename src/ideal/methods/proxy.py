@@ -34,7 +34,7 @@ from torch import nn
 
 from ideal.data.rows import Tokenized
 from ideal.errors import IdealError
-from ideal.lm import collate, example_losses, token_nll
+from ideal.lm import collate, target_nll
 from ideal.methods.rules import doge_step, doremi_step
 
 METHODS = ("doremi", "doge")
@@ -81,10 +81,12 @@ def _draw(items: list[Tokenized], count: int, rng: np.random.Generator) -> list[
     return [items[i] for i in rng.integers(0, len(items), size=count)]
 
 
-def _logits(model: nn.Module, items: list[Tokenized], pad_id: int) -> tuple[torch.Tensor, Any]:
-    batch = collate(items, pad_id).to(_device(model))
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    return out.logits, batch
+def _token_nll(
+    model: nn.Module, items: list[Tokenized], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token NLL (B, T-1), 0 off target, and the target mask, with the head applied at the
+    target positions only (`ideal.lm.target_nll`)."""
+    return target_nll(model, collate(items, pad_id).to(_device(model)))
 
 
 def _mean_token_loss(nll: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -174,11 +176,9 @@ def _doremi_step(
     """lambda_i = clipped per-token excess loss over the reference model; alpha update; backward."""
     losses, excess = [], []
     for items in chosen.values():
-        logits, batch = _logits(model, items, pad_id)
-        nll, mask = token_nll(logits, batch.labels)
+        nll, mask = _token_nll(model, items, pad_id)
         with torch.no_grad():
-            ref_logits, _ = _logits(reference_model, items, pad_id)
-            ref_nll, _ = token_nll(ref_logits, batch.labels)
+            ref_nll, _ = _token_nll(reference_model, items, pad_id)
         gap = ((nll.detach() - ref_nll).clamp_min(0.0) * mask).sum() / mask.sum().clamp_min(1)
         excess.append(float(gap))
         losses.append(_mean_token_loss(nll, mask))
@@ -202,8 +202,8 @@ def _doge_step(
     """W_i = lr <grad l_i, grad L_ref>; alpha update; p.grad = sum_i alpha_i grad l_i."""
 
     def gradient(items: list[Tokenized]) -> tuple[list[torch.Tensor], float]:
-        logits, batch = _logits(model, items, pad_id)
-        loss = example_losses(logits, batch.labels).mean()
+        nll, mask = _token_nll(model, items, pad_id)
+        loss = (nll.sum(1) / mask.sum(1).clamp_min(1)).mean()  # mean over examples of l(z)
         return list(torch.autograd.grad(loss, params, allow_unused=True)), float(loss.detach())
 
     def zero_if_none(grads: list[torch.Tensor | None]) -> list[torch.Tensor]:

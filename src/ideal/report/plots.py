@@ -54,7 +54,7 @@ def influence_heatmap(
                 text += " ~0?"
                 ax.add_patch(plt.Rectangle((i - 0.5, j - 0.5), 1, 1, fill=False, hatch="///",
                                            edgecolor="grey", linewidth=0))  # fmt: skip
-            ax.text(i, j, text, ha="center", va="center", fontsize=7, color=color)
+            ax.text(i, j, text, ha="center", va="center", fontsize=10, color=color)
     if stderr is not None:
         title += "; hatched ~0?: within 2 standard errors of zero"
     fig.colorbar(image, ax=ax, label="influence s_ji")

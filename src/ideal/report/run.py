@@ -5,6 +5,7 @@ ideal report RUN_DIR
 
 from __future__ import annotations
 
+import base64
 import html
 from pathlib import Path
 from typing import Any
@@ -77,15 +78,28 @@ def _prediction_plot(rounds: list[dict[str, Any]], path: Path) -> Path | None:
     return save_figure(fig, path)
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return f"{value:.4g}"
-        return html.escape("" if value is None else str(value))
+def _cell(value: Any) -> str:
+    """Numbers as a person reads them: 3 decimals, or 2 significant digits for small values."""
+    if isinstance(value, float):
+        return f"{value:.3f}" if abs(value) >= 0.01 or value == 0 else f"{value:.1e}"
+    return html.escape("" if value is None else str(value))
 
+
+def _table(header: list[str], rows: list[list[Any]], mark: int | None = None) -> str:
+    """An HTML table; row `mark` (an index) is highlighted as the returned round."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    body = "".join(
+        f"<tr{' class=returned' if k == mark else ''}>"
+        + "".join(f"<td>{_cell(v)}</td>" for v in row)
+        + "</tr>"
+        for k, row in enumerate(rows)
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def inline_image(path: Path) -> str:
+    """A PNG as a data URI: the page keeps its pictures when mailed alone."""
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 def trainer_warnings(run: Path, rounds: list[dict[str, Any]]) -> dict[str, list[int]]:
@@ -118,17 +132,30 @@ def _warnings_html(warnings: dict[str, list[int]]) -> str:
     )
 
 
-def _returned_html(summary: dict) -> str:
-    """Which round the run returns (`select`), as one sentence."""
-    selected = summary.get("selected_round")
+def _returned_html(summary: RunSummary, run: Path) -> str:
+    """The round the run returns, its shares, and what to do with it next."""
+    selected = summary.selected
     if selected is None:
         return ""
     how = {"last": "the last round", "reference_loss": "the lowest mean reference loss",
-           "reference_accuracy": "the highest mean reference accuracy"}.get(summary.get("select"), "")  # fmt: skip
+           "reference_accuracy": "the highest mean reference accuracy"}.get(summary.select, "")  # fmt: skip
+    shares = ", ".join(
+        f"{html.escape(d)} {selected.volumes[d]} ({100 * s:.0f} %)"
+        for d, s in selected.shares.items()
+    )
     return (
-        f"<p>Returned: <b>round {selected}</b> ({html.escape(how)}; "
-        f"<code>select: {html.escape(str(summary.get('select')))}</code>), its mixture in "
-        f"<code>round-{selected}/mixture.json</code>.</p>"
+        f"<div class=next><p>Returned: <b>round {selected.round}</b> "
+        f"({html.escape(selected.describe())}; chosen by {html.escape(how)}, "
+        f"<code>select: {html.escape(summary.select)}</code>). Its mixture: {shares}; in "
+        f"<code>round-{selected.round}/mixture.json</code>.</p>"
+        "<p><b>Next step.</b> Export it for your trainer, then train on it:</p><pre>"
+        f"ideal export --run {html.escape(str(run))} --format llamafactory --out mix\n"
+        "llamafactory-cli train my_sft.yaml   # dataset: ideal_&lt;domain&gt;,..., "
+        "dataset_dir: mix\n"
+        f"ideal export --run {html.escape(str(run))} --format trl --out mix   "
+        "# or: mixture.yaml for TRL\n"
+        f"ideal export --run {html.escape(str(run))} --format axolotl --out mix   "
+        "# or: datasets.yaml for axolotl</pre></div>"
     )
 
 
@@ -137,8 +164,20 @@ def _probe_html(summary: RunSummary) -> str:
     return f"<p>{html.escape(note[0].upper() + note[1:])}.</p>" if note else ""
 
 
+_PREDICTION_NOTE = (
+    "<p><b>Predicted vs realised.</b> The predicted change is the influence step's first-order "
+    "estimate of how the mean reference loss moves for the volumes it asked for, around the "
+    "model it was computed on. The realised change comes from retraining from the base model on "
+    "the new mixture, with its own seed noise and everything beyond first order, so it is "
+    "typically far smaller (measured: about 1 % of the prediction on our suites) and can take "
+    "either sign. Read the sign of the prediction, not its size; judge a mixture by the realised "
+    "column and the test scores.</p>"
+)
+
+
 def write_report(run_dir: str | Path) -> Path:
-    """Plots and report.html from RUN/summary.json and the round directories."""
+    """Plots and report.html from RUN/summary.json and the round directories. The page is one
+    self-contained file: the plots are inlined, so it can be mailed alone."""
     run = Path(run_dir)
     if not (run / "summary.json").is_file():
         raise IdealError(f"{run}: no summary.json (not a finished `ideal run` directory)")
@@ -148,28 +187,25 @@ def write_report(run_dir: str | Path) -> Path:
         raise IdealError(f"{run}/summary.json: no rounds")
     record = RunSummary.from_json(summary)
     was = {r.round: r.describe() for r in record.rounds}
+    mark = next((k for k, r in enumerate(rounds) if r["round"] == record.selected_round), None)
     images = [
         _volumes_plot(rounds, run / "volumes.png"),
         _per_capability_plot(
             rounds, "test_accuracy", "test_accuracy_mean", "test accuracy", run / "accuracy.png"
         ),
         _per_capability_plot(
-            rounds,
-            "reference_loss",
-            "reference_loss_mean",
-            "reference loss",
+            rounds, "reference_loss", "reference_loss_mean", "reference loss",
             run / "reference_loss.png",
         ),
-    ]
+    ]  # fmt: skip
     prediction = _prediction_plot(rounds, run / "prediction.png")
     if prediction is not None:
         images.append(prediction)
     heatmaps = [
-        (r["round"], f"round-{r['round']}/influence.png")
+        (r["round"], run / f"round-{r['round']}" / "influence.png")
         for r in rounds
         if (run / f"round-{r['round']}" / "influence.png").is_file()
     ]
-
     capabilities = list(rounds[0]["test_accuracy"])
     overview = _table(
         ["round", "was", "mean accuracy", "worst accuracy", "mean reference loss", "predicted change", "realised change", "train s", "influence s", "eval s"],
@@ -178,34 +214,28 @@ def write_report(run_dir: str | Path) -> Path:
              r["realised_reference_loss_change"], r["seconds"]["train"], r["seconds"]["influence"], r["seconds"]["eval"]]
             for r in rounds
         ],
+        mark,
     )  # fmt: skip
     per_capability = _table(
-        [
-            "capability",
-            *[f"round {r['round']} accuracy" for r in rounds],
-            *[f"round {r['round']} ref. loss" for r in rounds],
-        ],
-        [
-            [
-                c,
-                *[r["test_accuracy"].get(c) for r in rounds],
-                *[r["reference_loss"].get(c) for r in rounds],
-            ]
-            for c in capabilities
-        ],
-    )
+        ["capability", *[f"round {r['round']} accuracy" for r in rounds],
+         *[f"round {r['round']} ref. loss" for r in rounds]],
+        [[c, *[r["test_accuracy"].get(c) for r in rounds],
+          *[r["reference_loss"].get(c) for r in rounds]] for c in capabilities],
+    )  # fmt: skip
     domains = list(rounds[0]["volumes"])
     volumes = _table(
-        ["domain", *[f"round {r['round']}" for r in rounds]],
-        [[d, *[r["volumes"].get(d) for r in rounds]] for d in domains],
-    )
+        ["domain", *[f"round {r.round}" for r in record.rounds]],
+        [[d, *[f"{r.volumes.get(d)} ({100 * r.shares.get(d, 0.0):.0f} %)" for r in record.rounds]]
+         for d in domains],
+    )  # fmt: skip
     figures = "".join(
-        f'<figure><img src="{html.escape(p.name)}" alt="{html.escape(p.stem)}"></figure>'
+        f'<figure><img src="{inline_image(p)}" alt="{html.escape(p.stem)}"></figure>'
         for p in images
     )
     maps = "".join(
-        f'<figure><img src="{html.escape(src)}" alt="influence round {k}"><figcaption>influence of round {k}</figcaption></figure>'
-        for k, src in heatmaps
+        f'<figure><img src="{inline_image(path)}" alt="influence round {k}">'
+        f"<figcaption>influence of round {k}</figcaption></figure>"
+        for k, path in heatmaps
     )
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>ideal run: {html.escape(run.name)}</title>
@@ -213,18 +243,23 @@ def write_report(run_dir: str | Path) -> Path:
 body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 1100px; }}
 table {{ border-collapse: collapse; margin: 1em 0; font-size: 14px; }}
 th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
-th {{ background: #f3f3f3; }} td:first-child {{ text-align: left; }}
-figure {{ display: inline-block; margin: 0.5em; }} img {{ max-width: 520px; }}
+th {{ background: #f3f3f3; }} td:first-child, td:nth-child(2) {{ text-align: left; }}
+tr.returned td {{ background: #e8f4e8; font-weight: bold; }}
+div.next {{ border: 2px solid #4a4; padding: 0.5em 1em; margin: 1em 0; background: #f6fbf6; }}
+pre {{ white-space: pre-wrap; }}
+figure {{ display: inline-block; margin: 0.5em; }} img {{ max-width: 100%; }}
 </style></head><body>
 <h1>IDEAL run <code>{html.escape(str(run))}</code></h1>
 <p>Round 0 is the original mixture D0. Under <code>update.first_round: uniform</code> (the
 default) round 1 is the uniform mixture at D0's total, a probe; every later round applies the update
 rule to the influence of the round it starts from (column "was") and retrains from the base model.
 {html.escape(SIGN_CONVENTION)}.</p>{_probe_html(record)}
+{_returned_html(record, run)}
 {_warnings_html(trainer_warnings(run, rounds))}
-<h2>Rounds</h2>{_returned_html(summary)}{overview}
+<h2>Rounds</h2><p>The returned round is highlighted.</p>{overview}
+{_PREDICTION_NOTE if prediction is not None else ""}
 <h2>Per capability</h2>{per_capability}
-<h2>Volumes</h2>{volumes}
+<h2>Volumes and shares</h2>{volumes}
 <h2>Plots</h2>{figures}
 <h2>Influence</h2>{maps or "<p>(no influence step in this run)</p>"}
 </body></html>
