@@ -69,7 +69,7 @@ def test_ekfac_inverse_hvp_equals_a_dense_solve_of_the_eigen_form():
 
 
 def test_the_published_bug_multiplies_instead_of_inverting():
-    """METHOD.md defect 1: dividing by 1/(Lambda + damping) is a curvature product, not an inverse."""
+    """docs/method.md defect 1: dividing by 1/(Lambda + damping) is a curvature product, not an inverse."""
     q_a, q_s = random_orthogonal(6), random_orthogonal(4)
     eigen = Eigen(q_a, q_s, torch.rand(4, 6, dtype=torch.float64) + 0.1)
     v = torch.randn(4, 6, dtype=torch.float64)

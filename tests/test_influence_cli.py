@@ -52,7 +52,7 @@ def test_influence_writes_json_csv_and_heatmap(cli, workspace, tmp_path):
     assert doc["curvature"] == "ekfac" and doc["fisher"] == "sampled"
     assert doc["damping"]["relative"] == 0.1 and len(doc["damping"]["per_layer"]) == 6
     assert all(".mlp." in name for name in doc["layers"]) and len(doc["layers"]) == 6
-    # sensitivities and beta follow METHOD.md from the scores and volumes in the same file
+    # sensitivities and beta follow docs/method.md from the scores and volumes in the same file
     share = np.array([9, 7, 5]) / 21
     alpha = -share * scores.mean(0)
     assert [doc["sensitivity"][d] for d in doc["domains"]] == pytest.approx(alpha.tolist())

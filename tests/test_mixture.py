@@ -1,4 +1,4 @@
-"""Constraints and seeded incremental resampling (METHOD.md "The update rule")."""
+"""Constraints and seeded incremental resampling (docs/method.md "The update rule")."""
 
 from __future__ import annotations
 

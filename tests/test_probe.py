@@ -88,7 +88,7 @@ def test_where_a_probe_is_pointless_round_1_is_the_ideal_step(tmp_path, change, 
     run = tmp_path / "run"
     run_loop(config, run)
     update = json.loads((run / "round-1" / "mixture.json").read_text())["update"]
-    assert update["rule"] == "ideal"  # METHOD.md's step
+    assert update["rule"] == "ideal"  # docs/method.md's step
     assert (run / "round-0" / "influence.json").is_file()
 
 

@@ -67,7 +67,7 @@ def test_additive_step_by_hand():
 
 
 def test_additive_step_moves_scarce_and_large_domains_by_their_per_example_signal():
-    # the same per-example score s on a domain of 1000 and one of 10: relative (METHOD.md) moves
+    # the same per-example score s on a domain of 1000 and one of 10: relative (docs/method.md) moves
     # the large one and leaves the scarce one almost where it is; additive moves both by the same
     # number of rows
     volumes = [1000, 10, 10]

@@ -245,3 +245,40 @@ def test_init_writes_a_commented_config_that_loads(own_data, cli):
         "init", tmp_path / "data", "--model", tmp_path / "nope", "--out", tmp_path / "x.yaml"
     )
     assert missing.code == 1 and "model:" in missing.err and not (tmp_path / "x.yaml").exists()
+
+
+def test_own_data_as_users_keep_it_on_a_bpe_chatml_model(tmp_path, cli):
+    """The newcomer's path before training, on a byte-level BPE with a ChatML template: ShareGPT
+    rows in a .json array, Alpaca rows in parquet, answers that start with a newline; `ideal init`
+    writes a config that `ideal check --config` reads, with token counts per domain."""
+    pyarrow = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    from ideal.tiny import byte_bpe_tokenizer
+
+    tokenizer = byte_bpe_tokenizer()
+    model = tmp_path / "bpe"
+    network = tiny_causal_lm("qwen2", len(tokenizer), hidden_size=8, num_layers=1, num_heads=2)
+    save_model_dir(model, network, tokenizer)
+    data = tmp_path / "data"
+    talk = [{"conversations": [{"from": "human", "value": f"Say {i}."},
+                               {"from": "gpt", "value": f"\n\n{i}"}]} for i in range(5)]  # fmt: skip
+    (data / "train" / "chat").mkdir(parents=True)
+    (data / "train" / "chat" / "talk.json").write_text(json.dumps(talk))
+    (data / "train" / "alpaca").mkdir()
+    rows = [
+        {"instruction": f"Add {i} and 1.", "input": None, "output": f"\n{i + 1}"} for i in range(4)
+    ]
+    pq.write_table(pyarrow.Table.from_pylist(rows), data / "train" / "alpaca" / "rows.parquet")
+    make_data_dir(data / "reference", {"chat": qa_rows("r", 2), "alpaca": qa_rows("a", 2)})
+    missing = cli("init", data, "--model", model, "--out", tmp_path / "run.yaml")
+    assert missing.code == 1 and f"{data / 'test'}: not a directory" in missing.err
+    make_data_dir(data / "test", {"chat": qa_rows("t", 2)})
+    result = cli("init", data, "--model", model, "--out", tmp_path / "run.yaml")
+    assert result.code == 0, result.err
+    assert "2 domains (alpaca, chat)" in result.out
+    check = cli("check", "--config", tmp_path / "run.yaml")
+    assert check.code == 0, check.err
+    lines = {line.split()[1]: line for line in check.out.splitlines() if line.startswith("│")}
+    assert "sharegpt" in lines["chat"] and "alpaca" in lines["alpaca"]
+    assert "warning: capability 'alpaca' has a reference set but no test set" in check.out

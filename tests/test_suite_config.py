@@ -107,6 +107,6 @@ def test_update_geometry_reaches_the_rule(tmp_path):
 
     path = tmp_path / "c.yaml"
     path.write_text("suite: {}\n")
-    assert make_rule(load_config(path)).geometry == "relative"  # METHOD.md's step by default
+    assert make_rule(load_config(path)).geometry == "relative"  # docs/method.md's step by default
     rule = make_rule(load_config(path, ["update.geometry=additive", "update.keep_total=false"]))
     assert rule.geometry == "additive" and rule.keep_total is False

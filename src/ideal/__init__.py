@@ -11,7 +11,7 @@ The Python API mirrors the command line (`ideal --help`); the CLI is a thin laye
     ideal report          ideal.write_report
 
 Names are imported on first use, so `import ideal` stays light (no torch until needed). The parts of
-the package and what each may import: README.md ("Files") and each subpackage's __init__.py.
+the package and what each may import: docs/reference.md ("Files") and each subpackage's __init__.py.
 """
 
 from __future__ import annotations

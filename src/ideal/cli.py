@@ -454,9 +454,13 @@ def init(
 
     if out_file.exists():
         raise IdealError(f"{out_file}: already exists; choose another --out")
-    test = data_dir / "test"
-    text = config_template(str(model), str(data_dir / "train"), str(data_dir / "reference"),
-                           str(test) if test.is_dir() else None)  # fmt: skip
+    for part in ("train", "reference", "test"):
+        if not (data_dir / part).is_dir():
+            raise IdealError(
+                f"{data_dir / part}: not a directory (expected {data_dir}/{part}/"
+                f"<{'domain' if part == 'train' else 'capability'}>/ with data files)"
+            )
+    text = config_template(str(model), *(str(data_dir / p) for p in ("train", "reference", "test")))
     config = load_config(None, base=yaml.safe_load(text))
     found = preflight(config)  # a mistake in the data or the model: one line, nothing written
     atomic_write_text(out_file, text)

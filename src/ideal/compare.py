@@ -22,7 +22,7 @@ seed: it is trained once and copied into the others.
     ideal-uniform-probe  the IDEAL rule with EK-FAC whose round 1 is the uniform mixture
                   (`update.first_round: uniform`, the default); the later rounds continue from the
                   better of D0 and uniform by the reference loss
-    ideal-no-probe  the IDEAL rule with EK-FAC, round 1 METHOD.md's step from D0
+    ideal-no-probe  the IDEAL rule with EK-FAC, round 1 docs/method.md's step from D0
                   (`update.first_round: ideal`)
     random        K random mixtures on the simplex at the same total (`--random-candidates`), each
                   trained; the one with the best reference objective is kept (its compute counts all K)

@@ -306,7 +306,7 @@ def load_config(
     return _build(RunConfig, data, "")
 
 
-def config_template(model: str, train: str, reference: str, test: str | None) -> str:
+def config_template(model: str, train: str, reference: str, test: str) -> str:
     """A commented run config for your own data (`ideal init`): the data and model filled in,
     then every section's settings at their defaults with their help, commented out."""
     lines = [
@@ -316,7 +316,7 @@ def config_template(model: str, train: str, reference: str, test: str | None) ->
         f"train_data: {train}",
         f"reference_data: {reference}",
     ]
-    lines += [f"test_data: {test}"] if test else ["# test_data: (none: give one to measure)"]
+    lines.append(f"test_data: {test}")
     for name in ("rounds", "select", "seed", "max_length"):
         lines += _commented(name, default_of(RunConfig, name), help_of(RunConfig, name), "")
     for section in ("train", "influence", "update", "eval"):

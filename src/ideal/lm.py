@@ -1,8 +1,8 @@
-"""Causal-LM batches: padding tokenized examples, and the per-example loss of METHOD.md.
+"""Causal-LM batches: padding tokenized examples, and the per-example loss of docs/method.md.
 
 l(z) = mean negative log-likelihood over z's target tokens (labels != -100, shifted by one).
 
-A set's loss is one of two objectives (`influence.loss`, METHOD.md "Setting"), both written as
+A set's loss is one of two objectives (`influence.loss`, docs/method.md "Setting"), both written as
 
     L(S) = sum_z scale_z NLL_z / sum_z mass_z        NLL_z: the SUMMED target NLL of z (T_z tokens)
 
@@ -107,7 +107,7 @@ def token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def example_losses(logits: Tensor, labels: Tensor) -> Tensor:
-    """(B,) mean target NLL per example: l(z) of METHOD.md."""
+    """(B,) mean target NLL per example: l(z) of docs/method.md."""
     nll, mask = token_nll(logits, labels)
     return nll.sum(1) / mask.sum(1).clamp_min(1)
 
@@ -144,7 +144,7 @@ class TargetLogits:
         return nll.new_zeros(self.mask.shape).masked_scatter(self.mask, nll)
 
     def example_losses(self, labels: Tensor) -> Tensor:
-        """(B,) mean target NLL per example: l(z) of METHOD.md, as `example_losses`."""
+        """(B,) mean target NLL per example: l(z) of docs/method.md, as `example_losses`."""
         return self.nll(labels).sum(1) / self.mask.sum(1).clamp_min(1)
 
 

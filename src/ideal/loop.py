@@ -117,7 +117,7 @@ def uniform_probe(
     """Round 1 under `update.first_round: uniform`: D0's pools at equal volumes and D0's total
     (constraints and resampling as for any update). None for any other round, with a single
     round (no IDEAL update would follow the probe), and when D0 is already uniform; the loop then
-    takes METHOD.md's step."""
+    takes docs/method.md's step."""
     update = config.update
     if k != 0 or config.rounds < 2 or update.rule != "ideal" or update.first_round != "uniform":
         return None

@@ -3,7 +3,7 @@
     ideal eval --model MODEL --data DIR [--out FILE] [--scorer CAP=NAME,...] [--max-new-tokens 64]
 
 For each capability directory of DIR:
-- loss: mean over examples of l(z), the mean target NLL (the reference loss of METHOD.md);
+- loss: mean over examples of l(z), the mean target NLL (the reference loss of docs/method.md);
 - accuracy, for rows that carry an `answer`: batched greedy decoding with transformers' `generate`
   (left padding with an explicit attention mask, stopping at EOS) from the row's own prompt ids, the
   prompt part of the very ids the loss is computed on (and training trains on), scored by the

@@ -5,7 +5,7 @@
     evaluator.evaluate(job: EvalJob) -> {capability: Score}
 
 A trainer says which objective it minimised (`loss`): "example" (the mean over examples of each
-example's mean target NLL: our builtin loop's default, METHOD.md's L_mix) or "token" (the token mean
+example's mean target NLL: our builtin loop's default, docs/method.md's L_mix) or "token" (the token mean
 over the whole step: TRL, LLaMA-Factory, axolotl). The round's train.json records it, so that the
 influence step can differentiate the same objective.
 
@@ -15,7 +15,7 @@ top of its output directory or in `merged/` (axolotl's `merge-lora`; preferred w
 there), and refuses a sharded DeepSpeed or FSDP checkpoint with the one-line fix.
 `collect_model` moves it to RUN/round-K/model.
 
-The scores an external evaluator hands back (`read_scores`), documented in README.md:
+The scores an external evaluator hands back (`read_scores`), documented in docs/reference.md:
 
     {"capabilities": {"math": {"score": 0.41, "metric": "exact_match", "higher_is_better": true,
                                "n": 500, "stderr": 0.02},

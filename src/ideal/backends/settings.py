@@ -38,7 +38,7 @@ class TrainSettings:
     max_grad_norm: float = setting(1.0, "Gradient clipping (largest global norm).")
     loss_normalization: str = setting(
         "example",
-        "example: mean of per-example mean NLL (METHOD.md's L_mix); token: mean over target "
+        "example: mean of per-example mean NLL (docs/method.md's L_mix); token: mean over target "
         "tokens. Both over the whole optimizer step.",
         choices=LOSSES,
     )

@@ -8,7 +8,7 @@ optimizer step is normalised over the WHOLE step before any micro-batch is run, 
 not depend on how a step is split into micro-batches:
 
     "example" (default): mean over the step's examples of l(z) = mean target NLL of z, the training
-                         objective L_mix of METHOD.md (what the influence step differentiates);
+                         objective L_mix of docs/method.md (what the influence step differentiates);
     "token":             sum of target-token NLL over the step / its number of target tokens.
 
 The data order is a pure function of (seed, epoch), so a run killed mid-way resumes from its last
@@ -18,7 +18,7 @@ at `<out>` in one rename.
 
 Why our own loop when TRL exists (`train.backend: trl`): TRL, LLaMA-Factory and axolotl normalise
 the loss per token over the step; this loop also offers the per-example normalisation that
-METHOD.md's L_mix defines and the influence step differentiates by default, plus resumption to
+docs/method.md's L_mix defines and the influence step differentiates by default, plus resumption to
 bit-identical weights. Where neither matters, the other backends train the round just as well.
 """
 

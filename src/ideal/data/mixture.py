@@ -3,7 +3,7 @@
 A domain i is a pool of U_i unique examples; a mixture holds, per domain, a count of copies for each
 pool example (repetition allowed), so the volume n_i is the sum of its counts. This module is pure: it
 turns requested volumes into feasible integer volumes (`apply_constraints`) and moves a mixture to new
-volumes by seeded, incremental resampling (`resample`), following METHOD.md "The update rule":
+volumes by seeded, incremental resampling (`resample`), following docs/method.md "The update rule":
 
 - downsampling removes random copies from the current multiset (every copy equally likely);
 - upsampling adds copies of the least-repeated unique examples first, ties broken by the seeded RNG;
@@ -25,7 +25,7 @@ from ideal.errors import IdealError
 
 @dataclass(frozen=True)
 class Constraints:
-    """Bounds applied to requested volumes, in this order (METHOD.md)."""
+    """Bounds applied to requested volumes, in this order (docs/method.md)."""
 
     min_examples: int = 1  # at least this many examples per domain
     max_repeats: int = 4  # at most this many copies of any unique example (Muennighoff et al.)
@@ -161,7 +161,7 @@ def apply_constraints(
 ) -> tuple[dict[str, int], list[dict[str, Any]]]:
     """Requested real volumes -> feasible integer volumes, and the constraints that bound.
 
-    Order (METHOD.md): at least `min_examples` per domain, at most `max_repeats` copies of any unique
+    Order (docs/method.md): at least `min_examples` per domain, at most `max_repeats` copies of any unique
     example, then optionally the exact `total` (rescale within those bounds, then largest-remainder
     rounding so that the sum is exact). Each binding constraint is returned as an event:
     {"domain", "constraint", "requested", "volume"}.

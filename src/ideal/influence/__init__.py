@@ -1,4 +1,4 @@
-"""Influence: how much each training domain helps each reference capability (METHOD.md).
+"""Influence: how much each training domain helps each reference capability (docs/method.md).
 
     settings.py    InfluenceConfig (`influence:` of the run config, the options of `ideal
                    influence`), the engine's InfluenceSettings, InfluenceJob (one run of the

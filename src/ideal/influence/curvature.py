@@ -1,7 +1,7 @@
 """Curvature of the mixture loss per linear layer, and its damped inverse-vector products.
 
 Pure functions over tensors (no files, no model). Every curvature option approximates the SAME matrix,
-the Gauss-Newton matrix of the mixture loss (METHOD.md) restricted to the selected layers. With the
+the Gauss-Newton matrix of the mixture loss (docs/method.md) restricted to the selected layers. With the
 training objective written as L = sum_z scale_z NLL_z / sum_z mass_z (ideal.lm.loss_scales: the
 example mean, scale = w/T_z and mass = w, or the token mean, scale = w and mass = w T_z),
 
@@ -23,7 +23,7 @@ products in float32, running sums over batches in float64) are
     EK-FAC: Lambda[p, q] = sum_z scale_z (Q_S^T G_z Q_A)[p, q]^2 / sum_z mass_z
 
 (A weighs positions by w_z under both objectives: it is the input statistic of every position, as
-METHOD.md defines it.) The damped inverse-HVP is  V -> Q_S [ (Q_S^T V Q_A) / (Lambda + lambda) ] Q_A^T.
+docs/method.md defines it.) The damped inverse-HVP is  V -> Q_S [ (Q_S^T V Q_A) / (Lambda + lambda) ] Q_A^T.
 Damping lambda is `damping * mean(Lambda)` per layer (relative, default 0.1), or an absolute value.
 """
 

@@ -1,6 +1,6 @@
 """Domain influence: how training more on each domain changes the loss on each reference set.
 
-Sign convention (METHOD.md), used everywhere in `ideal` (files, plots, docs):
+Sign convention (docs/method.md), used everywhere in `ideal` (files, plots, docs):
 
     s_ji = grad L(R_j)^T (G + lambda)^{-1} gbar_i
     s_ji > 0  <=>  training more on domain i is predicted to LOWER the loss on reference j.
@@ -8,14 +8,14 @@ Sign convention (METHOD.md), used everywhere in `ideal` (files, plots, docs):
 Up-weighting domain i by epsilon moves the optimum by -epsilon (n_i/N) H^{-1} gbar_i, so the reference
 loss changes by -epsilon (n_i/N) s_ji: a positive score means the loss goes down.
 
-The objective differentiated is the one the model was trained with (`settings.loss`, METHOD.md
+The objective differentiated is the one the model was trained with (`settings.loss`, docs/method.md
 "Setting"; ideal.lm.loss_scales): `example`, a set's loss the mean of per-example mean NLLs, or
 `token`, the sum of its token NLLs over its target-token count. Under `token`, gbar_i and g_Rj are
 token-weighted means of the per-example gradients, the curvature is that of
 L_mix = sum_i t_i L(D_i) / T (each example weighs by its target tokens), and the size factor n_i/N
 becomes t_i/T, the domain's share of the mixture's target tokens (`result_summary`).
 
-Organised around the k reference directions (METHOD.md, "Computing the scores at scale"):
+Organised around the k reference directions (docs/method.md, "Computing the scores at scale"):
 
     1. reference gradients g_Rj: one pass over the reference sets;
     2. curvature from a bounded, seeded sample C of the mixture (covariances, float64

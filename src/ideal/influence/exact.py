@@ -1,6 +1,6 @@
 """The exact curvature (`curvature: exact`): the dense damped Gauss-Newton matrix of the mixture
 loss over the selected layers, and its solve as a preconditioner. Tiny models only (EXACT_LIMIT);
-it exists to test the approximations (METHOD.md "Curvature G").
+it exists to test the approximations (docs/method.md "Curvature G").
 """
 
 from __future__ import annotations

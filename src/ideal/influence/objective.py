@@ -1,4 +1,4 @@
-"""From scores to the gradient the update follows (METHOD.md "The bilevel problem"): the weights
+"""From scores to the gradient the update follows (docs/method.md "The bilevel problem"): the weights
 w_j of Q = sum_j w_j L(R_j), the sensitivities dQ/dbeta_i = -(n_i/N) sum_j w_j s_ji, and the
 summary influence.json carries (with the sensitivities' standard errors).
 
@@ -42,7 +42,7 @@ def sensitivities(
     """dQ/dbeta_i for every domain i, from influence scores (references x domains).
 
     `weights` w_j default to 1/k (every capability counts the same). With `size_factor`, the
-    domain's share n_i/N multiplies its term (METHOD.md; the reference code drops it). Under
+    domain's share n_i/N multiplies its term (docs/method.md; the reference code drops it). Under
     `influence.loss: token` the caller passes target-token counts t_i as `volumes`: the share is
     then t_i/T, the domain's weight in the token-normalised L_mix.
     """
@@ -72,7 +72,7 @@ def result_summary(
 
     `volumes` are the sizes whose shares are the size factor: the copies n_i of each domain in the
     mixture under `influence.loss: example`, its target tokens t_i under `token` (a domain's weight
-    in L_mix; the caller passes them, METHOD.md "Setting")."""
+    in L_mix; the caller passes them, docs/method.md "Setting")."""
     weights = objective_weights(objective, result.references, sizes, result.reference_losses)
     counts = [volumes[d] for d in result.domains]
     alpha = sensitivities(result.scores, counts, weights, size_factor)

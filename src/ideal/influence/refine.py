@@ -21,6 +21,9 @@ as the start (scaled per reference to minimise the error's (G_C + Lambda)-norm: 
     H     per target token t: p_t * u - p_t (p_t^T u) with u = (J V)_t, scaled by scale_z;
     J^T   reverse mode from the logits: sum_t g_t [a_t | 1]^T per layer, as for a gradient.
 
+The head runs at the target positions only (`ideal.lm.target_logits`: H is zero elsewhere), unless
+a selected layer is the head or lies in it.
+
 Attention runs through the math SDPA kernel meanwhile: the fused kernels (flash, memory-efficient,
 CPU flash) have neither forward-mode derivatives nor double backward (torch 2.13), so neither
 `torch.func.jvp` nor the double-vjp trick gets through HF Llama, Qwen2 or GPT-2 with them; the math
@@ -50,7 +53,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ideal.distributed import all_reduce_
 from ideal.errors import IdealError
-from ideal.lm import Batch, loss_scales, position_ids
+from ideal.lm import Batch, loss_scales, target_logits, touches_head
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,7 @@ class GaussNewton:
         self.weight_total = weight_total
         self.progress = progress or (lambda items, total, description: items)
         self.device = next(model.parameters()).device
+        self.full_logits = touches_head(model, layers.values())
         self.description = "refine: Gauss-Newton products"
 
     def __call__(self, vectors: Vectors) -> Vectors:
@@ -96,12 +100,16 @@ class GaussNewton:
             module.register_forward_hook(_tangent_hook(name, vectors[name], k, inputs, outputs))
             for name, module in self.layers.items()
         ]
-        ids, mask = batch.input_ids.repeat(k, 1), batch.attention_mask.repeat(k, 1)  # (k b, T)
+        rows = (batch.input_ids, batch.attention_mask, batch.labels)
+        copies = Batch(
+            *(t.repeat(k, 1) for t in rows), batch.weights.repeat(k), batch.keys.repeat(k)
+        )
         try:
             with sdpa_kernel([SDPBackend.MATH]), forward_ad.dual_level():
-                logits = self.model(input_ids=ids, attention_mask=mask,
-                                    position_ids=position_ids(mask), use_cache=False).logits  # fmt: skip
-                primal, tangent = forward_ad.unpack_dual(logits)  # (k b, T, V) each
+                logits = target_logits(
+                    self.model, copies, real_positions=True, full=self.full_logits
+                ).logits
+                primal, tangent = forward_ad.unpack_dual(logits)  # (k N, V) each: target positions
         except (NotImplementedError, RuntimeError) as error:
             if "forward AD" not in str(error):
                 raise
@@ -155,20 +163,19 @@ def _tangent_hook(
 def _softmax_hessian_product(
     logits: torch.Tensor, tangent: torch.Tensor, batch: Batch, k: int, loss: str = "example"
 ) -> torch.Tensor:
-    """scale_z (diag p_t - p_t p_t^T) u_t at every target position t (logits at t predict t+1),
-    zero elsewhere, scale_z = w_z / T_z (example) or w_z (token); (k b, T, V) in the logits'
+    """scale_z (diag p_t - p_t p_t^T) u_t at every target position t; `logits` and `tangent` are
+    (k N, V), the rows of the k copies of `batch` at their target positions (copy by copy, example
+    by example: `target_logits`), scale_z = w_z / T_z (example) or w_z (token); in the logits'
     dtype. The softmax is taken in float32 at least."""
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    p = torch.softmax(logits[:, :-1].to(dtype), dim=-1)  # (k b, T-1, V)
-    u = tangent[:, :-1].to(dtype)
+    p = torch.softmax(logits.to(dtype), dim=-1)  # (k N, V)
+    u = tangent.to(dtype)
     hu = p * u - p * (p * u).sum(-1, keepdim=True)
-    targets = (batch.labels[:, 1:] != -100).to(dtype)  # (b, T-1)
-    weights, counts = batch.weights.to(dtype), batch.targets.to(dtype).clamp_min(1)
-    scale = loss_scales(weights, counts, loss)[0].unsqueeze(1)
-    weight = (targets * scale).repeat(k, 1).unsqueeze(-1)  # (k b, T-1, 1)
-    out = torch.zeros_like(logits)
-    out[:, :-1] = (hu * weight).to(logits.dtype)
-    return out
+    counts = batch.targets  # (b,) T_z
+    weights = batch.weights.to(dtype)
+    scale = loss_scales(weights, counts.to(dtype).clamp_min(1), loss)[0]  # (b,)
+    per_row = scale.repeat(k).repeat_interleave(counts.repeat(k))  # (k N,)
+    return (hu * per_row.unsqueeze(-1)).to(logits.dtype)
 
 
 def _attention(model: nn.Module) -> str:

@@ -59,7 +59,7 @@ class WeightedSet:
 class InfluenceResult:
     domains: list[str]
     references: list[str]
-    scores: np.ndarray  # (references, domains), METHOD.md sign convention
+    scores: np.ndarray  # (references, domains), docs/method.md sign convention
     reference_losses: dict[str, float]
     layers: list[str]
     damping: dict[str, float]  # lambda per layer (or the dense block for exact)

@@ -25,7 +25,7 @@ FISHERS = ("sampled", "empirical")
 FACTORS = ("cpu", "device")
 OBJECTIVES = ("mean", "pooled", "worst")  # Q over references (objective.objective_weights)
 DOMAIN_ROWS = {
-    "mixture": "the domain's copies in the current mixture (METHOD.md's gbar_i)",
+    "mixture": "the domain's copies in the current mixture (docs/method.md's gbar_i)",
     "unseen": "the pool rows the mixture does not hold yet, which an increase adds first "
     "(the mixture's copies once every row is in it)",
 }
@@ -48,7 +48,7 @@ class InfluenceSettings:
     )
     factors: str = "cpu"  # where the running sums live: cpu (device memory for the model) | device
     refine: int = 0  # conjugate-gradient steps toward the exact Gauss-Newton solution (refine.py)
-    loss: str = "example"  # the training objective differentiated: example | token (METHOD.md)
+    loss: str = "example"  # the training objective differentiated: example | token (docs/method.md)
 
     def __post_init__(self) -> None:
         if self.curvature not in CURVATURES:
@@ -139,7 +139,7 @@ class InfluenceConfig:
     )
     domain_rows: str = setting(
         "mixture",
-        "Whose gradient scores a domain: its copies in the mixture (METHOD.md), or the pool rows "
+        "Whose gradient scores a domain: its copies in the mixture (docs/method.md), or the pool rows "
         "the mixture does not hold yet (what raising its volume adds first).",
         choices=tuple(DOMAIN_ROWS),
     )
@@ -184,7 +184,7 @@ class InfluenceJob:
     (`loss`, resolved: example | token; None: `config.loss`, auto read as example) and where it
     came from (`loss_source`, recorded in influence.json), how rows are read (`max_length`,
     `on_invalid`: error | skip), and how the sensitivities combine the references (`objective`:
-    mean | pooled | worst; `size_factor`: multiply by n_i/N, METHOD.md)."""
+    mean | pooled | worst; `size_factor`: multiply by n_i/N, docs/method.md)."""
 
     config: InfluenceConfig = InfluenceConfig()
     seed: int = 0

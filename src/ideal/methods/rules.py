@@ -1,6 +1,6 @@
 """Update rules: signals about the current mixture -> requested volumes for the next round.
 
-The IDEAL rule (METHOD.md "The update rule"), with the sign convention used everywhere in `ideal`:
+The IDEAL rule (docs/method.md "The update rule"), with the sign convention used everywhere in `ideal`:
 s_ji > 0 means "training more on domain i is predicted to LOWER the loss on reference j".
 
     dQ/dbeta_i = -(n_i / N) * sum_j w_j s_ji          (ideal.influence.objective.sensitivities)
@@ -58,7 +58,7 @@ def additive_delta(
 ) -> np.ndarray:
     """dn = -m (N/K) g / max|g| with g_i = alpha_i / n_i = dQ/dn_i: a step in volumes.
 
-    METHOD.md's beta = -m alpha / max|alpha| moves a domain by n_i beta_i, proportional to
+    docs/method.md's beta = -m alpha / max|alpha| moves a domain by n_i beta_i, proportional to
     n_i^2 s_i once the size factor is in alpha: a scarce domain barely moves whatever its
     scores. The gradient in volumes, g_i = dQ/dn_i, moves every domain by its own per-example
     signal. `centred` subtracts the mean of g (the projection on sum_i dn_i = 0, for a kept
@@ -98,7 +98,7 @@ class IdealRule:
 
     With `min_z` > 0, a domain whose sensitivity is within `min_z` standard errors of zero
     (`signals["sensitivity_stderr"]`) is held: beta_i = 0, and the step is scaled over the others.
-    `geometry` "relative" is METHOD.md's beta step; "additive" the step in volumes
+    `geometry` "relative" is docs/method.md's beta step; "additive" the step in volumes
     (`additive_delta`, centred when `keep_total`; a domain loses at most m of its volume).
     """
 

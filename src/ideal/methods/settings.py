@@ -17,7 +17,7 @@ FIRST_ROUNDS = ("ideal", "uniform")
 
 @dataclass(frozen=True)
 class UpdateSettings:
-    """How round K+1's volumes follow from round K (METHOD.md "The update")."""
+    """How round K+1's volumes follow from round K (docs/method.md "The update")."""
 
     rule: str = setting("ideal", "The update rule.", choices=RULES)
     temperature: float = setting(2.0, "rule temperature: volumes ~ pool size ** (1 / T).")
@@ -25,7 +25,7 @@ class UpdateSettings:
     step: float = setting(0.15, "m: the largest relative change of a domain's volume per round.")
     geometry: str = setting(
         "relative",
-        "relative: beta = -m alpha/max|alpha| (METHOD.md); additive: a step in volumes, the "
+        "relative: beta = -m alpha/max|alpha| (docs/method.md); additive: a step in volumes, the "
         "largest change m x the mean volume (docs/method-additions.md).",
         choices=GEOMETRIES,
     )
@@ -39,12 +39,12 @@ class UpdateSettings:
     )
     max_step: float = setting(0.9, "trust_region: the largest m.")
     # The probe became the default after 4 suites x 5 seeds (docs/results.md, "mixture quality");
-    # a run started before the option existed took METHOD.md's step ("before").
+    # a run started before the option existed took docs/method.md's step ("before").
     first_round: str = setting(
         "uniform",
         "uniform: round 1 is the uniform mixture at D0's total (a probe), and the IDEAL updates "
         "start from whichever of D0 and round 1 has the lower mean reference loss; ideal: "
-        "METHOD.md's step from D0.",
+        "docs/method.md's step from D0.",
         choices=FIRST_ROUNDS,
         before="ideal",
     )
@@ -53,7 +53,7 @@ class UpdateSettings:
     keep_total: bool = setting(True, "Keep the total number of examples exactly the same.")
     size_factor: bool = setting(
         True,
-        "Multiply domain i's sensitivity by n_i/N (METHOD.md; t_i/T, its share of target "
+        "Multiply domain i's sensitivity by n_i/N (docs/method.md; t_i/T, its share of target "
         "tokens, under the token objective).",
     )
     objective: str = setting(

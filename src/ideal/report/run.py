@@ -94,7 +94,10 @@ def _table(header: list[str], rows: list[list[Any]], mark: int | None = None) ->
         + "</tr>"
         for k, row in enumerate(rows)
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    # a wide table scrolls on its own on a narrow screen instead of cutting the page
+    return (
+        f"<div class=wide><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+    )
 
 
 def inline_image(path: Path) -> str:
@@ -246,7 +249,7 @@ th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
 th {{ background: #f3f3f3; }} td:first-child, td:nth-child(2) {{ text-align: left; }}
 tr.returned td {{ background: #e8f4e8; font-weight: bold; }}
 div.next {{ border: 2px solid #4a4; padding: 0.5em 1em; margin: 1em 0; background: #f6fbf6; }}
-pre {{ white-space: pre-wrap; }}
+pre {{ white-space: pre-wrap; }} div.wide {{ overflow-x: auto; }}
 figure {{ display: inline-block; margin: 0.5em; }} img {{ max-width: 100%; }}
 </style></head><body>
 <h1>IDEAL run <code>{html.escape(str(run))}</code></h1>
