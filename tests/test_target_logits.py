@@ -57,6 +57,9 @@ PAIRS = [("1+2=", "3"), ("44+4=", "48"), ("ab>", "ba"), ("a long prompt?", "yes"
 NEWLINE_PAIRS = [("Question one.", "\n\nAnswer two."), ("Write a function.", "\ndef add(a, b):"),
                  ("if x:", "\n    y = 1"), ("ok", "\n7")]  # fmt: skip
 
+SIZE = {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "intermediate_size": 24,
+        "dtype": torch.float64}  # fmt: skip
+
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
@@ -64,18 +67,23 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def char_model(family: str = "llama", seed: int = 0):
     tokenizer = char_tokenizer()
-    model = tiny_causal_lm(family, vocab_size=len(tokenizer), hidden_size=16, num_layers=2,
-                           num_heads=2, intermediate_size=24, seed=seed, dtype=torch.float64)  # fmt: skip
+    model = tiny_causal_lm(family, vocab_size=len(tokenizer), seed=seed, **SIZE)
+    return model, tokenizer
+
+
+def bpe_model():
+    """A Qwen2 (tied embeddings) on the byte-level BPE tokenizer with a ChatML template."""
+    tokenizer = byte_bpe_tokenizer()
+    model = tiny_causal_lm("qwen2", vocab_size=len(tokenizer), seed=0, **SIZE)
     return model, tokenizer
 
 
 def bpe_lora_model():
-    """The byte-level BPE / ChatML / LoRA stand-in (a Qwen2, tied embeddings), B non-zero."""
-    tokenizer = byte_bpe_tokenizer()
-    model = tiny_causal_lm("qwen2", vocab_size=len(tokenizer), hidden_size=16, num_layers=2,
-                           num_heads=2, intermediate_size=24, seed=0, dtype=torch.float64)  # fmt: skip
-    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "up_proj"],
-                        lora_dropout=0.0)  # fmt: skip
+    """The byte-level BPE / ChatML / LoRA stand-in, B non-zero."""
+    model, tokenizer = bpe_model()
+    config = LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "up_proj"], lora_dropout=0.0
+    )
     model = get_peft_model(model, config)
     torch.manual_seed(1)
     for name, param in model.named_parameters():
@@ -204,10 +212,8 @@ def old_micro_batch_loss(model, items, pad_id, normaliser, settings):
 
 
 def trained(case: str, settings: TrainSettings):
-    if case == "bpe-lora":
-        tokenizer = byte_bpe_tokenizer()
-        model = tiny_causal_lm("qwen2", vocab_size=len(tokenizer), hidden_size=16, num_layers=2,
-                               num_heads=2, intermediate_size=24, seed=0, dtype=torch.float64)  # fmt: skip
+    if case == "bpe-lora":  # the trainer wraps the adapter
+        model, tokenizer = bpe_model()
         items = items_for(tokenizer, NEWLINE_PAIRS)
     else:
         model, tokenizer = char_model(case)
@@ -217,14 +223,30 @@ def trained(case: str, settings: TrainSettings):
 
 
 @pytest.mark.parametrize(
-    "case, loss", [("llama", "example"), ("llama", "token"), ("gpt2", "example"),
-                   ("bpe-lora", "example")]  # fmt: skip
+    "case, loss",
+    [
+        ("llama", "example"),
+        ("llama", "token"),
+        ("gpt2", "example"),
+        ("bpe-lora", "example"),
+    ],
 )
 def test_sgd_steps_give_the_same_weights(case, loss, monkeypatch):
-    settings = TrainSettings(max_steps=4, batch_size=3, grad_accum=2, lr=0.5, optimizer="sgd",
-                             warmup_ratio=0.0, loss_normalization=loss, checkpoint_every=0,
-                             lora=case == "bpe-lora", lora_r=2, lora_alpha=4,
-                             lora_targets=("q_proj", "v_proj", "up_proj"), seed=3)  # fmt: skip
+    settings = TrainSettings(
+        max_steps=4,
+        batch_size=3,
+        grad_accum=2,
+        lr=0.5,
+        optimizer="sgd",
+        warmup_ratio=0.0,
+        loss_normalization=loss,
+        checkpoint_every=0,
+        lora=case == "bpe-lora",
+        lora_r=2,
+        lora_alpha=4,
+        lora_targets=("q_proj", "v_proj", "up_proj"),
+        seed=3,
+    )
     got = trained(case, settings)
     monkeypatch.setattr(train_module, "micro_batch_loss", old_micro_batch_loss)
     expected = trained(case, settings)
@@ -284,16 +306,22 @@ def influence_problem(case: str):
     items = tokenize_pairs(tokenizer, pairs)
     half = len(items) // 2
     weights = [1.0 + i % 2 for i in range(len(items))]  # copies: 1 or 2
-    domains = {"a": WeightedSet(items[:half], weights[:half]),
-               "b": WeightedSet(items[half:], weights[half:])}  # fmt: skip
+    domains = {
+        "a": WeightedSet(items[:half], weights[:half]),
+        "b": WeightedSet(items[half:], weights[half:]),
+    }
     references = {"r": WeightedSet.uniform(items[1:4])}
     return model, tokenizer, domains, references
 
 
 @pytest.mark.parametrize(
     "case, curvature, loss",
-    [("llama", "exact", "example"), ("llama", "ekfac", "example"), ("llama", "ekfac", "token"),
-     ("bpe-lora", "ekfac", "example")],  # fmt: skip
+    [
+        ("llama", "exact", "example"),
+        ("llama", "ekfac", "example"),
+        ("llama", "ekfac", "token"),
+        ("bpe-lora", "ekfac", "example"),
+    ],
 )
 def test_influence_scores_equal(case, curvature, loss, monkeypatch):
     """Sampled Fisher with two draws: the labels drawn from the target logits are the same."""
@@ -301,8 +329,9 @@ def test_influence_scores_equal(case, curvature, loss, monkeypatch):
     settings = InfluenceSettings(curvature=curvature, loss=loss, batch_size=3, fisher_samples=2)
 
     def scores():
-        return domain_influence(model, select_layers(model), domains, references, settings,
-                                tokenizer.pad_token_id)  # fmt: skip
+        return domain_influence(
+            model, select_layers(model), domains, references, settings, tokenizer.pad_token_id
+        )
 
     rows, handle = count_head_rows(model)
     try:
@@ -329,11 +358,13 @@ def test_a_selection_with_the_head_keeps_the_full_logits():
     layers = select_layers(model, ["lm_head", "*.mlp.down_proj"])
     assert touches_head(model, layers.values())
     assert not touches_head(model, select_layers(model).values())
-    engine = InfluenceEngine(model, layers, InfluenceSettings(), tokenizer.pad_token_id,
-                             no_progress)  # fmt: skip
+    engine = InfluenceEngine(
+        model, layers, InfluenceSettings(), tokenizer.pad_token_id, no_progress
+    )
     assert engine.full_logits
-    result = domain_influence(model, layers, domains, references,
-                              InfluenceSettings(batch_size=3), tokenizer.pad_token_id)  # fmt: skip
+    result = domain_influence(
+        model, layers, domains, references, InfluenceSettings(batch_size=3), tokenizer.pad_token_id
+    )
     assert np.isfinite(result.scores).all()
     adapted = get_peft_model(char_model("llama")[0], LoraConfig(r=2, target_modules=["lm_head"]))
     assert touches_head(adapted, select_layers(adapted).values())  # a LoRA adapter on the head

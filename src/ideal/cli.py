@@ -303,15 +303,12 @@ def influence(
         return
     if out_dir is None:
         raise IdealError("--out is required (or --plan)")
-    from ideal.methods.rules import IdealRule
+    from ideal.methods.rules import IdealRule, requested_change
     from ideal.progress import track
     from ideal.report.console import influence_table
 
     def with_step(document: dict[str, Any]) -> None:  # the beta of an IDEAL step at m = --step
-        volumes = document["volumes"]
-        requested = IdealRule(step=step).propose(volumes, document)
-        document["beta"] = {d: requested[d] / volumes[d] - 1.0 for d in volumes}
-        document["step"] = step
+        document.update(beta=requested_change(IdealRule(step=step), document), step=step)
 
     _, document = run_influence(out_dir, model, train, reference, job, track, with_step)
     if _is_main():  # under torchrun only the main process reports

@@ -35,6 +35,7 @@ from ideal.methods.rules import (
     Rule,
     TemperatureRule,
     UniformRule,
+    requested_change,
 )
 from ideal.methods.trust import StepDecision, trust_step
 from ideal.preflight import preflight
@@ -197,7 +198,10 @@ def run_loop(
                 source / "model", source, paths.reference, config.influence_job(), track
             )
             if config.update.rule == "ideal":  # the step this update takes, m of this round
-                document["beta"] = step_beta(config, document, decision.step)
+                step_rule = make_rule(
+                    replace(config, update=replace(config.update, step=decision.step))
+                )
+                document["beta"] = requested_change(step_rule, document)
                 document["step"] = decision.step
             if main:
                 write_influence_files(source, result, document)
@@ -239,12 +243,3 @@ def run_loop(
         write_report(paths.run)
     barrier()
     return summary
-
-
-def step_beta(config: RunConfig, document: dict[str, Any], step: float) -> dict[str, float]:
-    """The relative change of each domain's volume that the run's IDEAL step asks for from this
-    influence (before constraints and resampling, which mixture.json records), at the round's m."""
-    rule = make_rule(replace(config, update=replace(config.update, step=step)))
-    volumes = document["volumes"]
-    requested = rule.propose(volumes, document)
-    return {d: requested[d] / volumes[d] - 1.0 if volumes[d] else 0.0 for d in volumes}

@@ -251,3 +251,12 @@ class ProxyRule:
     def propose(self, volumes: Mapping[str, int], signals: Mapping[str, Any]) -> dict[str, float]:
         weights = signals["weights"]
         return FixedRule(tuple((d, float(weights[d])) for d in volumes)).propose(volumes, {})
+
+
+def requested_change(rule: Rule, signals: Mapping[str, Any]) -> dict[str, float]:
+    """The relative change of each domain's volume that `rule` asks for from influence.json's
+    `signals` (its `volumes` and sensitivities), before constraints and resampling: the `beta`
+    influence.json carries at the step the run takes."""
+    volumes = signals["volumes"]
+    requested = rule.propose(volumes, signals)
+    return {d: requested[d] / volumes[d] - 1.0 if volumes[d] else 0.0 for d in volumes}

@@ -1,0 +1,149 @@
+"""What logits only at target positions save: a LoRA training step and an evaluation loss pass, each
+with the LM head at every position (before) and at the target positions only (now), in one run, on
+the same random batch.
+
+    python benchmarks/train_cost.py [--model DIR] [--threads 1] [--batch 8] [--length 224]
+                                    [--layers 2] [--repeats 3]
+
+The batch: --batch rows of --length random token ids, the last 44 % of each row targets (the rest a
+prompt, no padding), as in the real preset's measurement. The training step is the builtin trainer's
+(`ideal.backends.train.micro_batch_loss` + backward) on a LoRA adapter with the default recipe
+(all-linear, r 8); the evaluation pass is `ideal.backends.evaluate.mean_losses`. Each is timed
+--repeats times, the two ways interleaved (so that a load change on the machine hits both), after
+one untimed warm-up each; the median is printed, and the loss both ways (equal up to round-off).
+
+Without --model, a Llama is built in-process with SmolLM2-135M's widths (vocab 49,152, hidden 576,
+9 heads of which 3 key/value, MLP 1,536, tied embeddings) and --layers blocks (SmolLM2 has 30).
+With 2 blocks the head is most of the forward, so the speedup is larger than on the real model,
+whose head is about a fifth of it; `--layers 30` is the real shape with random weights.
+
+The last line is `speedup = X`: the training step's time with full logits over target-only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+TARGET_SHARE = 0.44  # of each row's tokens: the answer, after a prompt
+
+
+def smollm2_like(layers: int) -> torch.nn.Module:
+    """A random Llama with SmolLM2-135M's widths and `layers` blocks (float32)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=layers,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+
+
+def random_items(vocab: int, batch: int, length: int, seed: int = 0) -> list:
+    from ideal.data.rows import IGNORE_INDEX, Tokenized
+
+    generator = torch.Generator().manual_seed(seed)
+    prompt = length - round(TARGET_SHARE * length)
+    items = []
+    for row in range(batch):
+        ids = torch.randint(3, vocab, (length,), generator=generator).tolist()
+        items.append(Tokenized(ids, [IGNORE_INDEX] * prompt + ids[prompt:], f"random:{row}"))
+    return items
+
+
+def timed(run: Callable[[], float]) -> tuple[float, float]:
+    """(seconds, the loss it returned)."""
+    start = time.perf_counter()
+    loss = run()
+    return time.perf_counter() - start, loss
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="a local causal LM directory (default: built in-process)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--batch", type=int, default=8, help="rows per step")
+    parser.add_argument("--length", type=int, default=224, help="tokens per row")
+    parser.add_argument("--layers", type=int, default=2, help="blocks of the built-in model")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each")
+    args = parser.parse_args(argv)
+
+    from ideal.backends.evaluate import mean_losses
+    from ideal.backends.train import (
+        TrainSettings,
+        micro_batch_loss,
+        step_loss_normaliser,
+        wrap_lora,
+    )
+    from ideal.hf import load_causal_lm
+
+    torch.set_num_threads(args.threads)
+    if args.model:
+        model = load_causal_lm(Path(args.model), dtype=torch.float32)
+        name = args.model
+    else:
+        model = smollm2_like(args.layers)
+        name = f"in-process Llama, SmolLM2-135M widths, {args.layers} blocks"
+    vocab = model.get_output_embeddings().weight.shape[0]
+    hidden = model.get_output_embeddings().weight.shape[1]
+    items = random_items(vocab, args.batch, args.length)
+    targets = sum(item.num_targets for item in items)
+    tokens = args.batch * args.length
+    print(f"model: {name}; head {vocab} x {hidden}; {args.threads} thread(s)")
+    print(f"batch: {args.batch} x {args.length} tokens, {targets} targets ({targets / tokens:.0%})")
+    gib = 4 * vocab / 2**30  # float32 logits per row of the head
+    print(f"logits: {tokens * gib:.2f} GiB at every position, {targets * gib:.2f} GiB at targets")
+
+    settings = TrainSettings(lora=True)
+    model = wrap_lora(model, settings)
+    normaliser = step_loss_normaliser(items, settings)
+
+    def train_step(full: bool) -> Callable[[], float]:
+        def run() -> float:
+            model.zero_grad(set_to_none=True)
+            loss, _ = micro_batch_loss(model, items, 0, normaliser, settings, full_logits=full)
+            loss.backward()
+            return float(loss.detach())
+
+        return run
+
+    def eval_pass(full: bool) -> Callable[[], float]:
+        return lambda: float(mean_losses(model, items, 0, args.batch, full_logits=full).mean())
+
+    results = {}
+    for label, make, train in (("train step", train_step, True), ("eval loss", eval_pass, False)):
+        model.train(train)
+        runs = {full: [timed(make(full))] for full in (True, False)}  # warm-up, not counted
+        for _ in range(args.repeats):
+            for full in (True, False):
+                runs[full].append(timed(make(full)))
+        for full in (True, False):
+            seconds = statistics.median(s for s, _ in runs[full][1:])
+            results[label, full] = seconds
+            how = "full logits  " if full else "target logits"
+            print(f"{label:10s} {how}: {seconds:7.3f} s  (loss {runs[full][-1][1]:.6f})")
+        print(f"{label:10s} ratio        : {results[label, True] / results[label, False]:.2f}x")
+    print(f"speedup = {results['train step', True] / results['train step', False]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
