@@ -314,13 +314,16 @@ def test_a_file_of_another_kind_is_an_error_naming_it(tmp_path, name):
     assert str(err.value).startswith(f"{tmp_path / 'math' / name}: not a data file (expected ")
 
 
-def test_dotfiles_and_documentation_are_skipped_and_another_directory_is_an_error(tmp_path):
+def test_dotfiles_are_skipped_documentation_and_another_directory_are_errors(tmp_path):
     write_jsonl(tmp_path / "math" / "a.jsonl", PROMPT_COMPLETION)
     (tmp_path / "math" / ".DS_Store").write_bytes(b"\0\1")
     (tmp_path / "math" / ".cache").mkdir()
-    for name in ("README.md", "readme", "LICENSE", "License.txt"):
-        (tmp_path / "math" / name).write_text("# a dataset card")
     assert load_domains(tmp_path)["math"].formats == {"a.jsonl": "prompt_completion"}
+    for name in ("README.md", "LICENSE"):  # never skipped: a file of another kind is an error
+        (tmp_path / "math" / name).write_text("# a dataset card")
+        with pytest.raises(IdealError, match=f"math/{name}: not a data file"):
+            load_domains(tmp_path)
+        (tmp_path / "math" / name).unlink()
     (tmp_path / "math" / "old").mkdir()
     with pytest.raises(
         IdealError, match=r"math/old: a directory that is not a `datasets` directory"

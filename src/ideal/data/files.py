@@ -9,10 +9,10 @@ A domain directory holds one or more of these, detected by name, each read whole
     <name>/     a `datasets` directory (`Dataset.save_to_disk`, or a     location  path[index]
                 `DatasetDict` of one split), read with `datasets.load_from_disk`
 
-Names starting with '.' are skipped (`.DS_Store`, `.gitattributes`, editor and notebook droppings),
-and so are the documentation files a dataset comes with, by name: README, LICENSE or LICENCE with any
-extension (`README.md`, a dataset card). Any other file or directory is an error naming it, never
-skipped: a `.csv` or `.txt` the user took for data must not silently drop out of the mixture.
+Names starting with '.' are hidden files, not data, and are passed over (`.DS_Store`,
+`.gitattributes`, editor and notebook droppings). Any other file or directory is an error naming it,
+never skipped: a `.csv` or `.txt` the user took for data must not silently drop out of the mixture,
+and a dataset card (`README.md`) belongs beside the domain directories, not inside one.
 pyarrow and datasets are optional: reading a parquet file or a datasets directory without them is a
 one-line error saying how to install them.
 
@@ -38,8 +38,6 @@ KINDS = ("jsonl", "json", "parquet", "datasets")
 SUFFIXES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 #: The files that make a directory one that `datasets.load_from_disk` reads.
 DATASETS_MARKERS = ("state.json", "dataset_dict.json")
-#: Documentation beside the data (README.md, LICENSE): skipped by name, whatever its extension.
-DOCUMENTATION = ("readme", "license", "licence")
 BATCH = 1024  # rows converted to Python objects at a time, from a table
 
 
@@ -70,9 +68,7 @@ def data_files(domain: Path) -> list[tuple[Path, str]]:
         )
     found: list[tuple[Path, str]] = []
     for path in sorted(domain.iterdir()):
-        if path.name.startswith(".") or (
-            path.is_file() and path.name.split(".")[0].casefold() in DOCUMENTATION
-        ):
+        if path.name.startswith("."):
             continue
         if path.is_dir():
             if not is_datasets_dir(path):
