@@ -27,11 +27,12 @@ $(PEER_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet einops einconv opt-einsum
 	touch $(PEER_STAMP)
 
-# The optional backends the tests exercise (issue 19): TRL in-process, lm-evaluation-harness; and
+# The optional parts the tests exercise: parquet / datasets inputs, TRL in-process,
+# lm-evaluation-harness; and
 # gguf (extra `real`, issue 18), for the GGUF rebuild of `ideal suite prepare real`.
 # They resolve beside the pinned torch and transformers without changing them.
 $(EXTRAS_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet -e ".[trl,lm-eval,real]"
+	$(PY) -m pip install --quiet -e ".[formats,trl,lm-eval,real]"
 	touch $(EXTRAS_STAMP)
 
 install: $(STAMP)

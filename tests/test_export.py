@@ -70,6 +70,11 @@ def test_trl(cli, tmp_path, mixture):
     files = {entry["data_files"]: entry for entry in config["datasets"]}
     assert all(e["path"] == "json" and e["split"] == "train" for e in files.values())
     assert all(not Path(f).is_absolute() for f in files)  # relative to the export directory
+    from ideal.data.export import export_mixture
+
+    export_mixture(path, "trl", tmp_path / "abs", absolute=True)  # the loop's, for a command
+    entries = yaml.safe_load((tmp_path / "abs" / "mixture.yaml").read_text())["datasets"]
+    assert all(Path(e["data_files"]).is_file() for e in entries)
     assert sorted(count_rows(tmp_path / "trl" / f) for f in files) == sorted(volumes.values())
 
 
@@ -108,9 +113,13 @@ def test_export_a_run_or_a_round(cli, tmp_path):
         sizes = {d: len(p.examples) for d, p in training.pool.items()}
         write_mixture_dir(run / f"round-{k}", training, draw_mixture(sizes, volumes, 4, 0),
                           data_subdir="data")  # fmt: skip
-    (run / "summary.json").write_text(
-        json.dumps({"rounds": [], "select": "last", "selected_round": 1})
-    )
+        metrics = {"capabilities": {}, "test_accuracy_mean": None, "test_accuracy_worst": None,
+                   "reference_loss_mean": 1.0 - 0.5 * k, "seconds": 1.0}  # fmt: skip
+        (run / f"round-{k}" / "metrics.json").write_text(json.dumps(metrics))
+        (run / f"round-{k}" / "model").mkdir()
+        (run / f"round-{k}" / "model" / "train_settings.json").write_text("{}")
+    # the returned round comes from the rounds (lowest mean reference loss), not from this file
+    (run / "summary.json").write_text(json.dumps({"rounds": [], "selected_round": 0}))
     result = cli("export", "--run", run, "--format", "trl", "--out", tmp_path / "a")
     assert result.code == 0, result.err
     assert "round-1" in result.out

@@ -292,13 +292,13 @@ def test_missing_optional_readers_are_one_line_with_the_install_command(tmp_path
         read_file(tmp_path / "a.parquet")
     assert (
         str(err.value)
-        == f"{tmp_path / 'a.parquet'}: reading parquet needs pyarrow: pip install pyarrow"
+        == f"{tmp_path / 'a.parquet'}: reading parquet needs pyarrow: pip install 'ideal-mix[formats]'"
     )
     with pytest.raises(IdealError) as err:
         read_file(tmp_path / "ds")
     assert str(err.value) == (
         f"{tmp_path / 'ds'}: reading a `datasets` directory needs the datasets package: "
-        "pip install datasets"
+        "pip install 'ideal-mix[formats]'"
     )
 
 

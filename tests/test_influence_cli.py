@@ -160,7 +160,7 @@ def test_user_errors_are_one_line_and_write_nothing(cli, workspace, tmp_path):
         "no linear layer (nn.Linear or Conv1D) matches",
     )
     assert_one_line_error(run(cli, workspace, out, "--curvature", "exact"), "above the limit")
-    assert_one_line_error(run(cli, workspace, out, "--sample", "0"), "--sample must be in (0, 1]")
+    assert_one_line_error(run(cli, workspace, out, "--sample", "0"), "(--sample) must be in (0, 1]")
     usage = run(cli, workspace, out, "--factors", "gpu")  # a choice: the framework's usage error
     assert usage.code == 2 and "'gpu' is not one of 'cpu', 'device'" in usage.err
     assert not out.exists()

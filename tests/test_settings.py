@@ -71,13 +71,6 @@ def test_every_command_takes_its_defaults_from_the_settings():
         )
 
 
-def test_eval_and_a_run_evaluate_alike():
-    """`ideal eval` on a run's model reproduces the run's evaluation: same generation settings."""
-    params = {p.name: p.default for p in inspect.signature(cli.eval_).parameters.values()}
-    assert params["max_new_tokens"] == EvalConfig().max_new_tokens
-    assert params["batch_size"] == EvalConfig().batch_size
-
-
 def test_compare_help_lists_every_method(cli):
     result = cli("compare", "--help")
     text = "".join(result.out.split())  # help wraps long names at their hyphens
@@ -154,11 +147,7 @@ def test_run_mistakes_are_found_before_training(own_data, cli, monkeypatch, chan
     assert result.code == 1 and message in result.err and result.err.count("\n") == 1
     result = cli("run", path, "--out", tmp_path / "run")
     assert result.code == 1 and message in result.err
-    assert not (tmp_path / "run" / "round-0" / "model").exists()  # nothing trained
-    # the fixed config starts at the same --out
-    fixed = _write(tmp_path, config)
-    config_ = load_config(fixed)
-    prepare_run(config_, tmp_path / "run", resume=False)
+    assert not (tmp_path / "run").exists()  # found before anything was written or trained
 
 
 def test_a_capability_without_test_set_is_a_warning(own_data, cli):
@@ -179,11 +168,14 @@ def test_a_run_where_no_stage_completed_starts_again(own_data):
     prepare_run(second, run, resume=False)  # neither "a run is already here" nor "changed"
     stored = yaml.safe_load((run / "config.yaml").read_text())
     assert stored["hash"] == second.hash() and not (run / "round-0").exists()
-    (run / "round-0" / "model").mkdir(parents=True)  # now a stage completed
+    (run / "round-0" / "model.partial").mkdir(parents=True)  # training began: checkpoints
+    with pytest.raises(IdealError, match="a run is already here"):  # never wiped
+        prepare_run(first, run, resume=False)
     with pytest.raises(
         IdealError, match=r"config changed since this run started \(eval.max_new_tokens\)"
     ):
         prepare_run(first, run, resume=True)
+    assert (run / "round-0" / "model.partial").is_dir()
 
 
 def test_the_probe_is_said_once_in_the_summary():

@@ -212,9 +212,15 @@ def report(
         Path, typer.Argument(help="A run directory of `ideal run` or `ideal demo`.")
     ],
 ) -> None:
-    """Rewrite a run's summary plots and report.html from its artifacts."""
+    """Rewrite a run's summary.json, plots and report.html from its round directories (a run
+    made by an older ideal gets what each round was, too)."""
+    from ideal.artifacts import atomic_write_json
     from ideal.report.run import write_report
+    from ideal.summary import summarise_run
 
+    summary = summarise_run(run_dir)
+    if summary.rounds:
+        atomic_write_json(run_dir / "summary.json", summary.to_json())
     _print(f"wrote {write_report(run_dir)}")
 
 
@@ -421,6 +427,10 @@ def check(
         model = model or (Path(run_config.model) if run_config.model else None)
         data = data or (Path(run_config.train_data) if run_config.train_data else None)
         max_length = max_length if max_length is not None else run_config.max_length
+        if data is None and run_config.suite is not None:  # generated at run time: nothing to read
+            _print("the embedded suite: its data is generated when the run starts",
+                   *(f"warning: {w}" for w in warnings))  # fmt: skip
+            return
     if data is None:
         raise IdealError("give a data directory (or a --config with train_data)")
     training = load_training_set(data, on_invalid)
@@ -437,7 +447,7 @@ def check(
 @app.command()
 def init(
     data_dir: Annotated[Path, typer.Argument(help="Your data: DIR/train/<domain>/, "
-                        "DIR/reference/<capability>/ and (optional) DIR/test/<capability>/.")],
+                        "DIR/reference/<capability>/ and DIR/test/<capability>/.")],
     model: Annotated[Path, typer.Option("--model", help="The base model: a local Hugging Face "
                      "directory, or a hub id in the local cache.")],
     out_file: Annotated[Path, typer.Option("--out", help="The run config to write (new file).")] = (

@@ -317,7 +317,7 @@ def config_template(model: str, train: str, reference: str, test: str) -> str:
         f"reference_data: {reference}",
     ]
     lines.append(f"test_data: {test}")
-    for name in ("rounds", "select", "seed", "max_length"):
+    for name in ("rounds", "tolerance", "select", "seed", "max_length"):
         lines += _commented(name, default_of(RunConfig, name), help_of(RunConfig, name), "")
     for section in ("train", "influence", "update", "eval"):
         cls = typing.get_type_hints(RunConfig)[section]

@@ -218,11 +218,17 @@ def run_loop(
                 training.mixture = replace(training.mixture, round=k)
                 signals = read_json(source / f"{rule.signal}.json") if rule.signal != "none" else {}
                 mixture, update = next_mixture(config, training, signals, decision.step)
-            update["from_round"] = decision.base
-            update["probe"] = probe is not None
             if config.update.trust_region and k > 0:
                 update["trust_region"] = {"accepted": decision.accepted, "after_round": k}
-            if max(abs(b) for b in update["beta_realised"].values()) < config.tolerance:
+            record = UpdateRecord(
+                rule=update.pop("rule"),
+                from_round=decision.base,
+                step=update.pop("step"),
+                beta_realised=update.pop("beta_realised"),
+                probe=probe is not None,
+                details=update,
+            )
+            if max(abs(b) for b in record.beta_realised.values()) < config.tolerance:
                 log.info(
                     "round %d: largest volume change below tolerance %.3g; stopping",
                     k,
@@ -231,8 +237,9 @@ def run_loop(
                 break
             if main:
                 write_mixture_dir(
-                    following, training, mixture, extra={"update": update}, data_subdir="data"
-                )
+                    following, training, mixture, extra={"update": record.to_json()},
+                    data_subdir="data",
+                )  # fmt: skip
         barrier()
         k += 1
     summary = summarise_run(paths.run)

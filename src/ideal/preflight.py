@@ -43,6 +43,8 @@ def preflight(config: RunConfig, config_file: str | Path | None = None) -> Prefl
         _check_model(config)
     _check_scorers(config, found)
     _check_backends(config, found, config_file)
+    if config.rounds == 0:
+        found.warnings.append("rounds 0: only D0 is trained and evaluated; no IDEAL step follows")
     return found
 
 
@@ -93,7 +95,7 @@ def _check_scorers(config: RunConfig, found: Preflight) -> None:
     from ideal.backends.evaluate import scorer_names
 
     known = scorer_names()
-    capabilities = found.tests or found.references
+    capabilities = sorted({*found.tests, *found.references})  # a scorer also decodes references
     for capability, name in config.eval.scorers.items():
         if name not in known:
             raise IdealError(
@@ -102,9 +104,8 @@ def _check_scorers(config: RunConfig, found: Preflight) -> None:
             )
         if capability not in capabilities:
             raise IdealError(
-                f"eval.scorers.{capability}: no capability '{capability}' in the "
-                f"{'test' if found.tests else 'reference'} sets (they are: "
-                f"{', '.join(capabilities)})"
+                f"eval.scorers.{capability}: no capability '{capability}' in the test or "
+                f"reference sets (they are: {', '.join(capabilities)})"
             )
 
 

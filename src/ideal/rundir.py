@@ -5,8 +5,9 @@
     RUN/suite/        the generated suite (data + base model), when the config names one
     RUN/round-K/      one directory per round (ideal.loop)
 
-A run directory in which no stage completed (no round has a trained model) is started again with
-the same --out, whatever its config said: nothing would be lost.
+A run directory in which no stage began (only its config, the suite and round 0's rows) is started
+again at the same --out, whatever its config said: nothing would be lost. `--resume` never starts
+again: with a changed config it names the keys that changed.
 """
 
 from __future__ import annotations
@@ -42,12 +43,14 @@ class RunPaths:
 
 def started_only(run: Path) -> bool:
     """Whether a run directory holds nothing but what a run writes before its first stage
-    completes: its config, the generated suite, round 0's mixture without a model."""
+    starts: its config, the generated suite, round 0's mixture and rows. Anything else (a
+    trainer's checkpoints in round-0/model.partial, an external trainer's output or log) is work
+    that starting again would lose."""
     names = {p.name for p in run.iterdir()}
     if not names <= set(_STARTED):
         return False
     first = run / "round-0"
-    return not (first / "model").exists() and not (first / "metrics.json").exists()
+    return not first.exists() or {p.name for p in first.iterdir()} <= {"mixture.json", "data"}
 
 
 def _start_again(run: Path) -> None:
@@ -63,10 +66,10 @@ def prepare_run(config: RunConfig, run_dir: str | Path, resume: bool) -> RunPath
     """Check or write RUN/config.yaml, generate the suite if needed; returns the data paths."""
     run = Path(run_dir)
     stored = run / "config.yaml"
-    if stored.is_file() and started_only(run):  # nothing to lose: start again, or go on
+    if stored.is_file() and not resume and started_only(run):  # nothing to lose
         previous = yaml.safe_load(stored.read_text()) or {}
         if previous.get("hash") != config.hash():
-            log.info("%s: no stage had completed; starting again with this config", run)
+            log.info("%s: no stage had started; starting again with this config", run)
             _start_again(run)
         resume = True
     if stored.is_file():
@@ -81,7 +84,7 @@ def prepare_run(config: RunConfig, run_dir: str | Path, resume: bool) -> RunPath
             if changes:
                 raise IdealError(
                     f"{stored}: the config changed since this run started ({', '.join(changes)}) "
-                    "and completed stages depend on it; use another --out"
+                    "after its first stage began; use another --out"
                 )
     elif run.exists() and any(run.iterdir()):
         raise IdealError(f"{run}: output directory exists and is not empty; choose another --out")

@@ -105,7 +105,7 @@ def returned_mixture(path: str | Path) -> Path:
     if (path / "mixture.json").is_file():
         return path / "mixture.json"
     if (path / "summary.json").is_file():
-        summary = RunSummary.from_json(read_json(path / "summary.json"))
+        summary = summarise_run(path)  # from the rounds: a run of an older ideal too
         if summary.selected_round is None:
             raise IdealError(f"{path}/summary.json: the run returned no round yet")
         return path / f"round-{summary.selected_round}" / "mixture.json"

@@ -208,7 +208,7 @@ class CommandTrainer:
         here = job.mixture_dir
         data_dir, output_dir = here / "export", here / "trainer-output"
         if not data_dir.is_dir():
-            export_mixture(here / "mixture.json", self.export_format, data_dir)
+            export_mixture(here / "mixture.json", self.export_format, data_dir, absolute=True)
         config_file, warnings = job.config_file, []
         if self.render is not None:
             config_file = here / "trainer.yaml"

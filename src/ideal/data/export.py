@@ -11,7 +11,8 @@ counts it, in the conversational form `{"messages": [{"role", "content"}, ...]}`
     axolotl       datasets.yaml: a `datasets:` list of chat_template json datasets, to paste in a config
 
 Paths inside the tool's file are relative to the export directory, so the directory can move: run
-the trainer from inside it, or prefix the paths with its location (`ideal`'s own presets do).
+the trainer from inside it, or prefix the paths with its location. The loop's own exports (a
+round's `export/` for an external trainer) hold absolute paths.
 """
 
 from __future__ import annotations
@@ -48,11 +49,11 @@ def _llamafactory(domains: list[str]) -> dict[str, str]:
     return {"dataset_info.json": json.dumps(info, indent=2) + "\n"}
 
 
-def _trl(domains: list[str]) -> dict[str, str]:
+def _trl(domains: list[str], base: str) -> dict[str, str]:
     entries = [
         {
             "path": "json",
-            "data_files": f"{d}.jsonl",
+            "data_files": f"{base}{d}.jsonl",
             "split": "train",
             "columns": ["messages"],
         }
@@ -61,10 +62,10 @@ def _trl(domains: list[str]) -> dict[str, str]:
     return {"mixture.yaml": yaml.safe_dump({"datasets": entries}, sort_keys=False)}
 
 
-def _axolotl(domains: list[str]) -> dict[str, str]:
+def _axolotl(domains: list[str], base: str) -> dict[str, str]:
     entries: list[dict[str, Any]] = [
         {
-            "path": f"{d}.jsonl",
+            "path": f"{base}{d}.jsonl",
             "ds_type": "json",
             "type": "chat_template",
             "field_messages": "messages",
@@ -75,8 +76,12 @@ def _axolotl(domains: list[str]) -> dict[str, str]:
     return {"datasets.yaml": yaml.safe_dump({"datasets": entries}, sort_keys=False)}
 
 
-def export_mixture(mixture_file: str | Path, fmt: str, out: str | Path) -> dict[str, int]:
-    """Write the export; returns the rows written per domain (= the mixture's volumes)."""
+def export_mixture(
+    mixture_file: str | Path, fmt: str, out: str | Path, absolute: bool = False
+) -> dict[str, int]:
+    """Write the export; returns the rows written per domain (= the mixture's volumes). Paths in
+    the tool's file are relative to `out`, or absolute with `absolute` (the loop's exports, which
+    a trainer's command reads from wherever it runs)."""
     if fmt not in FORMATS:
         raise IdealError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     mixture_file = Path(mixture_file)
@@ -93,10 +98,11 @@ def export_mixture(mixture_file: str | Path, fmt: str, out: str | Path) -> dict[
             (tmp / f"{domain}.jsonl").write_text("".join(r + "\n" for r in rows), encoding="utf-8")
             written[domain] = len(rows)
         domains = training.mixture.domains
+        base = f"{out.resolve()}/" if absolute else ""
         files = {
             "llamafactory": lambda: _llamafactory(domains),
-            "trl": lambda: _trl(domains),
-            "axolotl": lambda: _axolotl(domains),
+            "trl": lambda: _trl(domains, base),
+            "axolotl": lambda: _axolotl(domains, base),
         }[fmt]()
         for name, text in files.items():
             (tmp / name).write_text(text, encoding="utf-8")

@@ -193,7 +193,9 @@ def _parquet_batches(path: Path) -> Iterator[Any]:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        raise IdealError(f"{path}: reading parquet needs pyarrow: pip install pyarrow") from None
+        raise IdealError(
+            f"{path}: reading parquet needs pyarrow: pip install 'ideal-mix[formats]'"
+        ) from None
     try:
         yield from pq.ParquetFile(path).iter_batches(batch_size=BATCH)
     except (pa.ArrowException, OSError) as err:
@@ -205,7 +207,8 @@ def _datasets_batches(path: Path) -> Iterator[Any]:
         import datasets
     except ImportError:
         raise IdealError(
-            f"{path}: reading a `datasets` directory needs the datasets package: pip install datasets"
+            f"{path}: reading a `datasets` directory needs the datasets package: "
+            "pip install 'ideal-mix[formats]'"
         ) from None
     try:
         data = datasets.load_from_disk(str(path))

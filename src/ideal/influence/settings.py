@@ -155,8 +155,16 @@ class InfluenceConfig:
     def __post_init__(self) -> None:
         check_choices(self, "influence")
         if not 0.0 < self.sample <= 1.0:
-            raise IdealError(f"--sample must be in (0, 1], got {self.sample}")
-        self.settings(0)  # the engine's checks (damping, fisher samples, batch size, refine)
+            raise IdealError(f"influence.sample (--sample) must be in (0, 1], got {self.sample}")
+        try:  # the engine's checks (damping, fisher samples, batch size, refine), with the key
+            self.settings(0)
+        except IdealError as err:
+            message = str(err)
+            flag = message.split()[0]  # "--batch-size"
+            if flag.startswith("--"):
+                key = f"influence.{flag.removeprefix('--').replace('-', '_')}"
+                message = message.replace(flag, f"{key} ({flag})", 1)
+            raise IdealError(message) from None
 
     def settings(self, seed: int, loss: str | None = None) -> InfluenceSettings:
         """The engine's settings; `loss` is the resolved objective (RunConfig.influence_loss

@@ -67,7 +67,8 @@ def run_tables(summary: RunSummary, run_dir: Path) -> list[Any]:
         )
         out.append(f"volumes: {shares}")
         out.append(
-            f"export it: ideal export --run {run_dir} --format llamafactory|trl|axolotl --out DIR"
+            f"export it: ideal export --run {run_dir} --format llamafactory --out mix   "
+            "(or --format trl, axolotl)"
         )
     out.append(f"report: {run_dir / 'report.html'}")
     return out
