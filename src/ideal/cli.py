@@ -97,7 +97,8 @@ OnInvalid = Annotated[
 ]
 OutDir = Annotated[Path, typer.Option("--out", help="Run directory.")]
 Overrides = Annotated[
-    list[str] | None, typer.Argument(help="key=value overrides, e.g. rounds=3 update.step=0.3")
+    list[str] | None,
+    typer.Argument(metavar="KEY=VALUE", help="overrides, e.g. rounds=3 update.step=0.3"),
 ]
 
 
@@ -152,7 +153,7 @@ def demo(
 def run(
     config_file: Annotated[
         Path,
-        typer.Argument(help="Run config (YAML): model, train_data, reference_data, test_data and "
+        typer.Argument(metavar="CONFIG.yaml", help="Run config (YAML): model, train_data, reference_data, test_data and "
                        "the sections train, influence, update, eval (README, 'Your own data')."),
     ],
     overrides: Overrides = None,
@@ -174,7 +175,9 @@ def run(
 
 @app.command()
 def compare(
-    config_file: Annotated[Path, typer.Argument(help="Run config (YAML), as for `ideal run`.")],
+    config_file: Annotated[
+        Path, typer.Argument(metavar="CONFIG.yaml", help="Run config (YAML), as for `ideal run`.")
+    ],
     overrides: Overrides = None,
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods: "
         f"{', '.join(METHODS)} (oracle-grid: an upper bound scored on the test sets).")] = (
