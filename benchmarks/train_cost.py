@@ -3,7 +3,7 @@ with the LM head at every position (before) and at the target positions only (no
 the same random batch.
 
     python benchmarks/train_cost.py [--model DIR] [--threads 1] [--batch 8] [--length 224]
-                                    [--layers 2] [--repeats 3]
+                                    [--layers 2] [--repeats 3] [--top-layers K]
 
 The batch: --batch rows of --length random token ids, the last 44 % of each row targets (the rest a
 prompt, no padding), as in the real preset's measurement. The training step is the builtin trainer's
@@ -18,6 +18,12 @@ With 2 blocks the head is most of the forward, so the speedup is larger than on 
 whose head is about a fifth of it; `--layers 30` is the real shape with random weights.
 
 The last line is `speedup = X`: the training step's time with full logits over target-only.
+
+With --top-layers K it measures instead, on the same batch, LoRA on every block (today's recipe:
+full logits, as the cost was first measured, and target logits, the builtin trainer's default)
+against LoRA on the top K blocks from cached features with target-only logits
+(ideal.backends.top_layers); it prints the cache fill time per row and the peak memory (max RSS),
+and the last line is `speedup = X`: the all-block step (full logits) over the top-K step.
 """
 
 from __future__ import annotations
@@ -84,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length", type=int, default=224, help="tokens per row")
     parser.add_argument("--layers", type=int, default=2, help="blocks of the built-in model")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each")
+    parser.add_argument("--top-layers", type=int, default=0,
+                        help="compare all-block LoRA with top-K LoRA from cached features")  # fmt: skip
     args = parser.parse_args(argv)
 
     from ideal.backends.evaluate import mean_losses
@@ -112,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     gib = 4 * vocab / 2**30  # float32 logits per row of the head
     print(f"logits: {tokens * gib:.2f} GiB at every position, {targets * gib:.2f} GiB at targets")
 
+    if args.top_layers:
+        return top_layers_cost(model, items, args)
     settings = TrainSettings(lora=True)
     model = wrap_lora(model, settings)
     normaliser = step_loss_normaliser(items, settings)
@@ -142,6 +152,65 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{label:10s} {how}: {seconds:7.3f} s  (loss {runs[full][-1][1]:.6f})")
         print(f"{label:10s} ratio        : {results[label, True] / results[label, False]:.2f}x")
     print(f"speedup = {results['train step', True] / results['train step', False]:.2f}")
+    return 0
+
+
+def top_layers_cost(base: torch.nn.Module, items: list, args: argparse.Namespace) -> int:
+    """All-block LoRA steps against a top-K LoRA step from cached features (module docstring)."""
+    import copy
+    import resource
+
+    from ideal.backends.top_layers import FeatureCache
+    from ideal.backends.train import (
+        TrainSettings,
+        micro_batch_loss,
+        step_loss_normaliser,
+        wrap_lora,
+    )
+
+    k = args.top_layers
+    every = TrainSettings(lora=True)
+    top = TrainSettings(lora=True, top_layers=k)
+    normaliser = step_loss_normaliser(items, every)
+    cache = FeatureCache(None, base, k, None)  # in memory: the fill is what is timed
+    fill_seconds = cache.fill(base, items, 0, args.batch)
+    print(f"cache fill: {fill_seconds:.3f} s for {len(items)} rows, "
+          f"{fill_seconds / len(items):.3f} s per row")  # fmt: skip
+    models = {"all": wrap_lora(copy.deepcopy(base), every), "top": wrap_lora(base, top)}
+
+    def step(name: str, full: bool) -> Callable[[], float]:
+        model = models[name]
+        settings, features = (every, None) if name == "all" else (top, cache)
+
+        def run() -> float:
+            model.zero_grad(set_to_none=True)
+            loss, _ = micro_batch_loss(
+                model, items, 0, normaliser, settings, full_logits=full, features=features
+            )
+            loss.backward()
+            return float(loss.detach())
+
+        return run
+
+    labels = {
+        ("all", True): "all blocks, full logits  ",
+        ("all", False): "all blocks, target logits",
+        ("top", False): f"top {k}, cached, target   ",
+    }
+    for model in models.values():
+        model.train()
+    runs = {key: [timed(step(*key))] for key in labels}  # warm-up, not counted
+    for _ in range(args.repeats):
+        for key in labels:
+            runs[key].append(timed(step(*key)))
+    seconds = {key: statistics.median(s for s, _ in runs[key][1:]) for key in labels}
+    for key, label in labels.items():
+        print(f"train step {label}: {seconds[key]:7.3f} s  (loss {runs[key][-1][1]:.6f})")
+    fast = seconds["top", False]
+    print(f"top {k} vs all blocks with target logits: {seconds['all', False] / fast:.2f}x")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    print(f"peak memory (max RSS): {peak:.2f} GiB")
+    print(f"speedup = {seconds['all', True] / fast:.2f}")
     return 0
 
 

@@ -179,7 +179,11 @@ def touches_head(model: nn.Module, layers: Iterable[nn.Module]) -> bool:
 
 
 def target_logits(
-    model: nn.Module, batch: Batch, real_positions: bool = False, full: bool = False
+    model: nn.Module,
+    batch: Batch,
+    real_positions: bool = False,
+    full: bool = False,
+    inputs_embeds: Tensor | None = None,
 ) -> TargetLogits:
     """Run the causal LM on `batch` and return its logits at the target positions only.
 
@@ -198,13 +202,19 @@ def target_logits(
 
     transformers >= 5 can do the same through `logits_to_keep=<(B, T) bool mask>`; the hook also
     serves the older versions this project supports.
+
+    `inputs_embeds` (B, T, hidden), given, replaces `batch.input_ids` as the model's input (the
+    cached states entering the trained blocks: ideal.backends.top_layers).
     """
     mask = batch.labels[:, 1:] != IGNORE_INDEX  # (B, T-1): logits at t predict t+1
     inputs: dict[str, Any] = {
-        "input_ids": batch.input_ids,
         "attention_mask": batch.attention_mask,
         "use_cache": False,
     }
+    if inputs_embeds is None:
+        inputs["input_ids"] = batch.input_ids
+    else:
+        inputs["inputs_embeds"] = inputs_embeds
     if real_positions:
         inputs["position_ids"] = position_ids(batch.attention_mask)
     head = None if full else output_head(model)
@@ -237,11 +247,15 @@ def target_logits(
 
 
 def target_nll(
-    model: nn.Module, batch: Batch, real_positions: bool = False, full: bool = False
+    model: nn.Module,
+    batch: Batch,
+    real_positions: bool = False,
+    full: bool = False,
+    inputs_embeds: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """`token_nll(model(batch).logits, batch.labels)` from the logits at the target positions only:
     the per-token NLL (B, T-1), 0 off target, and the target mask (B, T-1)."""
-    targets = target_logits(model, batch, real_positions, full)
+    targets = target_logits(model, batch, real_positions, full, inputs_embeds)
     return targets.nll(batch.labels), targets.mask
 
 

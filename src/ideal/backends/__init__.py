@@ -3,6 +3,7 @@
     protocol.py     the one small protocol (Trainer, Evaluator, their jobs, Score), the check of
                     what an external trainer produced, the documented scores JSON
     train.py        builtin trainer: SFT on Accelerate (full or LoRA, resumable), `ideal train`
+    top_layers.py   training only the top K blocks from cached hidden states (`train.top_layers`)
     evaluate.py     builtin evaluator: per-capability loss, greedy decoding, scorers, `ideal eval`
     scorers.py      `choice` (multiple choice by log-likelihood, no generation) and the
                     instruction-following checks (words, keywords, no_commas, lowercase, ...)

@@ -59,6 +59,18 @@ class TrainSettings:
     lora_targets: tuple[str, ...] = setting(
         ("all-linear",), "Module names the adapter wraps (comma-separated), or all-linear."
     )
+    # Exact: the frozen bottom's output is the same whatever trains above it (ideal.backends.top_layers)
+    top_layers: int = setting(
+        0,
+        "Train only the top K transformer blocks, fully or with LoRA (0: every block). Embeddings, "
+        "the blocks below, the final norm and the head stay frozen. Llama, Qwen2 and Mistral.",
+    )
+    feature_cache: bool = setting(
+        True,
+        "With top_layers: compute the hidden states entering the trained blocks once per row and "
+        "reuse them (on disk, keyed by the base weights, the row, max_length and K); "
+        "--no-feature-cache recomputes them every step (the same numbers).",
+    )
     checkpoint_every: int = setting(50, "Optimizer steps between checkpoints (0: none).")
     threads: int | None = setting(None, "CPU threads for torch (default: torch's own).")
 
@@ -67,12 +79,15 @@ class TrainSettings:
         for name in ("batch_size", "grad_accum", "lora_r"):
             if getattr(self, name) < 1:
                 raise IdealError(
-                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                    f"train.{name} (--{name.replace('_', '-')}) must be >= 1, "
+                    f"got {getattr(self, name)}"
                 )
+        if self.top_layers < 0:
+            raise IdealError(f"train.top_layers (--top-layers) must be >= 0, got {self.top_layers}")
         if not self.lr > 0:
-            raise IdealError(f"--lr must be > 0, got {self.lr}")
+            raise IdealError(f"train.lr (--lr) must be > 0, got {self.lr}")
         if self.max_steps is None and not self.epochs > 0:
-            raise IdealError(f"--epochs must be > 0, got {self.epochs}")
+            raise IdealError(f"train.epochs (--epochs) must be > 0, got {self.epochs}")
 
     @property
     def examples_per_step(self) -> int:
@@ -84,7 +99,10 @@ class TrainSettings:
         return max(1, math.ceil(self.epochs * examples / self.examples_per_step))
 
     def hash(self) -> str:
-        return sha256_text(json.dumps(asdict(self), sort_keys=True))[:16]
+        values = asdict(self)
+        if not self.top_layers:  # at their defaults, the hash of a run started before they existed
+            del values["top_layers"], values["feature_cache"]
+        return sha256_text(json.dumps(values, sort_keys=True))[:16]
 
 
 @dataclass(frozen=True)
@@ -125,6 +143,11 @@ class TrainConfig(TrainSettings):
             )
         if self.timeout is not None and not self.timeout > 0:
             raise IdealError(f"train.timeout must be > 0 seconds, got {self.timeout}")
+        if self.top_layers and self.backend != "builtin":
+            raise IdealError(
+                f"train.top_layers: only the builtin backend trains the top blocks alone, "
+                f"not {self.backend}; use top_layers 0"
+            )
 
     def settings(self) -> TrainSettings:
         """The builtin loop's settings alone (what `ideal train` takes and hashes)."""

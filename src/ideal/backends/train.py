@@ -1,6 +1,7 @@
 """Supervised fine-tuning: our own readable loop on Hugging Face Accelerate (full or LoRA).
 
     ideal train --model BASE --train DATA --out MODEL [--epochs 1] [--lr 2e-5] [--lora] [--resume]
+                [--top-layers K]
 
 The same code runs on one CPU, one GPU, and (issue 7) several processes under `accelerate launch`.
 AdamW (or plain SGD), linear warmup then cosine decay, gradient clipping, gradient accumulation. The loss of an
@@ -20,6 +21,9 @@ Why our own loop when TRL exists (`train.backend: trl`): TRL, LLaMA-Factory and 
 the loss per token over the step; this loop also offers the per-example normalisation that
 docs/method.md's L_mix defines and the influence step differentiates by default, plus resumption to
 bit-identical weights. Where neither matters, the other backends train the round just as well.
+
+`--top-layers K` trains only the top K blocks, from the hidden states entering them, computed once
+per row and cached in `<out>.features/` (or the run's `features/`): ideal.backends.top_layers.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,6 +49,9 @@ from ideal.data.rows import OnInvalid, Tokenized, tokenize_examples
 from ideal.distributed import barrier, init_from_env, is_main
 from ideal.errors import IdealError, WriteError, environment_error
 from ideal.lm import collate, target_nll
+
+if TYPE_CHECKING:
+    from ideal.backends.top_layers import FeatureCache
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +80,27 @@ def micro_batch_loss(
     normaliser: float,
     settings: TrainSettings,
     full_logits: bool = False,
+    features: FeatureCache | None = None,
 ) -> tuple[torch.Tensor, int]:
     """This micro-batch's share of the step loss (already divided by the step's normaliser).
 
     The head runs at the target positions only (`ideal.lm.target_nll`); `full_logits` applies it at
-    every position, as before (the same loss up to round-off: for comparisons and benchmarks)."""
-    batch = collate(items, pad_id).to(next(model.parameters()).device)
-    nll, mask = target_nll(model, batch, full=full_logits)  # (B, T-1) each
+    every position, as before (the same loss up to round-off: for comparisons and benchmarks).
+    With `settings.top_layers` only the top blocks run, from `features` (the cached states that
+    enter them), or from the frozen bottom run here under no_grad when there is no cache."""
+    device = next(model.parameters()).device
+    batch = collate(items, pad_id).to(device)
+    if settings.top_layers:
+        from ideal.backends.top_layers import bottom_states, top_blocks
+
+        k = settings.top_layers
+        states = (  # (B, T, hidden)
+            bottom_states(model, batch, k) if features is None else features.states(items, device)
+        )
+        with top_blocks(model, k):
+            nll, mask = target_nll(model, batch, full=full_logits, inputs_embeds=states)
+    else:
+        nll, mask = target_nll(model, batch, full=full_logits)  # (B, T-1) each
     if settings.loss_normalization == "token":
         total = nll.sum()
     else:
@@ -87,8 +108,10 @@ def micro_batch_loss(
     return total / normaliser, int(batch.attention_mask.sum())
 
 
-def lora_config(settings: TrainSettings) -> Any:
-    """peft's LoraConfig for the settings (also what the trl backend hands to SFTTrainer)."""
+def lora_config(settings: TrainSettings, model: nn.Module | None = None) -> Any:
+    """peft's LoraConfig for the settings (also what the trl backend hands to SFTTrainer). With
+    `settings.top_layers`, the adapter wraps only the top blocks of `model`: "all-linear" becomes
+    the names of their linear layers, other names are restricted by `layers_to_transform`."""
     from peft import LoraConfig
 
     targets: Any = (
@@ -96,19 +119,31 @@ def lora_config(settings: TrainSettings) -> Any:
         if settings.lora_targets == ("all-linear",)
         else list(settings.lora_targets)
     )
+    restrict: dict[str, Any] = {}
+    if settings.top_layers and model is not None:
+        from ideal.backends.top_layers import top_block_indices, top_linear_names
+
+        if targets == "all-linear":
+            targets = top_linear_names(model, settings.top_layers)
+        else:
+            restrict = {
+                "layers_to_transform": top_block_indices(model, settings.top_layers),
+                "layers_pattern": "layers",
+            }
     return LoraConfig(
         r=settings.lora_r,
         lora_alpha=settings.lora_alpha,
         lora_dropout=settings.lora_dropout,
         target_modules=targets,
         task_type="CAUSAL_LM",
+        **restrict,
     )
 
 
 def wrap_lora(model: nn.Module, settings: TrainSettings) -> nn.Module:
     from peft import get_peft_model
 
-    config = lora_config(settings)
+    config = lora_config(settings, model)
     try:
         return get_peft_model(model, config)
     except ValueError as err:
@@ -206,8 +241,12 @@ def train_model(
     pad_id: int,
     checkpoint: Checkpoint | None = None,
     on_step: StepCallback | None = None,
+    feature_dir: str | Path | None = None,
 ) -> TrainResult:
-    """Fine-tune `model` on `items` (already resampled: one entry per copy). Resumes from `checkpoint`."""
+    """Fine-tune `model` on `items` (already resampled: one entry per copy). Resumes from `checkpoint`.
+
+    With `settings.top_layers` (and `feature_cache`) the features of the rows are cached under
+    `feature_dir` (None: in memory, for this call only)."""
     from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup
 
@@ -222,6 +261,15 @@ def train_model(
     accelerator = Accelerator(
         mixed_precision="bf16" if use_bf16 else "no", cpu=not torch.cuda.is_available()
     )
+    features = None
+    if settings.top_layers:
+        from ideal.backends.top_layers import FeatureCache, check_top_layers, freeze_below
+
+        check_top_layers(model, settings.top_layers)
+        if settings.feature_cache:  # the frozen bottom's hash, before any adapter is added
+            features = FeatureCache(feature_dir, model, settings.top_layers, settings.max_length)
+        if not settings.lora:
+            freeze_below(model, settings.top_layers)
     if settings.lora:
         model = wrap_lora(model, settings)
     model.train()
@@ -235,6 +283,15 @@ def train_model(
     warmup = round(settings.warmup_ratio * total)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, total)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if features is not None:  # the main process computes and writes; the others then read
+        with accelerator.autocast():
+            main = accelerator.is_main_process
+            seconds = features.fill(model, items, pad_id, settings.batch_size) if main else 0.0
+            if seconds:
+                log.info("feature cache: computed in %.1f s", seconds)
+            accelerator.wait_for_everyone()
+            if not main:
+                features.fill(model, items, pad_id, settings.batch_size, write=False)
     start_step = 0
     if checkpoint is not None and checkpoint.file.is_file():
         start_step = checkpoint.load(accelerator.unwrap_model(model), optimizer, scheduler)
@@ -256,7 +313,11 @@ def train_model(
             last = k == len(micro) - 1
             with nullcontext() if last else accelerator.no_sync(model):
                 with accelerator.autocast():
-                    loss, n_tokens = micro_batch_loss(model, part, pad_id, normaliser, settings)
+                    # features only when cached: a stand-in micro_batch_loss may not take them
+                    cached = {} if features is None else {"features": features}
+                    loss, n_tokens = micro_batch_loss(
+                        model, part, pad_id, normaliser, settings, **cached
+                    )
                 accelerator.backward(loss)
             loss_value += float(loss.detach())
             tokens += n_tokens
@@ -302,8 +363,12 @@ def run_train(
     resume: bool = False,
     on_invalid: OnInvalid = "error",
     progress: bool = True,
+    feature_dir: str | Path | None = None,
 ) -> TrainResult:
-    """`ideal train`: base model + training directory (plain or mixture) -> fine-tuned model at `out`."""
+    """`ideal train`: base model + training directory (plain or mixture) -> fine-tuned model at `out`.
+
+    With --top-layers the features are cached under `feature_dir` (default `<out>.features`),
+    where later runs from the same base model find them."""
     from ideal.data.mixture_io import load_training_set
     from ideal.hf import load_causal_lm, load_tokenizer
     from ideal.progress import StepBar
@@ -387,7 +452,11 @@ def run_train(
                     int(record["step"]), loss=record["loss"], **{"tok/s": record["tokens_per_s"]}
                 )
 
-        result = train_model(model, items, settings, tokenizer.pad_token_id, checkpoint, on_step)
+        if feature_dir is None:
+            feature_dir = out.with_name(out.name + ".features")
+        result = train_model(
+            model, items, settings, tokenizer.pad_token_id, checkpoint, on_step, feature_dir
+        )
 
     if not main:
         barrier()  # the main process writes the model
@@ -428,7 +497,12 @@ class BuiltinTrainer:
     def train(self, job: Any) -> dict[str, Any]:
         partial = job.output_dir.with_name(job.output_dir.name + ".partial")
         result = run_train(
-            job.base_model, job.mixture_dir, job.output_dir, self.settings, resume=partial.exists()
+            job.base_model,
+            job.mixture_dir,
+            job.output_dir,
+            self.settings,
+            resume=partial.exists(),
+            feature_dir=job.run_dir / "features",  # every round of the run shares it
         )
         return {
             "backend": self.name,

@@ -1,0 +1,280 @@
+"""Top-layer training: only the top K transformer blocks train, from cached frozen features.
+
+    ideal train ... --top-layers 8 [--lora] [--no-feature-cache]
+
+With K > 0 the embeddings, the L-K blocks below, the final norm and the head stay frozen (the final
+norm is above the blocks, but it is not a block: frozen, as the head is). Then the hidden states
+that enter block L-K depend on a row's token ids and the frozen weights only, never on what trains
+above: they are computed once per row (`FeatureCache.fill`: the bottom under no_grad, stopped at
+block L-K) and every training forward runs blocks L-K..L-1, the final norm and the head at the
+target positions (ideal.lm.target_logits) from them. Exact: the same operations on the same
+inputs as the whole model, only the bottom's batching differs (round-off).
+
+How the top runs: the decoder body (`model.model` of a transformers causal LM, through peft) is
+called with `inputs_embeds=<cached states>` while its `layers` ModuleList holds only the top K
+blocks; it derives the rotary embeddings and the causal mask from inputs_embeds and the attention
+mask as it does from the embeddings. Qwen2's per-layer `config.layer_types` (which mask each block
+takes) is sliced along. Families that transform the embeddings inside the forward (Gemma's
+`normalizer`), or whose blocks are not a `layers` list run in order, are refused with one line.
+
+The cache: one directory per (base weights hash, K, max_length) under the cache root, one
+safetensors file per fill holding one (T_row, hidden) tensor per row, named by the hash of the
+row's token ids. Changing the model, K or max_length changes the directory, a changed row its name:
+nothing stale is ever read. A fill is announced (rows, size) before it is written, written
+atomically (temporary file + rename), and a later run (a resumed one, the next round, another
+method or seed) finds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ideal.data.rows import Tokenized
+from ideal.errors import IdealError
+from ideal.lm import Batch, collate
+
+log = logging.getLogger(__name__)
+
+Tensor = torch.Tensor
+
+#: model_type of the families whose decoder runs `inputs_embeds` through `layers` in order, with
+#: no scaling of the embeddings inside the forward (Gemma multiplies them by sqrt(hidden))
+FAMILIES = ("llama", "qwen2", "mistral")
+
+
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers causal LM inside DDP, torch.compile and peft wrappers."""
+    for _ in range(8):
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            break
+    return model
+
+
+def decoder_body(model: nn.Module) -> nn.Module:
+    """The decoder (embeddings, `layers`, final norm) of a supported causal LM, or one line."""
+    base = transformers_model(model)
+    config = getattr(base, "config", None)
+    family = getattr(config, "model_type", type(base).__name__)
+    body = getattr(base, "model", None)
+    layers = getattr(body, "layers", None)
+    if family not in FAMILIES or not isinstance(layers, nn.ModuleList):
+        raise IdealError(
+            f"train.top_layers: {family} models are not supported (only {', '.join(FAMILIES)}: "
+            "blocks run in order from a given hidden state); use top_layers 0"
+        )
+    scaled = any(hasattr(body, name) for name in ("normalizer", "embed_scale"))
+    if scaled or getattr(config, "scale_embedding", False):  # inside the forward: not cacheable
+        raise IdealError(
+            f"train.top_layers: {family} scales its embeddings inside the forward; use top_layers 0"
+        )
+    return body
+
+
+def check_top_layers(model: nn.Module, k: int) -> int:
+    """The model's number of blocks L, after checking 0 < k <= L (one line naming the key)."""
+    blocks = len(decoder_body(model).layers)
+    if k > blocks:
+        raise IdealError(f"train.top_layers is {k}, but the model has {blocks} blocks")
+    return blocks
+
+
+def freeze_below(model: nn.Module, k: int) -> None:
+    """Full fine-tuning of the top k blocks: every other parameter stops requiring a gradient."""
+    body = decoder_body(model)
+    top = {id(p) for block in list(body.layers)[-k:] for p in block.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in top)
+
+
+def top_block_indices(model: nn.Module, k: int) -> list[int]:
+    """The indices of the top k blocks (peft's `layers_to_transform`)."""
+    blocks = check_top_layers(model, k)
+    return list(range(blocks - k, blocks))
+
+
+def top_linear_names(model: nn.Module, k: int) -> list[str]:
+    """The full names of the linear layers in the top k blocks: LoRA's "all-linear" restricted to
+    them (peft takes `layers_to_transform` only with a list of names)."""
+    body = decoder_body(model)
+    inside = {id(m) for block in list(body.layers)[-k:] for m in block.modules()}
+    return [
+        name
+        for name, module in model.named_modules()
+        if id(module) in inside and isinstance(module, nn.Linear)
+    ]
+
+
+@contextmanager
+def top_blocks(model: nn.Module, k: int) -> Iterator[None]:
+    """Within: the decoder's `layers` holds only its top k blocks (and Qwen2's `layer_types` the
+    top k entries), so that a forward from `inputs_embeds` runs only them."""
+    body = decoder_body(model)
+    layers = body.layers
+    config = body.config
+    types = getattr(config, "layer_types", None)
+    body.layers = nn.ModuleList(list(layers)[-k:])
+    if types is not None:
+        config.layer_types = list(types)[-k:]
+    try:
+        yield
+    finally:
+        body.layers = layers
+        if types is not None:
+            config.layer_types = types
+
+
+class _Reached(Exception):
+    def __init__(self, hidden: Tensor) -> None:
+        self.hidden = hidden
+
+
+@torch.no_grad()
+def bottom_states(model: nn.Module, batch: Batch, k: int) -> Tensor:
+    """(B, T, hidden): the hidden states that enter block L-k, from the frozen embeddings and
+    blocks below it, no gradient. The forward stops there (nothing above runs)."""
+    body = decoder_body(model)
+    entry = body.layers[len(body.layers) - k]
+
+    def reach(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        raise _Reached(args[0] if args else kwargs["hidden_states"])
+
+    handle = entry.register_forward_pre_hook(reach, with_kwargs=True)
+    try:
+        body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    except _Reached as reached:
+        return reached.hidden.detach()
+    finally:
+        handle.remove()
+    raise IdealError(f"train.top_layers: block {len(body.layers) - k} never ran")
+
+
+def frozen_hash(model: nn.Module, k: int) -> str:
+    """sha256 of what the features depend on: the config and the embeddings and blocks below the
+    top k (names, dtypes, shapes, bytes)."""
+    body = decoder_body(model)
+    blocks = len(body.layers)
+    config = transformers_model(model).config.to_dict()
+    config.pop("use_cache", None)  # a switch of generation, not of the forward's numbers
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    below = [("embed_tokens", body.embed_tokens)]
+    below += [(f"layers.{i}", body.layers[i]) for i in range(blocks - k)]
+    for prefix, module in below:
+        for name, tensor in sorted(module.state_dict().items()):
+            t = tensor.detach().cpu().contiguous()
+            digest.update(f"{prefix}.{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def row_key(item: Tokenized) -> str:
+    return hashlib.sha256(
+        torch.tensor(item.input_ids, dtype=torch.long).numpy().tobytes()
+    ).hexdigest()[:32]
+
+
+class FeatureCache:
+    """The hidden states entering the trained blocks, per row (module docstring). `root` None keeps
+    them in memory only (one process, one run)."""
+
+    def __init__(
+        self, root: str | Path | None, model: nn.Module, k: int, max_length: int | None
+    ) -> None:
+        self.k = k
+        key = f"{frozen_hash(model, k)[:24]}-k{k}-len{max_length or 'none'}"
+        self.dir = None if root is None else Path(root) / key
+        self.rows: dict[str, Tensor] = {}
+
+    def _load(self) -> None:
+        from safetensors.torch import load_file
+
+        if self.dir is None or not self.dir.is_dir():
+            return
+        for path in sorted(self.dir.glob("fill-*.safetensors")):
+            for name, tensor in load_file(path).items():
+                self.rows.setdefault(name, tensor)
+
+    def fill(
+        self, model: nn.Module, items: Sequence[Tokenized], pad_id: int, batch_size: int,
+        write: bool = True,
+    ) -> float:  # fmt: skip
+        """Compute the rows not yet cached (on disk or in memory), save them (`write`: the main
+        process), and return the seconds spent computing."""
+        import time
+
+        self._load()
+        missing: dict[str, Tokenized] = {}
+        for item in items:
+            name = row_key(item)
+            if name not in self.rows:
+                missing.setdefault(name, item)
+        if not missing:
+            log.info("feature cache: %d rows found in %s", len(self.rows), self.dir)
+            return 0.0
+        body = decoder_body(model)
+        hidden = body.config.hidden_size
+        itemsize = body.embed_tokens.weight.element_size()
+        size = sum(len(item.input_ids) for item in missing.values()) * hidden * itemsize
+        where = f" into {self.dir}" if self.dir is not None and write else " (in memory)"
+        log.info("feature cache: %d rows, %.1f MiB%s", len(missing), size / 2**20, where)
+        device = next(model.parameters()).device
+        order = sorted(missing, key=lambda name: len(missing[name].input_ids))  # little padding
+        began = time.perf_counter()
+        new: dict[str, Tensor] = {}
+        for start in range(0, len(order), batch_size):
+            names = order[start : start + batch_size]
+            batch = collate([missing[n] for n in names], pad_id).to(device)
+            states = bottom_states(model, batch, self.k)  # (B, T, hidden)
+            for row, name in enumerate(names):
+                n = len(missing[name].input_ids)
+                new[name] = states[row, :n].to("cpu", copy=True).contiguous()  # (T_row, hidden)
+        seconds = time.perf_counter() - began
+        self.rows.update(new)
+        if self.dir is not None and write:
+            self._write(new)
+        return seconds
+
+    def _write(self, new: dict[str, Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        from ideal.backends.train import writing
+
+        fill = hashlib.sha256("".join(sorted(new)).encode()).hexdigest()[:16]
+        path = self.dir / f"fill-{fill}.safetensors"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with writing(path, cleanup=tmp):
+            save_file(new, str(tmp))
+        os.replace(tmp, path)
+
+    def states(self, items: Sequence[Tokenized], device: torch.device) -> Tensor:
+        """(B, T, hidden) the cached states of `items`, right-padded with zeros as `collate`
+        pads their ids (padding is masked out of attention and loss)."""
+        rows = []
+        for item in items:
+            name = row_key(item)
+            if name not in self.rows:
+                self._load()
+            if name not in self.rows:
+                raise IdealError(f"feature cache: row {item.source!r} is missing from {self.dir}")
+            rows.append(self.rows[name])
+        length = max(r.shape[0] for r in rows)
+        out = rows[0].new_zeros((len(rows), length, rows[0].shape[1]))
+        for row, r in enumerate(rows):
+            out[row, : r.shape[0]] = r
+        return out.to(device)

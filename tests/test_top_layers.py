@@ -1,0 +1,271 @@
+"""Top-layer training (`train.top_layers`): only the top K blocks train, from cached features.
+
+References: the whole model's forward with only the top blocks requiring a gradient (full logits),
+and the same top-layer path with `feature_cache: false` (the bottom recomputed every step).
+
+Tolerances. Every model is float64. The cached states are the bottom's output on the same ids; the
+fill batches rows by length (other padding than a training micro-batch), which may change BLAS's
+blocking, so they may differ from the whole-model forward by a few float64 round-offs (~1e-16
+relative); the top then runs the same operations. A loss or gradient compounds such round-offs
+through a few blocks' products of width ~16-64, and three SGD steps through three more: 1e-10
+relative leaves a margin of over 1e4. (In practice they agree bitwise on these sizes.)
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+
+from ideal.backends.settings import TrainConfig
+from ideal.backends.top_layers import FeatureCache, freeze_below, top_blocks
+from ideal.backends.train import (
+    Checkpoint,
+    TrainSettings,
+    micro_batch_loss,
+    step_loss_normaliser,
+    train_model,
+    wrap_lora,
+)
+from ideal.errors import IdealError
+from ideal.tiny import byte_bpe_tokenizer, char_tokenizer, save_model_dir, tiny_causal_lm
+from tests.helpers import make_data_dir, tokenize_pairs
+from tests.test_cli import assert_one_line_error
+from tests.test_target_logits import NEWLINE_PAIRS, PAIRS
+
+SIZE = {"hidden_size": 16, "num_layers": 4, "num_heads": 2, "intermediate_size": 24,
+        "dtype": torch.float64}  # fmt: skip
+RTOL = 1e-10
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def stand_in(kind: str):
+    """(model, tokenizer, items): a Llama on characters, or a Qwen2 (tied embeddings) on the
+    byte-level BPE with ChatML and newline-led answers."""
+    if kind == "char":
+        tokenizer, family, pairs = char_tokenizer(), "llama", PAIRS
+    else:
+        tokenizer, family, pairs = byte_bpe_tokenizer(), "qwen2", NEWLINE_PAIRS
+    model = tiny_causal_lm(family, vocab_size=len(tokenizer), seed=0, **SIZE)
+    return model, tokenizer, tokenize_pairs(tokenizer, pairs)
+
+
+def perturb_lora(model: torch.nn.Module) -> None:
+    """LoRA's B starts at zero; a random B makes the adapter's gradients all non-trivial."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator, dtype=p.dtype))
+
+
+def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_cached_features_give_the_whole_models_loss_and_gradients(kind, lora):
+    base, tokenizer, items = stand_in(kind)
+    settings = TrainSettings(lora=lora, top_layers=2)
+    models = []
+    for _ in range(3):  # whole model, top from the cache, top from the bottom run each step
+        model = copy.deepcopy(base)
+        if lora:
+            model = wrap_lora(model, settings)
+            perturb_lora(model)
+        else:
+            freeze_below(model, 2)
+        model.train()
+        models.append(model)
+    for model in models[1:]:  # LoRA's A is drawn at random: the same adapter in all three
+        model.load_state_dict(models[0].state_dict())
+    names = set(trainable(models[0]))
+    assert names and all(".layers.2." in n or ".layers.3." in n for n in names)
+    if lora:  # the adapter wraps every linear layer of the top blocks, and nothing else
+        assert len(names) == 2 * 7 * 2  # blocks x (q, k, v, o, gate, up, down) x (A, B)
+    normaliser = step_loss_normaliser(items, settings)
+    cache = FeatureCache(None, models[1], 2, None)
+    cache.fill(models[1], items, tokenizer.pad_token_id, batch_size=4)
+    whole_settings = replace(settings, top_layers=0)
+    runs = [
+        (models[0], whole_settings, None),
+        (models[1], settings, cache),
+        (models[2], settings, None),
+    ]
+    losses, grads = [], []
+    for model, s, features in runs:
+        loss, _ = micro_batch_loss(
+            model, items, tokenizer.pad_token_id, normaliser, s, full_logits=features is None
+            and s.top_layers == 0, features=features,
+        )  # fmt: skip
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad for n, p in trainable(model).items()})
+        assert set(grads[-1]) == names
+    for loss, grad in zip(losses[1:], grads[1:], strict=True):
+        assert rel(loss, losses[0]) < RTOL
+        for name in names:
+            assert rel(grad[name], grads[0][name]) < RTOL, name
+
+
+def test_top_blocks_restores_the_model_and_its_layer_types():
+    model, _, _ = stand_in("bpe")
+    layers, types = model.model.layers, list(model.config.layer_types)
+    with pytest.raises(RuntimeError), top_blocks(model, 2):
+        assert len(model.model.layers) == 2 and model.config.layer_types == types[-2:]
+        raise RuntimeError("inside")
+    assert model.model.layers is layers and model.config.layer_types == types
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_sgd_steps_from_the_cache_equal_recomputed_features_and_freeze_the_rest(lora):
+    base, tokenizer, items = stand_in("bpe")
+    settings = TrainSettings(
+        lora=lora, top_layers=2, optimizer="sgd", lr=0.05, batch_size=2, grad_accum=2,
+        max_steps=3, warmup_ratio=0.0, checkpoint_every=0,
+    )  # fmt: skip
+    results = {}
+    for cached in (True, False):
+        model = copy.deepcopy(base)
+        s = replace(settings, feature_cache=cached)
+        results[cached] = train_model(model, items, s, tokenizer.pad_token_id).model
+    trained = {True: dict(results[True].named_parameters()),
+               False: dict(results[False].named_parameters())}  # fmt: skip
+    moved = 0
+    for name, p in trained[True].items():
+        assert rel(p.detach(), trained[False][name].detach()) < RTOL or torch.equal(
+            p, trained[False][name]
+        )
+    original = dict(base.named_parameters())
+    model = results[True].merge_and_unload() if lora else results[True]
+    for name, p in model.named_parameters():
+        top = ".layers.2." in name or ".layers.3." in name
+        if not top:  # embeddings, blocks 0-1, final norm, head: bit-identical
+            assert torch.equal(p, original[name]), name
+        else:
+            moved += not torch.equal(p, original[name])
+    assert moved > 0
+
+
+def test_the_cache_on_disk_is_found_again_and_invalidated_by_each_key(tmp_path, caplog):
+    model, tokenizer, items = stand_in("char")
+    pad = tokenizer.pad_token_id
+    first = FeatureCache(tmp_path, model, 2, 64)
+    with caplog.at_level(logging.INFO, logger="ideal.backends.top_layers"):
+        assert first.fill(model, items, pad, 4) > 0
+    # announced with its size: 6 rows of (T_row, 16) float64
+    size = sum(len(item.input_ids) for item in items) * 16 * 8 / 2**20
+    assert f"feature cache: 6 rows, {size:.1f} MiB into {first.dir}" in caplog.text
+    files = sorted(tmp_path.rglob("*.safetensors"))
+    assert len(files) == 1
+    again = FeatureCache(tmp_path, model, 2, 64)
+    assert again.fill(model, items, pad, 4) == 0.0  # nothing computed
+    states = again.states(items, torch.device("cpu"))
+    assert torch.equal(states, first.states(items, torch.device("cpu")))
+    assert sorted(tmp_path.rglob("*.safetensors")) == files
+    # each key changed: another directory (K, max length, weights) or another row
+    other = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=1, **SIZE)
+    keys = [
+        FeatureCache(tmp_path, model, 1, 64).dir,
+        FeatureCache(tmp_path, model, 2, 32).dir,
+        FeatureCache(tmp_path, other, 2, 64).dir,
+    ]
+    assert len({first.dir, *keys}) == 4
+    changed = tokenize_pairs(tokenizer, [*PAIRS[:-1], ("q", "8")])
+    assert again.fill(model, changed, pad, 4) > 0
+    assert len(list(first.dir.glob("fill-*.safetensors"))) == 2  # one new row, one new file
+    with torch.no_grad():  # a change to a frozen weight below the top blocks: another key
+        model.model.layers[0].mlp.up_proj.weight[0, 0] += 1e-3
+    assert FeatureCache(tmp_path, model, 2, 64).dir != first.dir
+    # weights above the cut do not enter the key
+    with torch.no_grad():
+        other_top = copy.deepcopy(model)
+        other_top.model.layers[3].mlp.up_proj.weight.mul_(2)
+    assert FeatureCache(tmp_path, other_top, 2, 64).dir == FeatureCache(tmp_path, model, 2, 64).dir
+
+
+def test_resume_with_the_cache_gives_the_same_weights(tmp_path):
+    base, tokenizer, items = stand_in("char")
+    settings = TrainSettings(
+        lora=True, top_layers=2, optimizer="sgd", lr=0.05, batch_size=2, max_steps=4,
+        warmup_ratio=0.0, checkpoint_every=2,
+    )  # fmt: skip
+    straight = train_model(copy.deepcopy(base), items, settings, tokenizer.pad_token_id)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_3(record: dict[str, float]) -> None:
+        if record["step"] == 3:
+            raise Killed
+
+    checkpoint = Checkpoint(tmp_path / "checkpoint")
+    features = tmp_path / "features"
+    with pytest.raises(Killed):
+        train_model(copy.deepcopy(base), items, settings, tokenizer.pad_token_id, checkpoint,
+                    kill_at_3, features)  # fmt: skip
+    written = sorted(features.rglob("*.safetensors"))
+    assert len(written) == 1
+    resumed = train_model(copy.deepcopy(base), items, settings, tokenizer.pad_token_id,
+                          checkpoint, None, features)  # fmt: skip
+    assert sorted(features.rglob("*.safetensors")) == written  # read, not recomputed
+    assert [r["step"] for r in resumed.log] == [3, 4]
+    expected = dict(straight.model.named_parameters())
+    for name, p in resumed.model.named_parameters():
+        assert torch.equal(p, expected[name]), name
+
+
+def test_top_layers_zero_is_todays_path():
+    settings = TrainSettings()
+    values = asdict(settings)
+    del values["top_layers"], values["feature_cache"]
+    expected = hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+    assert settings.hash() == expected  # a run started before the option resumes
+    assert TrainSettings(feature_cache=False).hash() == expected
+    assert TrainSettings(top_layers=1).hash() != expected
+    base, tokenizer, items = stand_in("char")
+    model = copy.deepcopy(base)
+    s = TrainSettings(optimizer="sgd", max_steps=1, checkpoint_every=0, lr=0.05)
+    trained = train_model(model, items, s, tokenizer.pad_token_id).model
+    assert all(p.requires_grad for p in trained.parameters())  # nothing frozen
+    assert not torch.equal(trained.model.embed_tokens.weight, base.model.embed_tokens.weight)
+
+
+def test_settings_and_models_that_top_layers_refuses():
+    with pytest.raises(IdealError, match=r"train.top_layers \(--top-layers\) must be >= 0"):
+        TrainSettings(top_layers=-1)
+    with pytest.raises(IdealError, match="train.top_layers"):
+        TrainConfig(top_layers=2, backend="trl")
+    tokenizer = char_tokenizer()
+    items = tokenize_pairs(tokenizer, PAIRS)
+    llama = tiny_causal_lm("llama", vocab_size=len(tokenizer), **SIZE)
+    gpt2 = tiny_causal_lm("gpt2", vocab_size=len(tokenizer), **SIZE)
+    for model, needle in ((llama, "has 4 blocks"), (gpt2, "gpt2 models are not supported")):
+        settings = TrainSettings(top_layers=5, max_steps=1)
+        with pytest.raises(IdealError, match=needle) as error:
+            train_model(model, items, settings, tokenizer.pad_token_id)
+        assert "\n" not in str(error.value)
+
+
+def test_ideal_train_top_layers_caches_beside_the_output(cli, tmp_path):
+    tokenizer = char_tokenizer()
+    save_model_dir(tmp_path / "base", tiny_causal_lm("llama", vocab_size=len(tokenizer)), tokenizer)
+    make_data_dir(tmp_path / "train", {"qa": [{"prompt": p, "completion": c} for p, c in PAIRS]})
+    args = ["train", "--model", tmp_path / "base", "--train", tmp_path / "train", "--max-steps",
+            "2", "--batch-size", "2", "--lora"]  # fmt: skip
+    result = cli(*args, "--top-layers", "1", "--out", tmp_path / "m")
+    assert result.code == 0, result.err
+    assert len(list((tmp_path / "m.features").rglob("fill-*.safetensors"))) == 1
+    adapter = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
+    assert all(".layers.1." in name for name in adapter["target_modules"])
+    assert_one_line_error(cli(*args, "--top-layers", "3", "--out", tmp_path / "n"),
+                          "train.top_layers is 3", "2 blocks")  # fmt: skip
