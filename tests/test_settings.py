@@ -137,6 +137,7 @@ def _write(tmp_path: Path, config: dict) -> Path:
         ({"eval": {"scorers": {"math": "numeric"}}}, "eval.scorers.math: unknown scorer 'numeric'"),
         ({"eval": {"scorers": {"maths": "number"}}}, "eval.scorers.maths: no capability 'maths'"),
         ({"model": "nowhere"}, "model: nowhere"),
+        ({"train": {"top_layers": 3}}, "train.top_layers is 3, but the model has 1 blocks"),
     ],
 )
 def test_run_mistakes_are_found_before_training(own_data, cli, monkeypatch, change, message):
@@ -274,3 +275,13 @@ def test_own_data_as_users_keep_it_on_a_bpe_chatml_model(tmp_path, cli):
     lines = {line.split()[1]: line for line in check.out.splitlines() if line.startswith("│")}
     assert "sharegpt" in lines["chat"] and "alpaca" in lines["alpaca"]
     assert "warning: capability 'alpaca' has a reference set but no test set" in check.out
+
+
+def test_top_layers_beyond_the_suite_model_is_found_before_training(tmp_path):
+    from ideal.preflight import preflight
+
+    path = tmp_path / "c.yaml"
+    path.write_text("suite: {num_layers: 2}\n")
+    with pytest.raises(IdealError, match="top_layers is 3, but the suite's model has 2 blocks"):
+        preflight(load_config(path, ["train.top_layers=3"]))
+    preflight(load_config(path, ["train.top_layers=2"]))

@@ -38,6 +38,11 @@ def preflight(config: RunConfig, config_file: str | Path | None = None) -> Prefl
     if config.suite is not None:
         found.domains = sorted(d.name for d in config.suite.domains)
         found.references = found.tests = sorted(config.suite.capabilities)
+        if config.train.top_layers > config.suite.num_layers:
+            raise IdealError(
+                f"train.top_layers is {config.train.top_layers}, but the suite's model has "
+                f"{config.suite.num_layers} blocks"
+            )
     else:
         _check_data(config, found)
         _check_model(config)
@@ -83,12 +88,17 @@ def _loaded(key: str, load):
 
 
 def _check_model(config: RunConfig) -> None:
-    from ideal.hf import load_tokenizer
+    from ideal.hf import load_tokenizer, resolve_model_dir
 
     try:
         load_tokenizer(config.model)
     except IdealError as err:
         raise IdealError(f"model: {err}") from None
+    if config.train.top_layers:  # the architecture and its block count, from config.json alone
+        from ideal.backends.top_layers import check_top_layers
+        from ideal.influence.plan import meta_model
+
+        check_top_layers(meta_model(resolve_model_dir(config.model)), config.train.top_layers)
 
 
 def _check_scorers(config: RunConfig, found: Preflight) -> None:
