@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import types
 import typing
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
@@ -20,7 +19,7 @@ from typing import Annotated, Any, Literal
 import typer
 
 from ideal.errors import IdealError
-from ideal.settings import choices_of, default_of, field_of
+from ideal.settings import choices_of, default_of, field_of, hint_members
 
 
 def option(cls: type, name: str, *flags: str, help: str | None = None, **kwargs: Any) -> Any:
@@ -77,7 +76,7 @@ def _cli_type(cls: type, f: dataclasses.Field, hint: Any) -> tuple[Any, Any]:
         return (choice(cls, f.name) | None if default is None else choice(cls, f.name)), default
     if f.metadata.get("none"):
         return str, f.metadata["none"] if default is None else str(default)
-    if any(typing.get_origin(m) is tuple for m in _members(hint)):
+    if any(typing.get_origin(m) is tuple for m in hint_members(hint)):
         return str | None, None if default is None else ",".join(default)
     return hint, default
 
@@ -91,7 +90,7 @@ def from_options(cls: type, values: dict[str, Any], **fixed: Any) -> Any:
         if f.name not in values:
             continue
         value = values[f.name]
-        members = _members(hints[f.name])
+        members = hint_members(hints[f.name])
         word = f.metadata.get("none")
         if word is not None and isinstance(value, str):
             value = None if value.strip().lower() == word else _count(f.name, value, word)
@@ -99,13 +98,6 @@ def from_options(cls: type, values: dict[str, Any], **fixed: Any) -> Any:
             value = tuple(v.strip() for v in value.split(",") if v.strip())
         out[f.name] = value
     return cls(**{**out, **fixed})
-
-
-def _members(hint: Any) -> list[Any]:
-    """The types of a hint, a union's members (None left out) or the hint itself."""
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return [a for a in typing.get_args(hint) if a is not type(None)]
-    return [hint]
 
 
 def _count(name: str, value: str, word: str) -> int:

@@ -26,7 +26,7 @@ from ideal.errors import IdealError
 from ideal.influence.settings import InfluenceConfig, InfluenceJob
 from ideal.methods.select import SELECTIONS
 from ideal.methods.settings import UpdateSettings
-from ideal.settings import check_choices, default_of, help_of, setting
+from ideal.settings import check_choices, default_of, help_of, hint_members, setting
 
 # Keys that two levels would both accept: the top level is their home (they also drive the
 # influence step and the evaluation); RunConfig copies them into `train`.
@@ -165,7 +165,7 @@ def config_changes(stored: dict[str, Any], current: dict[str, Any], cls: type = 
             changes.append(key)
             continue
         old, new = stored[key], current[key]
-        nested = [t for t in _members(hints.get(key)) if dataclasses.is_dataclass(t)]
+        nested = [t for t in hint_members(hints.get(key)) if dataclasses.is_dataclass(t)]
         if nested and isinstance(old, dict) and isinstance(new, dict):
             changes += [f"{key}.{c}" for c in config_changes(old, new, nested[0])]
         elif old != new:
@@ -191,14 +191,6 @@ def _refuse_mirrors(data: dict[str, Any]) -> None:
                 f"{dotted}: set '{home}' at the top of the config instead (one home: it also "
                 "drives the influence step and the evaluation)"
             )
-
-
-def _members(hint: Any) -> tuple:
-    """The types of a hint, a union's members included."""
-    if hint is None:
-        return ()
-    args = typing.get_args(hint)
-    return args if args and isinstance(hint, types.UnionType) else (hint,)
 
 
 def _plain(value: Any) -> Any:

@@ -14,6 +14,8 @@ option existed, where the default changed behaviour (resume reads it: ideal.conf
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from collections.abc import Sequence
 from typing import Any
 
@@ -87,3 +89,12 @@ def check_choices(instance: Any, section: str) -> None:
         if choices is not None and value is not None and value not in choices:
             key = f"{section}.{f.name}" if section else f.name
             raise IdealError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def hint_members(hint: Any) -> list[Any]:
+    """The types a field's hint allows: a union's members (None left out), or the hint itself."""
+    if hint is None:
+        return []
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return [a for a in typing.get_args(hint) if a is not type(None)]
+    return [hint]

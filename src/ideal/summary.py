@@ -7,6 +7,7 @@ loss; the summary names the probe, the round the IDEAL updates went on from, and
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ def summarise_run(run: str | Path) -> RunSummary:
         rounds.append(_round(run, k, kind, update, mixture, metrics, rounds))
         k += 1
     select = config.get("select") or RunConfig.select  # the default
-    records = [_plain(r) for r in rounds]
+    records = [asdict(r) for r in rounds]
     selected = select_round(records, select) if rounds else None
     return RunSummary(rounds, select, selected, probe_round, continued_from)
 
@@ -91,12 +92,6 @@ def _round(
         realised_reference_loss_change=realised,
         seconds=seconds,
     )
-
-
-def _plain(record: RoundRecord) -> dict[str, Any]:
-    from dataclasses import asdict
-
-    return asdict(record)
 
 
 def returned_mixture(path: str | Path) -> Path:
