@@ -22,8 +22,10 @@ The last line is `speedup = X`: the training step's time with full logits over t
 With --top-layers K it measures instead, on the same batch, LoRA on every block (today's recipe:
 full logits, as the cost was first measured, and target logits, the builtin trainer's default)
 against LoRA on the top K blocks from cached features with target-only logits
-(ideal.backends.top_layers); it prints the cache fill time per row and the peak memory (max RSS),
-and the last line is `speedup = X`: the all-block step (full logits) over the top-K step.
+(ideal.backends.top_layers); it prints the cache fill time per row, the evaluation's cost (a loss
+pass plus a `choice` likelihood pass over the batch) before (whole model, full logits) and after
+(cached bottom, target logits), and the peak memory (max RSS); the last line is `speedup = X`:
+the all-block step (full logits) over the top-K step.
 """
 
 from __future__ import annotations
@@ -208,10 +210,42 @@ def top_layers_cost(base: torch.nn.Module, items: list, args: argparse.Namespace
         print(f"train step {label}: {seconds[key]:7.3f} s  (loss {runs[key][-1][1]:.6f})")
     fast = seconds["top", False]
     print(f"top {k} vs all blocks with target logits: {seconds['all', False] / fast:.2f}x")
+    evaluation = eval_cost(models["top"], items, cache, args)
+    print(f"evaluation (losses + choice likelihoods): before {evaluation[False]:.3f} s, "
+          f"after {evaluation[True]:.3f} s: {evaluation[False] / evaluation[True]:.2f}x")  # fmt: skip
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     print(f"peak memory (max RSS): {peak:.2f} GiB")
     print(f"speedup = {seconds['all', True] / fast:.2f}")
     return 0
+
+
+def eval_cost(model: torch.nn.Module, items: list, cache, args: argparse.Namespace) -> dict:
+    """Seconds of an evaluation's loss pass plus a `choice` likelihood pass over the batch: before
+    (the whole model, logits at every position) and after (the cached bottom, target logits);
+    interleaved, medians of --repeats after a warm-up. {cached: seconds}"""
+    from ideal.backends.evaluate import mean_losses
+    from ideal.backends.scorers import sequence_logprobs
+
+    model.eval()
+
+    def run(cached: bool) -> Callable[[], float]:
+        features = cache if cached else None
+
+        def both() -> float:
+            losses = mean_losses(model, items, 0, args.batch, not cached, features=features)
+            sequence_logprobs(model, items, 0, args.batch, not cached, features=features)
+            return float(losses.mean())
+
+        return both
+
+    runs = {cached: [timed(run(cached))] for cached in (False, True)}
+    for _ in range(args.repeats):
+        for cached in (False, True):
+            runs[cached].append(timed(run(cached)))
+    for cached in (False, True):
+        loss = runs[cached][-1][1]
+        print(f"eval {'after ' if cached else 'before'}: mean loss {loss:.6f}")
+    return {c: statistics.median(s for s, _ in runs[c][1:]) for c in runs}
 
 
 if __name__ == "__main__":

@@ -269,3 +269,144 @@ def test_ideal_train_top_layers_caches_beside_the_output(cli, tmp_path):
     assert all(".layers.1." in name for name in adapter["target_modules"])
     assert_one_line_error(cli(*args, "--top-layers", "3", "--out", tmp_path / "n"),
                           "train.top_layers is 3", "2 blocks")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- evaluation, influence
+
+
+def trained_on_top(kind: str, lora: bool):
+    """A stand-in whose top 2 blocks trained (a random LoRA B, or perturbed top weights): what a
+    round's model is, its bottom still the base model's."""
+    model, tokenizer, items = stand_in(kind)
+    settings = TrainSettings(lora=lora, top_layers=2)
+    if lora:
+        model = wrap_lora(model, settings)
+        perturb_lora(model)
+    else:
+        freeze_below(model, 2)
+        generator = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for p in trainable(model).values():
+                p.add_(0.1 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    model.eval()
+    return model, tokenizer, items
+
+
+@pytest.mark.parametrize("kind, lora", [("char", False), ("bpe", True)])
+def test_eval_losses_and_choice_likelihoods_from_the_cache_equal_the_whole_model(kind, lora):
+    from ideal.backends.evaluate import mean_losses
+    from ideal.backends.scorers import sequence_logprobs
+
+    model, tokenizer, items = trained_on_top(kind, lora)
+    pad = tokenizer.pad_token_id
+    cache = FeatureCache(None, model, 2, None)  # filled by the first call that needs it
+    cached = mean_losses(model, items, pad, 4, features=cache)
+    whole = mean_losses(model, items, pad, 4)
+    assert len(cache.rows) == len(items)
+    torch.testing.assert_close(torch.tensor(cached), torch.tensor(whole), rtol=RTOL, atol=0)
+    cached = sequence_logprobs(model, items, pad, 3, features=cache)
+    whole = sequence_logprobs(model, items, pad, 3)
+    torch.testing.assert_close(torch.tensor(cached), torch.tensor(whole), rtol=RTOL, atol=0)
+
+
+@pytest.mark.parametrize(
+    "kind, lora, curvature", [("char", False, "exact"), ("char", False, "ekfac"),
+                              ("bpe", True, "ekfac")]
+)  # fmt: skip
+def test_influence_from_the_cache_equals_the_whole_model(kind, lora, curvature):
+    from ideal.backends.top_layers import top_modules
+    from ideal.influence.capture import select_layers
+    from ideal.influence.engine import domain_influence
+    from ideal.influence.results import WeightedSet
+    from ideal.influence.settings import InfluenceSettings
+
+    model, tokenizer, items = trained_on_top(kind, lora)
+    layers = top_modules(model, 2, select_layers(model))
+    if not lora:  # every MLP projection of the top blocks (the default restricted to them)
+        assert sorted(layers) == [f"model.layers.{b}.mlp.{p}_proj" for b in (2, 3)
+                                  for p in ("down", "gate", "up")]  # fmt: skip
+    half = len(items) // 2
+    weights = [1.0 + i % 2 for i in range(len(items))]  # copies: 1 or 2
+    domains = {
+        "a": WeightedSet(items[:half], weights[:half]),
+        "b": WeightedSet(items[half:], weights[half:]),
+    }
+    references = {"r": WeightedSet.uniform(items[:2]), "s": WeightedSet.uniform(items[-2:])}
+    settings = InfluenceSettings(curvature=curvature, batch_size=2, fisher_samples=2)
+    cache = FeatureCache(None, model, 2, None)
+    cache.fill(model, items, tokenizer.pad_token_id, 4)
+    pad = tokenizer.pad_token_id
+    got = domain_influence(model, layers, domains, references, settings, pad,
+                           forward=cache.target_logits)  # fmt: skip
+    expected = domain_influence(model, layers, domains, references, settings, pad)
+    scale = abs(expected.scores).max()
+    assert scale > 0
+    torch.testing.assert_close(
+        torch.tensor(got.scores), torch.tensor(expected.scores), rtol=0, atol=RTOL * scale
+    )
+    for name, value in expected.reference_losses.items():
+        assert got.reference_losses[name] == pytest.approx(value, rel=RTOL)
+
+
+def test_influence_layers_below_the_trained_blocks_are_refused(tmp_path):
+    from ideal.influence.settings import InfluenceConfig, InfluenceJob
+    from ideal.influence.step import compute_influence
+
+    tokenizer = char_tokenizer()
+    model = tiny_causal_lm("llama", vocab_size=len(tokenizer), seed=0, num_layers=3)
+    save_model_dir(tmp_path / "model", model, tokenizer)
+    rows = {"add": [{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(4)]}
+    make_data_dir(tmp_path / "train", rows)
+    make_data_dir(tmp_path / "reference", rows)
+    job = InfluenceJob(InfluenceConfig(layers=("model.layers.0.mlp.*",)), top_layers=2)
+    with pytest.raises(IdealError) as error:
+        compute_influence(tmp_path / "model", tmp_path / "train", tmp_path / "reference", job)
+    assert str(error.value) == (
+        "influence.layers: model.layers.0.mlp.gate_proj lies outside the top 2 blocks (1..2) "
+        "that train.top_layers 2 trains and runs from cached features; choose layers inside "
+        "them (the default does)"
+    )
+    # the default: the MLP projections of the top 2 blocks only, from the cache on disk
+    result, document = compute_influence(
+        tmp_path / "model", tmp_path / "train", tmp_path / "reference",
+        replace(job, config=InfluenceConfig(curvature="ekfac")), features=tmp_path / "features",
+    )  # fmt: skip
+    assert {name.split(".")[2] for name in document["layers"]} == {"1", "2"}
+    assert len(list((tmp_path / "features").rglob("fill-*.safetensors"))) == 1
+
+
+@pytest.mark.slow
+def test_a_compare_computes_each_rows_features_once(cli, tmp_path, monkeypatch):
+    """Rounds, methods and the evaluations of a compare share OUT/features: the frozen bottom runs
+    once per distinct row (training rows, reference and test rows), whatever reads it."""
+    from importlib.resources import files
+
+    import ideal.backends.top_layers as top_layers
+
+    computed: list[str] = []
+    bottom = top_layers.bottom_states
+
+    def counting(model, batch, k):
+        computed.extend(top_layers.row_key(item) for item in batch.rows)
+        return bottom(model, batch, k)
+
+    monkeypatch.setattr(top_layers, "bottom_states", counting)
+    config = str(files("ideal") / "configs" / "demo-quick.yaml")
+    overrides = ["train.max_steps=10", "train.top_layers=1", "train.lora=true", "rounds=1",
+                 "suite.hidden_size=16", "suite.intermediate_size=32", "influence.sample=0.2",
+                 "train.checkpoint_every=0"]  # fmt: skip
+    out = tmp_path / "c"
+    result = cli("compare", config, *overrides, "--methods", "original,ideal", "--seeds", "1",
+                 "--out", out)  # fmt: skip
+    assert result.code == 0, result.err
+    assert computed and len(computed) == len(set(computed))
+    assert [p.name for p in out.rglob("features")] == ["features"]  # OUT/features alone
+    ideal_run = out / "ideal" / "seed-0"
+    influence = json.loads((ideal_run / "round-0" / "influence.json").read_text())
+    assert influence["layers"] and all(".layers.1." in name for name in influence["layers"])
+    # a resumed compare reads every row from the cache
+    computed.clear()
+    again = cli("compare", config, *overrides, "--methods", "original,ideal", "--seeds", "1",
+                "--out", out)  # fmt: skip
+    assert again.code == 0, again.err
+    assert computed == []

@@ -164,11 +164,18 @@ def _seconds(summary: dict[str, Any], count_round_zero: bool = True) -> float:
 
 
 def _run_one(config: RunConfig, run: Path, first: Path | None) -> dict[str, Any]:
-    """One run directory, its round 0 copied from `first` when given; returns its summary."""
+    """One run directory, its round 0 copied from `first` when given; returns its summary. Every
+    run of a compare shares one feature cache (train.top_layers), OUT/features."""
+    features = _compare_root(run) / "features"
     if first is not None:
-        prepare_run(config, run, resume=True)
+        prepare_run(config, run, resume=True, features=features)
         _share_round_zero(first, run)
-    return run_loop(config, run, resume=True, checked=True).to_json()
+    return run_loop(config, run, resume=True, checked=True, features=features).to_json()
+
+
+def _compare_root(run: Path) -> Path:
+    """OUT of a compare's run directory OUT/<method>/seed-<s>[/candidate-<k>]."""
+    return run.parent.parent.parent if run.name.startswith("candidate-") else run.parent.parent
 
 
 def grid_shares(domains: list[str], resolution: int) -> list[dict[str, float]]:

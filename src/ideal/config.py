@@ -127,6 +127,8 @@ class RunConfig:
             max_length=self.max_length,
             objective=self.update.objective,
             size_factor=self.update.size_factor,
+            top_layers=self.train.top_layers,
+            feature_cache=self.train.feature_cache,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -42,6 +42,8 @@ class Batch:
     labels: Tensor  # (B, T) -100 = no loss (prompt, padding)
     weights: Tensor  # (B,) example weights (copies in the mixture sample)
     keys: Tensor  # (B,) stable example ids (seed the per-example label sampling)
+    # the rows, in order (what a feature cache looks them up by: ideal.backends.top_layers)
+    rows: tuple[Tokenized, ...] = ()
 
     @property
     def targets(self) -> Tensor:
@@ -50,7 +52,7 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         tensors = (self.input_ids, self.attention_mask, self.labels, self.weights, self.keys)
-        return Batch(*(t.to(device) for t in tensors))
+        return Batch(*(t.to(device) for t in tensors), rows=self.rows)
 
 
 def collate(
@@ -77,7 +79,7 @@ def collate(
         else torch.tensor(list(weights), dtype=torch.float32)
     )
     k = torch.arange(len(items)) if keys is None else torch.tensor(list(keys), dtype=torch.long)
-    return Batch(ids, mask, labels, w, k)
+    return Batch(ids, mask, labels, w, k, tuple(items))
 
 
 def loss_scales(weights: Tensor, targets: Tensor, loss: str = "example") -> tuple[Tensor, Tensor]:

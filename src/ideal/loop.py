@@ -131,10 +131,15 @@ def uniform_probe(
 
 
 def run_loop(
-    config: RunConfig, run_dir: str | Path, resume: bool = False, checked: bool = False
+    config: RunConfig,
+    run_dir: str | Path,
+    resume: bool = False,
+    checked: bool = False,
+    features: Path | None = None,
 ) -> RunSummary:
     """Run (or continue) the loop; returns its summary (summary.json). The whole run is checked
-    first (ideal.preflight) unless the caller did (`checked`).
+    first (ideal.preflight) unless the caller did (`checked`). `features`: a feature cache shared
+    with other runs (train.top_layers), instead of RUN/features.
 
     Under `torchrun` / `accelerate launch` every process trains (DDP) and computes influence on its
     shard; the main process alone writes the run directory, evaluates and runs proxy runs, while
@@ -154,10 +159,10 @@ def run_loop(
         torch.set_num_threads(config.train.threads)
     main = is_main()
     if main:
-        paths = prepare_run(config, run_dir, resume)
+        paths = prepare_run(config, run_dir, resume, features)
     barrier()
     if not main:  # reads what the main process wrote (and checks the config hash)
-        paths = prepare_run(config, run_dir, resume=True)
+        paths = prepare_run(config, run_dir, resume=True, features=features)
     first = paths.round(0)
     if main and not (first / "mixture.json").is_file():
         training = load_training_set(paths.train)
@@ -195,8 +200,9 @@ def run_loop(
         if rule.signal == "influence" and not (source / "influence.json").is_file():
             log.info("round %d: influence", decision.base)
             result, document = compute_influence(
-                source / "model", source, paths.reference, config.influence_job(), track
-            )
+                source / "model", source, paths.reference, config.influence_job(), track,
+                features=paths.features,
+            )  # fmt: skip
             if config.update.rule == "ideal":  # the step this update takes, m of this round
                 step_rule = make_rule(
                     replace(config, update=replace(config.update, step=decision.step))

@@ -37,6 +37,14 @@ class RunPaths:
     reference: Path
     test: Path | None  # None: an external evaluator brings its own test sets
 
+    # the feature cache of train.top_layers (ideal.backends.top_layers): RUN/features, or one
+    # that several runs share (every run of a compare: OUT/features)
+    shared_features: Path | None = None
+
+    @property
+    def features(self) -> Path:
+        return self.shared_features or self.run / "features"
+
     def round(self, k: int) -> Path:
         return self.run / f"round-{k}"
 
@@ -62,8 +70,11 @@ def _start_again(run: Path) -> None:
             path.unlink()
 
 
-def prepare_run(config: RunConfig, run_dir: str | Path, resume: bool) -> RunPaths:
-    """Check or write RUN/config.yaml, generate the suite if needed; returns the data paths."""
+def prepare_run(
+    config: RunConfig, run_dir: str | Path, resume: bool, features: Path | None = None
+) -> RunPaths:
+    """Check or write RUN/config.yaml, generate the suite if needed; returns the data paths
+    (`features`: a feature cache shared with other runs, instead of RUN/features)."""
     run = Path(run_dir)
     stored = run / "config.yaml"
     if stored.is_file() and not resume and started_only(run):  # nothing to lose
@@ -100,7 +111,9 @@ def prepare_run(config: RunConfig, run_dir: str | Path, resume: bool) -> RunPath
 
             log.info("generating the suite into %s", suite)
             generate_suite(config.suite, suite)
-        return RunPaths(run, suite / "base", suite / "train", suite / "reference", suite / "test")
+        return RunPaths(
+            run, suite / "base", suite / "train", suite / "reference", suite / "test", features
+        )
     assert config.model and config.train_data and config.reference_data
     from ideal.hf import resolve_model_dir
 
@@ -110,4 +123,5 @@ def prepare_run(config: RunConfig, run_dir: str | Path, resume: bool) -> RunPath
         Path(config.train_data),
         Path(config.reference_data),
         Path(config.test_data) if config.test_data else None,
+        features,
     )

@@ -48,6 +48,7 @@ def train_round(config: RunConfig, paths: RunPaths, round_: int) -> None:
         round=round_,
         run_dir=paths.run,
         config_file=paths.run / "config.yaml",
+        features=paths.features,
     )
     log.info("round %d: training (%s)", round_, trainer.name)
     record = trainer.train(job)
@@ -70,6 +71,7 @@ def evaluate_round(
     start = time.perf_counter()
     model, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
     model.eval()
+    features = eval_features(config, paths, model)
     references = load_domains(paths.reference)
     tests = load_domains(paths.test) if paths.test is not None else {}
     evaluator = make_evaluator(config.eval)
@@ -88,6 +90,7 @@ def evaluate_round(
             config.eval.max_new_tokens,
             config.eval.batch_size,
             generate=scored,
+            features=features,
         )
         capabilities[name] = {"reference_loss": result.loss, "reference_examples": result.examples}
         if result.accuracy is not None:
@@ -102,6 +105,7 @@ def evaluate_round(
             config.eval.max_new_tokens,
             config.eval.batch_size,
             generate=evaluator is None,
+            features=features,
         )
         capabilities.setdefault(name, {}).update(
             test_loss=result.loss, test_examples=result.examples
@@ -160,6 +164,17 @@ def evaluate_round(
         metrics["evaluator"] = evaluator.name
     metrics["seconds"] = time.perf_counter() - start
     return metrics
+
+
+def eval_features(config: RunConfig, paths: RunPaths, model: Any) -> Any:
+    """The feature cache that serves the losses and choice likelihoods of an evaluation
+    (train.top_layers with train.feature_cache), or None. Keyed by the evaluated model's own
+    frozen bottom: the rounds' models (trained above it) share the base model's entries."""
+    if not (config.train.top_layers and config.train.feature_cache):
+        return None
+    from ideal.backends.top_layers import FeatureCache
+
+    return FeatureCache(paths.features, model, config.train.top_layers, config.max_length)
 
 
 def _base_of(model_dir: Path) -> Path:

@@ -31,6 +31,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from ideal.backends.scorers import CHOICE, INSTRUCTION_SCORERS, score_choices
+from ideal.backends.top_layers import FeatureCache
 from ideal.data.rows import Domain, Tokenized, tokenize_examples
 from ideal.errors import IdealError
 from ideal.lm import collate, target_logits
@@ -131,13 +132,20 @@ def mean_losses(
     pad_id: int,
     batch_size: int,
     full_logits: bool = False,
+    features: FeatureCache | None = None,
 ) -> np.ndarray:
-    """l(z) for every example, batched (right padding); the head runs at target positions only."""
+    """l(z) for every example, batched (right padding); the head runs at target positions only.
+    With `features` the frozen bottom's states of the rows come from that cache (filled here
+    when missing) and only the top blocks run."""
     device = next(model.parameters()).device
+    forward = target_logits
+    if features is not None:
+        features.fill(model, items, pad_id, batch_size)
+        forward = features.target_logits
     out = []
     for s in range(0, len(items), batch_size):
         batch = collate(items[s : s + batch_size], pad_id).to(device)
-        targets = target_logits(model, batch, real_positions=True, full=full_logits)
+        targets = forward(model, batch, real_positions=True, full=full_logits)
         out.append(targets.example_losses(batch.labels).cpu().double())
     return torch.cat(out).numpy()
 
@@ -163,13 +171,16 @@ def evaluate_capability(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     generate: bool = True,
+    features: FeatureCache | None = None,
 ) -> CapabilityResult:
     """Loss over every example; accuracy over the examples with an `answer` (all or none of them).
 
     With `generate=False` only the loss is computed (reference sets: the method needs no decoding).
+    `features`: the cached states of the frozen bottom (ideal.backends.top_layers) serve the loss
+    and the `choice` scorer's likelihoods; generation runs the whole model.
     """
     items, _ = tokenize_examples(domain.examples, tokenizer, max_length)  # one per row, in order
-    losses = mean_losses(model, items, tokenizer.pad_token_id, batch_size)
+    losses = mean_losses(model, items, tokenizer.pad_token_id, batch_size, features=features)
     with_answer = [e for e in domain.examples if e.answer is not None] if generate else []
     if scorer is not None and not with_answer:
         raise IdealError(f"{domain.path}: --scorer asks for accuracy, but no row has an 'answer'")
@@ -180,7 +191,9 @@ def evaluate_capability(
         )
     accuracy, outputs, name = None, [], None
     if with_answer and scorer == CHOICE:
-        chosen = score_choices(model, tokenizer, domain.examples, max_length, batch_size)
+        chosen = score_choices(
+            model, tokenizer, domain.examples, max_length, batch_size, features=features
+        )
         return CapabilityResult(
             domain.name,
             len(items),

@@ -63,6 +63,8 @@ class TrainJob:
     round: int  # {round}
     run_dir: Path  # {run_dir}
     config_file: Path  # {config} for a plain command: the run's resolved config.yaml
+    # train.top_layers' feature cache (the builtin trainer): RUN/features or a compare's shared one
+    features: Path | None = None
 
 
 class Trainer(Protocol):

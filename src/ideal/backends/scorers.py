@@ -40,9 +40,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ideal.backends.top_layers import FeatureCache
 from ideal.data.rows import Example, Tokenized, tokenize_example
 from ideal.errors import IdealError
-from ideal.lm import collate, target_nll
+from ideal.lm import collate, target_logits
 
 CHOICE = "choice"
 
@@ -93,18 +94,24 @@ def sequence_logprobs(
     pad_id: int,
     batch_size: int,
     full_logits: bool = False,
+    features: FeatureCache | None = None,
 ) -> np.ndarray:
     """(N,) sum of the log-probabilities of each item's target tokens (labels != -100), batched with
-    right padding; items are grouped by length so that a batch pads little."""
+    right padding; items are grouped by length so that a batch pads little. With `features` the
+    frozen bottom's states come from that cache (filled here when missing)."""
     device = next(model.parameters()).device
+    forward = target_logits
+    if features is not None:
+        features.fill(model, items, pad_id, batch_size)
+        forward = features.target_logits
     order = sorted(range(len(items)), key=lambda i: len(items[i].input_ids))
     out = np.zeros(len(items), dtype=np.float64)
     for s in range(0, len(order), batch_size):
         index = order[s : s + batch_size]
         batch = collate([items[i] for i in index], pad_id).to(device)
         # the head at the target positions only; (B, T-1), 0 off target
-        nll, _ = target_nll(model, batch, real_positions=True, full=full_logits)
-        out[index] = -nll.double().sum(1).cpu().numpy()
+        targets = forward(model, batch, real_positions=True, full=full_logits)
+        out[index] = -targets.nll(batch.labels).double().sum(1).cpu().numpy()
     return out
 
 
@@ -121,6 +128,7 @@ def score_choices(
     examples: Sequence[Example],
     max_length: int | None = None,
     batch_size: int = 16,
+    features: FeatureCache | None = None,
 ) -> ChoiceResult:
     """Multiple-choice accuracy by the log-likelihood of each option (module docstring)."""
     rows = [choice_row(e) for e in examples]
@@ -137,7 +145,9 @@ def score_choices(
                 )
             except ValueError as err:
                 raise IdealError(f"{example.source}: option {option!r}: {err}") from None
-    logprobs = sequence_logprobs(model, items, tokenizer.pad_token_id, batch_size)
+    logprobs = sequence_logprobs(
+        model, items, tokenizer.pad_token_id, batch_size, features=features
+    )
     correct = correct_norm = 0
     outputs = []
     start = 0

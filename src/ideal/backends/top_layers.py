@@ -41,7 +41,7 @@ from torch import nn
 
 from ideal.data.rows import Tokenized
 from ideal.errors import IdealError
-from ideal.lm import Batch, collate
+from ideal.lm import Batch, TargetLogits, collate, target_logits
 
 log = logging.getLogger(__name__)
 
@@ -164,13 +164,35 @@ def bottom_states(model: nn.Module, batch: Batch, k: int) -> Tensor:
     raise IdealError(f"train.top_layers: block {len(body.layers) - k} never ran")
 
 
+def top_modules(model: nn.Module, k: int, modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """Those of `modules` (by full name) that lie inside the top k blocks."""
+    body = decoder_body(model)
+    inside = {id(m) for block in list(body.layers)[-k:] for m in block.modules()}
+    return {name: m for name, m in modules.items() if id(m) in inside}
+
+
+def check_inside_top(model: nn.Module, k: int, modules: dict[str, nn.Module], key: str) -> None:
+    """One line naming the first of `modules` outside the top k blocks: with cached features the
+    blocks below never run, so hooks there would see nothing."""
+    outside = [name for name in modules if name not in top_modules(model, k, modules)]
+    if outside:
+        blocks = len(decoder_body(model).layers)
+        raise IdealError(
+            f"{key}: {outside[0]} lies outside the top {k} blocks ({blocks - k}..{blocks - 1}) "
+            f"that train.top_layers {k} trains and runs from cached features; choose layers "
+            "inside them (the default does)"
+        )
+
+
 def frozen_hash(model: nn.Module, k: int) -> str:
     """sha256 of what the features depend on: the config and the embeddings and blocks below the
     top k (names, dtypes, shapes, bytes)."""
     body = decoder_body(model)
     blocks = len(body.layers)
     config = transformers_model(model).config.to_dict()
-    config.pop("use_cache", None)  # a switch of generation, not of the forward's numbers
+    # where it was loaded from and by which version, and a switch of generation: not numbers
+    for key in ("_name_or_path", "_commit_hash", "transformers_version", "use_cache"):
+        config.pop(key, None)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     below = [("embed_tokens", body.embed_tokens)]
     below += [(f"layers.{i}", body.layers[i]) for i in range(blocks - k)]
@@ -199,6 +221,7 @@ class FeatureCache:
         key = f"{frozen_hash(model, k)[:24]}-k{k}-len{max_length or 'none'}"
         self.dir = None if root is None else Path(root) / key
         self.rows: dict[str, Tensor] = {}
+        self._read: set[str] = set()  # fill files already loaded
 
     def _load(self) -> None:
         from safetensors.torch import load_file
@@ -206,6 +229,9 @@ class FeatureCache:
         if self.dir is None or not self.dir.is_dir():
             return
         for path in sorted(self.dir.glob("fill-*.safetensors")):
+            if path.name in self._read:
+                continue
+            self._read.add(path.name)
             for name, tensor in load_file(path).items():
                 self.rows.setdefault(name, tensor)
 
@@ -262,6 +288,28 @@ class FeatureCache:
             save_file(new, str(tmp))
         os.replace(tmp, path)
 
+    def fill_shared(
+        self, model: nn.Module, items: Sequence[Tokenized], pad_id: int, batch_size: int
+    ) -> float:
+        """`fill` in every process of a group: the main process computes and writes, the others
+        then read it (and compute in memory only what they still miss)."""
+        from ideal.distributed import barrier, is_main
+
+        seconds = self.fill(model, items, pad_id, batch_size) if is_main() else 0.0
+        barrier()
+        if not is_main():
+            self.fill(model, items, pad_id, batch_size, write=False)
+        return seconds
+
+    def target_logits(
+        self, model: nn.Module, batch: Batch, real_positions: bool = False, full: bool = False
+    ) -> TargetLogits:
+        """`ideal.lm.target_logits(model, batch)` with the bottom's states taken from the cache
+        (the batch's `rows`, filled before): only the top k blocks, the norm and the head run."""
+        states = self.states(batch.rows, batch.input_ids.device)
+        with top_blocks(model, self.k):
+            return target_logits(model, batch, real_positions, full, inputs_embeds=states)
+
     def states(self, items: Sequence[Tokenized], device: torch.device) -> Tensor:
         """(B, T, hidden) the cached states of `items`, right-padded with zeros as `collate`
         pads their ids (padding is masked out of attention and loss)."""
@@ -277,4 +325,4 @@ class FeatureCache:
         out = rows[0].new_zeros((len(rows), length, rows[0].shape[1]))
         for row, r in enumerate(rows):
             out[row, : r.shape[0]] = r
-        return out.to(device)
+        return out.to(device)  # the dtype of the fill: the residual stream's

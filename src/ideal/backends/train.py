@@ -90,14 +90,14 @@ def micro_batch_loss(
     enter them), or from the frozen bottom run here under no_grad when there is no cache."""
     device = next(model.parameters()).device
     batch = collate(items, pad_id).to(device)
-    if settings.top_layers:
+    if features is not None:  # the top blocks from the cached states entering them
+        targets = features.target_logits(model, batch, full=full_logits)
+        nll, mask = targets.nll(batch.labels), targets.mask
+    elif settings.top_layers:  # the same, the frozen bottom run here under no_grad
         from ideal.backends.top_layers import bottom_states, top_blocks
 
-        k = settings.top_layers
-        states = (  # (B, T, hidden)
-            bottom_states(model, batch, k) if features is None else features.states(items, device)
-        )
-        with top_blocks(model, k):
+        states = bottom_states(model, batch, settings.top_layers)  # (B, T, hidden)
+        with top_blocks(model, settings.top_layers):
             nll, mask = target_nll(model, batch, full=full_logits, inputs_embeds=states)
     else:
         nll, mask = target_nll(model, batch, full=full_logits)  # (B, T-1) each
@@ -285,13 +285,9 @@ def train_model(
     model, optimizer = accelerator.prepare(model, optimizer)
     if features is not None:  # the main process computes and writes; the others then read
         with accelerator.autocast():
-            main = accelerator.is_main_process
-            seconds = features.fill(model, items, pad_id, settings.batch_size) if main else 0.0
+            seconds = features.fill_shared(model, items, pad_id, settings.batch_size)
             if seconds:
                 log.info("feature cache: computed in %.1f s", seconds)
-            accelerator.wait_for_everyone()
-            if not main:
-                features.fill(model, items, pad_id, settings.batch_size, write=False)
     start_step = 0
     if checkpoint is not None and checkpoint.file.is_file():
         start_step = checkpoint.load(accelerator.unwrap_model(model), optimizer, scheduler)
@@ -502,7 +498,7 @@ class BuiltinTrainer:
             job.output_dir,
             self.settings,
             resume=partial.exists(),
-            feature_dir=job.run_dir / "features",  # every round of the run shares it
+            feature_dir=job.features or job.run_dir / "features",  # the rounds share it
         )
         return {
             "backend": self.name,

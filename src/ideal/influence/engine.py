@@ -58,11 +58,18 @@ from ideal.influence.curvature import (
     kfac_eigen,
 )
 from ideal.influence.exact import EXACT_LIMIT, dense_gauss_newton, dense_preconditioner
-from ideal.influence.passes import InfluenceEngine, Progress, make_batches, no_progress
+from ideal.influence.passes import (
+    Forward,
+    InfluenceEngine,
+    Progress,
+    make_batches,
+    no_progress,
+)
 from ideal.influence.refine import GaussNewton, Refinement, conjugate_gradient
 from ideal.influence.results import InfluenceResult, WeightedSet
 from ideal.influence.settings import InfluenceSettings
 from ideal.influence.statistics import domain_means
+from ideal.lm import target_logits
 
 
 def domain_influence(
@@ -75,11 +82,14 @@ def domain_influence(
     progress: Progress = no_progress,
     curvature: WeightedSet | None = None,
     groups: list[list[str]] | None = None,
+    forward: Forward = target_logits,
 ) -> InfluenceResult:
     """Influence scores (references x domains) of a trained model, with their standard errors.
 
     `curvature` is the sample the curvature is fitted on (default: every domain's sample together);
-    `groups` splits the layers into groups that run one after the other (default: one group).
+    `groups` splits the layers into groups that run one after the other (default: one group);
+    `forward` computes a batch's target logits (`ideal.lm.target_logits`, or a feature cache's,
+    which runs only the top blocks from the states entering them: every layer must lie there).
     """
     for name, ws in {**domains, **references}.items():
         if not ws.items:
@@ -111,7 +121,7 @@ def domain_influence(
     try:
         for group in groups:
             engine = InfluenceEngine(
-                model, {n: layers[n] for n in group}, settings, pad_id, progress
+                model, {n: layers[n] for n in group}, settings, pad_id, progress, forward
             )
             for p in engine.params:
                 p.requires_grad_(True)

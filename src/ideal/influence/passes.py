@@ -36,6 +36,9 @@ from ideal.lm import (
 
 T = TypeVar("T")
 Progress = Callable[[Iterable[T], int, str], Iterable[T]]
+# (model, batch, real_positions, full) -> the batch's target logits: `target_logits`, or a feature
+# cache's (ideal.backends.top_layers), which runs only the top blocks from cached states
+Forward = Callable[..., TargetLogits]
 
 
 def no_progress(items: Iterable[T], total: int, description: str) -> Iterable[T]:
@@ -100,9 +103,10 @@ class InfluenceEngine:
         settings: InfluenceSettings,
         pad_id: int,
         progress: Progress,
+        forward: Forward = target_logits,
     ):
         self.model, self.layers, self.settings, self.pad_id = model, layers, settings, pad_id
-        self.progress = progress
+        self.progress, self.forward = progress, forward
         self.params = [p for m in layers.values() for p in m.parameters(recurse=False)]
         self.full_logits = touches_head(model, layers.values())
         self.device = next(model.parameters()).device
@@ -112,7 +116,7 @@ class InfluenceEngine:
 
     def _forward(self, batch: Batch) -> TargetLogits:
         """The logits at the batch's target positions (all that the losses read)."""
-        return target_logits(self.model, batch, real_positions=True, full=self.full_logits)
+        return self.forward(self.model, batch, real_positions=True, full=self.full_logits)
 
     def _fisher_labels(self, logits: TargetLogits, batch: Batch, draw: int) -> torch.Tensor:
         """Labels of the curvature's backward pass. Both passes draw the SAME labels per example

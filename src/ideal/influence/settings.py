@@ -191,8 +191,9 @@ class InfluenceJob:
     (`config`), the seed of the samples and of the sampled labels, the objective differentiated
     (`loss`, resolved: example | token; None: `config.loss`, auto read as example) and where it
     came from (`loss_source`, recorded in influence.json), how rows are read (`max_length`,
-    `on_invalid`: error | skip), and how the sensitivities combine the references (`objective`:
-    mean | pooled | worst; `size_factor`: multiply by n_i/N, docs/method.md)."""
+    `on_invalid`: error | skip), how the sensitivities combine the references (`objective`:
+    mean | pooled | worst; `size_factor`: multiply by n_i/N, docs/method.md), and which blocks
+    trained (`top_layers`, `feature_cache`: as train.* says)."""
 
     config: InfluenceConfig = InfluenceConfig()
     seed: int = 0
@@ -202,6 +203,10 @@ class InfluenceJob:
     objective: str = "mean"
     size_factor: bool = True
     on_invalid: str = "error"
+    # train.top_layers / train.feature_cache: the influence layers lie in the top blocks (the
+    # default layers are restricted to them) and their passes run from the cached features
+    top_layers: int = 0
+    feature_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:

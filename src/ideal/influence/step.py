@@ -47,6 +47,7 @@ from ideal.influence.passes import Progress, no_progress
 from ideal.influence.plan import layer_groups, parse_size
 from ideal.influence.results import InfluenceResult, WeightedSet
 from ideal.influence.settings import InfluenceJob
+from ideal.lm import target_logits
 from ideal.report.plots import influence_heatmap
 from ideal.settings import LOSSES
 
@@ -59,6 +60,7 @@ def compute_influence(
     reference: str | Path,
     job: InfluenceJob = InfluenceJob(),
     progress: Progress = no_progress,
+    features: str | Path | None = None,
 ) -> tuple[InfluenceResult, dict[str, Any]]:
     """Influence of every training domain on every reference capability; returns (result, influence.json).
 
@@ -69,7 +71,9 @@ def compute_influence(
     mixture, or the pool rows not in it yet. An example the model has fitted many times says
     little about what fresh rows of its domain would do; fresh rows are what raising the volume
     adds. `job.loss` is the objective differentiated, `job.loss_source` says where it came from
-    (recorded as given)."""
+    (recorded as given). With `job.top_layers` K > 0 the layers lie in the top K blocks, and with
+    `job.feature_cache` every pass runs them from the states entering them, cached under
+    `features` (ideal.backends.top_layers: the training's cache, found again)."""
     start = time.perf_counter()
     config, settings = job.config, job.settings
     model, tokenizer, selected, training, domains, refs, curvature = _inputs(
@@ -78,10 +82,18 @@ def compute_influence(
     groups = None
     if config.memory is not None:
         groups = layer_groups(model, selected, len(refs), parse_size(config.memory), settings)
+    forward = target_logits
+    if job.top_layers and job.feature_cache:
+        from ideal.backends.top_layers import FeatureCache
+
+        cache = FeatureCache(features, model, job.top_layers, job.max_length)
+        rows = [item for ws in (*domains.values(), *refs.values(), curvature) for item in ws.items]
+        cache.fill_shared(model, rows, tokenizer.pad_token_id, settings.batch_size)
+        forward = cache.target_logits
     prepare = time.perf_counter() - start
     result = domain_influence(
         model, selected, domains, refs, settings, tokenizer.pad_token_id, progress, curvature,
-        groups,
+        groups, forward,
     )  # fmt: skip
     result.seconds = {"load_and_tokenize": prepare, **result.seconds}
     volumes = training.mixture.volumes
@@ -170,6 +182,17 @@ def _inputs(
     model = load_causal_lm(model_dir)
     tokenizer = load_tokenizer(model_dir)
     selected = select_layers(model, job.layers)
+    if job.top_layers:  # the blocks below never change (and never run from cached features)
+        from ideal.backends.top_layers import check_inside_top, top_modules
+
+        if job.layers is None:
+            selected = top_modules(model, job.top_layers, selected)
+            if not selected:
+                raise IdealError(
+                    f"influence.layers: no MLP projection lies in the top {job.top_layers} "
+                    "blocks that train; name the layers"
+                )
+        check_inside_top(model, job.top_layers, selected, "influence.layers")
     device = torch.device(
         f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     )
@@ -294,9 +317,18 @@ def probe_seconds(
     small_domains = {n: head(ws) for n, ws in domains.items()}
     small_refs = {n: head(ws) for n, ws in refs.items()}
     small_curvature = head(curvature)
+    forward = target_logits
+    if job.top_layers and job.feature_cache:  # the passes as the run makes them (fill untimed)
+        from ideal.backends.top_layers import FeatureCache
+
+        cache = FeatureCache(None, model, job.top_layers, job.max_length)
+        sets = (*small_domains.values(), *small_refs.values(), small_curvature)
+        rows = [item for ws in sets for item in ws.items]
+        cache.fill(model, rows, tokenizer.pad_token_id, settings.batch_size)
+        forward = cache.target_logits
     result = domain_influence(
         model, selected, small_domains, small_refs, settings, tokenizer.pad_token_id,
-        curvature=small_curvature,
+        curvature=small_curvature, forward=forward,
     )  # fmt: skip
     count = {"domains": sum(len(ws.items) for ws in domains.values()),
              "references": sum(len(ws.items) for ws in refs.values()),
