@@ -105,7 +105,7 @@ def test_gap_closure_by_hand():
 
 
 def test_paired_differences_and_verdicts_by_hand():
-    from ideal.compare import paired_differences, verdict
+    from ideal.paired import paired_differences, verdict
 
     def method(mean, worst):
         return {"runs": [{"seed": s, "selected": {"test_accuracy_mean": m, "test_accuracy_worst": w}}

@@ -33,6 +33,8 @@ RANKS = {
     "ideal.records": 7,
     "ideal.artifacts": 6,
     "ideal.hf": 6,
+    "ideal.paired": 2,  # statistics over seeds of `ideal compare` (pure)
+    "ideal.search": 2,  # the search recipe's settings (`search:`): read by the run config
     "ideal.settings": 1,
     "ideal.errors": 0,
     "ideal.distributed": 0,

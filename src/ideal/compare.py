@@ -3,7 +3,9 @@
 Every method starts from the config's D0 with the same total volume and the same training recipe,
 over K seeds; each (method, seed) is an ordinary run directory `OUT/<method>/seed-<s>/`, so every
 run is resumable and has its own report. Round 0 (training on D0) is the same for every method of a
-seed: it is trained once and copied into the others.
+seed: it is trained once and copied into the others (not into ideal-search, whose rounds train
+with the search recipe). Its training time is the unit of every method's `cost_in_sfts`; the
+statistics over seeds (paired differences, gap closure, cost, transfer) are ideal.paired's.
 
     original      D0 as given (round 0 only)
     uniform       one update to equal volumes per domain, then train
@@ -24,6 +26,9 @@ seed: it is trained once and copied into the others.
                   better of D0 and uniform by the reference loss
     ideal-no-probe  the IDEAL rule with EK-FAC, round 1 docs/method.md's step from D0
                   (`update.first_round: ideal`)
+    ideal-search  the IDEAL rule with EK-FAC, its rounds with the config's `search:` recipe (or,
+                  without one, the default: a quarter of the data, ideal.search); the mixture
+                  it returns is trained once with the full recipe, and that model is scored
     random        K random mixtures on the simplex at the same total (`--random-candidates`), each
                   trained; the one with the best reference objective is kept (its compute counts all K)
     doremi        DoReMi adapted to SFT (`ideal.methods.proxy`): a proxy run learns domain weights on the
@@ -51,8 +56,10 @@ from ideal.config import RunConfig
 from ideal.errors import IdealError
 from ideal.loop import run_loop
 from ideal.methods.rules import random_shares
+from ideal.paired import cost_in_sfts, gap_closure, paired_differences, stats, transfer
 from ideal.preflight import preflight
 from ideal.rundir import prepare_run
+from ideal.search import SearchSettings
 
 log = logging.getLogger("ideal")
 
@@ -90,12 +97,14 @@ METHODS: dict[str, dict[str, Any]] = {
         "update": {"first_round": "uniform"},
     },
     "ideal-no-probe": {"rule": "ideal", "curvature": "ekfac", "update": {"first_round": "ideal"}},
+    "ideal-search": {"rule": "ideal", "curvature": "ekfac", "search": True},
     "random": {"rounds": 1, "rule": "fixed"},
     "doremi": {"rounds": 1, "rule": "doremi"},
     "doge": {"rounds": 1, "rule": "doge"},
     "oracle-grid": {"rounds": 1, "rule": "fixed"},
 }
 CANDIDATE_METHODS = ("random", "oracle-grid")  # several trained mixtures per seed, one kept
+SEARCH_METHODS = ("ideal-search",)  # rounds with the search recipe, then the final training
 GRID_LIMIT = 60  # mixtures per seed for oracle-grid
 
 
@@ -107,8 +116,11 @@ def method_config(config: RunConfig, method: str, seed: int) -> RunConfig:
     suite = replace(config.suite, seed=seed) if config.suite is not None else None
     rule, rounds = spec.get("rule", config.update.rule), spec.get("rounds", config.rounds)
     iterative = rule == "ideal" and rounds > 0
+    # only ideal-search searches: every other method trains each round with the full recipe
+    search = (config.search or SearchSettings()) if spec.get("search") else None
     return replace(
         config,
+        search=search,
         suite=suite,
         seed=seed,
         rounds=rounds,
@@ -138,16 +150,6 @@ def _share_round_zero(source: Path, target: Path) -> None:
     for name in ("data", "model"):
         shutil.copytree(source / "round-0" / name, tmp / name)
     tmp.rename(destination)
-
-
-def _stats(values: list[float | None]) -> dict[str, float | None]:
-    clean = [v for v in values if v is not None]
-    if not clean:
-        return {"mean": None, "std": None}
-    return {
-        "mean": float(np.mean(clean)),
-        "std": float(np.std(clean, ddof=1)) if len(clean) > 1 else 0.0,
-    }
 
 
 def _domains(config: RunConfig) -> list[str]:
@@ -295,14 +297,16 @@ def run_compare(
         method_config(config, method, seeds[0])
     out = Path(out)
     results: dict[str, Any] = {}
+    # round 0 is trained by the first method with the full recipe, then shared
+    sharing = next((m for m in methods if m not in SEARCH_METHODS), None)
     for method in methods:
         runs = []
         for seed in seeds:
             run = out / method / f"seed-{seed}"
             config_k = method_config(config, method, seed)
-            first_run = out / methods[0] / f"seed-{seed}"  # round 0 is trained there, then shared
-            first = None if method == methods[0] else first_run
-            if first is not None and methods[0] in CANDIDATE_METHODS:
+            first_run = out / str(sharing) / f"seed-{seed}"
+            first = None if method in (sharing, *SEARCH_METHODS) else first_run
+            if first is not None and sharing in CANDIDATE_METHODS:
                 first = first_run / "candidate-0"
             log.info("compare: %s, seed %d", method, seed)
             extra: dict[str, Any] = {}
@@ -326,6 +330,9 @@ def run_compare(
                 seconds = _seconds(summary)
             chosen = summary.get("selected_round")
             selected = summary["rounds"][-1 if chosen is None else chosen]
+            if method in SEARCH_METHODS:  # scored as trained with the full recipe: RUN/final/
+                extra = {"search_selected": selected}
+                selected, seconds = summary["final"], summary["compute"]["total"]
             runs.append(
                 {
                     "seed": seed,
@@ -333,108 +340,40 @@ def run_compare(
                     "selected": selected,
                     "selected_round": selected["round"],
                     "seconds": seconds,
+                    # one SFT with the full recipe: D0's (round 0), or the final training's
+                    "sft_seconds": selected["seconds"]["train"]
+                    if method in SEARCH_METHODS
+                    else summary["rounds"][0]["seconds"]["train"],
                     **extra,
                 }
             )
         capabilities = list(runs[0]["selected"]["test_accuracy"])
         results[method] = {
             "runs": runs,
-            "test_accuracy_mean": _stats([r["selected"]["test_accuracy_mean"] for r in runs]),
-            "test_accuracy_worst": _stats([r["selected"]["test_accuracy_worst"] for r in runs]),
-            "reference_loss_mean": _stats([r["selected"]["reference_loss_mean"] for r in runs]),
+            "test_accuracy_mean": stats([r["selected"]["test_accuracy_mean"] for r in runs]),
+            "test_accuracy_worst": stats([r["selected"]["test_accuracy_worst"] for r in runs]),
+            "reference_loss_mean": stats([r["selected"]["reference_loss_mean"] for r in runs]),
             "per_capability": {
-                c: _stats([r["selected"]["test_accuracy"][c] for r in runs]) for c in capabilities
+                c: stats([r["selected"]["test_accuracy"][c] for r in runs]) for c in capabilities
             },
-            "seconds": _stats([r["seconds"] for r in runs]),
+            "seconds": stats([r["seconds"] for r in runs]),
         }
     document = {"methods": results, "seeds": seeds, "config_hash": config.hash()}
+    unit = "final training" if sharing is None else "round 0 (D0) training"
+    document["sft"] = cost_in_sfts(results, sharing or methods[0], unit)
     document["gap_closure"] = gap_closure(results)
     document["paired"] = {
         baseline: paired_differences(results, baseline)
         for baseline in ("original", "uniform")
         if baseline in results
     }
+    if "ideal" in results and "ideal-search" in results:
+        document["transfer"] = transfer(results, "ideal-search", "ideal")
     atomic_write_json(out / "compare.json", document)
     from ideal.report.compare import write_compare_report
 
     write_compare_report(out, document)
     return document
-
-
-VERDICT_Z = 2.0  # standard errors of the paired difference that separate two methods
-
-
-def verdict(mean: float, stderr: float | None, z: float = VERDICT_Z) -> str:
-    """ "better" / "worse" when the mean paired difference is more than z standard errors from 0,
-    else "not separable" (also with one seed, where the difference has no error)."""
-    if stderr is None or not np.isfinite(stderr):
-        return "not separable"
-    if mean > z * stderr:
-        return "better"
-    if mean < -z * stderr:
-        return "worse"
-    return "not separable"
-
-
-def paired_differences(results: dict[str, Any], baseline: str) -> dict[str, Any]:
-    """Per method: its selected round's mean and worst test accuracy minus the baseline's, seed by seed
-    (the same seeds, hence the same D0, split and base model), their mean, sd and standard error
-    sd / sqrt(seeds), and a verdict at VERDICT_Z standard errors."""
-
-    def by_seed(method: str, key: str) -> dict[int, float]:
-        return {r["seed"]: r["selected"][key] for r in results[method]["runs"]}
-
-    out: dict[str, Any] = {}
-    for method in results:
-        if method == baseline:
-            continue
-        entry: dict[str, Any] = {}
-        for key in ("test_accuracy_mean", "test_accuracy_worst"):
-            ours, theirs = by_seed(method, key), by_seed(baseline, key)
-            seeds = sorted(set(ours) & set(theirs))
-            diffs = [
-                ours[s] - theirs[s] for s in seeds if ours[s] is not None and theirs[s] is not None
-            ]
-            mean = float(np.mean(diffs)) if diffs else float("nan")
-            sd = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None
-            stderr = sd / np.sqrt(len(diffs)) if sd is not None else None
-            entry[key] = {"per_seed": diffs, "seeds": seeds, "mean": mean, "sd": sd,
-                          "stderr": stderr, "verdict": verdict(mean, stderr)}  # fmt: skip
-        out[method] = entry
-    return out
-
-
-def gap_closure(results: dict[str, Any]) -> dict[str, Any] | None:
-    """(method - original) / (oracle - original) of mean test accuracy, per seed then averaged.
-
-    Needs `original` and `oracle-grid` in the comparison; None otherwise."""
-    if "original" not in results or "oracle-grid" not in results:
-        return None
-
-    def by_seed(method: str) -> dict[int, float]:
-        return {r["seed"]: r["selected"]["test_accuracy_mean"] for r in results[method]["runs"]}
-
-    original, oracle = by_seed("original"), by_seed("oracle-grid")
-    closure: dict[str, Any] = {}
-    for method in results:
-        if method in ("original", "oracle-grid"):
-            continue
-        values = by_seed(method)
-        # the seeds on which every one of the three has an accuracy (an external evaluator may
-        # score none)
-        seeds = sorted(s for s in values if None not in (values[s], original.get(s), oracle.get(s)))
-        if not seeds:
-            closure[method] = {"closure": None, "oracle_minus_original": None}
-            continue
-        method_mean, base, top = (
-            float(np.mean([d[s] for s in seeds])) for d in (values, original, oracle)
-        )
-        gap = top - base
-        closure[method] = {
-            "closure": (method_mean - base) / gap if gap > 0 else None,
-            "oracle_minus_original": gap,
-        }
-    return closure
 
 
 def _d0_volumes(config: RunConfig, run: Path, first: Path | None) -> dict[str, int]:

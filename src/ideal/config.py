@@ -26,6 +26,7 @@ from ideal.errors import IdealError
 from ideal.influence.settings import InfluenceConfig, InfluenceJob
 from ideal.methods.select import SELECTIONS
 from ideal.methods.settings import UpdateSettings
+from ideal.search import SearchSettings
 from ideal.settings import check_choices, default_of, help_of, hint_members, setting
 
 # Keys that two levels would both accept: the top level is their home (they also drive the
@@ -73,6 +74,12 @@ class RunConfig:
     influence: InfluenceConfig = setting(factory=InfluenceConfig, help="The influence step.")
     update: UpdateSettings = setting(factory=UpdateSettings, help="The update rule.")
     eval: EvalConfig = setting(factory=EvalConfig, help="The evaluation.")
+    search: SearchSettings | None = setting(
+        None,
+        "Search the mixture cheap, train it once: the rounds train with this recipe (a smaller "
+        "model, a fraction of the data, other train/eval keys), then the returned mixture is "
+        "trained once with the recipe above (RUN/final/). Absent: every round uses the recipe.",
+    )
 
     def __post_init__(self) -> None:
         needed = (self.model, self.train_data, self.reference_data)
@@ -93,6 +100,21 @@ class RunConfig:
         if (self.train.max_length, self.train.seed) != (self.max_length, self.seed):
             mirrored = replace(self.train, max_length=self.max_length, seed=self.seed)
             object.__setattr__(self, "train", mirrored)
+        self.search_config()  # the search recipe is whole: its errors name search.<key>
+
+    def search_config(self) -> RunConfig:
+        """The config the rounds run with: with `search:`, its model and its overrides of
+        `train:` and `eval:` (errors name `search.train.<key>`); without it, this config."""
+        if self.search is None:
+            return self
+        train = _overridden(self.train, self.search.train, "search.train")
+        eval_ = _overridden(self.eval, self.search.eval, "search.eval")
+        try:
+            return replace(
+                self, model=self.search.model or self.model, train=train, eval=eval_, search=None
+            )
+        except IdealError as err:
+            raise IdealError(f"search: {str(err).removeprefix('config: ')}") from None
 
     def decode_references(self) -> bool:
         """Whether each round decodes its reference sets (`eval.reference_accuracy`)."""
@@ -132,7 +154,10 @@ class RunConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self)))
+        tree = json.loads(json.dumps(asdict(self)))
+        if tree["search"] is None:  # without it, the hash of a run started before it existed
+            del tree["search"]
+        return tree
 
     def hash(self) -> str:
         return sha256_text(json.dumps(self.to_dict(), sort_keys=True))
@@ -257,6 +282,27 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     return value
 
 
+def _overridden(section: Any, overrides: dict[str, Any], where: str) -> Any:
+    """A settings section with `overrides` applied, built as the config loader builds it: an
+    unknown key, a wrong type or a bad value is an error naming `where.<key>`."""
+    name = where.rsplit(".", 1)[-1]
+    for key in overrides:
+        if f"{name}.{key}" in MIRRORED:
+            raise IdealError(
+                f"{where}.{key}: the search runs with the config's '{MIRRORED[name + '.' + key]}'"
+                " (one home: it also drives the influence step and the evaluation)"
+            )
+    try:
+        return _build(type(section), {**_plain(section), **overrides}, where)
+    except IdealError as err:
+        message = str(err)
+        if message.startswith(f"{name}."):  # a section's own check: `train.lr must be > 0`
+            message = f"search.{message}"
+        elif not message.startswith(where):
+            message = f"{where}: {message}"
+        raise IdealError(message) from None
+
+
 def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -297,6 +343,8 @@ def load_config(
             value = raw  # e.g. a glob such as *.mlp.*
         _set(data, key.strip(), value)
     _refuse_mirrors(data)
+    if "search" in data and data["search"] is None:  # an empty `search:` is its defaults
+        data["search"] = {}
     return _build(RunConfig, data, "")
 
 
@@ -320,6 +368,12 @@ def config_template(model: str, train: str, reference: str, test: str) -> str:
             if f"{section}.{f.name}" in MIRRORED:
                 continue
             lines += _commented(f.name, default_of(cls, f.name), help_of(cls, f.name), "  ")
+    lines += [f"# {part}" for part in textwrap.wrap(help_of(RunConfig, "search"), 98)]
+    lines.append("# search:")
+    for f in fields(SearchSettings):
+        lines += _commented(
+            f.name, default_of(SearchSettings, f.name), help_of(SearchSettings, f.name), "  "
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -5,7 +5,10 @@
                                the update that made it (ideal.records.UpdateRecord)
     RUN/round-K/model/, train.json, metrics.json, proxy.json   the stages' work (ideal.stages)
     RUN/round-K/influence.json influence of round K's model (+ .csv, .png): an update from round K
-    RUN/summary.json           one entry per round (ideal.summary)
+    RUN/round-K/search/        with `search.fraction` < 1: the nested subset round K trained on
+    RUN/final/                 with `search:`: the returned mixture trained once with the run's
+                               recipe (mixture.json, model/, train.json, metrics.json)
+    RUN/summary.json           one entry per round, the final training, the compute (ideal.summary)
     RUN/report.html            plots and tables (ideal.report.run)
 
 Round 0 trains on D0. Under `update.first_round: uniform` (the default) round 1 is the uniform
@@ -14,6 +17,10 @@ round it starts from (the better of D0 and the probe after the probe, the trust 
 with `update.trust_region`, else the previous round), resamples, retrains from the base model and
 evaluates. Every stage writes its artifact atomically and is skipped on --resume when present, so
 a killed run continues where it stopped.
+
+With a search recipe (`search:`, ideal.search) the rounds train, evaluate and compute influence
+with it, on a nested fraction of each round's volumes; the round they return is then trained once
+with the run's own recipe (`train_final`), and the run reports both and the compute of each part.
 """
 
 from __future__ import annotations
@@ -25,8 +32,9 @@ from typing import Any
 
 from ideal.artifacts import atomic_write_json, read_json
 from ideal.config import RunConfig
-from ideal.data.mixture import Constraints, Mixture, draw_mixture
+from ideal.data.mixture import Constraints, Mixture, draw_mixture, nested_subset
 from ideal.data.mixture_io import TrainingSet, load_training_set, write_mixture_dir
+from ideal.errors import IdealError
 from ideal.methods.reweight import update_mixture
 from ideal.methods.rules import (
     FixedRule,
@@ -40,8 +48,8 @@ from ideal.methods.rules import (
 from ideal.methods.trust import StepDecision, trust_step
 from ideal.preflight import preflight
 from ideal.records import RunSummary, UpdateRecord
-from ideal.rundir import RunPaths, prepare_run
-from ideal.stages import evaluate_round, proxy_round, train_round, write_proxy_files
+from ideal.rundir import RunPaths, prepare_run, search_paths
+from ideal.stages import FINAL_ROUND, evaluate_round, proxy_round, train_round, write_proxy_files
 from ideal.summary import summarise_run
 
 log = logging.getLogger("ideal")
@@ -130,6 +138,55 @@ def uniform_probe(
     return training, mixture, record
 
 
+def search_rows(here: Path, fraction: float, main: bool) -> Path:
+    """What round K's model trains on, and what its influence step scores: the round's mixture,
+    or under `search.fraction` < 1 its nested subset (`nested_subset`), RUN/round-K/search/,
+    written here on first use."""
+    from ideal.distributed import barrier
+
+    if fraction >= 1.0:
+        return here
+    subset = here / "search"
+    if main and not (subset / "mixture.json").is_file():
+        training = load_training_set(here)
+        write_mixture_dir(
+            subset, training, nested_subset(training.mixture, fraction),
+            extra={"search": {"fraction": fraction, "of": str(here / "mixture.json")}},
+            data_subdir="data",
+        )  # fmt: skip
+    barrier()
+    return subset
+
+
+def train_final(config: RunConfig, paths: RunPaths, selected: int) -> None:
+    """RUN/final/: round `selected`'s mixture (the one the run returns) trained once with the
+    run's own recipe, then evaluated. Each step is skipped when its artifact is there, so a
+    resumed run neither copies nor trains it again."""
+    from ideal.distributed import barrier, is_main
+
+    final = paths.final
+    if is_main() and not (final / "mixture.json").is_file():
+        training = load_training_set(paths.round(selected))
+        write_mixture_dir(
+            final, training, training.mixture, extra={"final": {"from_round": selected}},
+            data_subdir="data",
+        )  # fmt: skip
+    barrier()
+    stored = read_json(final / "mixture.json")["final"]["from_round"]
+    if stored != selected:  # a run's rounds are final once written: this is not the same run
+        raise IdealError(
+            f"{final}: holds round {stored}'s mixture, but the run returns round {selected}; "
+            "move it away to train the returned mixture"
+        )
+    if not (final / "model").is_dir():
+        train_round(config, paths, FINAL_ROUND, here=final)
+    if is_main() and not (final / "metrics.json").is_file():
+        log.info("final: evaluating round %d's mixture, trained with the run's recipe", selected)
+        metrics = evaluate_round(config, paths, final / "model", FINAL_ROUND)
+        atomic_write_json(final / "metrics.json", metrics)
+    barrier()
+
+
 def run_loop(
     config: RunConfig,
     run_dir: str | Path,
@@ -168,12 +225,18 @@ def run_loop(
         training = load_training_set(paths.train)
         write_mixture_dir(first, training, initial_mixture(config, training), data_subdir="data")
     barrier()
+    # With `search:`, the rounds below run with the search recipe (its model, train and eval
+    # keys; `config` and `paths` are rebound to it) on a nested fraction of each mixture, and
+    # the run's own recipe trains the returned mixture once after them (train_final).
+    recipe, recipe_paths = config, paths
+    fraction = config.search.fraction if config.search is not None else 1.0
+    config, paths = config.search_config(), search_paths(config, paths)
     k = 0
     while True:
         here = paths.round(k)
         model_dir = here / "model"
         if not model_dir.is_dir():
-            train_round(config, paths, k)
+            train_round(config, paths, k, data=search_rows(here, fraction, main))
         if main and not (here / "metrics.json").is_file():
             log.info("round %d: evaluating", k)
             atomic_write_json(here / "metrics.json", evaluate_round(config, paths, model_dir, k))
@@ -200,7 +263,8 @@ def run_loop(
         if rule.signal == "influence" and not (source / "influence.json").is_file():
             log.info("round %d: influence", decision.base)
             result, document = compute_influence(
-                source / "model", source, paths.reference, config.influence_job(), track,
+                source / "model", search_rows(source, fraction, main), paths.reference,
+                config.influence_job(), track,
                 features=paths.features,
             )  # fmt: skip
             if config.update.rule == "ideal":  # the step this update takes, m of this round
@@ -249,6 +313,9 @@ def run_loop(
         barrier()
         k += 1
     summary = summarise_run(paths.run)
+    if recipe.search is not None and summary.selected_round is not None:
+        train_final(recipe, recipe_paths, summary.selected_round)
+        summary = summarise_run(paths.run)
     if main:
         atomic_write_json(paths.run / "summary.json", summary.to_json())
         from ideal.report.run import write_report

@@ -2,8 +2,9 @@
 
 `ideal run`, `ideal compare` and `ideal check --config` call `preflight(config)`: it reads every data
 directory (rows included), checks each scorer name and the capability it names, the backends'
-options, and the base model with its tokenizer. The first mistake is an IdealError of one line that
-names the key and the value; what is suspicious but legal comes back as warnings.
+options, the base model with its tokenizer, and a search recipe's model (`search.model`: the same
+vocabulary and chat template as the base model's) and keys. The first mistake is an IdealError of
+one line that names the key and the value; what is suspicious but legal comes back as warnings.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import importlib.util
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ideal.config import RunConfig
 from ideal.errors import IdealError
@@ -38,16 +40,14 @@ def preflight(config: RunConfig, config_file: str | Path | None = None) -> Prefl
     if config.suite is not None:
         found.domains = sorted(d.name for d in config.suite.domains)
         found.references = found.tests = sorted(config.suite.capabilities)
-        if config.train.top_layers > config.suite.num_layers:
-            raise IdealError(
-                f"train.top_layers is {config.train.top_layers}, but the suite's model has "
-                f"{config.suite.num_layers} blocks"
-            )
     else:
         _check_data(config, found)
         _check_model(config)
+    _check_top_layers(config, "train")
     _check_scorers(config, found)
     _check_backends(config, found, config_file)
+    if config.search is not None:
+        _check_search(config)
     if config.rounds == 0:
         found.warnings.append("rounds 0: only D0 is trained and evaluated; no IDEAL step follows")
     return found
@@ -88,17 +88,76 @@ def _loaded(key: str, load):
 
 
 def _check_model(config: RunConfig) -> None:
-    from ideal.hf import load_tokenizer, resolve_model_dir
+    from ideal.hf import load_tokenizer
 
     try:
         load_tokenizer(config.model)
     except IdealError as err:
         raise IdealError(f"model: {err}") from None
-    if config.train.top_layers:  # the architecture and its block count, from config.json alone
-        from ideal.backends.top_layers import check_top_layers
-        from ideal.influence.plan import meta_model
 
-        check_top_layers(meta_model(resolve_model_dir(config.model)), config.train.top_layers)
+
+def _check_top_layers(config: RunConfig, key: str) -> None:
+    """`train.top_layers` against the model's blocks (its config.json alone) or the suite's;
+    `key` names the section in the error (train, or search.train)."""
+    top = config.train.top_layers
+    if not top:
+        return
+    if config.model is None:  # the embedded suite's model
+        assert config.suite is not None
+        if top > config.suite.num_layers:
+            raise IdealError(
+                f"{key}.top_layers is {top}, but the suite's model has "
+                f"{config.suite.num_layers} blocks"
+            )
+        return
+    from ideal.backends.top_layers import check_top_layers
+    from ideal.hf import resolve_model_dir
+    from ideal.influence.plan import meta_model
+
+    try:
+        check_top_layers(meta_model(resolve_model_dir(config.model)), top)
+    except IdealError as err:
+        raise IdealError(f"{key}.{str(err).removeprefix('train.')}") from None
+
+
+def _check_search(config: RunConfig) -> None:
+    """The search recipe: its model shares the base model's tokenizer (the influence step's
+    scores and the mixture's rows mean the same tokens at both scales), its trainer and
+    evaluator are installed, its top_layers fits its model."""
+    assert config.search is not None
+    search = config.search_config()
+    if config.search.model:
+        from ideal.hf import load_tokenizer
+        from ideal.tiny import char_tokenizer
+
+        try:
+            theirs = load_tokenizer(config.search.model)
+        except IdealError as err:
+            raise IdealError(f"search.model: {err}") from None
+        # the embedded suite's model is built with the character tokenizer
+        ours = char_tokenizer() if config.model is None else load_tokenizer(config.model)
+        difference = tokenizer_difference(ours, theirs)
+        if difference is not None:
+            raise IdealError(
+                f"search.model: {config.search.model}: its tokenizer differs from the base "
+                f"model's ({difference}); a search model must share the tokenizer"
+            )
+    _check_imports(search, "search.")
+    _check_top_layers(search, "search.train")
+
+
+def tokenizer_difference(ours: Any, theirs: Any) -> str | None:
+    """How `theirs` differs from `ours` in what the loop relies on (the vocabulary and the chat
+    template), in a few words, or None when they agree."""
+    a, b = ours.get_vocab(), theirs.get_vocab()
+    if len(a) != len(b):
+        return f"vocabulary of {len(b)} tokens, not {len(a)}"
+    moved = sum(1 for token, i in a.items() if b.get(token) != i)
+    if moved:
+        return f"{moved} of {len(a)} tokens have other ids"
+    if getattr(ours, "chat_template", None) != getattr(theirs, "chat_template", None):
+        return "another chat template"
+    return None
 
 
 def _check_scorers(config: RunConfig, found: Preflight) -> None:
@@ -119,12 +178,18 @@ def _check_scorers(config: RunConfig, found: Preflight) -> None:
             )
 
 
-def _check_backends(config: RunConfig, found: Preflight, config_file: str | Path | None) -> None:
+def _check_imports(config: RunConfig, prefix: str = "") -> None:
+    """The packages `train.backend` and `eval.backend` import in this process are installed."""
     for (part, backend), (module, extra) in _IMPORTS.items():
         if getattr(config, part).backend == backend and importlib.util.find_spec(module) is None:
             raise IdealError(
-                f"{part}.backend {backend}: {module} is not installed; pip install -e '.[{extra}]'"
+                f"{prefix}{part}.backend {backend}: {module} is not installed; "
+                f"pip install -e '.[{extra}]'"
             )
+
+
+def _check_backends(config: RunConfig, found: Preflight, config_file: str | Path | None) -> None:
+    _check_imports(config)
     train = config.train
     base = None
     if train.base_config:

@@ -2,8 +2,12 @@
 
     UpdateRecord   RUN/round-K/mixture.json's "update": the rule, the round it started from, m,
                    the realised relative changes (the rest of what the rule recorded rides along)
-    RoundRecord    one entry of RUN/summary.json's "rounds" (SPEC.md)
-    RunSummary     RUN/summary.json: the rounds, the probe's facts, the selected round
+    RoundRecord    one entry of RUN/summary.json's "rounds" (SPEC.md); also its "final": the
+                   returned mixture trained with the run's recipe, under a search recipe
+    Compute        RUN/summary.json's "compute": seconds of the rounds and of the final training,
+                   and the whole run in units of one SFT at the run's recipe (cost_in_sfts)
+    RunSummary     RUN/summary.json: the rounds, the probe's facts, the selected round, the final
+                   training and the compute
 
 The loop writes them once (ideal.summary computes the summary); the command line and the reports
 only read them, so no module re-derives "was round 1 the probe?" or spells a key by hand.
@@ -17,6 +21,7 @@ from typing import Any
 # what a round was, in the words the console and the report use
 KIND_D0 = "D0"
 KIND_PROBE = "uniform probe"
+KIND_FINAL = "final"  # RUN/final/: the returned mixture trained with the run's own recipe
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,44 @@ class RoundRecord:
         """What the round was, in a few words: D0, the uniform probe, an IDEAL step from round K."""
         if self.kind in (KIND_D0, KIND_PROBE):
             return self.kind
+        if self.kind == KIND_FINAL:
+            return f"round {self.round}'s mixture trained with the run's recipe"
         return f"{self.kind} step from round {self.from_round}"
+
+
+@dataclass(frozen=True)
+class Compute:
+    """The whole run's seconds: its rounds per stage (train, influence, eval, proxy), the final
+    training and its evaluation (with `search:`), and the unit of `cost_in_sfts`: one SFT with
+    the run's recipe, the final training's seconds, else round 0's (D0)."""
+
+    rounds: dict[str, float]
+    final: dict[str, float] = field(default_factory=dict)
+    sft_seconds: float | None = None
+    sft: str = ""  # what the unit is: "final training" | "round 0 training"
+
+    @property
+    def total(self) -> float:
+        return sum(self.rounds.values()) + sum(self.final.values())
+
+    @property
+    def cost_in_sfts(self) -> float | None:
+        return self.total / self.sft_seconds if self.sft_seconds else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rounds": self.rounds,
+            "final": self.final,
+            "total": self.total,
+            "sft_seconds": self.sft_seconds,
+            "sft": self.sft,
+            "cost_in_sfts": self.cost_in_sfts,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Compute:
+        return cls(data["rounds"], data.get("final") or {}, data.get("sft_seconds"),
+                   data.get("sft", ""))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -84,6 +126,9 @@ class RunSummary:
     selected_round: int | None
     probe_round: int | None = None  # the round that was the uniform probe
     continued_from: int | None = None  # after the probe: the round the IDEAL updates went on from
+    search: str | None = None  # the search recipe in words (`search:`); None: the run's recipe
+    final: RoundRecord | None = None  # with `search:`: RUN/final/, once trained and evaluated
+    compute: Compute | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -92,6 +137,9 @@ class RunSummary:
             "selected_round": self.selected_round,
             "probe_round": self.probe_round,
             "continued_from": self.continued_from,
+            "search": self.search,
+            "final": None if self.final is None else asdict(self.final),
+            "compute": None if self.compute is None else self.compute.to_json(),
         }
 
     @classmethod
@@ -104,12 +152,18 @@ class RunSummary:
             entry.setdefault("kind", KIND_D0 if k == 0 else "ideal")
             entry.setdefault("from_round", None if k == 0 else k - 1)
             rounds.append(RoundRecord(**entry))
+        final, compute = data.get("final"), data.get("compute")
         return cls(
             rounds,
             data.get("select", "last"),
             data.get("selected_round"),
             data.get("probe_round"),
             data.get("continued_from"),
+            data.get("search"),
+            None
+            if final is None
+            else RoundRecord(**{k: v for k, v in final.items() if k in names}),
+            None if compute is None else Compute.from_json(compute),
         )
 
     @property

@@ -4,6 +4,7 @@
                       except options added to ideal since, at the value the run had
     RUN/suite/        the generated suite (data + base model), when the config names one
     RUN/round-K/      one directory per round (ideal.loop)
+    RUN/final/        with `search:`, the returned mixture trained with the run's recipe
 
 A run directory in which no stage began (only its config, the suite and round 0's rows) is started
 again at the same --out, whatever its config said: nothing would be lost. `--resume` never starts
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -47,6 +48,20 @@ class RunPaths:
 
     def round(self, k: int) -> Path:
         return self.run / f"round-{k}"
+
+    @property
+    def final(self) -> Path:
+        """RUN/final/: with `search:`, the returned mixture trained with the run's recipe."""
+        return self.run / "final"
+
+
+def search_paths(config: RunConfig, paths: RunPaths) -> RunPaths:
+    """The paths the search rounds run with: `search.model` as their base model, if any."""
+    if config.search is None or not config.search.model:
+        return paths
+    from ideal.hf import resolve_model_dir
+
+    return replace(paths, base=resolve_model_dir(config.search.model))
 
 
 def started_only(run: Path) -> bool:

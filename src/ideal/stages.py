@@ -5,6 +5,7 @@
                                an external trainer's command, exit code, seconds (+ train.log)
     RUN/round-K/metrics.json   reference loss, test loss and accuracy per capability; mean; worst
     RUN/round-K/proxy.json     rules doremi/doge: the proxy run's domain weights (+ proxy.png)
+    RUN/final/                 with `search:`: the returned mixture trained with the run's recipe
 
 The influence step has its own part (ideal.influence); the loop (ideal.loop) orders the stages.
 """
@@ -28,9 +29,21 @@ from ideal.rundir import RunPaths
 log = logging.getLogger("ideal")
 
 
-def train_round(config: RunConfig, paths: RunPaths, round_: int) -> None:
+# the round number of the final training (`search:`): {round} of a command trainer, EvalJob.round
+FINAL_ROUND = -1
+
+
+def train_round(
+    config: RunConfig,
+    paths: RunPaths,
+    round_: int,
+    here: Path | None = None,
+    data: Path | None = None,
+) -> None:
     """RUN/round-K/model and train.json, by the configured trainer (resumable: a failed or killed
-    round is trained again by `--resume`; the builtin loop continues from its checkpoint)."""
+    round is trained again by `--resume`; the builtin loop continues from its checkpoint).
+    `here` replaces RUN/round-K (RUN/final), `data` the mixture directory trained on (a search
+    round's subset, RUN/round-K/search)."""
     from ideal.backends.protocol import TrainJob
     from ideal.distributed import barrier, is_main, world_size
 
@@ -40,17 +53,17 @@ def train_round(config: RunConfig, paths: RunPaths, round_: int) -> None:
             f"train.backend {trainer.name} launches its own processes: run `ideal run` as one "
             "process and put the launcher in the trainer's command (README: multi-GPU)"
         )
-    here = paths.round(round_)
+    here = here or paths.round(round_)
     job = TrainJob(
         base_model=paths.base.resolve(),
-        mixture_dir=here,
+        mixture_dir=data or here,
         output_dir=here / "model",
         round=round_,
         run_dir=paths.run,
         config_file=paths.run / "config.yaml",
         features=paths.features,
     )
-    log.info("round %d: training (%s)", round_, trainer.name)
+    log.info("%s: training (%s)", f"round {round_}" if round_ >= 0 else "final", trainer.name)
     record = trainer.train(job)
     if is_main():
         atomic_write_json(here / "train.json", {"round": round_, **record})

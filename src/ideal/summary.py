@@ -3,11 +3,13 @@
 Each round's entry says what the round was (D0, the uniform probe, an update from round K), its
 volumes, scores and seconds, and the predicted against the realised change of the mean reference
 loss; the summary names the probe, the round the IDEAL updates went on from, and the selected round.
+Under a search recipe (`search:`) it adds the final training (RUN/final/: the selected round's
+mixture trained with the run's recipe) and, for every run, the compute of the whole run.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,16 @@ from ideal.artifacts import read_json
 from ideal.config import RunConfig
 from ideal.errors import IdealError
 from ideal.methods.select import select_round
-from ideal.records import KIND_D0, KIND_PROBE, RoundRecord, RunSummary, UpdateRecord
+from ideal.records import (
+    KIND_D0,
+    KIND_FINAL,
+    KIND_PROBE,
+    Compute,
+    RoundRecord,
+    RunSummary,
+    UpdateRecord,
+)
+from ideal.search import SearchSettings
 
 
 def summarise_run(run: str | Path) -> RunSummary:
@@ -42,16 +53,40 @@ def summarise_run(run: str | Path) -> RunSummary:
         elif update is not None and probe_round is not None and continued_from is None:
             continued_from = update.from_round
         kind = KIND_D0 if update is None else KIND_PROBE if probe else update.rule
-        rounds.append(_round(run, k, kind, update, mixture, metrics, rounds))
+        rounds.append(_round(here, k, kind, update, mixture, metrics, rounds))
         k += 1
     select = config.get("select") or RunConfig.select  # the default
     records = [asdict(r) for r in rounds]
     selected = select_round(records, select) if rounds else None
-    return RunSummary(rounds, select, selected, probe_round, continued_from)
+    final = None
+    here = run / "final"
+    if (here / "metrics.json").is_file():
+        mixture, metrics = read_json(here / "mixture.json"), read_json(here / "metrics.json")
+        source = mixture["final"]["from_round"]
+        final = replace(_round(here, source, KIND_FINAL, None, mixture, metrics, rounds),
+                        from_round=source)  # fmt: skip
+    search = config.get("search")
+    recipe = None if search is None else SearchSettings(**search).describe()
+    return RunSummary(
+        rounds, select, selected, probe_round, continued_from, recipe, final,
+        _compute(rounds, final) if rounds else None,
+    )  # fmt: skip
+
+
+def _compute(rounds: list[RoundRecord], final: RoundRecord | None) -> Compute:
+    """Seconds per stage over the rounds, the final training's, and the unit of cost_in_sfts."""
+    spent: dict[str, float] = {}
+    for r in rounds:
+        for stage, seconds in r.seconds.items():
+            spent[stage] = spent.get(stage, 0.0) + (seconds or 0.0)
+    if final is None:
+        return Compute(spent, {}, rounds[0].seconds.get("train"), "round 0 training")
+    done = {stage: seconds for stage, seconds in final.seconds.items() if seconds is not None}
+    return Compute(spent, done, final.seconds.get("train"), "final training")
 
 
 def _round(
-    run: Path,
+    here: Path,
     k: int,
     kind: str,
     update: UpdateRecord | None,
@@ -59,7 +94,7 @@ def _round(
     metrics: dict[str, Any],
     earlier: list[RoundRecord],
 ) -> RoundRecord:
-    here = run / f"round-{k}"
+    run = here.parent
     caps = metrics["capabilities"]
     train_settings = read_json(here / "model" / "train_settings.json")
     seconds: dict[str, float | None] = {"train": train_settings.get("seconds"), "influence": None}

@@ -255,6 +255,38 @@ def resample_mixture(
     return Mixture(counts, seed=seed, round=round_, events=list(events or []))
 
 
+# the stream of the search subsets' order: apart from every round's resampling (domain_rng)
+_SEARCH_STREAM = 0x5EA2C4
+
+
+def nested_subset(mixture: Mixture, fraction: float) -> Mixture:
+    """The search recipe's rows of a round (`search.fraction`): per domain, round(fraction x n_i)
+    copies (at least one of a non-empty domain), so the shares are kept.
+
+    They are a prefix of a fixed order of the domain's pool, drawn once per (seed, domain): every
+    pool row once in that order, then again (copies only past the pool's size). A round with a
+    larger volume takes a longer prefix, so the rounds' subsets are nested, and two rounds at the
+    same volume train on the same rows: the search compares mixtures, not samples. Which rows the
+    round's own mixture holds does not enter: at a fraction of the volume, the search sees
+    distinct rows where the mixture may repeat them."""
+    if not 0.0 < fraction <= 1.0:
+        raise IdealError(f"search.fraction must be in (0, 1], got {fraction}")
+    counts = {}
+    for domain, full in mixture.counts.items():
+        pool, volume = len(full), int(full.sum())
+        if not volume:
+            counts[domain] = np.zeros(pool, dtype=np.int64)
+            continue
+        size = max(1, _round_half_up(fraction * volume))
+        order = np.random.default_rng(
+            [mixture.seed, _SEARCH_STREAM, zlib.crc32(domain.encode("utf-8"))]
+        ).permutation(pool)
+        rank = np.empty(pool, dtype=np.int64)
+        rank[order] = np.arange(pool)  # position of each pool row in the order
+        counts[domain] = size // pool + (rank < size % pool).astype(np.int64)
+    return Mixture(counts, seed=mixture.seed, round=mixture.round)
+
+
 def sample_counts(
     counts: np.ndarray, fraction: float, rng: np.random.Generator, cap: int | None = None
 ) -> np.ndarray:

@@ -3,8 +3,9 @@
 Made from compare.json only. The table has, per method, each capability's final test accuracy
 (mean +- sd over seeds), the mean, the worst capability, the mean reference loss, the compute in
 seconds per seed (training, influence, proxy runs, evaluation; candidates of `random` and
-`oracle-grid` all counted), and IDEAL-style gap closure against the oracle grid when both
-`original` and `oracle-grid` were run.
+`oracle-grid` all counted) and in SFTs with the full recipe (`cost_in_sfts`), IDEAL-style gap
+closure against the oracle grid when both `original` and `oracle-grid` were run, and the transfer
+of ideal-search's mixture against ideal's when both were run.
 """
 
 from __future__ import annotations
@@ -89,13 +90,44 @@ def _paired_table(baseline: str, paired: dict[str, Any]) -> str:
     )
 
 
+def _transfer_html(transfer: dict[str, Any] | None) -> str:
+    """The searched mixture against the full search's, both trained with the full recipe."""
+    if not transfer:
+        return ""
+    searched, against = html.escape(transfer["searched"]), html.escape(transfer["against"])
+    rows = []
+    for s in transfer["per_seed"]:
+        cells = [str(s["seed"])]
+        cells += ["" if s[k] is None else f"{s[k]:+.3f}"
+                  for k in ("test_accuracy_mean", "reference_loss_mean")]  # fmt: skip
+        cells.append(f"{s['share_distance']:.3f}")
+        rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    head = "".join(
+        f"<th>{h}</th>" for h in ("seed", "mean acc. diff", "mean ref. loss diff", "share distance")
+    )
+    accuracy = transfer["test_accuracy_mean"]
+    error = "" if accuracy["stderr"] is None else f" &plusmn; {accuracy['stderr']:.3f}"
+    within = {True: "yes", False: "no", None: "(one seed: no error)"}[
+        transfer["within_one_stderr_or_better"]
+    ]
+    return (
+        f"<h2>Transfer: {searched}'s mixture against {against}'s</h2><p>Both mixtures trained with "
+        f"the full recipe, paired per seed ({searched} - {against}). Mean accuracy difference "
+        f"{accuracy['mean']:+.3f}{error} ({html.escape(accuracy['verdict'])}); within one paired "
+        f"standard error or better: {within}. Share distance: total variation between the two "
+        "mixtures' shares.</p>"
+        f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
 def write_compare_report(out: str | Path, document: dict[str, Any]) -> Path:
     out = Path(out)
     plot = accuracy_vs_compute_plot(document, out / "compare.png")
     methods = document["methods"]
     capabilities = list(next(iter(methods.values()))["per_capability"]) if methods else []
     closure = document.get("gap_closure") or {}
-    header = ["method", *capabilities, "mean", "worst", "mean ref. loss", "compute s / seed"]
+    header = ["method", *capabilities, "mean", "worst", "mean ref. loss", "compute s / seed",
+              "cost in SFTs"]  # fmt: skip
     if closure:
         header.append("gap closure")
     rows = []
@@ -107,6 +139,7 @@ def write_compare_report(out: str | Path, document: dict[str, Any]) -> Path:
             for k in ("test_accuracy_mean", "test_accuracy_worst", "reference_loss_mean")
         ]
         cells.append(f"{entry['seconds']['mean']:.0f}")
+        cells.append(_cell(entry.get("cost_in_sfts")))
         if closure:
             value = (closure.get(method) or {}).get("closure")
             cells.append("" if value is None else f"{100 * value:.0f} %")
@@ -120,6 +153,7 @@ def write_compare_report(out: str | Path, document: dict[str, Any]) -> Path:
         else ""
     )
     paired_tables = "".join(_paired_table(b, p) for b, p in document.get("paired", {}).items())
+    paired_tables += _transfer_html(document.get("transfer"))
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>ideal compare</title>
 <style>

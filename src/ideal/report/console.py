@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.table import Table
 
-from ideal.records import RunSummary
+from ideal.records import Compute, RoundRecord, RunSummary
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
@@ -37,9 +37,13 @@ def _table(title: str, columns: Iterable[str], left: Sequence[str] = ()) -> Tabl
 
 def run_tables(summary: RunSummary, run_dir: Path) -> list[Any]:
     """`ideal run` / `ideal demo`: scores and volumes per round, what each round was, the
-    returned round with its shares, and the next step."""
+    returned round with its shares, the final training (under a search recipe), the whole
+    run's compute, and the next step."""
     rounds = summary.rounds
-    table = Table(title="test accuracy per capability (round 0 = the original mixture D0)")
+    searched = f"; rounds searched with {summary.search}" if summary.search else ""
+    table = Table(
+        title=f"test accuracy per capability (round 0 = the original mixture D0){searched}"
+    )
     table.add_column("capability")
     for r in rounds:
         table.add_column(f"round {r.round}", justify="right")
@@ -66,33 +70,66 @@ def run_tables(summary: RunSummary, run_dir: Path) -> list[Any]:
             f"{summary.select}), its mixture: {mixture}"
         )
         out.append(f"volumes: {shares}")
+        if summary.final is not None:
+            out.append(final_line(summary.final, run_dir / "final"))
         out.append(
             f"export it: ideal export --run {run_dir} --format llamafactory --out mix   "
             "(or --format trl, axolotl)"
         )
+    if summary.compute is not None:
+        out.append(compute_line(summary.compute))
     out.append(f"report: {run_dir / 'report.html'}")
     return out
 
 
+def final_line(final: RoundRecord, where: Path) -> str:
+    """The final training's scores (RUN/final/), in one line."""
+    return (
+        f"final: {final.describe()}: mean test accuracy {fmt(final.test_accuracy_mean)}, worst "
+        f"{fmt(final.test_accuracy_worst)}, mean reference loss {fmt(final.reference_loss_mean)}; "
+        f"model: {where / 'model'}"
+    )
+
+
+def compute_line(compute: Compute) -> str:
+    """The whole run's seconds by part, and in units of one SFT with the run's recipe."""
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in compute.rounds.items() if v)
+    line = f"compute: rounds {sum(compute.rounds.values()):.1f} s ({stages})"
+    if compute.final:
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in compute.final.items())
+        line += f", final {sum(compute.final.values()):.1f} s ({stages})"
+    line += f"; whole run {compute.total:.1f} s"
+    if compute.cost_in_sfts is not None:
+        line += (
+            f" = {compute.cost_in_sfts:.2f} x one SFT with the run's recipe ({compute.sft}, "
+            f"{compute.sft_seconds:.1f} s)"
+        )
+    return line
+
+
 def compare_tables(document: dict[str, Any], seeds: int, out_dir: Path) -> list[Any]:
-    """`ideal compare`: the methods' returned rounds (mean +- sd), the paired differences
-    against each baseline with their verdicts, and the gap closure."""
+    """`ideal compare`: the methods' returned rounds (mean +- sd) with their cost in SFTs, the
+    paired differences against each baseline with their verdicts, the gap closure, and the
+    transfer of ideal-search's mixture."""
 
     def cell(stat: dict) -> str:
         return "" if stat["mean"] is None else f"{stat['mean']:.3f} +- {stat['std']:.3f}"
 
     table = _table(
         f"methods over {seeds} seed(s): returned round, mean +- sd",
-        ("method", "mean accuracy", "worst accuracy", "mean reference loss", "compute s"),
+        ("method", "mean accuracy", "worst accuracy", "mean reference loss", "compute s",
+         "cost in SFTs"),
         left=("method",),
-    )
+    )  # fmt: skip
     for method, entry in document["methods"].items():
+        cost = entry.get("cost_in_sfts") or {"mean": None}
         table.add_row(
             method,
             cell(entry["test_accuracy_mean"]),
             cell(entry["test_accuracy_worst"]),
             cell(entry["reference_loss_mean"]),
             f"{entry['seconds']['mean']:.0f}",
+            cell(cost) if cost["mean"] is not None else "",
         )
     out: list[Any] = [table]
     seeds_note = "" if seeds > 1 else " (one seed: nothing separates)"
@@ -113,8 +150,30 @@ def compare_tables(document: dict[str, Any], seeds: int, out_dir: Path) -> list[
     for method, entry in (document.get("gap_closure") or {}).items():
         if entry["closure"] is not None:
             out.append(f"gap closure {method}: {100 * entry['closure']:.0f} % of oracle - original")
+    if document.get("sft"):
+        out.append(
+            f"cost in SFTs: compute over one SFT with the full recipe ({document['sft']['of']})"
+        )
+    if document.get("transfer"):
+        out.append(transfer_line(document["transfer"]))
     out.append(f"wrote {out_dir / 'compare.json'} and {out_dir / 'compare.html'}")
     return out
+
+
+def transfer_line(transfer: dict[str, Any]) -> str:
+    """compare.json's transfer: the searched mixture against the full search's, both trained with
+    the full recipe, paired per seed."""
+    accuracy, loss = transfer["test_accuracy_mean"], transfer["reference_loss_mean"]
+    distance = " ".join(f"{s['share_distance']:.2f}" for s in transfer["per_seed"])
+    within = {True: "yes", False: "no", None: "one seed: no error"}[
+        transfer["within_one_stderr_or_better"]
+    ]
+    return (
+        f"transfer, {transfer['searched']} - {transfer['against']} (both mixtures trained with "
+        f"the full recipe), per seed: mean accuracy {_diff(accuracy)} ({accuracy['verdict']}), "
+        f"mean reference loss {_diff(loss)}; share distance per seed {distance}; within one "
+        f"paired standard error or better: {within}"
+    )
 
 
 def _diff(d: dict) -> str:

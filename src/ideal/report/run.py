@@ -162,6 +162,48 @@ def _returned_html(summary: RunSummary, run: Path) -> str:
     )
 
 
+def _final_html(summary: RunSummary) -> str:
+    """Under a search recipe: the rounds' recipe, and the returned mixture trained with the run's
+    own recipe (RUN/final/) beside the round that chose it."""
+    if summary.search is None:
+        return ""
+    text = (
+        f"<h2>Search and final training</h2><p>The rounds searched with <code>search:</code> "
+        f"({html.escape(summary.search)}): their scores below are the search recipe's. "
+    )
+    final, chosen = summary.final, summary.selected
+    if final is None or chosen is None:
+        return text + "The final training has not run yet (<code>--resume</code>).</p>"
+    rows = [
+        [f"round {chosen.round} (search)", chosen.test_accuracy_mean, chosen.test_accuracy_worst,
+         chosen.reference_loss_mean],
+        ["final (run's recipe)", final.test_accuracy_mean, final.test_accuracy_worst,
+         final.reference_loss_mean],
+    ]  # fmt: skip
+    table = _table(["model", "mean accuracy", "worst accuracy", "mean reference loss"], rows, 1)
+    return (
+        text + f"The returned mixture, round {final.round}'s, was then trained once with the "
+        "run's own recipe: <code>final/model</code>.</p>" + table
+    )
+
+
+def _compute_html(summary: RunSummary) -> str:
+    """The whole run's seconds by part, and in units of one SFT with the run's recipe."""
+    compute = summary.compute
+    if compute is None:
+        return ""
+    rows = [[f"rounds: {k}", v] for k, v in compute.rounds.items()]
+    rows += [[f"final: {k}", v] for k, v in compute.final.items()]
+    rows.append(["whole run", compute.total])
+    cost = (
+        ""
+        if compute.cost_in_sfts is None
+        else f"<p>The whole run cost <b>{compute.cost_in_sfts:.2f}</b> SFTs with the run's recipe "
+        f"(one SFT: the {html.escape(compute.sft)}, {compute.sft_seconds:.1f} s).</p>"
+    )
+    return "<h2>Compute</h2>" + _table(["part", "seconds"], rows) + cost
+
+
 def _probe_html(summary: RunSummary) -> str:
     note = summary.probe_note()
     return f"<p>{html.escape(note[0].upper() + note[1:])}.</p>" if note else ""
@@ -258,11 +300,13 @@ default) round 1 is the uniform mixture at D0's total, a probe; every later roun
 rule to the influence of the round it starts from (column "was") and retrains from the base model.
 {html.escape(SIGN_CONVENTION)}.</p>{_probe_html(record)}
 {_returned_html(record, run)}
+{_final_html(record)}
 {_warnings_html(trainer_warnings(run, rounds))}
 <h2>Rounds</h2><p>The returned round is highlighted.</p>{overview}
 {_PREDICTION_NOTE if prediction is not None else ""}
 <h2>Per capability</h2>{per_capability}
 <h2>Volumes and shares</h2>{volumes}
+{_compute_html(record)}
 <h2>Plots</h2>{figures}
 <h2>Influence</h2>{maps or "<p>(no influence step in this run)</p>"}
 </body></html>
