@@ -26,10 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ideal.compare import VERDICT_Z, run_compare, verdict
+from ideal.compare import run_compare
 from ideal.config import load_config
 from ideal.errors import IdealError
 from ideal.methods.select import SELECTIONS, select_round
+from ideal.paired import VERDICT_Z, verdict
 
 HERE = Path(__file__).parent
 ITERATIVE = (
