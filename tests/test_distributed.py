@@ -210,3 +210,27 @@ def test_two_processes_run_the_loop_like_one(tmp_path):
     sb = json.loads((two / "round-0" / "influence.json").read_text())
     np.testing.assert_allclose(sb["scores"], sa["scores"], rtol=1e-3)
     assert (two / "report.html").is_file() and not list(two.glob("**/*.partial"))
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_top_blocks_from_the_cache_like_one(tmp_path):
+    """`ideal train --top-layers 1 --lora` under torchrun: the main process fills the feature cache
+    beside the output, the other reads it; SGD steps give the same adapter as one process (the
+    round-off argument of test_two_processes_train_like_one)."""
+    from safetensors.torch import load_file
+
+    tiny_model_dir(tmp_path / "model")
+    make_data_dir(tmp_path / "train", {"add": qa_rows("add", 13), "mul": qa_rows("mul", 8)})
+    args = ["train", "--model", str(tmp_path / "model"), "--train", str(tmp_path / "train"),
+            "--max-steps", "6", "--batch-size", "5", "--top-layers", "1", "--lora",
+            "--optimizer", "sgd", "--lr", "0.3"]  # fmt: skip
+    one, two = one_and_two_processes(tmp_path, args)
+    for out in (one, two):  # one fill, written once, beside each output
+        assert len(list(out.with_name(out.name + ".features").rglob("fill-*.safetensors"))) == 1
+    wa = load_file(one / "adapter_model.safetensors")
+    wb = load_file(two / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys() and all(".layers.1." in name for name in wa)
+    ulp = float(np.finfo(np.float32).eps)
+    for name in wa:
+        a, b = wa[name].double().numpy(), wb[name].double().numpy()
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * np.abs(a).max() + 12 * ulp)

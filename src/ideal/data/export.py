@@ -13,11 +13,18 @@ counts it, in the conversational form `{"messages": [{"role", "content"}, ...]}`
 Paths inside the tool's file are relative to the export directory, so the directory can move: run
 the trainer from inside it, or prefix the paths with its location. The loop's own exports (a
 round's `export/` for an external trainer) hold absolute paths.
+
+A row LLaMA-Factory would drop (its turns do not alternate user, assistant, ... after one optional
+leading system turn) is refused for `llamafactory`, with its file and line: the export would
+otherwise hold fewer rows than the mixture counts. It is not mended: joining two turns' texts
+with a separator the user never wrote, or moving a system turn, would train on another row than
+the one ideal measures; the fix is the user's, in the data.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +83,38 @@ def _axolotl(domains: list[str], base: str) -> dict[str, str]:
     return {"datasets.yaml": yaml.safe_dump({"datasets": entries}, sort_keys=False)}
 
 
+def llamafactory_problem(messages: Sequence[dict[str, str]]) -> str | None:
+    """Why LLaMA-Factory's sharegpt reader drops this conversation, or None when it keeps it: after
+    one optional leading system turn, the turns must alternate user, assistant, ... and end with an
+    assistant turn (its `SharegptDatasetConverter`)."""
+    roles = [m["role"] for m in messages]
+    skip = 1 if roles[:1] == ["system"] else 0  # messages[skip + k] is roles[k]: turn skip + k + 1
+    roles = roles[skip:]
+    for k, role in enumerate(roles):
+        if role == ("user" if k % 2 == 0 else "assistant"):
+            continue
+        turn = skip + k + 1
+        if role == "system":
+            return f"a system turn that is not the first (turn {turn})"
+        if k and roles[k - 1] == role:
+            return f"consecutive {role} turns (turns {turn - 1} and {turn})"
+        return f"a conversation that starts with an {role} turn"
+    if not roles or len(roles) % 2:
+        return "a conversation that does not end with an assistant turn"
+    return None
+
+
+def check_llamafactory_rows(examples: Iterable[Any]) -> None:
+    """Raise at the first row (an Example: messages, source) that LLaMA-Factory would drop."""
+    for example in examples:
+        problem = llamafactory_problem(example.messages)
+        if problem is not None:
+            raise IdealError(
+                f"{example.source}: LLaMA-Factory would drop this row ({problem}): merge or "
+                "reorder its turns in your data (or train with axolotl or trl-cli, which keep it)"
+            )
+
+
 def export_mixture(
     mixture_file: str | Path, fmt: str, out: str | Path, absolute: bool = False
 ) -> dict[str, int]:
@@ -90,6 +129,9 @@ def export_mixture(
             f"{mixture_file}: expected a {MANIFEST} written by ideal (ideal run, ideal reweight)"
         )
     training = load_training_set(mixture_file.parent)
+    if fmt == "llamafactory":
+        for domain in training.mixture.domains:
+            check_llamafactory_rows(training.examples(domain))
     out = Path(out)
     written: dict[str, int] = {}
     with atomic_dir(out) as tmp:

@@ -105,6 +105,14 @@ def compute_influence(
         result, target_tokens or volumes, job.objective, job.size_factor, sizes
     )
     recorded = recorded_loss(model_dir)
+    trainer_targets = recorded_target_tokens(model_dir, target_tokens)
+    if trainer_targets is not None and trainer_targets["differs"] and settings.loss == "token":
+        log.warning(
+            "influence: the trainer (%s) trained on other target tokens than the t_i/T weights "
+            "count: %s",
+            trainer_targets["tool"],
+            trainer_targets["shift"],
+        )
     if recorded is not None and recorded[0] != settings.loss:
         log.warning(
             "influence: differentiating the %s-normalised objective, but %s says the model was "
@@ -125,6 +133,7 @@ def compute_influence(
         "loss_source": job.loss_source or "settings",
         "loss_recorded": None if recorded is None else {"loss": recorded[0], "file": recorded[1]},
         "target_tokens": target_tokens,
+        "trainer_target_tokens": trainer_targets,
         **summary,
         "reference_loss": result.reference_losses,
         "curvature": settings.curvature,
@@ -267,6 +276,46 @@ def recorded_loss(model_dir: str | Path) -> tuple[str, str] | None:
         if value in LOSSES:
             return str(value), f"{file}: {key}"
     return None
+
+
+def recorded_target_tokens(
+    model_dir: str | Path, ours: dict[str, int] | None
+) -> dict[str, Any] | None:
+    """What the trainer of `model_dir` trained on, per domain, where its parity check counted it
+    (train_settings.json `target_tokens`: a preset's rows through the tool's own data pipeline),
+    against `ours` (the t_i of influence.loss token; else the check's own count of ideal's rows):
+    {"tool", "ideal", "trainer", "share": {"ideal", "trainer"}, "relative_change", "differs",
+    "shift"}; None without such a record. The scores differentiate ideal's rows; this says by how
+    much the trainer's objective weighs each domain otherwise."""
+    from ideal.backends.parity import target_shift
+
+    file = Path(model_dir) / "train_settings.json"
+    try:
+        record = read_json(file) if file.is_file() else None
+    except IdealError:
+        return None
+    counted = record.get("target_tokens") if isinstance(record, dict) else None
+    if not isinstance(counted, dict) or not isinstance(counted.get("trainer"), dict):
+        return None
+    trainer = {d: int(n) for d, n in counted["trainer"].items()}
+    ideal = dict(ours) if ours is not None else {d: int(n) for d, n in counted["ideal"].items()}
+
+    def shares(values: dict[str, int]) -> dict[str, float]:
+        total = sum(values.values())
+        return {d: n / total if total else 0.0 for d, n in values.items()}
+
+    shift = target_shift({"ideal": ideal, "trainer": trainer})
+    return {
+        "tool": record.get("trainer_tool"),
+        "ideal": ideal,
+        "trainer": trainer,
+        "share": {"ideal": shares(ideal), "trainer": shares(trainer)},
+        "relative_change": {
+            d: (trainer[d] - n) / n if n and d in trainer else None for d, n in ideal.items()
+        },
+        "differs": bool(shift),
+        "shift": shift,
+    }
 
 
 def resolve_loss(model_dir: str | Path, loss: str | None) -> tuple[str, str]:
