@@ -387,3 +387,42 @@ def test_the_trainers_target_tokens_reach_influence_json(monkeypatch, tmp_path, 
     assert add_theirs == add_ours + 3 and recorded["trainer"]["code"] == recorded["ideal"]["code"]
     assert recorded["relative_change"]["add"] == pytest.approx(3 / add_ours)
     assert recorded_target_tokens(tmp_path / "base", None) is None  # no trainer record there
+
+
+# --- before a run: `ideal check --config` over the pool -----------------------------------------
+
+
+def _run_config(tmp_path: Path, model: Path, train: Path, backend: str, base: dict) -> Path:
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    config = tmp_path / f"{backend}.yaml"
+    config.write_text(
+        yaml.safe_dump({
+            "model": str(model), "train_data": str(train), "reference_data": str(train),
+            "test_data": str(train),
+            "train": {"backend": backend, "base_config": str(tmp_path / "base.yaml"),
+                      "command": f"{tmp_path / 'nowhere' / 'tool'} {{config}}"},
+        })
+    )  # fmt: skip
+    return config
+
+
+def test_check_config_refuses_what_the_tool_would_drop_and_warns_of_long_rows(
+    cli, tmp_path, round_job
+):
+    model = round_job.base_model
+    rows = [chat("a", "1"), {"messages": turns("user", "user", "assistant")}]
+    train = make_data_dir(tmp_path / "train", {"add": rows})
+    result = cli("check", "--config", _run_config(tmp_path, model, train, "llamafactory", {}))
+    assert result.code == 1
+    assert f"{train / 'add' / 'data.jsonl'}:2: LLaMA-Factory would drop this row" in result.err
+    dedup = {"dataset_exact_deduplication": True}
+    result = cli("check", "--config", _run_config(tmp_path, model, train, "axolotl", dedup))
+    assert result.code == 1 and "update.max_repeats is 4): remove the key" in result.err
+    long = make_data_dir(tmp_path / "long", {"add": [chat("word " * 40, "1"), chat("b", "2")]})
+    config = _run_config(tmp_path, model, long, "axolotl", {"sequence_len": 32})
+    result = cli("check", "--config", config)
+    assert result.code == 0, result.err
+    (line,) = [w for w in result.out.splitlines() if "`sequence_len: 32`" in w]
+    assert "1 rows are longer (add 1;" in line and "drops them from the mixture" in line
+    # the tool is not installed where the command points: said, not an error
+    assert "parity: not checked: train.command:" in result.out

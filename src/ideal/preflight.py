@@ -207,7 +207,10 @@ def _check_backends(config: RunConfig, found: Preflight, config_file: str | Path
                 f"{', '.join(sorted(capabilities))}): it is scored, but the method cannot aim at it"
             )
     from ideal.backends.masking import masking_warnings
+    from ideal.backends.trainer_rows import check_trainer_rows
 
     where = str(train.base_config) if base is not None else str(config_file or "the run config")
     model = None if config.suite is not None else config.model
     found.warnings += masking_warnings(train.backend, base, where, model, dict(train.trl_args))
+    # rows the tool would drop or deduplicate (errors), or cut otherwise than ideal (warnings)
+    found.warnings += check_trainer_rows(config, base, where)

@@ -286,6 +286,10 @@ class Prepared:
     warnings: list[str]  # the renderer's
 
 
+class ToolNotFound(IdealError):
+    """A preset's command names an executable that cannot be found."""
+
+
 def tool_path(argv: list[str], env: dict[str, str]) -> dict[str, str]:
     """`env` with the directory of the command's executable first on PATH: a tool's virtual
     environment (axolotl starts `accelerate` from PATH). The executable is found on `env`'s PATH
@@ -293,10 +297,15 @@ def tool_path(argv: list[str], env: dict[str, str]) -> dict[str, str]:
     a venv's bin directory (its python links elsewhere)."""
     found = shutil.which(argv[0], path=env.get("PATH", os.defpath))
     if found is None:
-        raise IdealError(
-            f"train.command: {argv[0]!r} is not on PATH ({env.get('PATH', '')}): give its full "
-            "path in train.command (e.g. .venv-axolotl/bin/axolotl train {config}) or its "
-            "directory in train.env.PATH (README: the trainers' virtual environments)"
+        where = (
+            "does not exist or is not executable"
+            if os.sep in argv[0]
+            else f"is not on PATH ({env.get('PATH', '')})"
+        )
+        raise ToolNotFound(
+            f"train.command: {argv[0]!r} {where}: give its full path in train.command (e.g. "
+            ".venv-axolotl/bin/axolotl train {config}) or its directory in train.env.PATH "
+            "(README: the trainers' virtual environments)"
         )
     bin_dir = os.path.dirname(os.path.abspath(found))
     path = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir]

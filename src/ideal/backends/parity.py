@@ -578,6 +578,7 @@ def config_parity(config: Any, config_file: str | Path | None) -> tuple[Parity |
             )
             parity.python = sys.executable
             return parity, ""
+        from .external import ToolNotFound
         from .factory import make_trainer
         from .presets import load_base_config
 
@@ -588,9 +589,7 @@ def config_parity(config: Any, config_file: str | Path | None) -> tuple[Parity |
         )  # fmt: skip
         try:
             prepared = trainer.prepare(job)
-        except IdealError as err:
-            if "not on PATH" not in str(err):
-                raise
+        except ToolNotFound as err:  # `ideal run` will stop there: said, the rest is checked
             return None, str(err)
         python, why = probe_python(prepared.argv, prepared.env)
         if python is not None:
