@@ -88,8 +88,11 @@ def mixture_data(config: RunConfig, volumes: dict[str, int], seed: int, out: Pat
     return out / "data"
 
 
-def run_one(config: RunConfig, volumes: dict[str, int], seed: int, where: Path) -> dict:
-    """Round 0 of one (mixture, seed): its metrics.json."""
+def run_one(
+    config: RunConfig, volumes: dict[str, int], seed: int, where: Path, features: Path
+) -> dict:
+    """Round 0 of one (mixture, seed): its metrics.json. Every run shares the feature cache
+    `features` (train.top_layers): the frozen bottom runs once per distinct row."""
     if config.suite is not None:
         suite = replace(
             config.suite,
@@ -98,15 +101,30 @@ def run_one(config: RunConfig, volumes: dict[str, int], seed: int, where: Path) 
         )
         config = replace(config, suite=suite)
     else:
-        config = replace(config, train_data=str(mixture_data(config, volumes, seed, where / "mix")))
+        mix = where / "mix" / "data"
+        if not mix.is_dir():  # drawn once: a resumed run trains on the same rows
+            mixture_data(config, volumes, seed, where / "mix")
+        config = replace(config, train_data=str(mix))
     config = replace(config, rounds=0, seed=seed, train=replace(config.train, seed=seed))
-    run_loop(config, where / "run")
+    run_loop(config, where / "run", resume=True, features=features)
     return json.loads((where / "run" / "round-0" / "metrics.json").read_text())
 
 
 def stats(values: list[float | None]) -> tuple[float, float]:
     array = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
     return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else float("nan")
+
+
+def paired(base: list[dict], other: list[dict], key: str) -> str:
+    """The per-seed differences other - base on `key`: mean +- standard error and its verdict."""
+    from ideal.paired import verdict
+
+    diffs = np.array([o.get(key) - b.get(key) for b, o in zip(base, other, strict=True)])
+    mean = float(diffs.mean())
+    stderr = float(diffs.std(ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else None
+    shown = "n/a" if stderr is None else f"{stderr:.3f}"
+    z = "" if not stderr else f" = {mean / stderr:+.1f} SE"
+    return f"{mean:+.3f} +- {shown}{z} ({verdict(mean, stderr)})"
 
 
 def main() -> None:
@@ -121,6 +139,10 @@ def main() -> None:
         "--mixture", action="append", default=[], help="D0, uniform or NAME=d:v,..."
     )
     parser.add_argument("--json", help="also write every run's metrics here")
+    parser.add_argument("--features", help="the feature cache (train.top_layers) to share")
+    parser.add_argument(
+        "--work", help="keep every run here (resumed on a rerun), not in a temp dir"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the config")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -150,11 +172,14 @@ def main() -> None:
         flush=True,
     )
     results: dict[str, list[dict]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.work or scratch
+        cache = Path(args.features) if args.features else Path(tmp) / "features"
         for index, (name, volumes) in enumerate(mixtures.items()):
             start = time.perf_counter()
             results[name] = [
-                run_one(config, volumes, seed, Path(tmp) / f"{index}-{seed}") for seed in seeds
+                run_one(config, volumes, seed, Path(tmp) / f"{index}-{seed}", cache)
+                for seed in seeds
             ]
             runs = results[name]
             acc, worst = (
@@ -183,6 +208,12 @@ def main() -> None:
         for name, runs in list(results.items())[1:]:
             mean = stats([r.get(key) for r in runs])[0]
             print(f"  {label:<9} {name:<24} {(mean - mean0):+.3f} = {(mean - mean0) / sd0:+.1f} sd")
+    print(f"\npaired differences from {first!r} over seeds (mean +- standard error; the gate:")
+    print("two mixtures at the same total differ by more than 2 paired standard errors)")
+    for key, label in (("test_accuracy_mean", "mean acc"), ("test_loss_mean", "test loss")):
+        for name, runs in list(results.items())[1:]:
+            diff = paired(results[first], runs, key)
+            print(f"  {label:<9} {name:<24} {diff}")
     if args.json:
         Path(args.json).write_text(
             json.dumps({"mixtures": mixtures, "seeds": seeds, "metrics": results}, indent=1)
