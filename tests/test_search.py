@@ -70,6 +70,9 @@ def test_the_search_recipe_overrides_train_and_eval_only_for_the_rounds():
     assert (search.train.max_steps, search.train.lr, search.eval.batch_size) == (5, 0.01, 4)
     assert (config.train.max_steps, config.train.lr, config.eval.batch_size) == (20, 0.003, 32)
     assert search.search is None and search.train.seed == config.seed  # mirrored keys kept
+    # a recipe in steps keeps its passes over the data: a quarter of the rows, of the steps
+    assert _config(fraction=0.25).search_config().train.max_steps == 5
+    assert _config(fraction=0.25, train={"max_steps": 7}).search_config().train.max_steps == 7
 
 
 @pytest.mark.parametrize(

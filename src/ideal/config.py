@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import textwrap
 import types
 import typing
@@ -104,10 +105,18 @@ class RunConfig:
 
     def search_config(self) -> RunConfig:
         """The config the rounds run with: with `search:`, its model and its overrides of
-        `train:` and `eval:` (errors name `search.train.<key>`); without it, this config."""
+        `train:` and `eval:` (errors name `search.train.<key>`); without it, this config.
+
+        A recipe counted in steps (`train.max_steps`) keeps its passes over the data: under
+        `search.fraction` its steps scale by the fraction too, unless `search.train` sets them
+        (`epochs` scale by themselves)."""
         if self.search is None:
             return self
-        train = _overridden(self.train, self.search.train, "search.train")
+        overrides = dict(self.search.train)
+        steps = self.train.max_steps
+        if steps is not None and "max_steps" not in overrides and self.search.fraction < 1:
+            overrides["max_steps"] = max(1, math.ceil(self.search.fraction * steps))
+        train = _overridden(self.train, overrides, "search.train")
         eval_ = _overridden(self.eval, self.search.eval, "search.eval")
         try:
             return replace(

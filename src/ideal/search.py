@@ -39,7 +39,8 @@ class SearchSettings:
     )
     fraction: float = setting(
         DEFAULT_FRACTION,
-        "Each round trains on this fraction of the mixture's volumes, shares kept. The rows are a "
+        "Each round trains on this fraction of the mixture's volumes, shares kept (and "
+        "train.max_steps scaled by it, unless search.train sets max_steps). The rows are a "
         "prefix of a per-domain order drawn once per seed, so the rounds' subsets are nested "
         "(1: the round's whole mixture).",
     )
