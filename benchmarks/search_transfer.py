@@ -1,4 +1,4 @@
-"""Does a mixture searched cheap transfer to the full recipe? Issue 29's measurements.
+"""Does a mixture searched cheap transfer to the full recipe? The search recipe's measurements.
 
     python benchmarks/search_transfer.py [--suites demo,conflict,skewed,noisy] [--seeds 5]
         [--proxies fraction-0.25,fraction-0.5,steps-0.25,small-model] [--out runs/transfer]
@@ -13,7 +13,7 @@ ideal (the full recipe every round) once, then ideal-search once per proxy; the 
 directories are shared by symlink, so each proxy's compare.json pairs against the same runs
 (resumable: an interrupted measurement continues). Prints, per suite and proxy: the whole run's
 cost in full-recipe SFTs, the final model's mean test accuracy against D0, uniform and their
-per-seed max, and the transfer against ideal, with the issue's three goals (cost <= 1.5 SFTs;
+per-seed max, and the transfer against ideal, with the three goals (cost <= 1.5 SFTs;
 at least max(D0, uniform) within one paired standard error; within one paired standard error of
 ideal, or better).
 
