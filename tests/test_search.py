@@ -192,7 +192,13 @@ def test_the_rounds_search_on_nested_halves_and_the_final_trains_the_returned_mi
     metrics = json.loads((run / "final" / "metrics.json").read_text())
     assert summary["final"]["reference_loss_mean"] == metrics["reference_loss_mean"]
     assert summary["final"]["kind"] == "final" and summary["final"]["round"] == selected
-    assert summary["search"] == "fraction 0.5, train.max_steps 8"
+    assert summary["search"] == "fraction 0.5, train.max_steps 8, eval.test_accuracy False"
+    # the search rounds score the test sets by their losses only (the default search.eval); the
+    # final model in full
+    rounds = [json.loads((run / f"round-{k}" / "metrics.json").read_text()) for k in (0, 1)]
+    for m in rounds:
+        assert m["test_accuracy_mean"] is None and m["test_loss_mean"] is not None
+    assert metrics["test_accuracy_mean"] is not None
 
 
 def test_the_summary_and_the_report_show_the_final_and_the_compute(searched):

@@ -4,7 +4,7 @@
       model: HuggingFaceTB/SmolLM2-135M-Instruct   # smaller, same tokenizer (default: the base)
       fraction: 0.25                               # of each round's volumes, shares kept
       train: {top_layers: 4, lora: true}           # overrides of train.*
-      eval: {reference_accuracy: never}            # overrides of eval.*
+      eval: {test_accuracy: false}                 # overrides of eval.* (this is the default)
 
 With it, every round of the loop trains, evaluates and computes influence with this recipe, and
 the round the run returns is then trained once with the run's own recipe (RUN/final/, ideal.loop).
@@ -25,6 +25,9 @@ from ideal.settings import setting
 
 # the default proxy of `ideal compare`'s ideal-search and of `search: {}`
 DEFAULT_FRACTION = 0.25
+# the search rounds skip decoding: what returns a round is its reference loss, and decoding was
+# half of a real preset round (docs/results.md, 2026-12-03)
+DEFAULT_EVAL = {"test_accuracy": False}
 
 
 @dataclass(frozen=True)
@@ -50,9 +53,10 @@ class SearchSettings:
         "top_layers, backend).",
     )
     eval: dict[str, Any] = setting(
-        factory=dict,
-        help="Overrides of eval.* for the search rounds (e.g. reference_accuracy: never, "
-        "max_new_tokens).",
+        factory=lambda: dict(DEFAULT_EVAL),
+        help="Overrides of eval.* for the search rounds (default: test_accuracy false, the test "
+        "sets' losses only: the rounds are chosen by the reference loss, and the final model is "
+        "scored in full; e.g. max_new_tokens).",
     )
 
     def __post_init__(self) -> None:

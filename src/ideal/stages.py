@@ -87,7 +87,9 @@ def evaluate_round(
     features = eval_features(config, paths, model)
     references = load_domains(paths.reference)
     tests = load_domains(paths.test) if paths.test is not None else {}
-    evaluator = make_evaluator(config.eval)
+    # eval.test_accuracy false: the test sets' losses only (no decoding, no evaluator)
+    evaluator = make_evaluator(config.eval) if config.eval.test_accuracy else None
+    decode_tests = config.eval.test_accuracy and evaluator is None
     capabilities: dict[str, dict[str, Any]] = {}
     for name, domain in references.items():
         # reference accuracy (decoding) when every reference row has an answer and the config asks
@@ -113,17 +115,17 @@ def evaluate_round(
             model,
             tokenizer,
             domain,
-            config.eval.scorers.get(name) if evaluator is None else None,
+            config.eval.scorers.get(name) if decode_tests else None,
             config.max_length,
             config.eval.max_new_tokens,
             config.eval.batch_size,
-            generate=evaluator is None,
+            generate=decode_tests,
             features=features,
         )
         capabilities.setdefault(name, {}).update(
             test_loss=result.loss, test_examples=result.examples
         )
-        if evaluator is None:
+        if decode_tests:
             capabilities[name].update(test_accuracy=result.accuracy, scorer=result.scorer)
             if result.accuracy_norm is not None:  # `choice`: lm-eval's acc_norm beside acc
                 capabilities[name]["test_accuracy_norm"] = result.accuracy_norm

@@ -182,6 +182,11 @@ class EvalConfig:
         "always, never.",
         choices=REFERENCE_ACCURACY,
     )
+    test_accuracy: bool = setting(
+        True,
+        "Score the test sets' accuracy (decoding, choice likelihoods or the evaluator); false: "
+        "their losses only, which is all a search recipe's rounds need (search.eval).",
+    )
     backend: str = setting("builtin", "Who scores the test capabilities.", choices=EVAL_BACKENDS)
     command: str | tuple[str, ...] | None = setting(
         None, "command: the evaluator's command template."
