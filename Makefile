@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 PEER_STAMP := $(VENV)/.installed-peer
 EXTRAS_STAMP := $(VENV)/.installed-extras
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean backends backends-test
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,5 +51,42 @@ test: lint $(PEER_STAMP) $(EXTRAS_STAMP)
 		MKL_NUM_THREADS=$(THREADS) HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
 		$(PY) -m pytest $(PYTEST_ARGS)
 
+# The external trainers (README: "LLaMA-Factory and axolotl"), each in a virtual environment of
+# its own: their pins of transformers, peft, trl, accelerate and datasets clash with ours.
+# requirements/<tool>.txt pins every package to what was tested; an install that fails is tried
+# once more (a registry hiccup), then stops `make`. The import at the end is the proof.
+LLAMAFACTORY_VENV ?= .venv-llamafactory
+AXOLOTL_VENV ?= .venv-axolotl
+LLAMAFACTORY ?= llamafactory==0.9.5
+AXOLOTL ?= axolotl==0.19.0
+
+# $(call tool_venv,VENV,REQUIREMENT,CONSTRAINTS,MODULE TO IMPORT)
+define tool_venv
+	rm -rf $(1)
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/pip install --quiet -c $(3) "$(2)" || \
+		{ echo "make: installing $(2) failed; trying once more"; \
+		  $(1)/bin/pip install --quiet -c $(3) "$(2)"; }
+	$(1)/bin/python -c "import $(4)"
+	touch $(1)/.installed
+endef
+
+$(LLAMAFACTORY_VENV)/.installed: requirements/llamafactory.txt
+	$(call tool_venv,$(LLAMAFACTORY_VENV),$(LLAMAFACTORY),requirements/llamafactory.txt,llamafactory.data)
+
+$(AXOLOTL_VENV)/.installed: requirements/axolotl.txt
+	$(call tool_venv,$(AXOLOTL_VENV),$(AXOLOTL),requirements/axolotl.txt,axolotl.cli.config)
+
+backends: $(LLAMAFACTORY_VENV)/.installed $(AXOLOTL_VENV)/.installed
+
+# Each tool for real (tests/test_tools.py): the parity check and a one-round `ideal run` through
+# its preset. A tool that cannot be run is a failure here, never a silent skip.
+backends-test: $(PEER_STAMP) $(EXTRAS_STAMP) backends
+	IDEAL_TOOLS_REQUIRED=1 IDEAL_LLAMAFACTORY_VENV=$(LLAMAFACTORY_VENV) \
+		IDEAL_AXOLOTL_VENV=$(AXOLOTL_VENV) IDEAL_TEST_THREADS=$(THREADS) \
+		OMP_NUM_THREADS=$(THREADS) MKL_NUM_THREADS=$(THREADS) HF_HUB_OFFLINE=1 \
+		TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -m tools tests/test_tools.py $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LLAMAFACTORY_VENV) $(AXOLOTL_VENV) build dist src/*.egg-info .pytest_cache \
+		.ruff_cache

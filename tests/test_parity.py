@@ -371,9 +371,10 @@ def test_the_trainers_target_tokens_reach_influence_json(monkeypatch, tmp_path, 
             row["labels"][-1] = row["input_ids"][-1]
 
     bin_dir = _fake_tool(monkeypatch, tmp_path, more_targets)
-    trainer_script = (
-        "import shutil, sys, yaml; c = yaml.safe_load(open(sys.argv[1]));"
-        f"shutil.copytree({str(tmp_path / 'base')!r}, c['output_dir'])"
+    trainer_script = (  # the base model as the trained one, saved with a chat template of its own
+        "import pathlib, shutil, sys, yaml; c = yaml.safe_load(open(sys.argv[1]));"
+        f"shutil.copytree({str(tmp_path / 'base')!r}, c['output_dir']);"
+        "pathlib.Path(c['output_dir'], 'chat_template.jinja').write_text('{{ messages }}')"
     )
     command = [str(bin_dir / "llamafactory-cli"), "-c", trainer_script, "{config}"]
     record = preset_trainer("llamafactory", tmp_path / "lf.yaml", command).train(round_job)
@@ -387,6 +388,12 @@ def test_the_trainers_target_tokens_reach_influence_json(monkeypatch, tmp_path, 
     assert add_theirs == add_ours + 3 and recorded["trainer"]["code"] == recorded["ideal"]["code"]
     assert recorded["relative_change"]["add"] == pytest.approx(3 / add_ours)
     assert recorded_target_tokens(tmp_path / "base", None) is None  # no trainer record there
+    # the trainer's own chat template is replaced by the base model's, and the record says so
+    from ideal.hf import load_tokenizer
+
+    model_template = load_tokenizer(round_job.output_dir).chat_template
+    assert model_template == load_tokenizer(tmp_path / "base").chat_template
+    assert any("the base model's was put back" in n for n in record["model"]["notes"])
 
 
 # --- before a run: `ideal check --config` over the pool -----------------------------------------

@@ -264,6 +264,8 @@ class CommandTrainer:
                 raise failure(f"round {job.round}: the trainer", result)
             found = find_trained_model(output_dir)
             collect_model(found, job.output_dir, job.base_model)
+            note = keep_base_chat_template(job.output_dir, job.base_model)
+            found.notes += [note] if note else []
         except IdealError as err:  # the failed attempt is kept in the round's record
             record["error"] = str(err).splitlines()[0]
             atomic_write_json(here / "train.json", {**record, "attempts": [*attempts, record]})
@@ -310,6 +312,35 @@ def tool_path(argv: list[str], env: dict[str, str]) -> dict[str, str]:
     bin_dir = os.path.dirname(os.path.abspath(found))
     path = [p for p in env.get("PATH", "").split(os.pathsep) if p and p != bin_dir]
     return {**env, "PATH": os.pathsep.join([bin_dir, *path])}
+
+
+def keep_base_chat_template(model_dir: Path, base_model: Path) -> str | None:
+    """Put the base model's chat template back where a trainer saved its own with the model
+    (LLaMA-Factory's `template: chatml` writes its ChatML). Every round's evaluation and influence
+    step render rows with the round model's template, and they must render them as the base model's
+    template does, as the parity check did. The vocabulary stays the trainer's. Returns the note
+    for train.json, or None when there was nothing to put back."""
+    if not (model_dir / "tokenizer_config.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    from ideal.hf import load_tokenizer
+
+    try:
+        ours = load_tokenizer(base_model).chat_template
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (IdealError, OSError, ValueError):
+        return None
+    if tokenizer.chat_template == ours:
+        return None
+    for name in ("chat_template.jinja", "chat_template.json"):  # a template of none is no file
+        (model_dir / name).unlink(missing_ok=True)
+    tokenizer.chat_template = ours
+    tokenizer.save_pretrained(model_dir)
+    return (
+        "the trainer saved its own chat template with the model; the base model's was put back, "
+        "so that every round renders rows as the base model does"
+    )
 
 
 def _previous_attempts(path: Path) -> list[dict[str, Any]]:
