@@ -307,6 +307,10 @@ def test_the_tools_bin_directory_goes_first_on_path(tmp_path):
         tool_path(["axolotl"], {"PATH": "/usr/bin"})
     assert tool_python(bin_dir / "axolotl") == Path(sys.executable)
     assert probe_python(["axolotl", "x"], {"PATH": str(bin_dir)}) == (Path(sys.executable), "")
+    # a wrapper (`sh -c "axolotl train ..."`): the preset's own executable on the same PATH
+    assert probe_python(["sh", "-c", "x"], {"PATH": f"{bin_dir}:/bin"}, "axolotl")[0] == Path(
+        sys.executable
+    )
     python, why = probe_python(["nowhere"], {"PATH": str(bin_dir)})
     assert python is None and "'nowhere' is not on the command's PATH" in why
 

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 PROBES = {"llamafactory": "lf_rows.py", "axolotl": "axolotl_rows.py", "trl-cli": "trl_rows.py"}
 BACKENDS = ("llamafactory", "axolotl", "trl-cli", "trl")
 TOOL_NAMES = {"llamafactory": "LLaMA-Factory", "axolotl": "axolotl", "trl-cli": "TRL", "trl": "TRL"}
+#: each preset's own executable: its Python runs the probe when the command is a wrapper
+TOOL_EXECUTABLES = {"llamafactory": "llamafactory-cli", "axolotl": "axolotl", "trl-cli": "trl"}
 
 
 @dataclass
@@ -85,6 +87,9 @@ class Parity:
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     python: str = ""  # the interpreter that ran the probe
+    seconds: float | None = (
+        None  # the whole check: ideal's rows, the tool's pipeline, the comparison
+    )
 
     @property
     def target_tokens(self) -> dict[str, dict[str, int]]:
@@ -99,6 +104,7 @@ class Parity:
             "backend": self.backend,
             "tool": self.tool,
             "python": self.python,
+            "seconds": self.seconds,
             "trained": self.trained,
             "domains": {d.domain: d.to_dict() for d in self.domains},
             "errors": self.errors,
@@ -275,7 +281,8 @@ def target_shift(target_tokens: dict[str, dict[str, int]]) -> str:
 
 def tool_python(executable: Path) -> Path | None:
     """The Python interpreter of a tool's executable: the interpreter itself, or the one its
-    `#!` line names (pip's console scripts), else a `python` beside it."""
+    `#!` line names (pip's console scripts), else a `python` beside the script; None for a
+    binary."""
     name = executable.name
     if name.startswith("python"):
         return executable
@@ -284,15 +291,16 @@ def tool_python(executable: Path) -> Path | None:
             first = handle.readline(512).decode("utf-8", "replace").strip()
     except OSError:
         first = ""
-    if first.startswith("#!"):
-        parts = first[2:].split()
-        if parts and Path(parts[0]).name.startswith("python") and Path(parts[0]).is_file():
-            return Path(parts[0])
-        if len(parts) > 1 and Path(parts[0]).name == "env" and parts[1].startswith("python"):
-            found = _which(parts[1], str(executable.parent))
-            if found is not None:
-                return found
-    beside = executable.parent / "python"
+    if not first.startswith("#!"):
+        return None  # a binary (`sh`, `docker`): no Python of its own
+    parts = first[2:].split()
+    if parts and Path(parts[0]).name.startswith("python") and Path(parts[0]).is_file():
+        return Path(parts[0])
+    if len(parts) > 1 and Path(parts[0]).name == "env" and parts[1].startswith("python"):
+        found = _which(parts[1], str(executable.parent))
+        if found is not None:
+            return found
+    beside = executable.parent / "python"  # a script of a venv with a #! line of its own
     return beside if beside.is_file() else None
 
 
@@ -477,16 +485,26 @@ def trl_document(
     return {"tool": "trl", "version": trl.__version__, "datasets": datasets, "trained": None}
 
 
-def probe_python(command: Sequence[str], env: dict[str, str]) -> tuple[Path | None, str]:
-    """The Python of a filled command's executable (argv[0] on `env`'s PATH), or why none."""
-    first = command[0]
-    found = _which(first, env.get("PATH", os.defpath)) if os.sep not in first else Path(first)
-    if found is None or not found.exists():
-        return None, f"{first!r} is not on the command's PATH"
-    python = tool_python(found)
-    if python is None:
-        return None, f"{found} is not a Python program (no interpreter found for it)"
-    return python, ""
+def probe_python(
+    command: Sequence[str], env: dict[str, str], tool: str | None = None
+) -> tuple[Path | None, str]:
+    """The Python of a filled command's executable (argv[0] on `env`'s PATH), or why none. A
+    command that is no Python program (`sh -c "axolotl train ..."`) falls back on `tool`, the
+    preset's own executable, found on the same PATH."""
+    path = env.get("PATH", os.defpath)
+    why = ""
+    for first in (command[0], tool):
+        if first is None:
+            continue
+        found = _which(first, path) if os.sep not in first else Path(first)
+        if found is None or not found.exists():
+            why = why or f"{first!r} is not on the command's PATH"
+            continue
+        python = tool_python(found)
+        if python is not None:
+            return python, ""
+        why = why or f"{found} is not a Python program (no interpreter found for it)"
+    return None, why
 
 
 def parity_of(
@@ -501,14 +519,18 @@ def parity_of(
 ) -> Parity:
     """Run `backend`'s probe over an export (`data_dir`, its rendered `config_file`) and compare
     its rows with ideal's."""
+    import time
+
     from ideal.hf import load_tokenizer
 
+    start = time.perf_counter()
     tokenizer = load_tokenizer(base_model)
     domains = sorted(path.stem for path in data_dir.glob("*.jsonl"))
     exported = tokenize_export(data_dir, domains, tokenizer, max_length)
     document = run_probe(backend, config_file, python, env)
     parity = compare_probe(backend, document, exported, base, tokenizer)
     parity.python = str(python)
+    parity.seconds = time.perf_counter() - start
     return parity
 
 
@@ -522,7 +544,7 @@ def preset_parity(
 ) -> dict[str, Any]:
     """Each round of a preset, before the tool trains (`train.parity`): the record for
     train.json; raises when the volumes differ, or (mode "on") when the tool cannot be probed."""
-    python, why = probe_python(prepared.argv, prepared.env)
+    python, why = probe_python(prepared.argv, prepared.env, TOOL_EXECUTABLES[backend])
     if python is not None:
         why = tool_importable(backend, python) or ""
     if why:
@@ -591,7 +613,7 @@ def config_parity(config: Any, config_file: str | Path | None) -> tuple[Parity |
             prepared = trainer.prepare(job)
         except ToolNotFound as err:  # `ideal run` will stop there: said, the rest is checked
             return None, str(err)
-        python, why = probe_python(prepared.argv, prepared.env)
+        python, why = probe_python(prepared.argv, prepared.env, TOOL_EXECUTABLES[backend])
         if python is not None:
             why = tool_importable(backend, python) or ""
         if why:
