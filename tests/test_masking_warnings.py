@@ -194,6 +194,9 @@ def test_ideal_check_prints_the_trainer_warnings(cli, models, tmp_path):
     result = cli("check", train, "--config", trl)
     assert result.code == 0, result.err
     assert f"warning: {trl}: `train.trl_args.loss_type: dft`" in result.out
+    # TRL's collator over ideal's rows, in this process: the same ids and labels (parity.py)
+    assert "parity with TRL" in result.out and "ids differ" in result.out
+    assert "have other input ids" not in result.out and "other tokens" not in result.out
     plain = cli("check", train)
     assert plain.code == 0 and "warning:" not in plain.out
 

@@ -191,6 +191,8 @@ def test_llamafactory(cli, workspace, tmp_path):
     assert saved == (workspace / "base" / "chat_template.jinja").read_text()
     recorded = influence["trainer_target_tokens"]
     assert recorded["differs"] and recorded["tool"] == "LLaMA-Factory 0.9.5"
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "target tokens per domain, ideal -&gt; LLaMA-Factory 0.9.5: add 25 -&gt; 35" in report
     for domain, n in SIZES.items():
         assert recorded["trainer"][domain] - recorded["ideal"][domain] == n * TURNS[domain]
 
