@@ -1,6 +1,6 @@
 """What an external trainer does to the mixture's rows, against what ideal measures: the fixes at
 the source (backends/trainer_rows.py, the LLaMA-Factory export), and the parity check's comparison
-(backends/parity.py) on fabricated tool output. The tools themselves: tests/test_tools.py."""
+(backends/parity.py) on fabricated tool output, and running it (parity_run.py) with a fake tool. The tools themselves: tests/test_tools.py."""
 
 from __future__ import annotations
 
@@ -14,15 +14,10 @@ import numpy as np
 import pytest
 import yaml
 
-from ideal.backends import parity as parity_module
+from ideal.backends import parity_run
 from ideal.backends.external import tool_path
-from ideal.backends.parity import (
-    compare_probe,
-    id_difference,
-    probe_python,
-    tokenize_export,
-    tool_python,
-)
+from ideal.backends.parity import compare_probe, id_difference
+from ideal.backends.parity_run import probe_python, tokenize_export, tool_python
 from ideal.backends.presets import preset_trainer
 from ideal.backends.protocol import TrainJob
 from ideal.backends.trainer_rows import (
@@ -333,7 +328,7 @@ def round_job(tmp_path, bpe):
 def _fake_tool(monkeypatch, tmp_path, change):
     """The tool found and importable, its probe answering with ideal's rows `change`d."""
     bin_dir = _venv(tmp_path, "llamafactory-cli")
-    monkeypatch.setattr(parity_module, "tool_importable", lambda backend, python: None)
+    monkeypatch.setattr(parity_run, "tool_importable", lambda backend, python: None)
 
     def probe(backend, config_file, python, env, timeout=0):
         data_dir = Path(yaml.safe_load(config_file.read_text())["dataset_dir"])
@@ -343,7 +338,7 @@ def _fake_tool(monkeypatch, tmp_path, change):
         exported = tokenize_export(data_dir, ["add", "code"], tokenizer, None)
         return _tool_rows(exported, change)
 
-    monkeypatch.setattr(parity_module, "run_probe", probe)
+    monkeypatch.setattr(parity_run, "run_probe", probe)
     return bin_dir
 
 

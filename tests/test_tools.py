@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ideal.backends.parity import config_parity
+from ideal.backends.parity_run import config_parity
 from ideal.config import load_config
 from ideal.tiny import byte_bpe_tokenizer, save_model_dir, tiny_causal_lm
 from tests.helpers import write_jsonl

@@ -475,7 +475,8 @@ def check(
 
 def _check_parity(run_config: Any, config: Path) -> None:
     """`ideal check --config`: round 0's rows through the trainer's own data pipeline."""
-    from ideal.backends.parity import BACKENDS, config_parity
+    from ideal.backends.parity import BACKENDS
+    from ideal.backends.parity_run import config_parity
     from ideal.report.parity import parity_table
 
     if run_config.train.backend not in BACKENDS:

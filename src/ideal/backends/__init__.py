@@ -15,8 +15,9 @@
     masking.py      where a trainer's template or loss masking differs from ideal's (warnings)
     llamafactory_systems.py  LLaMA-Factory's default system prompt per template (data)
     trainer_rows.py what a tool would do to the rows before it trains (drop, deduplicate, cut)
-    parity.py       the rows a tool's own data pipeline builds, against ideal's (`ideal check`)
-    probes/         the scripts that each tool's own Python runs for parity.py (never imported)
+    parity.py       the rows a tool's own data pipeline builds, against ideal's, row by row
+    parity_run.py   the tool's own Python running its probe: `ideal check --config`, each round
+    probes/         the scripts that each tool's own Python runs (never imported)
     lmeval.py       `lm-eval`: lm-evaluation-harness in this process; its results-file parser
     opencompass.py  OpenCompass's summary CSV parser
 

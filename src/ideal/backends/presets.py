@@ -182,7 +182,7 @@ def preset_trainer(
         return masking_warnings(preset, base, where, job.base_model) + warnings
 
     def check(job: TrainJob, prepared: Prepared) -> dict[str, Any] | None:
-        from .parity import preset_parity
+        from .parity_run import preset_parity
 
         return preset_parity(preset, base, job, prepared, max_length, parity)
 

@@ -1,4 +1,4 @@
-"""Scripts that each tool's own Python runs (backends/parity.py): never imported by `ideal`.
+"""Scripts that each tool's own Python runs (backends/parity_run.py): never imported by `ideal`.
 
 Each loads a round's export through the tool's own data pipeline, from the training config that
 the preset rendered, and writes what the tool would train on as JSON:
