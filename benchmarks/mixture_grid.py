@@ -124,7 +124,8 @@ def paired(base: list[dict], other: list[dict], key: str) -> str:
     stderr = float(diffs.std(ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else None
     shown = "n/a" if stderr is None else f"{stderr:.3f}"
     z = "" if not stderr else f" = {mean / stderr:+.1f} SE"
-    return f"{mean:+.3f} +- {shown}{z} ({verdict(mean, stderr)})"
+    better = mean if "accuracy" in key else -mean  # a lower loss is the better one
+    return f"{mean:+.3f} +- {shown}{z} ({verdict(better, stderr)})"
 
 
 def main() -> None:
