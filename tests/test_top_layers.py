@@ -373,6 +373,15 @@ def test_influence_layers_below_the_trained_blocks_are_refused(tmp_path):
     )  # fmt: skip
     assert {name.split(".")[2] for name in document["layers"]} == {"1", "2"}
     assert len(list((tmp_path / "features").rglob("fill-*.safetensors"))) == 1
+    # the timed probe makes the same passes, from features cached in memory (nothing written)
+    from ideal.influence.step import probe_seconds
+
+    probe = probe_seconds(
+        tmp_path / "model", tmp_path / "train", tmp_path / "reference",
+        replace(job, config=InfluenceConfig(curvature="ekfac")), per_set=2,
+    )  # fmt: skip
+    assert probe["probe_examples"]["references"] == 2 and probe["estimate_total"] > 0
+    assert len(list((tmp_path / "features").rglob("fill-*.safetensors"))) == 1
 
 
 @pytest.mark.slow

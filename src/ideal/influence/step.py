@@ -82,14 +82,8 @@ def compute_influence(
     groups = None
     if config.memory is not None:
         groups = layer_groups(model, selected, len(refs), parse_size(config.memory), settings)
-    forward = target_logits
-    if job.top_layers and job.feature_cache:
-        from ideal.backends.top_layers import FeatureCache
-
-        cache = FeatureCache(features, model, job.top_layers, job.max_length)
-        rows = [item for ws in (*domains.values(), *refs.values(), curvature) for item in ws.items]
-        cache.fill_shared(model, rows, tokenizer.pad_token_id, settings.batch_size)
-        forward = cache.target_logits
+    sets = (*domains.values(), *refs.values(), curvature)
+    forward = cached_forward(model, job, sets, tokenizer.pad_token_id, features)
     prepare = time.perf_counter() - start
     result = domain_influence(
         model, selected, domains, refs, settings, tokenizer.pad_token_id, progress, curvature,
@@ -175,6 +169,22 @@ def compute_influence(
         "seconds": {**result.seconds, "total": time.perf_counter() - start},
     }
     return result, document
+
+
+def cached_forward(
+    model: Any, job: InfluenceJob, sets: Any, pad_id: int, root: str | Path | None
+) -> Any:
+    """The passes' forward: `target_logits`, or with `job.top_layers` and `job.feature_cache` a
+    feature cache's (under `root`, None: in memory), filled with every row of `sets` (the main
+    process writes, the others read)."""
+    if not (job.top_layers and job.feature_cache):
+        return target_logits
+    from ideal.backends.top_layers import FeatureCache
+
+    cache = FeatureCache(root, model, job.top_layers, job.max_length)
+    rows = [item for ws in sets for item in ws.items]
+    cache.fill_shared(model, rows, pad_id, job.settings.batch_size)
+    return cache.target_logits
 
 
 def _inputs(
@@ -366,15 +376,9 @@ def probe_seconds(
     small_domains = {n: head(ws) for n, ws in domains.items()}
     small_refs = {n: head(ws) for n, ws in refs.items()}
     small_curvature = head(curvature)
-    forward = target_logits
-    if job.top_layers and job.feature_cache:  # the passes as the run makes them (fill untimed)
-        from ideal.backends.top_layers import FeatureCache
-
-        cache = FeatureCache(None, model, job.top_layers, job.max_length)
-        sets = (*small_domains.values(), *small_refs.values(), small_curvature)
-        rows = [item for ws in sets for item in ws.items]
-        cache.fill(model, rows, tokenizer.pad_token_id, settings.batch_size)
-        forward = cache.target_logits
+    # the passes as the run makes them, from features cached in memory (the fill is untimed)
+    sets = (*small_domains.values(), *small_refs.values(), small_curvature)
+    forward = cached_forward(model, job, sets, tokenizer.pad_token_id, None)
     result = domain_influence(
         model, selected, small_domains, small_refs, settings, tokenizer.pad_token_id,
         curvature=small_curvature, forward=forward,
