@@ -18,7 +18,7 @@ targets: R <= 0.5 and, at x8, R8 <= 0.15.
 Beside wall seconds, each stage reports its process CPU seconds and the ratio of those: with one
 thread they match wall time on an idle machine and stay a fair measure of cost on a busy one.
 
-The SFT epoch is `ideal.backends.train.train_model` (AdamW, batch 8, warmup + cosine, clipping), the
+The SFT epoch is `ideal.backends.training.builtin.train_model` (AdamW, batch 8, warmup + cosine, clipping), the
 trainer the loop uses; its mean throughput in tokens/s (padding included) is printed too.
 """
 
@@ -74,7 +74,7 @@ def make_model(path: Path, size: str) -> int:
 
 
 def stage_sft(model_dir: Path, train: Path, save: Path | None = None) -> dict:
-    from ideal.backends.train import TrainSettings, train_model
+    from ideal.backends.training.builtin import TrainSettings, train_model
     from ideal.data.mixture_io import load_training_set
     from ideal.data.rows import tokenize_examples
     from ideal.hf import load_causal_lm, load_tokenizer

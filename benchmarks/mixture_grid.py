@@ -28,11 +28,11 @@ import numpy as np
 import torch
 import yaml
 
-from ideal.config import RunConfig, load_config
 from ideal.data.mixture import draw_mixture
 from ideal.data.mixture_io import load_training_set, write_mixture_dir
 from ideal.errors import IdealError
-from ideal.loop import run_loop
+from ideal.run.config import RunConfig, load_config
+from ideal.run.loop import run_loop
 
 DEMO_MIXTURES = {
     "D0 (demo start)": {"add": 250, "reverse": 150, "reverse_alt": 350, "sort": 500, "recall": 250},

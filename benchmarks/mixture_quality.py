@@ -26,11 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ideal.compare import run_compare
-from ideal.config import load_config
 from ideal.errors import IdealError
 from ideal.methods.select import SELECTIONS, select_round
 from ideal.paired import VERDICT_Z, verdict
+from ideal.run.compare import run_compare
+from ideal.run.config import load_config
 
 HERE = Path(__file__).parent
 ITERATIVE = (

@@ -47,11 +47,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ideal.compare import grid_shares, run_compare
-from ideal.config import RunConfig, load_config
 from ideal.errors import IdealError
-from ideal.loop import run_loop
-from ideal.search import SearchSettings
+from ideal.run.compare import grid_shares, run_compare
+from ideal.run.config import RunConfig, load_config
+from ideal.run.loop import run_loop
+from ideal.run.search import SearchSettings
 
 HERE = Path(__file__).parent
 BASELINES = ("original", "uniform", "ideal")

@@ -7,8 +7,8 @@ the same random batch.
 
 The batch: --batch rows of --length random token ids, the last 44 % of each row targets (the rest a
 prompt, no padding), as in the real preset's measurement. The training step is the builtin trainer's
-(`ideal.backends.train.micro_batch_loss` + backward) on a LoRA adapter with the default recipe
-(all-linear, r 8); the evaluation pass is `ideal.backends.evaluate.mean_losses`. Each is timed
+(`ideal.backends.training.builtin.micro_batch_loss` + backward) on a LoRA adapter with the default recipe
+(all-linear, r 8); the evaluation pass is `ideal.backends.evaluation.evaluate.mean_losses`. Each is timed
 --repeats times, the two ways interleaved (so that a load change on the machine hits both), after
 one untimed warm-up each; the median is printed, and the loss both ways (equal up to round-off).
 
@@ -22,7 +22,7 @@ The last line is `speedup = X`: the training step's time with full logits over t
 With --top-layers K it measures instead, on the same batch, LoRA on every block (today's recipe:
 full logits, as the cost was first measured, and target logits, the builtin trainer's default)
 against LoRA on the top K blocks from cached features with target-only logits
-(ideal.backends.top_layers); it prints the cache fill time per row, the evaluation's cost (a loss
+(ideal.backends.training.top_layers); it prints the cache fill time per row, the evaluation's cost (a loss
 pass plus a `choice` likelihood pass over the batch) before (whole model, full logits) and after
 (cached bottom, target logits), and the peak memory (max RSS); the last line is `speedup = X`:
 the all-block step (full logits) over the top-K step.
@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="compare all-block LoRA with top-K LoRA from cached features")  # fmt: skip
     args = parser.parse_args(argv)
 
-    from ideal.backends.evaluate import mean_losses
-    from ideal.backends.train import (
+    from ideal.backends.evaluation.evaluate import mean_losses
+    from ideal.backends.training.builtin import (
         TrainSettings,
         micro_batch_loss,
         step_loss_normaliser,
@@ -162,13 +162,13 @@ def top_layers_cost(base: torch.nn.Module, items: list, args: argparse.Namespace
     import copy
     import resource
 
-    from ideal.backends.top_layers import FeatureCache
-    from ideal.backends.train import (
+    from ideal.backends.training.builtin import (
         TrainSettings,
         micro_batch_loss,
         step_loss_normaliser,
         wrap_lora,
     )
+    from ideal.backends.training.top_layers import FeatureCache
 
     k = args.top_layers
     every = TrainSettings(lora=True)
@@ -223,8 +223,8 @@ def eval_cost(model: torch.nn.Module, items: list, cache, args: argparse.Namespa
     """Seconds of an evaluation's loss pass plus a `choice` likelihood pass over the batch: before
     (the whole model, logits at every position) and after (the cached bottom, target logits);
     interleaved, medians of --repeats after a warm-up. {cached: seconds}"""
-    from ideal.backends.evaluate import mean_losses
-    from ideal.backends.scorers import sequence_logprobs
+    from ideal.backends.evaluation.evaluate import mean_losses
+    from ideal.backends.evaluation.scorers import sequence_logprobs
 
     model.eval()
 

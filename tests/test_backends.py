@@ -13,19 +13,19 @@ import numpy as np
 import pytest
 import yaml
 
-from ideal.backends.external import (
+from ideal.backends.evaluation.opencompass import newest_summary, parse_summary
+from ideal.backends.protocol import TrainJob, find_trained_model, read_scores
+from ideal.backends.tools.external import (
     CommandTrainer,
     child_environment,
     fill,
     run_command,
     split_command,
 )
-from ideal.backends.opencompass import newest_summary, parse_summary
-from ideal.backends.presets import preset_trainer
-from ideal.backends.protocol import TrainJob, find_trained_model, read_scores
-from ideal.config import load_config
+from ideal.backends.tools.presets import preset_trainer
 from ideal.errors import IdealError
-from ideal.loop import run_loop
+from ideal.run.config import load_config
+from ideal.run.loop import run_loop
 from tests.test_loop import TINY
 
 # --- command templates -------------------------------------------------------------------------
@@ -215,7 +215,7 @@ def _rendered(tmp_path: Path, preset: str, base: dict) -> tuple[dict, list[str],
         f"import json, sys; json.dump(sys.argv[1:], open({str(recorder)!r}, 'w'))",
         "{config}",
     ]
-    # the recorder is no tool: nothing to compare rows with (backends/parity.py)
+    # the recorder is no tool: nothing to compare rows with (backends/tools/parity.py)
     trainer = preset_trainer(preset, tmp_path / "base.yaml", command, parity="off")
     with pytest.raises(IdealError, match="wrote nothing"):  # the recorder trains nothing
         trainer.train(job)
@@ -389,8 +389,8 @@ def test_trl_trains_on_ideals_tokens_with_the_token_mean_over_the_whole_step(tmp
     pytest.importorskip("trl")
     import torch
 
-    from ideal.backends.train import TrainSettings
-    from ideal.backends.trl_sft import TrlTrainer
+    from ideal.backends.tools.trl_sft import TrlTrainer
+    from ideal.backends.training.builtin import TrainSettings
     from ideal.data.rows import load_domains, tokenize_examples
     from ideal.hf import load_causal_lm
     from ideal.lm import collate, example_losses, token_nll
@@ -463,7 +463,7 @@ def test_lm_eval_scores_a_local_task_offline_and_its_results_file_parses(tmp_pat
     import torch
 
     from ideal.artifacts import read_json
-    from ideal.backends.lmeval import LmEvalEvaluator, newest_results, parse_results
+    from ideal.backends.evaluation.lmeval import LmEvalEvaluator, newest_results, parse_results
     from ideal.backends.protocol import EvalJob
     from ideal.tiny import char_tokenizer, save_model_dir, tiny_causal_lm
 

@@ -52,8 +52,8 @@ def test_unknown_method_is_one_line(cli, tmp_path):
 
 
 def test_every_method_makes_a_valid_config():
-    from ideal.compare import METHODS, method_config
-    from ideal.config import load_config
+    from ideal.run.compare import METHODS, method_config
+    from ideal.run.config import load_config
 
     config = load_config(files("ideal") / "configs" / "demo-quick.yaml")
     made = {m: method_config(config, m, seed=3) for m in METHODS}  # each validated on creation
@@ -67,7 +67,7 @@ def test_every_method_makes_a_valid_config():
 
 
 def test_grid_shares_enumerate_the_positive_lattice():
-    from ideal.compare import grid_shares
+    from ideal.run.compare import grid_shares
 
     points = grid_shares(["a", "b", "c"], 5)
     # compositions of 5 into 3 positive parts: C(4, 2) = 6
@@ -82,7 +82,7 @@ def test_grid_shares_enumerate_the_positive_lattice():
 
 
 def test_gap_closure_by_hand():
-    from ideal.compare import gap_closure
+    from ideal.run.compare import gap_closure
 
     def method(*accuracies):
         return {

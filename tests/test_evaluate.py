@@ -12,7 +12,7 @@ from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from ideal.backends.evaluate import (
+from ideal.backends.evaluation.evaluate import (
     SCORERS,
     evaluate_capability,
     greedy_decode,

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from ideal.config import load_config
 from ideal.data.rows import Tokenized
 from ideal.errors import IdealError
 from ideal.influence.capture import layer_shape, select_layers
@@ -28,6 +27,7 @@ from ideal.influence.settings import InfluenceSettings
 from ideal.influence.statistics import domain_means
 from ideal.influence.step import recorded_loss, resolve_loss
 from ideal.lm import collate
+from ideal.run.config import load_config
 from ideal.tiny import char_tokenizer, save_model_dir, tiny_causal_lm
 from tests.helpers import make_data_dir, tokenize_pairs
 
@@ -452,7 +452,7 @@ eval: {max_new_tokens: 2}
 
 
 def test_the_loop_differentiates_what_the_builtin_trainer_minimised(tmp_path):
-    from ideal.loop import run_loop
+    from ideal.run.loop import run_loop
 
     path = tmp_path / "c.yaml"
     path.write_text(LOOP)

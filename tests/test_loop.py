@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ideal.config import load_config
-from ideal.loop import run_loop
+from ideal.run.config import load_config
+from ideal.run.loop import run_loop
 
 TINY = """
 suite:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ideal.backends.masking import (
+from ideal.backends.tools.masking import (
     axolotl_warnings,
     chat_template_family,
     injected_system,

@@ -1,6 +1,6 @@
 """What an external trainer does to the mixture's rows, against what ideal measures: the fixes at
 the source (backends/trainer_rows.py, the LLaMA-Factory export), and the parity check's comparison
-(backends/parity.py) on fabricated tool output, and running it (parity_run.py) with a fake tool. The tools themselves: tests/test_tools.py."""
+(backends/tools/parity.py) on fabricated tool output, and running it (parity_run.py) with a fake tool. The tools themselves: tests/test_tools.py."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import yaml
 
-from ideal.backends import parity_run
-from ideal.backends.external import tool_path
-from ideal.backends.parity import compare_probe, id_difference
-from ideal.backends.parity_run import probe_python, tokenize_export, tool_python
-from ideal.backends.presets import preset_trainer
 from ideal.backends.protocol import TrainJob
-from ideal.backends.trainer_rows import (
+from ideal.backends.tools import parity_run
+from ideal.backends.tools.external import tool_path
+from ideal.backends.tools.parity import compare_probe, id_difference
+from ideal.backends.tools.parity_run import probe_python, tokenize_export, tool_python
+from ideal.backends.tools.presets import preset_trainer
+from ideal.backends.tools.trainer_rows import (
     check_deduplication,
     check_deduplication_setting,
     length_warning,

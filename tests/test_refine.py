@@ -176,8 +176,8 @@ def test_influence_json_records_the_residuals_with_a_lora_adapter(cli, tmp_path)
 
 
 def test_run_config_refine_reaches_the_settings_and_skips_methods_without_factors():
-    from ideal.compare import method_config
-    from ideal.config import load_config
+    from ideal.run.compare import method_config
+    from ideal.run.config import load_config
 
     config = load_config(None, ["influence.refine=3"], base={"suite": {}})
     assert config.influence.settings(seed=0).refine == 3

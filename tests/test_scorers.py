@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from ideal.backends.evaluate import evaluate_capability, parse_scorers, summarise
-from ideal.backends.scorers import (
+from ideal.backends.evaluation.evaluate import evaluate_capability, parse_scorers, summarise
+from ideal.backends.evaluation.scorers import (
     check_ends_with,
     check_instructions,
     check_json,
@@ -183,10 +183,10 @@ def test_instruction_scorer_in_a_generative_evaluation(tmp_path):
 def test_a_rounds_metrics_carry_acc_norm_and_the_reference_accuracy(tmp_path):
     """metrics.json of a round scored with `choice`: acc and acc_norm of the test set, and the
     reference set's accuracy with the same scorer (what `select: reference_accuracy` reads)."""
-    from ideal.config import EvalConfig, RunConfig
     from ideal.hf import load_causal_lm
-    from ideal.rundir import RunPaths
-    from ideal.stages import evaluate_round
+    from ideal.run.config import EvalConfig, RunConfig
+    from ideal.run.rundir import RunPaths
+    from ideal.run.stages import evaluate_round
     from tests.test_distributed import tiny_model_dir
 
     model_dir = tiny_model_dir(tmp_path / "model")

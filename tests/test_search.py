@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import yaml
 
-from ideal.config import config_changes, config_template, load_config
 from ideal.data.mixture import Mixture, nested_subset
 from ideal.errors import IdealError
-from ideal.loop import run_loop
-from ideal.search import SearchSettings
+from ideal.run.config import config_changes, config_template, load_config
+from ideal.run.loop import run_loop
+from ideal.run.search import SearchSettings
 
 TINY = """
 suite:
@@ -139,7 +139,7 @@ def _model_dir(path: Path, tokenizer, hidden: int = 8) -> Path:
 
 
 def test_a_search_model_must_share_the_tokenizer(tmp_path, cli):
-    from ideal.preflight import preflight
+    from ideal.run.preflight import preflight
     from ideal.tiny import byte_bpe_tokenizer, char_tokenizer
 
     same = _model_dir(tmp_path / "same", char_tokenizer())
@@ -219,7 +219,7 @@ def test_the_summary_and_the_report_show_the_final_and_the_compute(searched):
 
 
 def test_cost_in_sfts_is_computed_from_the_recorded_seconds(searched, tmp_path):
-    from ideal.summary import summarise_run
+    from ideal.run.summary import summarise_run
 
     run = tmp_path / "run"
     shutil.copytree(searched[0], run)

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from ideal.compare import method_config
-from ideal.config import load_config
 from ideal.errors import IdealError
 from ideal.methods.select import select_round
-from ideal.summary import summarise_run
+from ideal.run.compare import method_config
+from ideal.run.config import load_config
+from ideal.run.summary import summarise_run
 
 
 def rounds(losses, accuracies):

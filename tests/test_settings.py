@@ -1,5 +1,5 @@
 """One home for every setting: the commands' defaults are the dataclasses', a key has one home, and
-a run config's mistakes are found before anything trains (ideal.preflight)."""
+a run config's mistakes are found before anything trains (ideal.run.preflight)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,13 @@ import yaml
 
 from ideal import cli
 from ideal.backends.settings import EvalConfig, TrainConfig, TrainSettings
-from ideal.compare import METHODS, gap_closure
-from ideal.config import RunConfig, load_config
 from ideal.errors import IdealError
 from ideal.influence.settings import InfluenceConfig
 from ideal.methods.settings import UpdateSettings
 from ideal.records import RunSummary
-from ideal.rundir import prepare_run
+from ideal.run.compare import METHODS, gap_closure
+from ideal.run.config import RunConfig, load_config
+from ideal.run.rundir import prepare_run
 from ideal.settings import default_of
 from ideal.tiny import char_tokenizer, save_model_dir, tiny_causal_lm
 from tests.helpers import make_data_dir, qa_rows
@@ -278,7 +278,7 @@ def test_own_data_as_users_keep_it_on_a_bpe_chatml_model(tmp_path, cli):
 
 
 def test_top_layers_beyond_the_suite_model_is_found_before_training(tmp_path):
-    from ideal.preflight import preflight
+    from ideal.run.preflight import preflight
 
     path = tmp_path / "c.yaml"
     path.write_text("suite: {num_layers: 2}\n")

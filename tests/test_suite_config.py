@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from ideal.config import RunConfig, load_config
 from ideal.data.suite import DomainSpec, SuiteConfig, generate_suite
 from ideal.errors import IdealError
+from ideal.run.config import RunConfig, load_config
 
 
 def rows(path: Path) -> list[dict]:
@@ -103,7 +103,7 @@ def test_config_errors_name_the_problem(tmp_path, text, overrides, message):
 
 
 def test_update_geometry_reaches_the_rule(tmp_path):
-    from ideal.loop import make_rule
+    from ideal.run.loop import make_rule
 
     path = tmp_path / "c.yaml"
     path.write_text("suite: {}\n")

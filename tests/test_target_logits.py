@@ -26,10 +26,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 import ideal.lm
-from ideal.backends import train as train_module
-from ideal.backends.evaluate import mean_losses
-from ideal.backends.scorers import sequence_logprobs
-from ideal.backends.train import TrainSettings, train_model
+from ideal.backends.evaluation.evaluate import mean_losses
+from ideal.backends.evaluation.scorers import sequence_logprobs
+from ideal.backends.training import builtin as train_module
+from ideal.backends.training.builtin import TrainSettings, train_model
 from ideal.data.rows import IGNORE_INDEX, Tokenized
 from ideal.influence.capture import select_layers
 from ideal.influence.engine import domain_influence

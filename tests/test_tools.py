@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ideal.backends.parity_run import config_parity
-from ideal.config import load_config
+from ideal.run.config import load_config
+from ideal.run.preflight import config_parity
 from ideal.tiny import byte_bpe_tokenizer, save_model_dir, tiny_causal_lm
 from tests.helpers import write_jsonl
 

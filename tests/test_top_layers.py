@@ -23,8 +23,7 @@ import pytest
 import torch
 
 from ideal.backends.settings import TrainConfig
-from ideal.backends.top_layers import FeatureCache, freeze_below, top_blocks
-from ideal.backends.train import (
+from ideal.backends.training.builtin import (
     Checkpoint,
     TrainSettings,
     micro_batch_loss,
@@ -32,6 +31,7 @@ from ideal.backends.train import (
     train_model,
     wrap_lora,
 )
+from ideal.backends.training.top_layers import FeatureCache, freeze_below, top_blocks
 from ideal.errors import IdealError
 from ideal.tiny import byte_bpe_tokenizer, char_tokenizer, save_model_dir, tiny_causal_lm
 from tests.helpers import make_data_dir, tokenize_pairs
@@ -160,7 +160,7 @@ def test_the_cache_on_disk_is_found_again_and_invalidated_by_each_key(tmp_path, 
     model, tokenizer, items = stand_in("char")
     pad = tokenizer.pad_token_id
     first = FeatureCache(tmp_path, model, 2, 64)
-    with caplog.at_level(logging.INFO, logger="ideal.backends.top_layers"):
+    with caplog.at_level(logging.INFO, logger="ideal.backends.training.top_layers"):
         assert first.fill(model, items, pad, 4) > 0
     # announced with its size: 6 rows of (T_row, 16) float64
     size = sum(len(item.input_ids) for item in items) * 16 * 8 / 2**20
@@ -294,8 +294,8 @@ def trained_on_top(kind: str, lora: bool):
 
 @pytest.mark.parametrize("kind, lora", [("char", False), ("bpe", True)])
 def test_eval_losses_and_choice_likelihoods_from_the_cache_equal_the_whole_model(kind, lora):
-    from ideal.backends.evaluate import mean_losses
-    from ideal.backends.scorers import sequence_logprobs
+    from ideal.backends.evaluation.evaluate import mean_losses
+    from ideal.backends.evaluation.scorers import sequence_logprobs
 
     model, tokenizer, items = trained_on_top(kind, lora)
     pad = tokenizer.pad_token_id
@@ -314,7 +314,7 @@ def test_eval_losses_and_choice_likelihoods_from_the_cache_equal_the_whole_model
                               ("bpe", True, "ekfac")]
 )  # fmt: skip
 def test_influence_from_the_cache_equals_the_whole_model(kind, lora, curvature):
-    from ideal.backends.top_layers import top_modules
+    from ideal.backends.training.top_layers import top_modules
     from ideal.influence.capture import select_layers
     from ideal.influence.engine import domain_influence
     from ideal.influence.results import WeightedSet
@@ -390,7 +390,7 @@ def test_a_compare_computes_each_rows_features_once(cli, tmp_path, monkeypatch):
     once per distinct row (training rows, reference and test rows), whatever reads it."""
     from importlib.resources import files
 
-    import ideal.backends.top_layers as top_layers
+    import ideal.backends.training.top_layers as top_layers
 
     computed: list[str] = []
     bottom = top_layers.bottom_states

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ideal.backends.evaluate import evaluate_capability
-from ideal.backends.train import (
+from ideal.backends.evaluation.evaluate import evaluate_capability
+from ideal.backends.training.builtin import (
     TrainSettings,
     micro_batch_loss,
     step_examples,

@@ -7,12 +7,12 @@ import json
 
 import pytest
 
-from ideal.compare import method_config
-from ideal.config import load_config
 from ideal.errors import IdealError
-from ideal.loop import run_loop, step_decision
 from ideal.methods.trust import StepDecision, trust_step
-from ideal.rundir import RunPaths
+from ideal.run.compare import method_config
+from ideal.run.config import load_config
+from ideal.run.loop import run_loop, step_decision
+from ideal.run.rundir import RunPaths
 from tests.test_loop import TINY
 
 

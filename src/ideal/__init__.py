@@ -5,7 +5,7 @@ The Python API mirrors the command line (`ideal --help`); the CLI is a thin laye
     ideal run / demo      ideal.load_config, ideal.run_loop
     ideal influence       ideal.compute_influence, ideal.run_influence
     ideal reweight        ideal.methods.reweight.reweight, ideal.update_mixture
-    ideal train / eval    ideal.run_train, ideal.run_eval
+    ideal train / eval    ideal.run_train, ideal.run_eval, ideal.register_scorer (eval.scorers)
     ideal compare         ideal.run_compare
     ideal export          ideal.export_mixture
     ideal report          ideal.write_report
@@ -41,12 +41,13 @@ _EXPORTS = {
     "domain_influence": "ideal.influence.engine",
     "compute_influence": "ideal.influence.step",
     "run_influence": "ideal.influence.step",
-    "TrainSettings": "ideal.backends.train",
-    "run_train": "ideal.backends.train",
-    "run_eval": "ideal.backends.evaluate",
-    "load_config": "ideal.config",
-    "run_loop": "ideal.loop",
-    "run_compare": "ideal.compare",
+    "TrainSettings": "ideal.backends.training.builtin",
+    "run_train": "ideal.backends.training.builtin",
+    "run_eval": "ideal.backends.evaluation.evaluate",
+    "register_scorer": "ideal.backends.evaluation.evaluate",
+    "load_config": "ideal.run.config",
+    "run_loop": "ideal.run.loop",
+    "run_compare": "ideal.run.compare",
     "export_mixture": "ideal.data.export",
     "write_report": "ideal.report.run",
 }

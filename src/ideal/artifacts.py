@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from ideal.errors import ENVIRONMENT_ERRNOS, IdealError, WriteError
+from ideal.errors import ENVIRONMENT_ERRNOS, IdealError, WriteError, environment_error
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -113,3 +113,36 @@ def atomic_dir(out: str | Path) -> Iterator[Path]:
             where = Path(err.filename) if isinstance(err.filename, str) else tmp
             _refused(out / where.relative_to(tmp) if where.is_relative_to(tmp) else out, err)
         raise
+
+
+@contextlib.contextmanager
+def writing(path: Path, cleanup: Path) -> Iterator[None]:
+    """Writes of torch and safetensors that a full disk or a denied path makes fail: one line
+    (WriteError naming `path`) instead of a traceback, and `cleanup` (what was half written) gone.
+
+    torch.save reports a full disk as a RuntimeError ("... file write failed") and safetensors as
+    its own error ("... StorageFull ..."), neither an OSError with an errno, so the message is read.
+    """
+    try:
+        yield
+    except OSError as err:
+        error = environment_error(err)
+        if error is None:
+            raise
+        _remove(cleanup)
+        raise WriteError(path, err.strerror or str(err)) from None
+    except Exception as err:
+        text = str(err)
+        if not any(
+            s in text for s in ("write failed", "StorageFull", "No space left", "os error 28")
+        ):
+            raise
+        _remove(cleanup)
+        raise WriteError(path, "the write failed: is the disk full?") from None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)

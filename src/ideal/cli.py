@@ -23,11 +23,11 @@ from rich.console import Console
 
 from ideal.backends.settings import EXPORT_FORMATS, EvalConfig, TrainSettings
 from ideal.cli_options import choice, from_options, literal, option, settings_options
-from ideal.compare import METHODS
-from ideal.config import RunConfig
 from ideal.errors import IdealError, environment_error
 from ideal.influence.settings import InfluenceConfig
 from ideal.methods.settings import UpdateSettings
+from ideal.run.compare import METHODS
+from ideal.run.config import RunConfig
 from ideal.settings import ON_INVALID, default_of
 from ideal.version import __version__
 
@@ -109,7 +109,7 @@ def _load_run_config(config_file: Path, overrides: list[str]) -> RunConfig:
     for item in overrides:
         if "=" not in item:
             raise typer.BadParameter(f"'{item}' is not of the form key=value", param_hint=hint)
-    from ideal.config import load_config
+    from ideal.run.config import load_config
 
     try:
         return load_config(config_file, overrides)
@@ -151,8 +151,8 @@ def demo(
     --real on the real preset (README, "The real preset")."""
     from importlib.resources import files
 
-    from ideal.config import load_config
-    from ideal.loop import run_loop
+    from ideal.run.config import load_config
+    from ideal.run.loop import run_loop
 
     if real:
         if quick:
@@ -191,7 +191,7 @@ def run(
 
     `rounds` counts the rounds after round 0 (D0); under update.first_round uniform (the default)
     round 1 is the uniform probe, so rounds=2 gives one IDEAL step."""
-    from ideal.loop import run_loop
+    from ideal.run.loop import run_loop
 
     config = _load_run_config(config_file, overrides or [])
     _finish_run(run_loop(config, out_dir, resume=resume), out_dir)
@@ -222,8 +222,8 @@ def compare(
     """Methods side by side at the same budget and recipe, over several seeds.
 
     Writes OUT/compare.json and OUT/compare.html (table + accuracy-vs-compute plot)."""
-    from ideal.compare import run_compare
     from ideal.report.console import compare_tables
+    from ideal.run.compare import run_compare
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
     config = _load_run_config(config_file, overrides or [])
@@ -243,7 +243,7 @@ def report(
     made by an older ideal gets what each round was, too)."""
     from ideal.artifacts import atomic_write_json
     from ideal.report.run import write_report
-    from ideal.summary import summarise_run
+    from ideal.run.summary import summarise_run
 
     summary = summarise_run(run_dir)
     if summary.rounds:
@@ -363,7 +363,7 @@ def train(
     **options: Any,
 ) -> None:  # fmt: skip
     """Supervised fine-tuning (full or LoRA) on a mixture; resumable."""
-    from ideal.backends.train import run_train
+    from ideal.backends.training.builtin import run_train
 
     model = resolve_model_dir(model)
     settings = from_options(TrainSettings, options)
@@ -393,7 +393,7 @@ def eval_(
         EvalConfig, "batch_size"),
 ) -> None:  # fmt: skip
     """Per-capability loss and generative accuracy, with the mean and the worst capability."""
-    from ideal.backends.evaluate import parse_scorers, run_eval
+    from ideal.backends.evaluation.evaluate import parse_scorers, run_eval
     from ideal.report.console import eval_table
 
     model = resolve_model_dir(model)
@@ -416,7 +416,7 @@ def export(
 ) -> None:  # fmt: skip
     """Write a mixture as files LLaMA-Factory, TRL or axolotl read, with the exact volumes."""
     from ideal.data.export import export_mixture
-    from ideal.summary import returned_mixture
+    from ideal.run.summary import returned_mixture
 
     if (run_dir is None) == (mixture is None):
         raise typer.BadParameter("give exactly one of --run and --mixture", param_hint="--run")
@@ -446,8 +446,8 @@ def check(
 
     warnings: list[str] = []
     if config is not None:
-        from ideal.config import load_config
-        from ideal.preflight import preflight
+        from ideal.run.config import load_config
+        from ideal.run.preflight import preflight
 
         run_config = load_config(config)
         warnings = preflight(run_config, config).warnings
@@ -475,9 +475,9 @@ def check(
 
 def _check_parity(run_config: Any, config: Path) -> None:
     """`ideal check --config`: round 0's rows through the trainer's own data pipeline."""
-    from ideal.backends.parity import BACKENDS
-    from ideal.backends.parity_run import config_parity
+    from ideal.backends.tools.parity import BACKENDS
     from ideal.report.parity import parity_table
+    from ideal.run.preflight import config_parity
 
     if run_config.train.backend not in BACKENDS:
         return
@@ -503,8 +503,8 @@ def init(
     """Write a commented run config for your data (every setting at its default, with its help),
     and check it as `ideal run` would before training."""
     from ideal.artifacts import atomic_write_text
-    from ideal.config import config_template, load_config
-    from ideal.preflight import preflight
+    from ideal.run.config import config_template, load_config
+    from ideal.run.preflight import preflight
 
     if out_file.exists():
         raise IdealError(f"{out_file}: already exists; choose another --out")

@@ -42,7 +42,7 @@ class Batch:
     labels: Tensor  # (B, T) -100 = no loss (prompt, padding)
     weights: Tensor  # (B,) example weights (copies in the mixture sample)
     keys: Tensor  # (B,) stable example ids (seed the per-example label sampling)
-    # the rows, in order (what a feature cache looks them up by: ideal.backends.top_layers)
+    # the rows, in order (what a feature cache looks them up by: ideal.backends.training.top_layers)
     rows: tuple[Tokenized, ...] = ()
 
     @property
@@ -206,7 +206,7 @@ def target_logits(
     serves the older versions this project supports.
 
     `inputs_embeds` (B, T, hidden), given, replaces `batch.input_ids` as the model's input (the
-    cached states entering the trained blocks: ideal.backends.top_layers).
+    cached states entering the trained blocks: ideal.backends.training.top_layers).
     """
     mask = batch.labels[:, 1:] != IGNORE_INDEX  # (B, T-1): logits at t predict t+1
     inputs: dict[str, Any] = {

@@ -9,7 +9,7 @@
     RunSummary     RUN/summary.json: the rounds, the probe's facts, the selected round, the final
                    training and the compute
 
-The loop writes them once (ideal.summary computes the summary); the command line and the reports
+The loop writes them once (ideal.run.summary computes the summary); the command line and the reports
 only read them, so no module re-derives "was round 1 the probe?" or spells a key by hand.
 """
 

@@ -8,7 +8,7 @@ fields (`ideal.cli_options`), so a default, a choice list or a help text exists 
 
 `check_choices(instance, section)` validates every field that declares choices, with a line that
 names the dotted key and the value. `before` is the value that described a run started before the
-option existed, where the default changed behaviour (resume reads it: ideal.config).
+option existed, where the default changed behaviour (resume reads it: ideal.run.config).
 """
 
 from __future__ import annotations

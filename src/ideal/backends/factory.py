@@ -10,18 +10,18 @@ from ideal.backends.settings import EvalConfig, TrainConfig
 def make_trainer(train: TrainConfig) -> Any:
     """The trainer `train.backend` names."""
     if train.backend == "builtin":
-        from ideal.backends.train import BuiltinTrainer
+        from ideal.backends.training.builtin import BuiltinTrainer
 
         return BuiltinTrainer(train.settings())
     if train.backend == "trl":
-        from ideal.backends.trl_sft import TrlTrainer
+        from ideal.backends.tools.trl_sft import TrlTrainer
 
         return TrlTrainer(train.settings(), dict(train.trl_args))
     if train.backend == "command":
-        from ideal.backends.external import CommandTrainer
+        from ideal.backends.tools.external import CommandTrainer
 
         return CommandTrainer(train.command, train.export, dict(train.env), train.timeout)
-    from ideal.backends.presets import preset_trainer
+    from ideal.backends.tools.presets import preset_trainer
 
     return preset_trainer(
         train.backend,
@@ -37,7 +37,7 @@ def make_trainer(train: TrainConfig) -> Any:
 def make_evaluator(spec: EvalConfig) -> Any:
     """The external evaluator `eval.backend` names, or None for the builtin one."""
     if spec.backend == "lm-eval":
-        from ideal.backends.lmeval import LmEvalEvaluator
+        from ideal.backends.evaluation.lmeval import LmEvalEvaluator
 
         return LmEvalEvaluator(
             dict(spec.tasks),
@@ -48,7 +48,7 @@ def make_evaluator(spec: EvalConfig) -> Any:
             spec.include_defaults,
         )
     if spec.backend == "command":
-        from ideal.backends.external import CommandEvaluator
+        from ideal.backends.tools.external import CommandEvaluator
 
         return CommandEvaluator(
             spec.command, spec.parse, dict(spec.tasks), dict(spec.env), spec.timeout

@@ -60,7 +60,7 @@ class TrainSettings:
     lora_targets: tuple[str, ...] = setting(
         ("all-linear",), "Module names the adapter wraps (comma-separated), or all-linear."
     )
-    # Exact: the frozen bottom's output is the same whatever trains above it (ideal.backends.top_layers)
+    # Exact: the frozen bottom's output is the same whatever trains above it (ideal.backends.training.top_layers)
     top_layers: int = setting(
         0,
         "Train only the top K transformer blocks, fully or with LoRA (0: every block). Embeddings, "

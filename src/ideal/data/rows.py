@@ -26,8 +26,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from ideal.data.examples import Example, OnInvalid  # noqa: F401  (re-exported)
 from ideal.data.files import data_files, read_rows
 from ideal.data.tokens import (  # re-exported: the package imports them from here
     IGNORE_INDEX,
@@ -51,28 +52,6 @@ SHAREGPT_ROLES = {
     "user": "user",
     "assistant": "assistant",
 }
-OnInvalid = Literal["error", "skip"]
-
-
-@dataclass(frozen=True)
-class Example:
-    """One validated row: its conversation, optional answer, where it came from."""
-
-    messages: tuple[dict[str, str], ...]
-    answer: str | None
-    source: str  # "path:line" (JSON Lines) or "path[index]" (other kinds of file)
-    raw: str  # the row's JSON text (one line, as read for JSON Lines): mixtures write it back
-
-    @property
-    def prompt_messages(self) -> list[dict[str, str]]:
-        """The conversation up to (excluding) its last assistant turn: what generation conditions on."""
-        last = max(i for i, m in enumerate(self.messages) if m["role"] == "assistant")
-        return list(self.messages[:last])
-
-    @property
-    def completion(self) -> str:
-        """The content of the last assistant turn."""
-        return next(m["content"] for m in reversed(self.messages) if m["role"] == "assistant")
 
 
 @dataclass

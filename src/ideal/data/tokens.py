@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ideal.errors import IdealError
 
 if TYPE_CHECKING:
-    from ideal.data.rows import Example, OnInvalid
+    from ideal.data.examples import Example, OnInvalid
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,6 @@
 
 May import: ideal.lm, ideal.data, ideal.report (plots), and the ground floor. Never ideal.methods
 (the update rule turns influence.json's sensitivities into a step: it imports this part),
-ideal.config, ideal.loop or above. The numerical core (curvature, passes, statistics, engine)
+ideal.run or above. The numerical core (curvature, passes, statistics, engine)
 reads no files.
 """

@@ -37,7 +37,7 @@ from ideal.lm import (
 T = TypeVar("T")
 Progress = Callable[[Iterable[T], int, str], Iterable[T]]
 # (model, batch, real_positions, full) -> the batch's target logits: `target_logits`, or a feature
-# cache's (ideal.backends.top_layers), which runs only the top blocks from cached states
+# cache's (ideal.backends.training.top_layers), which runs only the top blocks from cached states
 Forward = Callable[..., TargetLogits]
 
 

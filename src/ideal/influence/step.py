@@ -73,7 +73,7 @@ def compute_influence(
     adds. `job.loss` is the objective differentiated, `job.loss_source` says where it came from
     (recorded as given). With `job.top_layers` K > 0 the layers lie in the top K blocks, and with
     `job.feature_cache` every pass runs them from the states entering them, cached under
-    `features` (ideal.backends.top_layers: the training's cache, found again)."""
+    `features` (ideal.backends.training.top_layers: the training's cache, found again)."""
     start = time.perf_counter()
     config, settings = job.config, job.settings
     model, tokenizer, selected, training, domains, refs, curvature = _inputs(
@@ -179,7 +179,7 @@ def cached_forward(
     process writes, the others read)."""
     if not (job.top_layers and job.feature_cache):
         return target_logits
-    from ideal.backends.top_layers import FeatureCache
+    from ideal.backends.training.top_layers import FeatureCache
 
     cache = FeatureCache(root, model, job.top_layers, job.max_length)
     rows = [item for ws in sets for item in ws.items]
@@ -202,7 +202,7 @@ def _inputs(
     tokenizer = load_tokenizer(model_dir)
     selected = select_layers(model, job.layers)
     if job.top_layers:  # the blocks below never change (and never run from cached features)
-        from ideal.backends.top_layers import check_inside_top, top_modules
+        from ideal.backends.training.top_layers import check_inside_top, top_modules
 
         if job.layers is None:
             selected = top_modules(model, job.top_layers, selected)
@@ -297,7 +297,7 @@ def recorded_target_tokens(
     {"tool", "ideal", "trainer", "share": {"ideal", "trainer"}, "relative_change", "differs",
     "shift"}; None without such a record. The scores differentiate ideal's rows; this says by how
     much the trainer's objective weighs each domain otherwise."""
-    from ideal.backends.parity import target_shift
+    from ideal.backends.tools.parity import target_shift
 
     file = Path(model_dir) / "train_settings.json"
     try:

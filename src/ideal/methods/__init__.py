@@ -10,5 +10,5 @@
     settings.py  `update:` of the run config and `ideal reweight`'s options (one home each)
 
 May import: ideal.influence (the step reads its sensitivities), ideal.lm, ideal.data and the
-ground floor. Not ideal.backends, ideal.config or above.
+ground floor. Not ideal.backends, ideal.run or above.
 """

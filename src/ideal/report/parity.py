@@ -1,5 +1,5 @@
 """`ideal check --config`'s parity table: per domain, the mixture's rows against the rows the
-trainer's own data pipeline keeps, and the target tokens of each (backends/parity.py's record)."""
+trainer's own data pipeline keeps, and the target tokens of each (backends/tools/parity.py's record)."""
 
 from __future__ import annotations
 

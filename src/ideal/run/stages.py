@@ -7,7 +7,7 @@
     RUN/round-K/proxy.json     rules doremi/doge: the proxy run's domain weights (+ proxy.png)
     RUN/final/                 with `search:`: the returned mixture trained with the run's recipe
 
-The influence step has its own part (ideal.influence); the loop (ideal.loop) orders the stages.
+The influence step has its own part (ideal.influence); the loop (ideal.run.loop) orders the stages.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import numpy as np
 
 from ideal.artifacts import atomic_write_json, read_json
 from ideal.backends.factory import make_evaluator, make_trainer
-from ideal.config import RunConfig
 from ideal.data.mixture_io import load_training_set
 from ideal.errors import IdealError
-from ideal.rundir import RunPaths
+from ideal.run.config import RunConfig
+from ideal.run.rundir import RunPaths
 
 log = logging.getLogger("ideal")
 
@@ -77,7 +77,7 @@ def evaluate_round(
 
     Reference (and, with test data, test) losses are always ideal's own; with an external
     `eval.backend` the test accuracy of each capability is the evaluator's score."""
-    from ideal.backends.evaluate import evaluate_capability
+    from ideal.backends.evaluation.evaluate import evaluate_capability
     from ideal.data.rows import load_domains
     from ideal.hf import load_causal_lm, load_tokenizer
 
@@ -187,7 +187,7 @@ def eval_features(config: RunConfig, paths: RunPaths, model: Any) -> Any:
     frozen bottom: the rounds' models (trained above it) share the base model's entries."""
     if not (config.train.top_layers and config.train.feature_cache):
         return None
-    from ideal.backends.top_layers import FeatureCache
+    from ideal.backends.training.top_layers import FeatureCache
 
     return FeatureCache(paths.features, model, config.train.top_layers, config.max_length)
 
@@ -207,7 +207,7 @@ def proxy_round(config: RunConfig, paths: RunPaths, here: Path, model_dir: Path)
     model learns domain weights over the round's pools; DoReMi's reference model is round K's model."""
     import torch
 
-    from ideal.backends.train import wrap_lora
+    from ideal.backends.training.builtin import wrap_lora
     from ideal.data.rows import load_domains, tokenize_examples
     from ideal.hf import load_causal_lm, load_tokenizer
     from ideal.methods.proxy import ProxySettings, learn_domain_weights, proxy_document

@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from ideal.artifacts import read_json
+from ideal.backends.protocol import EvalJob, Score, score_from
 from ideal.errors import IdealError
-
-from .protocol import EvalJob, Score, score_from
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ docs/method.md's L_mix defines and the influence step differentiates by default,
 bit-identical weights. Where neither matters, the other backends train the round just as well.
 
 `--top-layers K` trains only the top K blocks, from the hidden states entering them, computed once
-per row and cached in `<out>.features/` (or the run's `features/`): ideal.backends.top_layers.
+per row and cached in `<out>.features/` (or the run's `features/`): ideal.backends.training.top_layers.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,15 +43,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from ideal.artifacts import atomic_write_json
+from ideal.artifacts import atomic_write_json, writing
 from ideal.backends.settings import TrainSettings
 from ideal.data.rows import OnInvalid, Tokenized, tokenize_examples
 from ideal.distributed import barrier, init_from_env, is_main
-from ideal.errors import IdealError, WriteError, environment_error
+from ideal.errors import IdealError
 from ideal.lm import collate, target_nll
 
 if TYPE_CHECKING:
-    from ideal.backends.top_layers import FeatureCache
+    from ideal.backends.training.top_layers import FeatureCache
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def micro_batch_loss(
         targets = features.target_logits(model, batch, full=full_logits)
         nll, mask = targets.nll(batch.labels), targets.mask
     elif settings.top_layers:  # the same, the frozen bottom run here under no_grad
-        from ideal.backends.top_layers import bottom_states, top_blocks
+        from ideal.backends.training.top_layers import bottom_states, top_blocks
 
         states = bottom_states(model, batch, settings.top_layers)  # (B, T, hidden)
         with top_blocks(model, settings.top_layers):
@@ -121,7 +121,7 @@ def lora_config(settings: TrainSettings, model: nn.Module | None = None) -> Any:
     )
     restrict: dict[str, Any] = {}
     if settings.top_layers and model is not None:
-        from ideal.backends.top_layers import top_block_indices, top_linear_names
+        from ideal.backends.training.top_layers import top_block_indices, top_linear_names
 
         if targets == "all-linear":
             targets = top_linear_names(model, settings.top_layers)
@@ -148,39 +148,6 @@ def wrap_lora(model: nn.Module, settings: TrainSettings) -> nn.Module:
         return get_peft_model(model, config)
     except ValueError as err:
         raise IdealError(f"--lora: {str(err).splitlines()[0]}") from None
-
-
-@contextmanager
-def writing(path: Path, cleanup: Path) -> Iterator[None]:
-    """Writes of torch and safetensors that a full disk or a denied path makes fail: one line
-    (WriteError naming `path`) instead of a traceback, and `cleanup` (what was half written) gone.
-
-    torch.save reports a full disk as a RuntimeError ("... file write failed") and safetensors as
-    its own error ("... StorageFull ..."), neither an OSError with an errno, so the message is read.
-    """
-    try:
-        yield
-    except OSError as err:
-        error = environment_error(err)
-        if error is None:
-            raise
-        _remove(cleanup)
-        raise WriteError(path, err.strerror or str(err)) from None
-    except Exception as err:
-        text = str(err)
-        if not any(
-            s in text for s in ("write failed", "StorageFull", "No space left", "os error 28")
-        ):
-            raise
-        _remove(cleanup)
-        raise WriteError(path, "the write failed: is the disk full?") from None
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -263,7 +230,7 @@ def train_model(
     )
     features = None
     if settings.top_layers:
-        from ideal.backends.top_layers import FeatureCache, check_top_layers, freeze_below
+        from ideal.backends.training.top_layers import FeatureCache, check_top_layers, freeze_below
 
         check_top_layers(model, settings.top_layers)
         if settings.feature_cache:  # the frozen bottom's hash, before any adapter is added

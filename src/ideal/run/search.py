@@ -7,10 +7,10 @@
       eval: {test_accuracy: false}                 # overrides of eval.* (this is the default)
 
 With it, every round of the loop trains, evaluates and computes influence with this recipe, and
-the round the run returns is then trained once with the run's own recipe (RUN/final/, ideal.loop).
+the round the run returns is then trained once with the run's own recipe (RUN/final/, ideal.run.loop).
 Without it (absent), every round trains with the run's recipe, as before. `search: {}` (or an
 empty `search:`) is the default recipe below. The overrides are validated against `train:` and
-`eval:` by the run config (ideal.config), whose errors name the key (`search.train.epochs`).
+`eval:` by the run config (ideal.run.config), whose errors name the key (`search.train.epochs`).
 
 No torch, no numpy: the command line reads this at start-up.
 """

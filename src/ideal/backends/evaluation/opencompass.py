@@ -21,9 +21,8 @@ import csv
 from pathlib import Path
 from typing import Any
 
+from ideal.backends.protocol import Score, score_from
 from ideal.errors import IdealError
-
-from .protocol import Score, score_from
 
 FIXED_COLUMNS = ("dataset", "version", "metric", "mode")
 

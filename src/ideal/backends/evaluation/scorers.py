@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ideal.backends.top_layers import FeatureCache
+from ideal.backends.training.top_layers import FeatureCache
 from ideal.data.rows import Example, Tokenized, tokenize_example
 from ideal.errors import IdealError
 from ideal.lm import collate, target_logits

@@ -4,7 +4,7 @@
 
 A mixture's export is loaded through the tool's own data pipeline, by the tool's own Python (the
 interpreter of the command's executable: its virtual environment), with a probe script
-(backends/probes/) that writes each row's input ids and labels as the tool builds them. Each row
+(backends/tools/probes/) that writes each row's input ids and labels as the tool builds them. Each row
 is compared with ideal's tokenisation of the same row (the base model's tokenizer, its chat
 template, `max_length`), per domain:
 
@@ -279,9 +279,8 @@ def drop_causes(
     indices: Sequence[int],
 ) -> dict[str, int]:
     """Why the tool dropped the rows at `indices` (a cause ideal knows, else "dropped by it")."""
+    from ideal.backends.tools.trainer_rows import tool_length_limit
     from ideal.data.export import llamafactory_problem
-
-    from .trainer_rows import tool_length_limit
 
     limit = tool_length_limit(backend, base)
     first: dict[tuple, int] = {}

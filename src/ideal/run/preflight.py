@@ -11,12 +11,17 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ideal.config import RunConfig
 from ideal.errors import IdealError
+from ideal.run.config import RunConfig
+
+if TYPE_CHECKING:
+    from ideal.backends.tools.parity import Parity
 
 log = logging.getLogger("ideal")
 
@@ -110,7 +115,7 @@ def _check_top_layers(config: RunConfig, key: str) -> None:
                 f"{config.suite.num_layers} blocks"
             )
         return
-    from ideal.backends.top_layers import check_top_layers
+    from ideal.backends.training.top_layers import check_top_layers
     from ideal.hf import resolve_model_dir
     from ideal.influence.plan import meta_model
 
@@ -161,7 +166,7 @@ def tokenizer_difference(ours: Any, theirs: Any) -> str | None:
 
 
 def _check_scorers(config: RunConfig, found: Preflight) -> None:
-    from ideal.backends.evaluate import scorer_names
+    from ideal.backends.evaluation.evaluate import scorer_names
 
     known = scorer_names()
     capabilities = sorted({*found.tests, *found.references})  # a scorer also decodes references
@@ -193,7 +198,7 @@ def _check_backends(config: RunConfig, found: Preflight, config_file: str | Path
     train = config.train
     base = None
     if train.base_config:
-        from ideal.backends.presets import load_base_config
+        from ideal.backends.tools.presets import load_base_config
 
         try:
             base = load_base_config(train.base_config, train.backend)
@@ -206,11 +211,73 @@ def _check_backends(config: RunConfig, found: Preflight, config_file: str | Path
                 f"eval.tasks.{name}: no reference or test set named '{name}' (they are: "
                 f"{', '.join(sorted(capabilities))}): it is scored, but the method cannot aim at it"
             )
-    from ideal.backends.masking import masking_warnings
-    from ideal.backends.trainer_rows import check_trainer_rows
+    from ideal.backends.tools.masking import masking_warnings
+    from ideal.backends.tools.trainer_rows import check_trainer_rows
 
     where = str(train.base_config) if base is not None else str(config_file or "the run config")
     model = None if config.suite is not None else config.model
     found.warnings += masking_warnings(train.backend, base, where, model, dict(train.trl_args))
     # rows the tool would drop or deduplicate (errors), or cut otherwise than ideal (warnings)
     found.warnings += check_trainer_rows(config, base, where)
+
+
+def config_parity(config: RunConfig, config_file: str | Path | None) -> tuple[Parity | None, str]:
+    """`ideal check --config`: round 0's mixture (train_data, every row once) through the run's
+    trainer, as its first round would export and render it. (parity, "") or (None, why not)."""
+    from ideal.backends.factory import make_trainer
+    from ideal.backends.protocol import TrainJob
+    from ideal.backends.tools.external import ToolNotFound
+    from ideal.backends.tools.parity import BACKENDS, TOOL_EXECUTABLES, compare_probe
+    from ideal.backends.tools.parity_run import (
+        parity_of,
+        probe_python,
+        tokenize_export,
+        tool_importable,
+        trl_document,
+    )
+    from ideal.backends.tools.presets import load_base_config
+    from ideal.data.export import export_mixture
+    from ideal.data.mixture_io import load_training_set, write_mixture_dir
+    from ideal.hf import load_tokenizer, resolve_model_dir
+
+    backend = config.train.backend
+    if backend not in BACKENDS:
+        return None, f"train.backend {backend} has no data pipeline of its own"
+    if config.suite is not None or config.train_data is None or config.model is None:
+        return None, "the embedded suite is generated when the run starts"
+    base_model = resolve_model_dir(config.model)
+    training = load_training_set(config.train_data)
+    with tempfile.TemporaryDirectory(prefix="ideal-parity-") as scratch:
+        round_dir = Path(scratch) / "round-0"
+        write_mixture_dir(round_dir, training, training.mixture, data_subdir="data")
+        if backend == "trl":
+            export_mixture(round_dir / "mixture.json", "trl", round_dir / "export", absolute=True)
+            tokenizer = load_tokenizer(base_model)
+            domains = training.mixture.domains
+            exported = tokenize_export(round_dir / "export", domains, tokenizer, config.max_length)
+            parity = compare_probe(
+                "trl", trl_document(exported, tokenizer), exported, {}, tokenizer
+            )
+            parity.python = sys.executable
+            return parity, ""
+        trainer = make_trainer(config.train)
+        job = TrainJob(
+            base_model, round_dir, round_dir / "model", 0, Path(scratch),
+            Path(config_file or Path(scratch) / "config.yaml"),
+        )  # fmt: skip
+        try:
+            prepared = trainer.prepare(job)
+        except ToolNotFound as err:  # `ideal run` will stop there: said, the rest is checked
+            return None, str(err)
+        python, why = probe_python(prepared.argv, prepared.env, TOOL_EXECUTABLES[backend])
+        if python is not None:
+            why = tool_importable(backend, python) or ""
+        if why:
+            return None, why
+        assert python is not None
+        base = load_base_config(config.train.base_config, backend)
+        parity = parity_of(
+            backend, base, prepared.data_dir, prepared.config_file, base_model,
+            config.max_length, python, prepared.env,
+        )  # fmt: skip
+        return parity, ""

@@ -27,7 +27,7 @@ from ideal.errors import IdealError
 from ideal.influence.settings import InfluenceConfig, InfluenceJob
 from ideal.methods.select import SELECTIONS
 from ideal.methods.settings import UpdateSettings
-from ideal.search import SearchSettings
+from ideal.run.search import SearchSettings
 from ideal.settings import check_choices, default_of, help_of, hint_members, setting
 
 # Keys that two levels would both accept: the top level is their home (they also drive the

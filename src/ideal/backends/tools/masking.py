@@ -155,7 +155,7 @@ def _template_warning(where: str, key: str, name: Any, model_dir: Path | None, t
 def system_prompt_warning(base: dict[str, Any], where: str, tokenizer: Any) -> str:
     """LLaMA-Factory's `template` (or `default_system`) writes a system prompt into rows without
     one that the model's chat template does not write, or another: the line, or ""."""
-    from .llamafactory_systems import LLAMAFACTORY_DEFAULT_SYSTEMS
+    from ideal.backends.tools.llamafactory_systems import LLAMAFACTORY_DEFAULT_SYSTEMS
 
     name = base.get("template")
     if name is None or tokenizer is None:

@@ -278,7 +278,7 @@ class FeatureCache:
     def _write(self, new: dict[str, Tensor]) -> None:
         from safetensors.torch import save_file
 
-        from ideal.backends.train import writing
+        from ideal.artifacts import writing
 
         fill = hashlib.sha256("".join(sorted(new)).encode()).hexdigest()[:16]
         path = self.dir / f"fill-{fill}.safetensors"

@@ -3,7 +3,7 @@
     RUN/config.yaml   the resolved config + its hash: a resumed run must have the same config,
                       except options added to ideal since, at the value the run had
     RUN/suite/        the generated suite (data + base model), when the config names one
-    RUN/round-K/      one directory per round (ideal.loop)
+    RUN/round-K/      one directory per round (ideal.run.loop)
     RUN/final/        with `search:`, the returned mixture trained with the run's recipe
 
 A run directory in which no stage began (only its config, the suite and round 0's rows) is started
@@ -21,8 +21,8 @@ from pathlib import Path
 import yaml
 
 from ideal.artifacts import atomic_write_text
-from ideal.config import RunConfig, config_changes
 from ideal.errors import IdealError
+from ideal.run.config import RunConfig, config_changes
 
 log = logging.getLogger("ideal")
 
@@ -38,7 +38,7 @@ class RunPaths:
     reference: Path
     test: Path | None  # None: an external evaluator brings its own test sets
 
-    # the feature cache of train.top_layers (ideal.backends.top_layers): RUN/features, or one
+    # the feature cache of train.top_layers (ideal.backends.training.top_layers): RUN/features, or one
     # that several runs share (every run of a compare: OUT/features)
     shared_features: Path | None = None
 

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
-from ideal.backends.scorers import CHOICE, INSTRUCTION_SCORERS, score_choices
-from ideal.backends.top_layers import FeatureCache
+from ideal.backends.evaluation.scorers import CHOICE, INSTRUCTION_SCORERS, score_choices
+from ideal.backends.training.top_layers import FeatureCache
 from ideal.data.rows import Domain, Tokenized, tokenize_examples
 from ideal.errors import IdealError
 from ideal.lm import collate, target_logits
@@ -176,7 +176,7 @@ def evaluate_capability(
     """Loss over every example; accuracy over the examples with an `answer` (all or none of them).
 
     With `generate=False` only the loss is computed (reference sets: the method needs no decoding).
-    `features`: the cached states of the frozen bottom (ideal.backends.top_layers) serve the loss
+    `features`: the cached states of the frozen bottom (ideal.backends.training.top_layers) serve the loss
     and the `choice` scorer's likelihoods; generation runs the whole model.
     """
     items, _ = tokenize_examples(domain.examples, tokenizer, max_length)  # one per row, in order

@@ -25,11 +25,10 @@ from typing import Any
 import yaml
 
 from ideal.artifacts import atomic_write_text
+from ideal.backends.protocol import TrainJob
+from ideal.backends.tools.external import CommandTrainer, Prepared
+from ideal.backends.tools.masking import masking_warnings
 from ideal.errors import IdealError
-
-from .external import CommandTrainer, Prepared
-from .masking import masking_warnings
-from .protocol import TrainJob
 
 #: preset -> (the export format it reads, its default command)
 PRESETS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -171,9 +170,8 @@ def preset_trainer(
 
     def render(job: TrainJob, data_dir: Path, output_dir: Path, config_path: Path) -> list[str]:
         if preset == "axolotl":  # its deduplication would undo the mixture's repeats
+            from ideal.backends.tools.trainer_rows import check_deduplication
             from ideal.data.rows import read_jsonl
-
-            from .trainer_rows import check_deduplication
 
             rows = (e for f in sorted(data_dir.glob("*.jsonl")) for e in read_jsonl(f)[0])
             check_deduplication(base, where, rows, f"round {job.round}'s mixture")
@@ -182,7 +180,7 @@ def preset_trainer(
         return masking_warnings(preset, base, where, job.base_model) + warnings
 
     def check(job: TrainJob, prepared: Prepared) -> dict[str, Any] | None:
-        from .parity_run import preset_parity
+        from ideal.backends.tools.parity_run import preset_parity
 
         return preset_parity(preset, base, job, prepared, max_length, parity)
 

@@ -27,7 +27,7 @@ statistics over seeds (paired differences, gap closure, cost, transfer) are idea
     ideal-no-probe  the IDEAL rule with EK-FAC, round 1 docs/method.md's step from D0
                   (`update.first_round: ideal`)
     ideal-search  the IDEAL rule with EK-FAC, its rounds with the config's `search:` recipe (or,
-                  without one, the default: a quarter of the data, ideal.search); the mixture
+                  without one, the default: a quarter of the data, ideal.run.search); the mixture
                   it returns is trained once with the full recipe, and that model is scored
     random        K random mixtures on the simplex at the same total (`--random-candidates`), each
                   trained; the one with the best reference objective is kept (its compute counts all K)
@@ -52,14 +52,14 @@ from typing import Any
 import numpy as np
 
 from ideal.artifacts import atomic_write_json
-from ideal.config import RunConfig
 from ideal.errors import IdealError
-from ideal.loop import run_loop
 from ideal.methods.rules import random_shares
 from ideal.paired import cost_in_sfts, gap_closure, paired_differences, stats, transfer
-from ideal.preflight import preflight
-from ideal.rundir import prepare_run
-from ideal.search import SearchSettings
+from ideal.run.config import RunConfig
+from ideal.run.loop import run_loop
+from ideal.run.preflight import preflight
+from ideal.run.rundir import prepare_run
+from ideal.run.search import SearchSettings
 
 log = logging.getLogger("ideal")
 

@@ -16,7 +16,6 @@ from typing import Any
 import yaml
 
 from ideal.artifacts import read_json
-from ideal.config import RunConfig
 from ideal.errors import IdealError
 from ideal.methods.select import select_round
 from ideal.records import (
@@ -28,7 +27,8 @@ from ideal.records import (
     RunSummary,
     UpdateRecord,
 )
-from ideal.search import SearchSettings
+from ideal.run.config import RunConfig
+from ideal.run.search import SearchSettings
 
 
 def summarise_run(run: str | Path) -> RunSummary:

@@ -1,13 +1,13 @@
 """Running the parity check (parity.py compares): find the tool's own Python, run its probe over a
-round's export, and check a preset's round before it trains or a run config before it starts.
+round's export, and check a preset's round before it trains (a run config before it starts:
+ideal.run.preflight.config_parity).
 
     tool's executable   argv[0] of the preset's command on its PATH (a wrapper such as `sh -c`:
                         the preset's own executable on that PATH), and the Python of its `#!`
                         line: the tool's virtual environment
-    probe               backends/probes/<tool>_rows.py, run by that Python over the rendered config
+    probe               backends/tools/probes/<tool>_rows.py, run by that Python over the rendered config
                         (nothing of the run written: scratch output, datasets cache, offline)
-    checks              `preset_parity`: each round of `ideal run` (`train.parity`);
-                        `config_parity`: `ideal check --config`, round 0's mixture
+    checks              `preset_parity`: each round of `ideal run` (`train.parity`)
 
 `trl` needs no probe: it trains in this process on ideal's rows, and TRL's own collator over them
 is compared (`trl_document`).
@@ -19,16 +19,20 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ideal.backends.tools.parity import (
+    PROBES,
+    TOOL_EXECUTABLES,
+    TOOL_NAMES,
+    Parity,
+    compare_probe,
+)
 from ideal.data.rows import Tokenized
 from ideal.errors import IdealError
-
-from .parity import BACKENDS, PROBES, TOOL_EXECUTABLES, TOOL_NAMES, Parity, compare_probe
 
 log = logging.getLogger(__name__)
 
@@ -262,59 +266,3 @@ def preset_parity(
     if parity.errors:
         raise IdealError(f"round {job.round}: {parity.errors[0]}")
     return parity.to_dict()
-
-
-def config_parity(config: Any, config_file: str | Path | None) -> tuple[Parity | None, str]:
-    """`ideal check --config`: round 0's mixture (train_data, every row once) through the run's
-    trainer, as its first round would export and render it. (parity, "") or (None, why not)."""
-    from ideal.data.export import export_mixture
-    from ideal.data.mixture_io import load_training_set, write_mixture_dir
-    from ideal.hf import load_tokenizer, resolve_model_dir
-
-    from .protocol import TrainJob
-
-    backend = config.train.backend
-    if backend not in BACKENDS:
-        return None, f"train.backend {backend} has no data pipeline of its own"
-    if config.suite is not None or config.train_data is None or config.model is None:
-        return None, "the embedded suite is generated when the run starts"
-    base_model = resolve_model_dir(config.model)
-    training = load_training_set(config.train_data)
-    with tempfile.TemporaryDirectory(prefix="ideal-parity-") as scratch:
-        round_dir = Path(scratch) / "round-0"
-        write_mixture_dir(round_dir, training, training.mixture, data_subdir="data")
-        if backend == "trl":
-            export_mixture(round_dir / "mixture.json", "trl", round_dir / "export", absolute=True)
-            tokenizer = load_tokenizer(base_model)
-            domains = training.mixture.domains
-            exported = tokenize_export(round_dir / "export", domains, tokenizer, config.max_length)
-            parity = compare_probe(
-                "trl", trl_document(exported, tokenizer), exported, {}, tokenizer
-            )
-            parity.python = sys.executable
-            return parity, ""
-        from .external import ToolNotFound
-        from .factory import make_trainer
-        from .presets import load_base_config
-
-        trainer = make_trainer(config.train)
-        job = TrainJob(
-            base_model, round_dir, round_dir / "model", 0, Path(scratch),
-            Path(config_file or Path(scratch) / "config.yaml"),
-        )  # fmt: skip
-        try:
-            prepared = trainer.prepare(job)
-        except ToolNotFound as err:  # `ideal run` will stop there: said, the rest is checked
-            return None, str(err)
-        python, why = probe_python(prepared.argv, prepared.env, TOOL_EXECUTABLES[backend])
-        if python is not None:
-            why = tool_importable(backend, python) or ""
-        if why:
-            return None, why
-        assert python is not None
-        base = load_base_config(config.train.base_config, backend)
-        parity = parity_of(
-            backend, base, prepared.data_dir, prepared.config_file, base_model,
-            config.max_length, python, prepared.env,
-        )  # fmt: skip
-        return parity, ""

@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from ideal.artifacts import atomic_write_json
+from ideal.backends.protocol import TrainJob
+from ideal.backends.tools.masking import trl_warnings
+from ideal.backends.training.builtin import TrainSettings, lora_config
 from ideal.distributed import barrier, init_from_env, is_main
 from ideal.errors import IdealError
-
-from .masking import trl_warnings
-from .protocol import TrainJob
-from .train import TrainSettings, lora_config
 
 log = logging.getLogger(__name__)
 

@@ -35,10 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ideal.artifacts import atomic_write_json, read_json
-from ideal.data.export import export_mixture
-from ideal.errors import IdealError
-
-from .protocol import (
+from ideal.backends.protocol import (
     EvalJob,
     Score,
     TrainJob,
@@ -46,6 +43,8 @@ from .protocol import (
     find_trained_model,
     read_scores,
 )
+from ideal.data.export import export_mixture
+from ideal.errors import IdealError
 
 log = logging.getLogger(__name__)
 
@@ -399,12 +398,12 @@ class CommandEvaluator:
         if result.exit_code != 0:
             raise failure(f"round {job.round}: the evaluator", result)
         if self.parse == "lm-eval":
-            from .lmeval import newest_results, parse_results
+            from ideal.backends.evaluation.lmeval import newest_results, parse_results
 
             path = newest_results(work)
             return parse_results(read_json(path), self.tasks, str(path))
         if self.parse == "opencompass":
-            from .opencompass import newest_summary, parse_summary
+            from ideal.backends.evaluation.opencompass import newest_summary, parse_summary
 
             return parse_summary(newest_summary(work), self.tasks)
         return read_scores(scores)

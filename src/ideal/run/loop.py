@@ -1,14 +1,14 @@
 """The closed IDEAL loop: the rounds' state machine, resumable stage by stage.
 
-    RUN/config.yaml            resolved config + its hash (ideal.rundir)
+    RUN/config.yaml            resolved config + its hash (ideal.run.rundir)
     RUN/round-K/mixture.json   the mixture of round K (rows under RUN/round-K/data/<domain>/), with
                                the update that made it (ideal.records.UpdateRecord)
-    RUN/round-K/model/, train.json, metrics.json, proxy.json   the stages' work (ideal.stages)
+    RUN/round-K/model/, train.json, metrics.json, proxy.json   the stages' work (ideal.run.stages)
     RUN/round-K/influence.json influence of round K's model (+ .csv, .png): an update from round K
     RUN/round-K/search/        with `search.fraction` < 1: the nested subset round K trained on
     RUN/final/                 with `search:`: the returned mixture trained once with the run's
                                recipe (mixture.json, model/, train.json, metrics.json)
-    RUN/summary.json           one entry per round, the final training, the compute (ideal.summary)
+    RUN/summary.json           one entry per round, the final training, the compute (ideal.run.summary)
     RUN/report.html            plots and tables (ideal.report.run)
 
 Round 0 trains on D0. Under `update.first_round: uniform` (the default) round 1 is the uniform
@@ -18,7 +18,7 @@ with `update.trust_region`, else the previous round), resamples, retrains from t
 evaluates. Every stage writes its artifact atomically and is skipped on --resume when present, so
 a killed run continues where it stopped.
 
-With a search recipe (`search:`, ideal.search) the rounds train, evaluate and compute influence
+With a search recipe (`search:`, ideal.run.search) the rounds train, evaluate and compute influence
 with it, on a nested fraction of each round's volumes; the round they return is then trained once
 with the run's own recipe (`train_final`), and the run reports both and the compute of each part.
 """
@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 from ideal.artifacts import atomic_write_json, read_json
-from ideal.config import RunConfig
 from ideal.data.mixture import Constraints, Mixture, draw_mixture, nested_subset
 from ideal.data.mixture_io import TrainingSet, load_training_set, write_mixture_dir
 from ideal.errors import IdealError
@@ -46,11 +45,18 @@ from ideal.methods.rules import (
     requested_change,
 )
 from ideal.methods.trust import StepDecision, trust_step
-from ideal.preflight import preflight
 from ideal.records import RunSummary, UpdateRecord
-from ideal.rundir import RunPaths, prepare_run, search_paths
-from ideal.stages import FINAL_ROUND, evaluate_round, proxy_round, train_round, write_proxy_files
-from ideal.summary import summarise_run
+from ideal.run.config import RunConfig
+from ideal.run.preflight import preflight
+from ideal.run.rundir import RunPaths, prepare_run, search_paths
+from ideal.run.stages import (
+    FINAL_ROUND,
+    evaluate_round,
+    proxy_round,
+    train_round,
+    write_proxy_files,
+)
+from ideal.run.summary import summarise_run
 
 log = logging.getLogger("ideal")
 
@@ -195,7 +201,7 @@ def run_loop(
     features: Path | None = None,
 ) -> RunSummary:
     """Run (or continue) the loop; returns its summary (summary.json). The whole run is checked
-    first (ideal.preflight) unless the caller did (`checked`). `features`: a feature cache shared
+    first (ideal.run.preflight) unless the caller did (`checked`). `features`: a feature cache shared
     with other runs (train.top_layers), instead of RUN/features.
 
     Under `torchrun` / `accelerate launch` every process trains (DDP) and computes influence on its
