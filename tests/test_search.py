@@ -75,6 +75,20 @@ def test_the_search_recipe_overrides_train_and_eval_only_for_the_rounds():
     assert _config(fraction=0.25, train={"max_steps": 7}).search_config().train.max_steps == 7
 
 
+def test_search_eval_keys_merge_with_the_rounds_default():
+    """Setting one eval key keeps the rest of the search default (loss-only test sets)."""
+    config = _config(eval={"max_new_tokens": 16})
+    assert config.search.eval == {"test_accuracy": False, "max_new_tokens": 16}
+    search = config.search_config()
+    assert (search.eval.test_accuracy, search.eval.max_new_tokens) == (False, 16)
+    assert (
+        config.search.describe()
+        == "fraction 0.25, eval.max_new_tokens 16, eval.test_accuracy False"
+    )
+    # the default is replaced only by naming it
+    assert _config(eval={"test_accuracy": True}).search_config().eval.test_accuracy is True
+
+
 @pytest.mark.parametrize(
     ("search", "message"),
     [

@@ -4,7 +4,8 @@
       model: HuggingFaceTB/SmolLM2-135M-Instruct   # smaller, same tokenizer (default: the base)
       fraction: 0.25                               # of each round's volumes, shares kept
       train: {top_layers: 4, lora: true}           # overrides of train.*
-      eval: {test_accuracy: false}                 # overrides of eval.* (this is the default)
+      eval: {max_new_tokens: 16}                   # overrides of eval.*, merged with the
+                                                   # default {test_accuracy: false}
 
 With it, every round of the loop trains, evaluates and computes influence with this recipe, and
 the round the run returns is then trained once with the run's own recipe (RUN/final/, ideal.run.loop).
@@ -54,12 +55,14 @@ class SearchSettings:
     )
     eval: dict[str, Any] = setting(
         factory=lambda: dict(DEFAULT_EVAL),
-        help="Overrides of eval.* for the search rounds (default: test_accuracy false, the test "
-        "sets' losses only: the rounds are chosen by the reference loss, and the final model is "
-        "scored in full; e.g. max_new_tokens).",
+        help="Overrides of eval.* for the search rounds, merged with the default test_accuracy "
+        "false (the test sets' losses only: the rounds are chosen by the reference loss, and "
+        "the final model is scored in full); e.g. max_new_tokens, or test_accuracy true.",
     )
 
     def __post_init__(self) -> None:
+        # keys merge with the default: `search.eval.batch_size=4` keeps the loss-only evaluation
+        object.__setattr__(self, "eval", {**DEFAULT_EVAL, **self.eval})
         if not 0.0 < self.fraction <= 1.0:
             raise IdealError(f"search.fraction must be in (0, 1], got {self.fraction}")
 
