@@ -285,3 +285,50 @@ def test_top_layers_beyond_the_suite_model_is_found_before_training(tmp_path):
     with pytest.raises(IdealError, match="top_layers is 3, but the suite's model has 2 blocks"):
         preflight(load_config(path, ["train.top_layers=3"]))
     preflight(load_config(path, ["train.top_layers=2"]))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["train.top_layers=1", "influence.layers=model.layers.0.mlp.*"],
+            "influence.layers: model.layers.0.mlp.gate_proj lies outside the top 1 blocks (1..1) "
+            "that train.top_layers 1 trains",
+        ),
+        (  # a LoRA model's names: the adapter wraps only the top block
+            ["train.top_layers=1", "train.lora=true", "influence.layers=*layers.0.*"],
+            "influence.layers: base_model.model.model.layers.0.self_attn.q_proj lies outside the "
+            "top 1 blocks (1..1) that train.top_layers 1 trains",
+        ),
+        (  # the rounds' recipe: the influence step runs with the search's top_layers
+            ["search.train.top_layers=1", "influence.layers=model.layers.0.mlp.*"],
+            "influence.layers: model.layers.0.mlp.gate_proj lies outside the top 1 blocks (1..1) "
+            "that search.train.top_layers 1 trains",
+        ),
+        (
+            ["train.top_layers=1", "influence.layers=*.nothing.*"],
+            "influence.layers: *.nothing.*: no linear layer (nn.Linear or Conv1D) matches",
+        ),
+    ],
+)
+def test_influence_layers_below_the_top_blocks_are_refused_before_training(
+    tmp_path, cli, overrides, message
+):
+    path = tmp_path / "c.yaml"
+    path.write_text("suite: {num_layers: 2}\nrounds: 1\n")
+    result = cli("run", path, *overrides, "--out", tmp_path / "run")
+    assert result.code == 1 and message in result.err and result.err.count("\n") == 1, result.err
+    assert not (tmp_path / "run").exists()  # said before anything was written or trained
+
+
+def test_influence_layers_inside_the_top_blocks_pass_preflight(tmp_path):
+    from ideal.run.preflight import preflight
+
+    path = tmp_path / "c.yaml"
+    path.write_text("suite: {num_layers: 2}\n")
+    for overrides in (
+        ["train.top_layers=1", "influence.layers=model.layers.1.mlp.*"],
+        ["train.top_layers=1", "train.lora=true", "influence.layers=*layers.1.*lora_*"],
+        ["train.top_layers=0", "influence.layers=model.layers.0.mlp.*"],
+    ):
+        preflight(load_config(path, overrides))

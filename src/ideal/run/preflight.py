@@ -49,6 +49,7 @@ def preflight(config: RunConfig, config_file: str | Path | None = None) -> Prefl
         _check_data(config, found)
         _check_model(config)
     _check_top_layers(config, "train")
+    _check_influence_layers(config)
     _check_scorers(config, found)
     _check_backends(config, found, config_file)
     if config.search is not None:
@@ -123,6 +124,58 @@ def _check_top_layers(config: RunConfig, key: str) -> None:
         check_top_layers(meta_model(resolve_model_dir(config.model)), top)
     except IdealError as err:
         raise IdealError(f"{key}.{str(err).removeprefix('train.')}") from None
+
+
+def _check_influence_layers(config: RunConfig) -> None:
+    """`influence.layers` as the rounds' influence step will select them, on the model's shapes
+    alone (the meta device; a LoRA recipe's adapter added as the builtin trainer adds it): a
+    pattern that matches no linear layer, or a layer below the top K blocks that train (with
+    cached features those blocks never run), is an error naming the key. The rounds run with the
+    search recipe when there is one; external trainers wrap their own adapters (not checked)."""
+    rounds = config.search_config()
+    if not config.influence.layers or rounds.train.backend != "builtin":
+        return
+    from ideal.influence.capture import select_layers
+
+    model = _meta_model(rounds)
+    if rounds.train.lora:
+        from ideal.backends.training.builtin import wrap_lora
+
+        model = wrap_lora(model, rounds.train.settings())
+    try:
+        selected = select_layers(model, config.influence.layers)
+    except IdealError as err:
+        raise IdealError(f"influence.layers: {str(err).removeprefix('--layers ')}") from None
+    top = rounds.train.top_layers
+    if top:
+        from ideal.backends.training.top_layers import check_inside_top
+
+        searched = config.search is not None and "top_layers" in config.search.train
+        where = "search.train.top_layers" if searched else "train.top_layers"
+        check_inside_top(model, top, selected, "influence.layers", where)
+
+
+def _meta_model(config: RunConfig) -> Any:
+    """The config's model on the meta device (shapes and names, no weights): the base model's
+    config.json, or the embedded suite's model."""
+    import torch
+
+    from ideal.influence.plan import meta_model
+
+    if config.model is not None:
+        from ideal.hf import resolve_model_dir
+
+        return meta_model(resolve_model_dir(config.model))
+    from ideal.tiny import char_tokenizer, tiny_causal_lm
+
+    suite = config.suite
+    assert suite is not None
+    with torch.device("meta"):
+        return tiny_causal_lm(
+            "llama", vocab_size=len(char_tokenizer()), hidden_size=suite.hidden_size,
+            num_layers=suite.num_layers, num_heads=suite.num_heads,
+            intermediate_size=suite.intermediate_size,
+        )  # fmt: skip
 
 
 def _check_search(config: RunConfig) -> None:

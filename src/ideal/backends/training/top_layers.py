@@ -171,15 +171,18 @@ def top_modules(model: nn.Module, k: int, modules: dict[str, nn.Module]) -> dict
     return {name: m for name, m in modules.items() if id(m) in inside}
 
 
-def check_inside_top(model: nn.Module, k: int, modules: dict[str, nn.Module], key: str) -> None:
+def check_inside_top(
+    model: nn.Module, k: int, modules: dict[str, nn.Module], key: str,
+    top_key: str = "train.top_layers",
+) -> None:  # fmt: skip
     """One line naming the first of `modules` outside the top k blocks: with cached features the
-    blocks below never run, so hooks there would see nothing."""
+    blocks below never run, so hooks there would see nothing. `top_key` names where k was set."""
     outside = [name for name in modules if name not in top_modules(model, k, modules)]
     if outside:
         blocks = len(decoder_body(model).layers)
         raise IdealError(
             f"{key}: {outside[0]} lies outside the top {k} blocks ({blocks - k}..{blocks - 1}) "
-            f"that train.top_layers {k} trains and runs from cached features; choose layers "
+            f"that {top_key} {k} trains and runs from cached features; choose layers "
             "inside them (the default does)"
         )
 
