@@ -527,3 +527,34 @@ def test_a_run_trains_its_round_with_trl(tmp_path):
     assert record["examples"] == sum(summary["rounds"][0]["volumes"].values())
     assert summary["rounds"][0]["seconds"]["train"] == pytest.approx(record["seconds"])
     assert json.loads((here / "metrics.json").read_text())["capabilities"]["add"]["scorer"]
+
+
+def test_a_missing_extra_names_the_distribution_ideal_mix(monkeypatch):
+    """The optional extras install as `ideal-mix[...]` (the name `ideal` on PyPI is another
+    project): every message that says how to install one names it so."""
+    from ideal.backends.evaluation.lmeval import LmEvalEvaluator
+    from ideal.backends.settings import TrainSettings
+    from ideal.backends.tools.trl_sft import TrlTrainer
+    from ideal.run.preflight import _check_imports
+
+    monkeypatch.setitem(sys.modules, "trl", None)  # `import trl` raises ImportError
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    with pytest.raises(
+        IdealError, match=r"^train\.backend trl needs TRL: pip install 'ideal-mix\[trl\]'$"
+    ):
+        TrlTrainer(TrainSettings()).train(None)
+    with pytest.raises(IdealError, match=r"pip install 'ideal-mix\[lm-eval\]'$"):
+        LmEvalEvaluator(tasks={}).evaluate(None)
+    config = load_config(None, base={"suite": {}, "train": {"backend": "trl"}})
+    with pytest.raises(
+        IdealError,
+        match=r"^train\.backend trl: trl is not installed; pip install 'ideal-mix\[trl\]'$",
+    ):
+        _check_imports(config)
+    config = load_config(
+        None, base={"suite": {}, "eval": {"backend": "lm-eval", "tasks": {"a": "t"}}}
+    )
+    with pytest.raises(
+        IdealError, match=r"lm_eval is not installed; pip install 'ideal-mix\[lm-eval\]'$"
+    ):
+        _check_imports(config)

@@ -242,7 +242,7 @@ def _check_imports(config: RunConfig, prefix: str = "") -> None:
         if getattr(config, part).backend == backend and importlib.util.find_spec(module) is None:
             raise IdealError(
                 f"{prefix}{part}.backend {backend}: {module} is not installed; "
-                f"pip install -e '.[{extra}]'"
+                f"pip install 'ideal-mix[{extra}]'"
             )
 
 

@@ -1,4 +1,4 @@
-"""lm-evaluation-harness as the evaluator: `eval.backend: lm-eval` (optional extra `ideal[lm-eval]`).
+"""lm-evaluation-harness as the evaluator: `eval.backend: lm-eval` (optional extra `ideal-mix[lm-eval]`).
 
     eval:
       backend: lm-eval
@@ -123,7 +123,7 @@ class LmEvalEvaluator:
             from lm_eval.tasks import TaskManager
         except ImportError:
             raise IdealError(
-                "eval.backend lm-eval needs lm-evaluation-harness: pip install 'ideal[lm-eval]'"
+                "eval.backend lm-eval needs lm-evaluation-harness: pip install 'ideal-mix[lm-eval]'"
             ) from None
         from ideal.hf import load_causal_lm, load_tokenizer
 

@@ -1,4 +1,4 @@
-"""TRL's SFTTrainer in this process: `train.backend: trl` (optional extra `pip install 'ideal[trl]'`).
+"""TRL's SFTTrainer in this process: `train.backend: trl` (optional extra `pip install 'ideal-mix[trl]'`).
 
     train: {backend: trl, epochs: 1, lr: 2.0e-5, batch_size: 8, grad_accum: 4, lora: true,
             trl_args: {packing: false, lr_scheduler_type: cosine}}     # more SFTConfig fields
@@ -76,7 +76,7 @@ class TrlTrainer:
             from datasets import Dataset
             from trl import SFTConfig, SFTTrainer
         except ImportError:
-            raise IdealError("train.backend trl needs TRL: pip install 'ideal[trl]'") from None
+            raise IdealError("train.backend trl needs TRL: pip install 'ideal-mix[trl]'") from None
         import torch
 
         from ideal.data.mixture_io import load_training_set
