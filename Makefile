@@ -27,9 +27,9 @@ $(PEER_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet einops einconv opt-einsum
 	touch $(PEER_STAMP)
 
-# The optional parts the tests exercise: parquet / datasets inputs, TRL in-process,
-# lm-evaluation-harness; and
-# gguf (extra `real`, issue 18), for the GGUF rebuild of `ideal suite prepare real`.
+# The optional parts the tests exercise: parquet / datasets inputs, TRL in-process (Python >= 3.11:
+# on 3.10 the `trl` extra's marker installs no TRL and its tests skip saying so),
+# lm-evaluation-harness; and gguf (extra `real`), for the GGUF rebuild of `ideal suite prepare real`.
 # They resolve beside the pinned torch and transformers without changing them.
 $(EXTRAS_STAMP): $(STAMP)
 	$(PY) -m pip install --quiet -e ".[formats,trl,lm-eval,real]"
@@ -46,8 +46,10 @@ lint: $(STAMP)
 
 # One torch/OpenMP thread by default: two threads on a busy 2-core machine run 7-20x slower than
 # one. The suite reads IDEAL_TEST_THREADS (tests/conftest.py), so THREADS=2 really runs 2.
+# IDEAL_EXTRAS_REQUIRED: an extra installed above that fails to import fails its tests (never a
+# quiet skip); one that installs nothing on this Python skips them with the reason.
 test: lint $(PEER_STAMP) $(EXTRAS_STAMP)
-	IDEAL_PEER_CHECK=1 IDEAL_TEST_THREADS=$(THREADS) OMP_NUM_THREADS=$(THREADS) \
+	IDEAL_PEER_CHECK=1 IDEAL_EXTRAS_REQUIRED=1 IDEAL_TEST_THREADS=$(THREADS) OMP_NUM_THREADS=$(THREADS) \
 		MKL_NUM_THREADS=$(THREADS) HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
 		$(PY) -m pytest $(PYTEST_ARGS)
 

@@ -1,11 +1,17 @@
-"""Test helpers reused across the suite: data directories on disk and CLI runs."""
+"""Test helpers reused across the suite: data directories on disk, CLI runs, optional extras."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
+
+import pytest
 
 from ideal.cli import main
 
@@ -112,3 +118,29 @@ def toy_influence_problem(n: int = 40, steps: int = 50, seed: int = 0):
         loss.backward()
         optimizer.step()
     return model.eval(), domains, references
+
+
+#: the oldest Python each extra installs its package on (pyproject.toml's markers): TRL >= 1.16
+#: has no release for Python 3.10
+EXTRA_PYTHON = {"trl": (3, 11)}
+
+
+def require_extra(module: str, extra: str) -> ModuleType:
+    """`module` of the optional extra `extra`, for a test that needs it. Where the extra installs
+    nothing (an older Python than its marker) the test skips saying so. Where `make test` or CI
+    installed it (IDEAL_EXTRAS_REQUIRED, IDEAL_TOOLS_REQUIRED, CI=true) a missing module fails the
+    test; elsewhere it skips with the reason (`pytest -ra` lists it)."""
+    oldest = EXTRA_PYTHON.get(extra)
+    if oldest is not None and tuple(sys.version_info[:2]) < oldest:
+        pytest.skip(
+            f"the '{extra}' extra needs Python >= {'.'.join(map(str, oldest))} (this is "
+            f"{'.'.join(map(str, sys.version_info[:3]))}): it installs nothing here"
+        )
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        why = f"{module} is not installed ({err}): pip install 'ideal-mix[{extra}]'"
+        required = ("IDEAL_EXTRAS_REQUIRED", "IDEAL_TOOLS_REQUIRED")
+        if any(os.environ.get(name) for name in required) or os.environ.get("CI") == "true":
+            pytest.fail(f"{why}; `make test` installs it", pytrace=False)
+        pytest.skip(why)

@@ -26,6 +26,7 @@ from ideal.backends.tools.presets import preset_trainer
 from ideal.errors import IdealError
 from ideal.run.config import load_config
 from ideal.run.loop import run_loop
+from tests.helpers import require_extra
 from tests.test_loop import TINY
 
 # --- command templates -------------------------------------------------------------------------
@@ -386,7 +387,7 @@ def test_a_trainer_that_is_not_found_fails_with_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_trl_trains_on_ideals_tokens_with_the_token_mean_over_the_whole_step(tmp_path):
-    pytest.importorskip("trl")
+    require_extra("trl", "trl")
     import torch
 
     from ideal.backends.tools.trl_sft import TrlTrainer
@@ -459,7 +460,7 @@ metric_list:
 
 @pytest.mark.slow
 def test_lm_eval_scores_a_local_task_offline_and_its_results_file_parses(tmp_path):
-    pytest.importorskip("lm_eval")
+    require_extra("lm_eval", "lm-eval")
     import torch
 
     from ideal.artifacts import read_json
@@ -517,7 +518,7 @@ def test_lm_eval_scores_a_local_task_offline_and_its_results_file_parses(tmp_pat
 
 @pytest.mark.slow
 def test_a_run_trains_its_round_with_trl(tmp_path):
-    pytest.importorskip("trl")
+    require_extra("trl", "trl")
     (tmp_path / "c.yaml").write_text(TINY)
     config = load_config(tmp_path / "c.yaml", ["rounds=0", "train.backend=trl"])
     summary = run_loop(config, tmp_path / "run").to_json()

@@ -23,7 +23,7 @@ from ideal.backends.tools.masking import (
 from ideal.errors import IdealError
 from ideal.report.run import write_report
 from ideal.tiny import char_tokenizer, save_model_dir, tiny_causal_lm
-from tests.helpers import make_data_dir, qa_rows
+from tests.helpers import make_data_dir, qa_rows, require_extra
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
@@ -151,7 +151,7 @@ def test_trl_assistant_only_loss_and_generation_markers(models, tmp_path):
     assert trl_cli_warnings({}, where, models["marked"]) == []
     assert trl_cli_warnings({"assistant_only_loss": True}, where, models["marked"]) == []
     # a template TRL knows: it swaps in its training template, which renders rows the same
-    qwen2_5_chat_template = pytest.importorskip("trl.chat_template_utils").qwen2_5_chat_template
+    qwen2_5_chat_template = require_extra("trl.chat_template_utils", "trl").qwen2_5_chat_template
 
     known = model_with(tmp_path / "known", qwen2_5_chat_template)
     assert trl_cli_warnings({}, where, known) == []

@@ -23,7 +23,7 @@ import yaml
 from ideal.run.config import load_config
 from ideal.run.preflight import config_parity
 from ideal.tiny import byte_bpe_tokenizer, save_model_dir, tiny_causal_lm
-from tests.helpers import write_jsonl
+from tests.helpers import require_extra, write_jsonl
 
 pytestmark = [pytest.mark.tools, pytest.mark.slow]
 
@@ -218,7 +218,7 @@ def test_axolotl(cli, workspace, tmp_path):
 
 
 def test_trl_cli(cli, workspace, tmp_path):
-    pytest.importorskip("trl")
+    require_extra("trl", "trl")
     config = run_config(workspace, tmp_path, "trl-cli", RECIPES["trl-cli"], model="marked")
     parity = parity_of(config)
     assert parity.tool.startswith("TRL ") and parity.errors == [] and parity.warnings == []
