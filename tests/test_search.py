@@ -326,6 +326,8 @@ def test_the_final_training_takes_the_runs_own_backend(tmp_path):
 
 @pytest.mark.slow
 def test_compare_ideal_search_cost_in_sfts_and_transfer(tmp_path, cli):
+    from ideal.backends.training.builtin import TrainSettings, run_train
+
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY + "search: {fraction: 0.5, train: {max_steps: 8}}\n")
     out = tmp_path / "c"
@@ -348,10 +350,20 @@ def test_compare_ideal_search_cost_in_sfts_and_transfer(tmp_path, cli):
         summary = json.loads((search_run / "summary.json").read_text())
         assert search["runs"][seed]["selected"] == summary["final"]
         assert search["runs"][seed]["seconds"] == summary["compute"]["total"]
-        if summary["selected_round"] == 0:  # D0 with the full recipe: ideal's round 0 itself
-            a, b = (p / "model" / "model.safetensors" for p in (search_run / "final",
-                                                                 ideal_run / "round-0"))  # fmt: skip
-            assert a.read_bytes() == b.read_bytes()
+        # whichever round is returned: the final is its mixture trained with the full recipe
+        # (ideal's, whose round 0 is the unit), bit for bit what that training gives again
+        final = search_run / "final"
+        returned = search_run / f"round-{summary['selected_round']}" / "mixture.json"
+        assert (json.loads((final / "mixture.json").read_text())["domains"]
+                == json.loads(returned.read_text())["domains"])  # fmt: skip
+        recipe = json.loads((final / "model" / "train_settings.json").read_text())["settings"]
+        unit = ideal_run / "round-0" / "model" / "train_settings.json"
+        assert recipe == json.loads(unit.read_text())["settings"]
+        again = tmp_path / f"again-{seed}"
+        settings = TrainSettings(**{**recipe, "lora_targets": tuple(recipe["lora_targets"])})
+        run_train(search_run / "suite" / "base", final, again, settings, progress=False)
+        weights = (p / "model.safetensors" for p in (final / "model", again))
+        assert next(weights).read_bytes() == next(weights).read_bytes()
     assert set(search["cost_in_sfts"]) == {"mean", "std"}
     transfer = document["transfer"]
     assert (transfer["searched"], transfer["against"], transfer["seeds"]) == (
