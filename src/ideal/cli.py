@@ -123,6 +123,14 @@ def _load_run_config(config_file: Path, overrides: list[str]) -> RunConfig:
         raise typer.BadParameter(str(err).removeprefix("config: "), param_hint=hint) from None
 
 
+def _parse(parse: Any, value: str, flag: str) -> Any:
+    """An option's value through `parse`, whose one-line error becomes a usage error."""
+    try:
+        return parse(value)
+    except IdealError as err:
+        raise typer.BadParameter(str(err).removeprefix(f"{flag}: "), param_hint=flag) from None
+
+
 def _finish_run(summary: Any, out_dir: Path) -> None:
     from ideal.report.console import run_tables
 
@@ -206,31 +214,109 @@ def compare(
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated methods: "
         f"{', '.join(METHODS)} (oracle-grid: an upper bound scored on the test sets).")] = (
         "original,uniform,ideal"),
-    seeds: Annotated[int, typer.Option("--seeds", help="Seeds 0..K-1 for every method.")] = 3,
+    seeds: Annotated[str, typer.Option("--seeds", help="A count K (seeds 0..K-1), a list "
+                     "(5,6), a range (5-9), or both (0-2,7).")] = "3",
     out_dir: Annotated[
         Path, typer.Option("--out", help="Directory of the comparison (one run per method and seed).")
     ] = Path("runs/compare"),
     random_candidates: Annotated[
-        int, typer.Option("--random-candidates", help="Random mixtures trained per seed for `random`.")
-    ] = 4,
+        int | None, typer.Option("--random-candidates", help="Mixtures `random` trains per seed, "
+                                 "D0 among them as one more (default: as many trainings as ideal's).")
+    ] = None,
     grid_resolution: Annotated[
         int | None,
         typer.Option("--grid-resolution", help="oracle-grid: shares are multiples of 1/G, each >= "
                      "1/G (default G = domains + 2)."),
     ] = None,
+    ledger: Annotated[Path | None, typer.Option("--ledger", help="Results ledger (JSON Lines): "
+                      "cells it holds for the same inputs are not run again; each cell run is "
+                      "appended when it finishes (docs/reference.md, 'The results ledger').")] = None,
+    campaign: Annotated[str | None, typer.Option("--campaign", help="With --ledger: the name its "
+                        "cells are kept under (default: the config file's stem).")] = None,
+    suite: Annotated[str | None, typer.Option("--suite", help="With --ledger: what the cells "
+                     "were measured on, in a word (default: the config file's stem).")] = None,
+    jobs: Annotated[int, typer.Option("--jobs", help="With --ledger: worker processes, one "
+                    "torch thread each; the seeds are shared out among them.")] = 1,
+    features: Annotated[Path | None, typer.Option("--features", help="Feature cache shared by "
+                        "every run (train.top_layers; default OUT/features): give one directory "
+                        "to several comparisons on the same base model.")] = None,
+    inputs: Annotated[Path | None, typer.Option("--inputs", hidden=True)] = None,
+    no_report: Annotated[bool, typer.Option("--no-report", hidden=True)] = False,
 ) -> None:  # fmt: skip
     """Methods side by side at the same budget and recipe, over several seeds.
 
     Writes OUT/compare.json and OUT/compare.html (table + accuracy-vs-compute plot)."""
     from ideal.report.console import compare_tables
-    from ideal.run.compare import run_compare
+    from ideal.run.compare import parse_seeds, run_compare
 
     chosen = [m.strip() for m in methods.split(",") if m.strip()]
+    for item in overrides or []:
+        if item.split("=", 1)[0].strip() == "seed":
+            raise typer.BadParameter(
+                "ideal compare sets each run's seed itself: give the seeds with --seeds "
+                "(e.g. --seeds 5,6 or --seeds 5-9)",
+                param_hint="seed=",
+            )
+    seed_list = _parse(parse_seeds, seeds, "--seeds")
     config = _load_run_config(config_file, overrides or [])
-    document = run_compare(
-        config, chosen, list(range(seeds)), out_dir, random_candidates, grid_resolution
-    )
-    _print(*compare_tables(document, seeds, out_dir))
+    if ledger is not None:
+        from ideal.run.campaign import run_campaign
+
+        name = config_file.stem
+        document = run_campaign(
+            config, chosen, seed_list, out_dir, ledger, campaign or name, suite or name, jobs,
+            random_candidates, grid_resolution, features, inputs, report=not no_report,
+        )  # fmt: skip
+    else:
+        if jobs != 1:
+            raise typer.BadParameter("--jobs needs --ledger", param_hint="--jobs")
+        document = run_compare(
+            config, chosen, seed_list, out_dir, random_candidates, grid_resolution,
+            features=features,
+        )  # fmt: skip
+    if not no_report:
+        _print(*compare_tables(document, len(seed_list), out_dir))
+
+
+ledger_app = typer.Typer(
+    help="The results ledger: `ideal ledger tables docs/ledger.jsonl`.", no_args_is_help=True
+)
+app.add_typer(ledger_app, name="ledger")
+
+
+@ledger_app.command("tables")
+def ledger_tables(
+    ledger: Annotated[Path, typer.Argument(help="The ledger (JSON Lines) `ideal compare --ledger` "
+                      "appends to.")],
+    campaign: Annotated[list[str] | None, typer.Option("--campaign", help="Only these campaigns "
+                        "(repeat the option); default: every campaign in the ledger.")] = None,
+    write: Annotated[Path | None, typer.Option("--write", help="Replace each campaign's block "
+                     "between `<!-- ledger:NAME -->` and `<!-- /ledger:NAME -->` in this file "
+                     "(docs/results.md) instead of printing.")] = None,
+) -> None:  # fmt: skip
+    """The paired tables of docs/results.md, rendered from the ledger: per campaign, each
+    method's returned round over seeds (accuracy and held-out loss, mean and worst, per
+    capability), trainings and compute, and paired differences against original, uniform and
+    random."""
+    from ideal.report.ledger import campaign_markdown, replace_blocks
+    from ideal.run.campaign import ledger_document
+    from ideal.run.ledger import read_ledger
+
+    names = campaign or list(dict.fromkeys(c.campaign for c in read_ledger(ledger)))
+    if not names:
+        raise IdealError(f"{ledger}: no cell yet")
+    blocks = {name: campaign_markdown(ledger_document(ledger, name)) for name in names}
+    if write is None:
+        _print("\n\n".join(blocks.values()))
+        return
+    from ideal.artifacts import atomic_write_text
+
+    text = write.read_text(encoding="utf-8") if write.is_file() else ""
+    updated, missing = replace_blocks(text, blocks)
+    atomic_write_text(write, updated)
+    for name in missing:
+        _print(f"{write}: no `<!-- ledger:{name} -->` block; appended one at the end")
+    _print(f"wrote {len(blocks)} campaign table(s) into {write}")
 
 
 @app.command()

@@ -1,8 +1,10 @@
 """Statistics over seeds for `ideal compare` (compare.json), pure functions of its results.
 
     stats               mean and sd over seeds
+    method_stats        one method's entry: scores, per capability, seconds and trainings over seeds
     paired_differences  each method minus a baseline, seed by seed, with a verdict at VERDICT_Z
-                        standard errors of the paired difference
+                        standard errors of the paired difference (accuracy and held-out loss,
+                        mean, worst and per capability)
     gap_closure         (method - original) / (oracle - original) of mean test accuracy
     cost_in_sfts        each run's compute in units of one SFT with the full recipe, same seed
     transfer            a searched mixture against the full search's, both trained with the full
@@ -45,35 +47,92 @@ def verdict(mean: float, stderr: float | None, z: float = VERDICT_Z) -> str:
     return "not separable"
 
 
-def paired_differences(results: dict[str, Any], baseline: str) -> dict[str, Any]:
-    """Per method: its selected round's mean and worst test accuracy minus the baseline's, seed by seed
-    (the same seeds, hence the same D0, split and base model), their mean, sd and standard error
-    sd / sqrt(seeds), and a verdict at VERDICT_Z standard errors."""
+# the returned round's scores compared seed by seed: higher accuracy, lower held-out loss is better
+HIGHER_IS_BETTER = ("test_accuracy_mean", "test_accuracy_worst")
+LOWER_IS_BETTER = ("test_loss_mean", "test_loss_worst")
 
-    def by_seed(method: str, key: str) -> dict[int, float]:
-        return {r["seed"]: r["selected"][key] for r in results[method]["runs"]}
+
+def paired_differences(results: dict[str, Any], baseline: str) -> dict[str, Any]:
+    """Per method: its selected round's mean and worst test accuracy and test loss minus the
+    baseline's, seed by seed (the same seeds, hence the same D0, split and base model), their
+    mean, sd and standard error sd / sqrt(seeds), and a verdict at VERDICT_Z standard errors
+    ("better" is higher accuracy, lower loss); and the same per capability."""
+
+    def by_seed(method: str, key: str, capability: str | None = None) -> dict[int, Any]:
+        out = {}
+        for r in results[method]["runs"]:
+            value = r["selected"].get(key)
+            out[r["seed"]] = value.get(capability) if capability is not None and value else value
+        return out
 
     out: dict[str, Any] = {}
+    capabilities = _capabilities(results[baseline])
     for method in results:
         if method == baseline:
             continue
-        out[method] = {
-            key: _paired(by_seed(method, key), by_seed(baseline, key))
-            for key in ("test_accuracy_mean", "test_accuracy_worst")
+        entry = {
+            key: _paired(by_seed(method, key), by_seed(baseline, key)) for key in HIGHER_IS_BETTER
         }
+        for key in LOWER_IS_BETTER:
+            entry[key] = _paired(by_seed(method, key), by_seed(baseline, key), lower_is_better=True)
+        entry["per_capability"] = {
+            c: {
+                "test_accuracy": _paired(
+                    by_seed(method, "test_accuracy", c), by_seed(baseline, "test_accuracy", c)
+                ),
+                "test_loss": _paired(
+                    by_seed(method, "test_loss", c), by_seed(baseline, "test_loss", c), True
+                ),
+            }
+            for c in capabilities
+        }
+        out[method] = entry
     return out
 
 
-def _paired(ours: dict[int, float | None], theirs: dict[int, float | None]) -> dict[str, Any]:
+def _capabilities(entry: dict[str, Any]) -> list[str]:
+    first = entry["runs"][0]["selected"]
+    return sorted({*(first.get("test_accuracy") or {}), *(first.get("test_loss") or {})})
+
+
+def _paired(
+    ours: dict[int, float | None], theirs: dict[int, float | None], lower_is_better: bool = False
+) -> dict[str, Any]:
     """ours - theirs on the seeds both have a value for: per seed, mean, sd, standard error,
-    and the verdict at VERDICT_Z standard errors."""
-    seeds = sorted(set(ours) & set(theirs))
-    diffs = [ours[s] - theirs[s] for s in seeds if ours[s] is not None and theirs[s] is not None]
+    and the verdict at VERDICT_Z standard errors (for a loss, `lower_is_better`: a negative
+    difference is "better")."""
+    seeds = sorted(s for s in set(ours) & set(theirs) if None not in (ours[s], theirs[s]))
+    diffs = [ours[s] - theirs[s] for s in seeds]  # type: ignore[operator]
     mean = float(np.mean(diffs)) if diffs else float("nan")
     sd = float(np.std(diffs, ddof=1)) if len(diffs) > 1 else None
     stderr = sd / np.sqrt(len(diffs)) if sd is not None else None
+    sign = -1.0 if lower_is_better else 1.0
     return {"per_seed": diffs, "seeds": seeds, "mean": mean, "sd": sd, "stderr": stderr,
-            "verdict": verdict(mean, stderr)}  # fmt: skip
+            "verdict": verdict(sign * mean, stderr)}  # fmt: skip
+
+
+def method_stats(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One method's entry of compare.json from its runs (one per seed): the returned round's
+    scores as mean and sd over seeds, per capability, its compute and its trainings."""
+    selected = [r["selected"] for r in runs]
+    capabilities = sorted({c for s in selected for c in (s.get("test_accuracy") or {})})
+    losses = sorted({c for s in selected for c in (s.get("test_loss") or {})})
+    return {
+        "runs": runs,
+        **{
+            key: stats([s.get(key) for s in selected])
+            for key in (*HIGHER_IS_BETTER, *LOWER_IS_BETTER, "reference_loss_mean")
+        },
+        "per_capability": {
+            c: stats([(s.get("test_accuracy") or {}).get(c) for s in selected])
+            for c in capabilities
+        },
+        "per_capability_loss": {
+            c: stats([(s.get("test_loss") or {}).get(c) for s in selected]) for c in losses
+        },
+        "seconds": stats([r["seconds"] for r in runs]),
+        "trainings": stats([r.get("trainings") for r in runs]),
+    }
 
 
 def cost_in_sfts(results: dict[str, Any], unit_method: str, what: str) -> dict[str, Any]:
@@ -122,8 +181,9 @@ def transfer(results: dict[str, Any], searched: str, full: str) -> dict[str, Any
             "reference_loss_mean": difference("reference_loss_mean", seed),
         })  # fmt: skip
     accuracy = _paired(by_seed(searched, "test_accuracy_mean"), by_seed(full, "test_accuracy_mean"))
-    loss = _paired(by_seed(searched, "reference_loss_mean"), by_seed(full, "reference_loss_mean"))
-    del loss["verdict"]  # a verdict reads "higher is better"
+    loss = _paired(
+        by_seed(searched, "reference_loss_mean"), by_seed(full, "reference_loss_mean"), True
+    )
     within = None
     if accuracy["stderr"] is not None:
         within = bool(accuracy["mean"] >= -accuracy["stderr"])

@@ -62,6 +62,9 @@ class RoundRecord:
     test_accuracy_worst: float | None
     reference_loss: dict[str, float | None]
     reference_loss_mean: float
+    test_loss: dict[str, float | None] = field(default_factory=dict)  # held out, like accuracy
+    test_loss_mean: float | None = None
+    test_loss_worst: float | None = None  # the largest capability's test loss
     reference_accuracy: dict[str, float | None] = field(default_factory=dict)
     reference_accuracy_mean: float | None = None
     predicted_reference_loss_change: float | None = None
@@ -92,6 +95,7 @@ class Compute:
     final: dict[str, float] = field(default_factory=dict)
     sft_seconds: float | None = None
     sft: str = ""  # what the unit is: "final training" | "round 0 training"
+    trainings: int = 0  # models trained: every round, every candidate, the final training
 
     @property
     def total(self) -> float:
@@ -109,12 +113,13 @@ class Compute:
             "sft_seconds": self.sft_seconds,
             "sft": self.sft,
             "cost_in_sfts": self.cost_in_sfts,
+            "trainings": self.trainings,
         }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Compute:
         return cls(data["rounds"], data.get("final") or {}, data.get("sft_seconds"),
-                   data.get("sft", ""))  # fmt: skip
+                   data.get("sft", ""), data.get("trainings", 0))  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ EVAL_BACKENDS = ("builtin", "lm-eval", "command")
 EVAL_PARSERS = ("scores", "lm-eval", "opencompass")
 EXPORT_FORMATS = ("llamafactory", "trl", "axolotl")
 OPTIMIZERS = ("adamw", "sgd")
+ACCURACY_ROUNDS = ("every", "returned")  # eval.accuracy_rounds
 REFERENCE_ACCURACY = ("auto", "always", "never")
 PARITY = ("auto", "on", "off")
 
@@ -186,6 +187,13 @@ class EvalConfig:
         True,
         "Score the test sets' accuracy (decoding, choice likelihoods or the evaluator); false: "
         "their losses only, which is all a search recipe's rounds need (search.eval).",
+    )
+    accuracy_rounds: str = setting(
+        "every",
+        "Whose test accuracy needs decoding: every round's, or only the round the run returns "
+        "(the others get their test losses and their `choice` accuracies, which need no "
+        "decoding).",
+        choices=ACCURACY_ROUNDS,
     )
     backend: str = setting("builtin", "Who scores the test capabilities.", choices=EVAL_BACKENDS)
     command: str | tuple[str, ...] | None = setting(

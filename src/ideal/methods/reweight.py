@@ -15,7 +15,7 @@ from ideal.data.mixture import Constraints, Mixture, apply_constraints, resample
 from ideal.data.mixture_io import TrainingSet, load_training_set, write_mixture_dir
 from ideal.data.rows import OnInvalid
 from ideal.errors import IdealError
-from ideal.methods.rules import IdealRule, Rule
+from ideal.methods.rules import IdealRule, Rule, direction_table
 from ideal.methods.settings import UpdateSettings
 
 
@@ -92,10 +92,13 @@ def update_mixture(
         "previous_volumes": before,
     }
     if isinstance(rule, IdealRule):
-        record["geometry"] = rule.geometry
-    if isinstance(rule, IdealRule) and rule.min_z > 0:  # the noise gate, and whom it held
-        record["min_z"] = rule.min_z
-        record["held_by_noise"] = rule.held(signals)
+        record["geometry"] = rule.update.geometry
+    if isinstance(rule, IdealRule) and signals.get("sensitivity"):
+        record["step"] = rule.m
+        record["direction"] = direction_table(signals, rule.update, list(before))
+        if rule.update.min_z > 0:  # the noise, and whom it held
+            record["min_z"], record["shrink"] = rule.update.min_z, rule.update.shrink
+            record["held_by_noise"] = rule.held(signals)
     if "retokenized" in signals:  # the influence step's count of re-tokenized rows, kept in view
         record["retokenized"] = signals["retokenized"]
     return mixture, record
@@ -109,15 +112,16 @@ def reweight(
     seed: int | None = None,
     on_invalid: OnInvalid = "error",
 ) -> ReweightResult:
-    """Apply the IDEAL step (`update`: step m, min_z, geometry and the constraints) to the
-    training set at `train` and write the next mixture to `out`.
+    """Apply the IDEAL step (`update`: step m, min_z and shrink, geometry and the constraints) to
+    the training set at `train` and write the next mixture to `out`.
 
-    `min_z` > 0 leaves unchanged every domain whose sensitivity is within min_z standard errors of
-    zero (influence.json's `sensitivity_stderr`). `geometry` "additive" takes the step in volumes
-    (`ideal.methods.rules.additive_delta`), which needs influence.json's size factor."""
+    Each sensitivity is judged by its standard error (influence.json's `sensitivity_stderr`,
+    ideal.methods.rules.noise_aware). `geometry` "additive" takes the step in volumes
+    (`ideal.methods.rules.additive_delta`), which needs influence.json's size factor. One step:
+    the candidates of a run (update.candidates) need trainings, which `ideal run` does."""
     step, geometry = update.step, update.geometry
     constraints = Constraints(update.min_examples, update.max_repeats, update.keep_total)
-    rule = IdealRule(step, update.min_z, geometry, update.keep_total)
+    rule = IdealRule(update)
     check_new_output_dir(out)  # fail before any work
     training = load_training_set(train, on_invalid)
     signals = read_influence(influence, training)

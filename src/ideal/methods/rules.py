@@ -33,8 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ideal.errors import IdealError
-from ideal.methods.settings import GEOMETRIES, UpdateSettings
-from ideal.settings import default_of
+from ideal.methods.settings import SHRINKS, UpdateSettings
 
 
 def ideal_beta(sensitivity: Sequence[float], step: float) -> np.ndarray:
@@ -92,52 +91,95 @@ class Rule(Protocol):
     ) -> dict[str, float]: ...
 
 
+def noise_aware(
+    sensitivity: Sequence[float], stderr: Sequence[float] | None, min_z: float, shrink: str
+) -> np.ndarray:
+    """The sensitivities the step uses, each judged by its own standard error.
+
+    soft (default): alpha_i -> sign(alpha_i) max(|alpha_i| - min_z se_i, 0), a soft threshold on
+        z = |alpha_i| / se_i: an entry within min_z standard errors of 0 contributes nothing, a
+        strong one is shrunk by its noise, so the noisiest entry cannot lead the step;
+    gate: the entries within min_z standard errors are set to 0, the others kept whole.
+
+    min_z = 0, or no standard errors, leaves the sensitivities as they are (the paper's step).
+    An entry whose standard error is 0 (a domain scored on a single batch) is kept whole."""
+    if shrink not in SHRINKS:
+        raise IdealError(f"update.shrink must be one of {', '.join(SHRINKS)}, got {shrink!r}")
+    alpha = np.asarray(sensitivity, dtype=np.float64)
+    if stderr is None or min_z <= 0:
+        return alpha
+    se = np.asarray(stderr, dtype=np.float64)
+    if se.shape != alpha.shape or not np.all(np.isfinite(se)) or np.any(se < 0):
+        raise IdealError(f"sensitivity standard errors must be finite and >= 0, got {se.tolist()}")
+    margin = min_z * se
+    if shrink == "gate":
+        return np.where(np.abs(alpha) < margin, 0.0, alpha)
+    return np.sign(alpha) * np.maximum(np.abs(alpha) - margin, 0.0)
+
+
+def direction_table(
+    signals: Mapping[str, Any], update: UpdateSettings, domains: Sequence[str]
+) -> dict[str, dict[str, float | None]]:
+    """Per domain: the sensitivity, its standard error, z = |alpha| / se, and what the step used
+    (`noise_aware`): influence.json's `direction`, the console's and the report's table."""
+    alpha = [float(signals["sensitivity"][d]) for d in domains]
+    errors = signals.get("sensitivity_stderr")
+    se = [float(errors[d]) for d in domains] if errors else None
+    used = noise_aware(alpha, se, update.min_z, update.shrink)
+    out: dict[str, dict[str, float | None]] = {}
+    for i, d in enumerate(domains):
+        error = None if se is None else se[i]
+        z = None if not error else abs(alpha[i]) / error
+        out[d] = {"sensitivity": alpha[i], "stderr": error, "z": z, "used": float(used[i])}
+    return out
+
+
 @dataclass(frozen=True)
 class IdealRule:
-    """The IDEAL step from `signals["sensitivity"]` (domain -> dQ/dbeta_i).
+    """The IDEAL step from `signals["sensitivity"]` (domain -> dQ/dbeta_i), with `update`'s
+    settings (one home: ideal.methods.settings.UpdateSettings) and step m (`step`, default
+    update.step; a candidate's own m).
 
-    With `min_z` > 0, a domain whose sensitivity is within `min_z` standard errors of zero
-    (`signals["sensitivity_stderr"]`) is held: beta_i = 0, and the step is scaled over the others.
-    `geometry` "relative" is docs/method.md's beta step; "additive" the step in volumes
-    (`additive_delta`, centred when `keep_total`; a domain loses at most m of its volume).
-    """
+    Each sensitivity is first judged by its standard error (`signals["sensitivity_stderr"]`,
+    `noise_aware`: update.min_z, update.shrink); the normalisation runs over what survives.
+    `update.geometry` "relative" is docs/method.md's beta step; "additive" the step in volumes
+    (`additive_delta`, centred when keep_total; a domain loses at most m of its volume)."""
 
-    step: float = default_of(UpdateSettings, "step")
-    min_z: float = 0.0
-    geometry: str = "relative"
-    keep_total: bool = True
+    update: UpdateSettings = UpdateSettings()
+    step: float | None = None
     name: str = "ideal"
     signal: str = "influence"
 
-    def __post_init__(self) -> None:
-        if self.geometry not in GEOMETRIES:
-            raise IdealError(
-                f"update.geometry must be one of {', '.join(GEOMETRIES)}, got {self.geometry!r}"
-            )
+    @property
+    def m(self) -> float:
+        return self.update.step if self.step is None else self.step
+
+    def used(self, volumes: Mapping[str, int], signals: Mapping[str, Any]) -> list[float]:
+        """The sensitivities the step uses, in the order of `volumes`."""
+        table = direction_table(signals, self.update, list(volumes))
+        return [table[d]["used"] or 0.0 for d in volumes]
 
     def held(self, signals: Mapping[str, Any]) -> list[str]:
-        """Domains the noise gate leaves unchanged (none when min_z = 0 or without errors)."""
-        errors = signals.get("sensitivity_stderr")
-        if self.min_z <= 0 or not errors:
+        """Domains the noise leaves unchanged (their sensitivity contributes nothing)."""
+        if self.update.min_z <= 0 or not signals.get("sensitivity_stderr"):
             return []
-        alpha = signals["sensitivity"]
-        return [d for d in alpha if abs(alpha[d]) < self.min_z * errors[d]]
+        table = direction_table(signals, self.update, list(signals["sensitivity"]))
+        return [d for d, row in table.items() if row["used"] == 0.0 and row["sensitivity"] != 0.0]
 
     def propose(self, volumes: Mapping[str, int], signals: Mapping[str, Any]) -> dict[str, float]:
-        sensitivity, held = signals["sensitivity"], set(self.held(signals))
         domains = list(volumes)
-        if self.geometry == "additive":
-            moving = [d for d in domains if d not in held]
+        used = self.used(volumes, signals)
+        if self.update.geometry == "additive":
+            moving = [d for d, a in zip(domains, used, strict=True) if a != 0.0]
             delta = dict.fromkeys(domains, 0.0)
             if moving:
-                alpha = [sensitivity[d] for d in moving]
+                alpha = [used[domains.index(d)] for d in moving]
                 steps = additive_delta(
-                    alpha, [volumes[d] for d in moving], self.step, self.keep_total
+                    alpha, [volumes[d] for d in moving], self.m, self.update.keep_total
                 )
                 delta.update(zip(moving, steps.tolist(), strict=True))
-            return {d: max(volumes[d] + delta[d], (1.0 - self.step) * volumes[d]) for d in domains}
-        alpha = [0.0 if d in held else sensitivity[d] for d in domains]
-        beta = ideal_beta(alpha, self.step)
+            return {d: max(volumes[d] + delta[d], (1.0 - self.m) * volumes[d]) for d in domains}
+        beta = ideal_beta(used, self.m)
         return {d: volumes[d] * (1.0 + b) for d, b in zip(domains, beta, strict=True)}
 
 

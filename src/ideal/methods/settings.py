@@ -13,6 +13,8 @@ from ideal.settings import check_choices, setting
 RULES = ("ideal", "uniform", "temperature", "fixed", "doremi", "doge")
 GEOMETRIES = ("relative", "additive")
 FIRST_ROUNDS = ("ideal", "uniform")
+SHRINKS = ("soft", "gate")  # how a sensitivity is judged by its standard error (rules.noise_aware)
+TIES = ("smaller", "larger", "lowest")  # which of the candidates within one paired SE is kept
 
 
 @dataclass(frozen=True)
@@ -30,9 +32,41 @@ class UpdateSettings:
         choices=GEOMETRIES,
     )
     min_z: float = setting(
-        0.0,
-        "Leave unchanged a domain whose sensitivity is within this many standard errors of 0 "
-        "(0: off).",
+        2.0,
+        "Noise: a sensitivity within this many standard errors of 0 moves nothing, a stronger "
+        "one is shrunk by as many (update.shrink); 0: every sensitivity as measured (the paper).",
+        before=0.0,
+    )
+    shrink: str = setting(
+        "soft",
+        "soft: |alpha_i| minus min_z standard errors, at least 0 (a soft threshold on z); gate: "
+        "alpha_i kept whole beyond min_z standard errors, 0 within.",
+        choices=SHRINKS,
+        before="gate",
+    )
+    candidates: tuple[float, ...] = setting(
+        (0.15, 0.4, 0.75),
+        "Steps m trained along the direction at each IDEAL update (the radius scales them); "
+        "the best on held-out reference rows is kept. Empty: one step of update.step (the paper).",
+        before=(),
+    )
+    selection: float = setting(
+        0.5,
+        "Fraction of each capability's reference rows held out from the direction, on which the "
+        "candidates are compared (0: the rows that computed the direction).",
+        before=0.0,
+    )
+    ties: str = setting(
+        "smaller",
+        "Among candidates not separated from the best by one paired standard error on the "
+        "held-out rows: the smaller step, the larger, or the lowest loss.",
+        choices=TIES,
+    )
+    surrogate: bool = setting(
+        False,
+        "Train one more candidate: the minimiser, inside the radius, of a quadratic in "
+        "log-volumes fitted to every trained mixture's reference loss and the influence "
+        "sensitivities.",
     )
     trust_region: bool = setting(
         False, "Double m after a round that lowered Q, else start again from the best round."
@@ -70,8 +104,22 @@ class UpdateSettings:
 
     def __post_init__(self) -> None:
         check_choices(self, "update")
-        if not self.step > 0:
-            raise IdealError(f"update.step must be > 0, got {self.step}")
+        if not 0 < self.step < 1:
+            raise IdealError(
+                f"update.step must be in (0, 1): m is the largest relative change, got {self.step}"
+            )
+        if not 0 < self.max_step < 1:
+            raise IdealError(f"update.max_step must be in (0, 1), got {self.max_step}")
+        if any(not 0 < m < 1 for m in self.candidates):
+            raise IdealError(
+                f"update.candidates must each be in (0, 1), got {list(self.candidates)}"
+            )
+        if len(set(self.candidates)) != len(self.candidates):
+            raise IdealError(f"update.candidates: a step given twice in {list(self.candidates)}")
+        if not 0 <= self.selection < 1:
+            raise IdealError(f"update.selection must be in [0, 1), got {self.selection}")
+        if self.min_z < 0:
+            raise IdealError(f"update.min_z must be >= 0, got {self.min_z}")
         if self.max_repeats < 1:
             raise IdealError(f"update.max_repeats must be >= 1, got {self.max_repeats}")
         if self.geometry == "additive" and not self.size_factor:

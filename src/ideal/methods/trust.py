@@ -12,6 +12,11 @@ round k the loop compares Q_k with Q of the round the update started from (its b
 
 The base is therefore always the round with the lowest Q so far. Pure: the loop reads Q from the
 round directories and records each decision in the next round's mixture.json.
+
+With candidate steps (update.candidates, ideal.methods.candidates) the size of each step is
+measured, and what carries over from one update to the next is the radius: a factor on the
+candidates that follows the ratio of the realised to the predicted change (`radius_scale`), the
+classical ratio test. Each update starts from the best round so far.
 """
 
 from __future__ import annotations
@@ -37,3 +42,28 @@ def trust_step(
     if loss < base_loss:
         return StepDecision(min(2.0 * step, max_step), round_, True)
     return StepDecision(step / 2.0, base, False)
+
+
+# the classical trust-region ratio test (Nocedal & Wright, Algorithm 4.1; TuRBO does the same)
+GROW_ABOVE = 0.75
+SHRINK_BELOW = 0.25
+
+
+def radius_scale(
+    scale: float, realised: float | None, predicted: float | None, largest: float
+) -> tuple[float, float | None]:
+    """The next IDEAL update's radius (the factor on update.candidates) after a candidate step:
+    rho = realised / predicted change of Q (both negative when Q was predicted to fall and
+    fell). rho above GROW_ABOVE doubles the scale, at most `largest`; below SHRINK_BELOW (a rise,
+    or a fall far smaller than predicted) halves it; between, it stays. No prediction of a fall
+    (predicted >= 0 or missing) halves it. Returns (scale, rho)."""
+    if scale <= 0 or largest <= 0:
+        raise IdealError(f"radius: scales must be > 0, got {scale} and {largest}")
+    if realised is None or predicted is None or predicted >= 0:
+        return scale / 2.0, None
+    rho = realised / predicted
+    if rho > GROW_ABOVE:
+        return min(2.0 * scale, largest), rho
+    if rho < SHRINK_BELOW:
+        return scale / 2.0, rho
+    return scale, rho

@@ -9,7 +9,12 @@
     summary.py    summary.json from the round directories, computed once; the returned round
     loop.py       the rounds' state machine (the uniform probe, the update's base round, a search
                   recipe's subsets and the final training)
+    step.py       one IDEAL update whose size is measured: candidate steps trained, the best on
+                  held-out reference rows kept, the radius carried to the next update
     compare.py    methods side by side over seeds (`ideal compare`), sharing round 0; oracle grid
+    ledger.py     the results ledger: a cell's key, its record, appends under a lock
+    fingerprint.py  the code's fingerprint: a micro run's numbers and the rules' proposals
+    campaign.py   a comparison kept in the ledger: skip what it holds, workers one per core
 
 May import every part below it: ideal.methods, ideal.influence, ideal.backends, ideal.lm,
 ideal.data, ideal.report and the ground floor. Only ideal.cli (and the top-level API) imports it.

@@ -54,8 +54,9 @@ import numpy as np
 from ideal.artifacts import atomic_write_json
 from ideal.errors import IdealError
 from ideal.methods.rules import random_shares
-from ideal.paired import cost_in_sfts, gap_closure, paired_differences, stats, transfer
+from ideal.paired import cost_in_sfts, gap_closure, method_stats, paired_differences, transfer
 from ideal.run.config import RunConfig
+from ideal.run.ledger import Book, settings_without_paths
 from ideal.run.loop import run_loop
 from ideal.run.preflight import preflight
 from ideal.run.rundir import prepare_run
@@ -165,19 +166,19 @@ def _seconds(summary: dict[str, Any], count_round_zero: bool = True) -> float:
     return float(sum(v or 0.0 for r in rounds for v in r["seconds"].values()))
 
 
-def _run_one(config: RunConfig, run: Path, first: Path | None) -> dict[str, Any]:
+def _run_one(
+    config: RunConfig, run: Path, first: Path | None, features: Path, score_returned: bool = True
+) -> dict[str, Any]:
     """One run directory, its round 0 copied from `first` when given; returns its summary. Every
-    run of a compare shares one feature cache (train.top_layers), OUT/features."""
-    features = _compare_root(run) / "features"
+    run of a compare shares one feature cache (train.top_layers), `features`. `score_returned`
+    false: the returned round is left undecoded (eval.accuracy_rounds returned), for the caller
+    to decode the one run it keeps among several."""
     if first is not None:
         prepare_run(config, run, resume=True, features=features)
         _share_round_zero(first, run)
-    return run_loop(config, run, resume=True, checked=True, features=features).to_json()
-
-
-def _compare_root(run: Path) -> Path:
-    """OUT of a compare's run directory OUT/<method>/seed-<s>[/candidate-<k>]."""
-    return run.parent.parent.parent if run.name.startswith("candidate-") else run.parent.parent
+    return run_loop(
+        config, run, resume=True, checked=True, features=features, score_returned=score_returned
+    ).to_json()
 
 
 def grid_shares(domains: list[str], resolution: int) -> list[dict[str, float]]:
@@ -230,6 +231,7 @@ def _candidates_run(
     first: Path | None,
     shares_list: list[dict[str, float]],
     score: str,
+    features: Path,
 ) -> tuple[dict[str, Any], float, list[dict[str, Any]]]:
     """Each candidate mixture trained (round 0 shared); the best by `score` of its final round.
 
@@ -240,8 +242,11 @@ def _candidates_run(
     best: dict[str, Any] | None = None
     seconds, table = 0.0, []
     for k, shares in enumerate(shares_list):
-        candidate = replace(config, update=replace(config.update, shares=shares))
-        summary = _run_one(candidate, out / f"candidate-{k}", first)
+        candidate = candidate_config(config, shares)
+        # the oracle needs every candidate's accuracy; a method decodes only the one it keeps
+        summary = _run_one(
+            candidate, out / f"candidate-{k}", first, features, score == "test_accuracy"
+        )
         seconds += _seconds(summary, count_round_zero=k == 0)  # D0 is trained (or copied) once
         first = first or out / f"candidate-{k}"
         last = summary["rounds"][-1]
@@ -255,7 +260,7 @@ def _candidates_run(
         )
         if best is None or _better(last, best["rounds"][-1], score):
             best = {**summary, "candidate": k, "shares": shares}
-        if k == 0 and score == "test_accuracy":  # round 0 (D0 itself) is a candidate too
+        if k == 0:  # round 0 (D0 itself) is a candidate too
             zero = summary["rounds"][0]
             if _better(zero, best["rounds"][-1], score):
                 best = {
@@ -266,7 +271,36 @@ def _candidates_run(
                     "shares": None,
                 }
     assert best is not None
+    if score == "reference_loss":  # decode the kept one only (eval.accuracy_rounds returned)
+        kept = 0 if best["candidate"] == "D0" else best["candidate"]
+        round_ = 0 if best["candidate"] == "D0" else best["selected_round"]
+        whole, extra = _decode_kept(config, out / f"candidate-{kept}", round_, features)
+        seconds += extra
+        rounds = whole["rounds"][:1] if best["candidate"] == "D0" else whole["rounds"]
+        best = {**best, "rounds": rounds, "compute": whole.get("compute")}
     return best, seconds, table
+
+
+def _decode_kept(
+    config: RunConfig, run: Path, round_: int, features: Path
+) -> tuple[dict[str, Any], float]:
+    """Round `round_` of `run` scored whole (its test sets decoded when the rounds were not):
+    the run's summary afterwards and the seconds it took."""
+    from ideal.artifacts import read_json
+    from ideal.run.stages import score_whole
+    from ideal.run.summary import summarise_run
+
+    paths = prepare_run(config, run, resume=True, features=features)
+    metrics = paths.round(round_) / "metrics.json"
+    before = read_json(metrics).get("seconds") or 0.0
+    extra = 0.0
+    if score_whole(config, paths, paths.round(round_), round_):
+        extra = (read_json(metrics).get("seconds") or 0.0) - before
+    return summarise_run(run).to_json(), extra
+
+
+def candidate_config(config: RunConfig, shares: dict[str, float]) -> RunConfig:
+    return replace(config, update=replace(config.update, shares=shares))
 
 
 def _better(a: dict[str, Any], b: dict[str, Any], score: str) -> bool:
@@ -275,104 +309,193 @@ def _better(a: dict[str, Any], b: dict[str, Any], score: str) -> bool:
     return (a["test_accuracy_mean"] or 0.0) > (b["test_accuracy_mean"] or 0.0)
 
 
+def parse_seeds(text: str | int) -> list[int]:
+    """`--seeds`: a count K (seeds 0..K-1), a list `5,6`, a range `5-9`, or both `0-2,7`."""
+    text = str(text).strip()
+    if text.isdigit():
+        count = int(text)
+        if count < 1:
+            raise IdealError("--seeds must be at least 1")
+        return list(range(count))
+    seeds: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        low, dash, high = part.partition("-")
+        if not low.isdigit() or (dash and not high.isdigit()):
+            raise IdealError(
+                f"--seeds: '{part}' is neither a seed, a range a-b, nor a count (e.g. 5, 5,6, 5-9)"
+            )
+        first, last = int(low), int(high) if dash else int(low)
+        if last < first:
+            raise IdealError(f"--seeds: the range '{part}' runs backwards")
+        seeds += [s for s in range(first, last + 1) if s not in seeds]
+    if not seeds:
+        raise IdealError("--seeds names no seed")
+    return seeds
+
+
 def run_compare(
     config: RunConfig,
     methods: list[str],
     seeds: list[int],
     out: str | Path,
-    random_candidates: int = 4,
+    random_candidates: int | None = None,
     grid_resolution: int | None = None,
+    book: Book | None = None,
+    features: Path | None = None,
+    report: bool = True,
 ) -> dict[str, Any]:
-    """Run every (method, seed); write OUT/compare.json and OUT/compare.html; returns the document."""
+    """Run every (method, seed); write OUT/compare.json and OUT/compare.html (unless `report` is
+    false); returns the document.
+
+    `random_candidates` None: `random` trains as many models as `ideal` does on the same seed
+    (its run in this comparison, else what its config plans), D0 among them. With a ledger
+    (`book`, ideal.run.ledger) a cell whose key it holds is not run again: its record is used;
+    every cell run is appended as soon as it finishes. `features`: the feature cache shared by
+    every run (default OUT/features)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise IdealError(f"--methods: unknown '{unknown[0]}'; choose from {', '.join(METHODS)}")
     if not seeds:
         raise IdealError("--seeds must be at least 1")
-    if random_candidates < 1:
+    if random_candidates is not None and random_candidates < 1:
         raise IdealError("--random-candidates must be at least 1")
     for warning in preflight(config).warnings:  # the whole run, before anything trains
         log.warning("warning: %s", warning)
     for method in methods:  # each method's config is valid
         method_config(config, method, seeds[0])
     out = Path(out)
-    results: dict[str, Any] = {}
+    features = features or out / "features"
+    runs: dict[str, list[dict[str, Any]]] = {}
     # round 0 is trained by the first method with the full recipe, then shared
     sharing = next((m for m in methods if m not in SEARCH_METHODS), None)
     for method in methods:
-        runs = []
+        runs[method] = []
         for seed in seeds:
-            run = out / method / f"seed-{seed}"
             config_k = method_config(config, method, seed)
             first_run = out / str(sharing) / f"seed-{seed}"
             first = None if method in (sharing, *SEARCH_METHODS) else first_run
             if first is not None and sharing in CANDIDATE_METHODS:
                 first = first_run / "candidate-0"
-            log.info("compare: %s, seed %d", method, seed)
             extra: dict[str, Any] = {}
-            if method in CANDIDATE_METHODS:
-                if method == "random":
-                    rng = np.random.default_rng([seed, 4242])
-                    shares_list = [
-                        dict(random_shares(_domains(config), rng)) for _ in range(random_candidates)
-                    ]
-                else:
-                    shares_list = oracle_candidates(
-                        config, _d0_volumes(config_k, run, first), grid_resolution
-                    )
-                score = "reference_loss" if method == "random" else "test_accuracy"
-                summary, seconds, table = _candidates_run(config_k, run, first, shares_list, score)
-                extra = {"candidate": summary["candidate"], "shares": summary["shares"]}
-                if method == "oracle-grid":
-                    extra["grid"] = table
-            else:
-                summary = _run_one(config_k, run, first)
-                seconds = _seconds(summary)
-            chosen = summary.get("selected_round")
-            selected = summary["rounds"][-1 if chosen is None else chosen]
-            if method in SEARCH_METHODS:  # scored as trained with the full recipe: RUN/final/
-                extra = {"search_selected": selected}
-                selected, seconds = summary["final"], summary["compute"]["total"]
-            runs.append(
-                {
-                    "seed": seed,
-                    "rounds": len(summary["rounds"]) - 1,
-                    "selected": selected,
-                    "selected_round": selected["round"],
-                    "seconds": seconds,
-                    # one SFT with the full recipe: D0's (round 0), or the final training's
-                    "sft_seconds": selected["seconds"]["train"]
-                    if method in SEARCH_METHODS
-                    else summary["rounds"][0]["seconds"]["train"],
-                    **extra,
-                }
+            if method == "random":
+                ideal_runs = {r["seed"]: r for r in runs.get("ideal", [])}
+                extra["candidates"] = random_candidates or random_count(
+                    config, seed, ideal_runs.get(seed)
+                )
+            if method == "oracle-grid":
+                extra["grid_resolution"] = grid_resolution
+            key = None
+            if book is not None:
+                key = book.key(
+                    method, seed, {**settings_without_paths(config_k.to_dict()), **extra}
+                )
+                found = book.lookup(key)
+                if found is not None:
+                    log.info("compare: %s, seed %d: in the ledger (%s)", method, seed, found.date)
+                    runs[method].append(found.run)
+                    continue
+            log.info("compare: %s, seed %d", method, seed)
+            run = out / method / f"seed-{seed}"
+            entry = _run_cell(
+                config, config_k, method, seed, run, first, extra, grid_resolution, features
             )
-        capabilities = list(runs[0]["selected"]["test_accuracy"])
-        results[method] = {
-            "runs": runs,
-            "test_accuracy_mean": stats([r["selected"]["test_accuracy_mean"] for r in runs]),
-            "test_accuracy_worst": stats([r["selected"]["test_accuracy_worst"] for r in runs]),
-            "reference_loss_mean": stats([r["selected"]["reference_loss_mean"] for r in runs]),
-            "per_capability": {
-                c: stats([r["selected"]["test_accuracy"][c] for r in runs]) for c in capabilities
-            },
-            "seconds": stats([r["seconds"] for r in runs]),
-        }
-    document = {"methods": results, "seeds": seeds, "config_hash": config.hash()}
+            if book is not None and key is not None:
+                book.record(key, method, seed, entry)
+            runs[method].append(entry)
+    document = compare_document(runs, seeds, config.hash(), sharing)
+    if report:
+        atomic_write_json(out / "compare.json", document)
+        from ideal.report.compare import write_compare_report
+
+        write_compare_report(out, document)
+    return document
+
+
+def random_count(config: RunConfig, seed: int, ideal_run: dict[str, Any] | None) -> int:
+    """Random mixtures `random` trains on a seed to match `ideal`'s trainings there, D0 counted
+    among them: ideal's run when the comparison has it, else what ideal's config plans."""
+    from ideal.run.loop import planned_trainings
+
+    trainings = (ideal_run or {}).get("trainings") or planned_trainings(
+        method_config(config, "ideal", seed)
+    )
+    return max(1, int(trainings) - 1)
+
+
+def _run_cell(
+    config: RunConfig,
+    config_k: RunConfig,
+    method: str,
+    seed: int,
+    run: Path,
+    first: Path | None,
+    extra: dict[str, Any],
+    grid_resolution: int | None,
+    features: Path,
+) -> dict[str, Any]:
+    """One (method, seed) run, its round 0 copied from `first`: compare.json's entry for it."""
+    if method in CANDIDATE_METHODS:
+        if method == "random":
+            rng = np.random.default_rng([seed, 4242])
+            shares_list = [
+                dict(random_shares(_domains(config), rng)) for _ in range(extra["candidates"])
+            ]
+        else:
+            shares_list = oracle_candidates(
+                config, _d0_volumes(config_k, run, first), grid_resolution
+            )
+        score = "reference_loss" if method == "random" else "test_accuracy"
+        summary, seconds, table = _candidates_run(
+            config_k, run, first, shares_list, score, features
+        )
+        extra = {**extra, "candidate": summary["candidate"], "shares": summary["shares"]}
+        if method == "oracle-grid":
+            extra["grid"] = table
+        trainings = 1 + len(shares_list)  # D0 once, then each candidate
+    else:
+        summary = _run_one(config_k, run, first, features)
+        seconds = _seconds(summary)
+        trainings = summary["compute"]["trainings"] if summary.get("compute") else None
+    chosen = summary.get("selected_round")
+    selected = summary["rounds"][-1 if chosen is None else chosen]
+    if method in SEARCH_METHODS:  # scored as trained with the full recipe: RUN/final/
+        extra = {**extra, "search_selected": selected}
+        selected, seconds = summary["final"], summary["compute"]["total"]
+    return {
+        "seed": seed,
+        "rounds": len(summary["rounds"]) - 1,
+        "selected": selected,
+        "selected_round": selected["round"],
+        "seconds": seconds,
+        "trainings": trainings,
+        # one SFT with the full recipe: D0's (round 0), or the final training's
+        "sft_seconds": selected["seconds"]["train"]
+        if method in SEARCH_METHODS
+        else summary["rounds"][0]["seconds"]["train"],
+        **extra,
+    }
+
+
+def compare_document(
+    runs: dict[str, list[dict[str, Any]]], seeds: list[int], config_hash: str, sharing: str | None
+) -> dict[str, Any]:
+    """compare.json from every method's runs (one entry per seed, as `_run_cell` or the ledger
+    gives them): statistics, cost in SFTs, paired differences against original, uniform and
+    random, gap closure, transfer."""
+    methods = list(runs)
+    results = {method: method_stats(entries) for method, entries in runs.items()}
+    document: dict[str, Any] = {"methods": results, "seeds": seeds, "config_hash": config_hash}
     unit = "final training" if sharing is None else "round 0 (D0) training"
     document["sft"] = cost_in_sfts(results, sharing or methods[0], unit)
     document["gap_closure"] = gap_closure(results)
     document["paired"] = {
         baseline: paired_differences(results, baseline)
-        for baseline in ("original", "uniform")
+        for baseline in ("original", "uniform", "random")
         if baseline in results
     }
     if "ideal" in results and "ideal-search" in results:
         document["transfer"] = transfer(results, "ideal-search", "ideal")
-    atomic_write_json(out / "compare.json", document)
-    from ideal.report.compare import write_compare_report
-
-    write_compare_report(out, document)
     return document
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ideal.artifacts import atomic_write_json, read_json
-from ideal.data.mixture import Constraints, Mixture, draw_mixture, nested_subset
+from ideal.data.mixture import Constraints, Mixture, draw_mixture
 from ideal.data.mixture_io import TrainingSet, load_training_set, write_mixture_dir
 from ideal.errors import IdealError
 from ideal.methods.reweight import update_mixture
@@ -42,6 +42,7 @@ from ideal.methods.rules import (
     Rule,
     TemperatureRule,
     UniformRule,
+    direction_table,
     requested_change,
 )
 from ideal.methods.trust import StepDecision, trust_step
@@ -53,8 +54,19 @@ from ideal.run.stages import (
     FINAL_ROUND,
     evaluate_round,
     proxy_round,
+    score_whole,
+    search_rows,
     train_round,
     write_proxy_files,
+)
+from ideal.run.step import (
+    adopt,
+    best_round,
+    candidate_round,
+    next_scale,
+    note_use,
+    reference_split,
+    uses_candidates,
 )
 from ideal.run.summary import summarise_run
 
@@ -77,12 +89,7 @@ def initial_mixture(config: RunConfig, training: TrainingSet) -> Mixture:
 def make_rule(config: RunConfig) -> Rule:
     """The update rule a config names (`update.rule`)."""
     rules: dict[str, Rule] = {
-        "ideal": IdealRule(
-            step=config.update.step,
-            min_z=config.update.min_z,
-            geometry=config.update.geometry,
-            keep_total=config.update.keep_total,
-        ),
+        "ideal": IdealRule(config.update),
         "uniform": UniformRule(),
         "temperature": TemperatureRule(config.update.temperature),
         "fixed": FixedRule(tuple(sorted(config.update.shares.items()))),
@@ -105,12 +112,27 @@ def next_mixture(
     return mixture, {**record, "step": update.step}
 
 
+def planned_trainings(config: RunConfig) -> int:
+    """How many models a run of this config trains, if no round stops early: D0, the probe,
+    every IDEAL update's candidates (one step each without them), the final training."""
+    update = config.update
+    probe = int(config.rounds >= 2 and update.rule == "ideal" and update.first_round == "uniform")
+    steps = config.rounds - probe
+    per_step = 1
+    if uses_candidates(config):
+        per_step = len(update.candidates) + int(update.surrogate)
+    final = int(config.search is not None)
+    return 1 + probe + steps * per_step + final
+
+
 def step_decision(config: RunConfig, paths: RunPaths, k: int) -> StepDecision:
     """Where round K+1's update starts from and with which m: round K and `update.step`; after
     the uniform probe (`update.first_round`), the better of D0 and the probe by Q, with
     `update.step`; with `update.trust_region`, the trust region's decision after round K
     (`ideal.methods.trust`)."""
     update = config.update
+    if uses_candidates(config):  # from the best round so far; the radius is the step's
+        return StepDecision(update.step, best_round(paths, k), True)
     after_probe = k == 1 and update.first_round == "uniform"  # if round 1 was the probe
     if update.rule != "ideal" or k == 0 or not (update.trust_region or after_probe):
         return StepDecision(update.step, k, True)
@@ -144,26 +166,6 @@ def uniform_probe(
     return training, mixture, record
 
 
-def search_rows(here: Path, fraction: float, main: bool) -> Path:
-    """What round K's model trains on, and what its influence step scores: the round's mixture,
-    or under `search.fraction` < 1 its nested subset (`nested_subset`), RUN/round-K/search/,
-    written here on first use."""
-    from ideal.distributed import barrier
-
-    if fraction >= 1.0:
-        return here
-    subset = here / "search"
-    if main and not (subset / "mixture.json").is_file():
-        training = load_training_set(here)
-        write_mixture_dir(
-            subset, training, nested_subset(training.mixture, fraction),
-            extra={"search": {"fraction": fraction, "of": str(here / "mixture.json")}},
-            data_subdir="data",
-        )  # fmt: skip
-    barrier()
-    return subset
-
-
 def train_final(config: RunConfig, paths: RunPaths, selected: int) -> None:
     """RUN/final/: round `selected`'s mixture (the one the run returns) trained once with the
     run's own recipe, then evaluated. Each step is skipped when its artifact is there, so a
@@ -188,7 +190,7 @@ def train_final(config: RunConfig, paths: RunPaths, selected: int) -> None:
         train_round(config, paths, FINAL_ROUND, here=final)
     if is_main() and not (final / "metrics.json").is_file():
         log.info("final: evaluating round %d's mixture, trained with the run's recipe", selected)
-        metrics = evaluate_round(config, paths, final / "model", FINAL_ROUND)
+        metrics = evaluate_round(config, paths, final / "model", FINAL_ROUND, decode=True)
         atomic_write_json(final / "metrics.json", metrics)
     barrier()
 
@@ -199,10 +201,13 @@ def run_loop(
     resume: bool = False,
     checked: bool = False,
     features: Path | None = None,
+    score_returned: bool = True,
 ) -> RunSummary:
     """Run (or continue) the loop; returns its summary (summary.json). The whole run is checked
     first (ideal.run.preflight) unless the caller did (`checked`). `features`: a feature cache shared
-    with other runs (train.top_layers), instead of RUN/features.
+    with other runs (train.top_layers), instead of RUN/features. Under eval.accuracy_rounds
+    `returned` the returned round's test sets are decoded at the end (`score_returned`; a
+    comparison that picks among runs decodes only the one it keeps).
 
     Under `torchrun` / `accelerate launch` every process trains (DDP) and computes influence on its
     shard; the main process alone writes the run directory, evaluates and runs proxy runs, while
@@ -237,10 +242,13 @@ def run_loop(
     recipe, recipe_paths = config, paths
     fraction = config.search.fraction if config.search is not None else 1.0
     config, paths = config.search_config(), search_paths(config, paths)
+    split = reference_split(config, paths, main)  # update.candidates: rows held out to choose
     k = 0
     while True:
         here = paths.round(k)
         model_dir = here / "model"
+        if not model_dir.is_dir():  # a candidate step's round: its kept candidate's model
+            adopt(paths, k)
         if not model_dir.is_dir():
             train_round(config, paths, k, data=search_rows(here, fraction, main))
         if main and not (here / "metrics.json").is_file():
@@ -266,23 +274,44 @@ def run_loop(
             write_proxy_files(here, proxy_round(config, paths, here, model_dir))
         # the influence of the round the update starts from (a rejected round's is never used)
         source = paths.round(decision.base)
+        stepping = probe is None and uses_candidates(config)
         if rule.signal == "influence" and not (source / "influence.json").is_file():
             log.info("round %d: influence", decision.base)
+            reference = split.direction if stepping and split is not None else paths.reference
             result, document = compute_influence(
-                source / "model", search_rows(source, fraction, main), paths.reference,
+                source / "model", search_rows(source, fraction, main), reference,
                 config.influence_job(), track,
                 features=paths.features,
             )  # fmt: skip
+            if fraction < 1.0:  # scored on the search subset; the update moves the whole mixture
+                document["search_volumes"] = document["volumes"]
+                document["volumes"] = load_training_set(source).mixture.volumes
             if config.update.rule == "ideal":  # the step this update takes, m of this round
                 step_rule = make_rule(
                     replace(config, update=replace(config.update, step=decision.step))
                 )
                 document["beta"] = requested_change(step_rule, document)
                 document["step"] = decision.step
+                document["direction"] = direction_table(
+                    document, config.update, list(document["sensitivity"])
+                )
+                if reference is not paths.reference:
+                    document["reference_rows"] = "direction rows (update.selection held out)"
             if main:
                 write_influence_files(source, result, document)
         barrier()
         following = paths.round(k + 1)
+        if stepping and not (following / "mixture.json").is_file():
+            moved = candidate_round(
+                config, paths, k, decision.base, next_scale(paths, k), split, fraction, main
+            )
+            if not moved:
+                log.info(
+                    "round %d: no candidate step moves the mixture (every sensitivity within "
+                    "update.min_z standard errors of 0); stopping",
+                    k,
+                )
+                break
         if not (following / "mixture.json").is_file():
             # every process computes the (deterministic) update, so all agree on stopping
             if probe:
@@ -316,9 +345,17 @@ def run_loop(
                     following, training, mixture, extra={"update": record.to_json()},
                     data_subdir="data",
                 )  # fmt: skip
+                if rule.signal == "influence":  # which step this influence.json last served
+                    note_use(source / "influence.json", k + 1, record.step,
+                             record.details.get("beta", {}))  # fmt: skip
         barrier()
         k += 1
     summary = summarise_run(paths.run)
+    chosen = summary.selected_round
+    returned = score_returned and main and chosen is not None  # eval.accuracy_rounds returned
+    if returned and score_whole(config, paths, paths.round(chosen), chosen):
+        summary = summarise_run(paths.run)
+    barrier()
     if recipe.search is not None and summary.selected_round is not None:
         train_final(recipe, recipe_paths, summary.selected_round)
         summary = summarise_run(paths.run)

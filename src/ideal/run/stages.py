@@ -21,7 +21,8 @@ import numpy as np
 
 from ideal.artifacts import atomic_write_json, read_json
 from ideal.backends.factory import make_evaluator, make_trainer
-from ideal.data.mixture_io import load_training_set
+from ideal.data.mixture import nested_subset
+from ideal.data.mixture_io import load_training_set, write_mixture_dir
 from ideal.errors import IdealError
 from ideal.run.config import RunConfig
 from ideal.run.rundir import RunPaths
@@ -71,13 +72,21 @@ def train_round(
 
 
 def evaluate_round(
-    config: RunConfig, paths: RunPaths, model_dir: Path, round_: int | None = None
+    config: RunConfig,
+    paths: RunPaths,
+    model_dir: Path,
+    round_: int | None = None,
+    decode: bool | None = None,
 ) -> dict[str, Any]:
     """metrics.json of one round: reference loss (no decoding), test loss and accuracy.
 
     Reference (and, with test data, test) losses are always ideal's own; with an external
-    `eval.backend` the test accuracy of each capability is the evaluator's score."""
+    `eval.backend` the test accuracy of each capability is the evaluator's score. `decode`
+    false (default: eval.accuracy_rounds is `every`): the test sets' losses and their `choice`
+    accuracies only, no decoding and no external evaluator; metrics.json says `decoded`
+    false, and its means over accuracies are left empty until the round is scored whole."""
     from ideal.backends.evaluation.evaluate import evaluate_capability
+    from ideal.backends.evaluation.scorers import CHOICE
     from ideal.data.rows import load_domains
     from ideal.hf import load_causal_lm, load_tokenizer
 
@@ -87,9 +96,12 @@ def evaluate_round(
     features = eval_features(config, paths, model)
     references = load_domains(paths.reference)
     tests = load_domains(paths.test) if paths.test is not None else {}
+    if decode is None:
+        decode = config.eval.accuracy_rounds == "every"
     # eval.test_accuracy false: the test sets' losses only (no decoding, no evaluator)
-    evaluator = make_evaluator(config.eval) if config.eval.test_accuracy else None
-    decode_tests = config.eval.test_accuracy and evaluator is None
+    scoring = config.eval.test_accuracy
+    evaluator = make_evaluator(config.eval) if scoring and decode else None
+    decode_tests = scoring and evaluator is None
     capabilities: dict[str, dict[str, Any]] = {}
     for name, domain in references.items():
         # reference accuracy (decoding) when every reference row has an answer and the config asks
@@ -107,25 +119,34 @@ def evaluate_round(
             generate=scored,
             features=features,
         )
-        capabilities[name] = {"reference_loss": result.loss, "reference_examples": result.examples}
+        capabilities[name] = {
+            "reference_loss": result.loss,
+            "reference_examples": result.examples,
+            # per row, in the file's order: the candidates of a step are compared on rows held
+            # out from the direction (ideal.methods.candidates)
+            "reference_row_losses": result.row_losses,
+        }
         if result.accuracy is not None:
             capabilities[name]["reference_accuracy"] = result.accuracy
     for name, domain in tests.items():
+        scorer = config.eval.scorers.get(name)
+        # without decoding, a `choice` capability is still scored: its likelihoods are cheap
+        scored = decode_tests and (decode or scorer == CHOICE)
         result = evaluate_capability(
             model,
             tokenizer,
             domain,
-            config.eval.scorers.get(name) if decode_tests else None,
+            scorer if scored else None,
             config.max_length,
             config.eval.max_new_tokens,
             config.eval.batch_size,
-            generate=decode_tests,
+            generate=scored,
             features=features,
         )
         capabilities.setdefault(name, {}).update(
             test_loss=result.loss, test_examples=result.examples
         )
-        if decode_tests:
+        if scored:
             capabilities[name].update(test_accuracy=result.accuracy, scorer=result.scorer)
             if result.accuracy_norm is not None:  # `choice`: lm-eval's acc_norm beside acc
                 capabilities[name]["test_accuracy_norm"] = result.accuracy_norm
@@ -162,6 +183,8 @@ def evaluate_round(
         v["reference_accuracy"] for v in capabilities.values() if "reference_accuracy" in v
     ]
     test_losses = [v["test_loss"] for v in capabilities.values() if "test_loss" in v]
+    if not decode and len(accuracies) < len(tests):  # the generative ones wait for their decoding
+        accuracies = {}
     metrics: dict[str, Any] = {
         "capabilities": capabilities,
         "reference_loss_mean": float(np.mean(list(reference_losses.values()))),
@@ -177,6 +200,7 @@ def evaluate_round(
     }
     if evaluator is not None:
         metrics["evaluator"] = evaluator.name
+    metrics["decoded"] = bool(decode)
     metrics["seconds"] = time.perf_counter() - start
     return metrics
 
@@ -278,3 +302,40 @@ def write_proxy_files(here: Path, document: dict[str, Any]) -> None:
         f"{document['method']}: domain weights along the proxy run (average is used)",
     )
     atomic_write_json(here / "proxy.json", document)
+
+
+def search_rows(here: Path, fraction: float, main: bool) -> Path:
+    """What round K's model trains on, and what its influence step scores: the round's mixture,
+    or under `search.fraction` < 1 its nested subset (`nested_subset`), RUN/round-K/search/,
+    written here on first use."""
+    from ideal.distributed import barrier
+
+    if fraction >= 1.0:
+        return here
+    subset = here / "search"
+    if main and not (subset / "mixture.json").is_file():
+        training = load_training_set(here)
+        write_mixture_dir(
+            subset, training, nested_subset(training.mixture, fraction),
+            extra={"search": {"fraction": fraction, "of": str(here / "mixture.json")}},
+            data_subdir="data",
+        )  # fmt: skip
+    barrier()
+    return subset
+
+
+def score_whole(config: RunConfig, paths: RunPaths, here: Path, round_: int) -> bool:
+    """A round evaluated without decoding (eval.accuracy_rounds returned) scored whole: its
+    metrics.json rewritten with every test accuracy, the two evaluations' seconds summed. False
+    when there was nothing to do."""
+    metrics_file = here / "metrics.json"
+    if not metrics_file.is_file():
+        return False
+    before = read_json(metrics_file)
+    if before.get("decoded", True) or not config.eval.test_accuracy:
+        return False
+    log.info("round %d: decoding the test sets of the returned round", round_)
+    metrics = evaluate_round(config, paths, here / "model", round_, decode=True)
+    metrics["seconds"] += before.get("seconds") or 0.0
+    atomic_write_json(metrics_file, metrics)
+    return True

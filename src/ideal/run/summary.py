@@ -69,20 +69,38 @@ def summarise_run(run: str | Path) -> RunSummary:
     recipe = None if search is None else SearchSettings(**search).describe()
     return RunSummary(
         rounds, select, selected, probe_round, continued_from, recipe, final,
-        _compute(rounds, final) if rounds else None,
+        _compute(rounds, final, trainings(run)) if rounds else None,
     )  # fmt: skip
 
 
-def _compute(rounds: list[RoundRecord], final: RoundRecord | None) -> Compute:
-    """Seconds per stage over the rounds, the final training's, and the unit of cost_in_sfts."""
+def trainings(run: Path) -> int:
+    """Models the run trained: every round's, every candidate's (RUN/step-K/*/; the kept one's
+    model moved into its round), and the final training's. A round whose model was copied in
+    (a compare's shared round 0) counts too: the run needed it."""
+    models = [run / f"round-{k}" / "model" for k in range(_count_rounds(run))]
+    models += sorted(run.glob("step-*/*/model"))
+    models.append(run / "final" / "model")
+    return sum(m.is_dir() for m in models)
+
+
+def _count_rounds(run: Path) -> int:
+    k = 0
+    while (run / f"round-{k}").is_dir():
+        k += 1
+    return k
+
+
+def _compute(rounds: list[RoundRecord], final: RoundRecord | None, trained: int) -> Compute:
+    """Seconds per stage over the rounds, the final training's, the unit of cost_in_sfts, and
+    how many models were trained."""
     spent: dict[str, float] = {}
     for r in rounds:
         for stage, seconds in r.seconds.items():
             spent[stage] = spent.get(stage, 0.0) + (seconds or 0.0)
     if final is None:
-        return Compute(spent, {}, rounds[0].seconds.get("train"), "round 0 training")
+        return Compute(spent, {}, rounds[0].seconds.get("train"), "round 0 training", trained)
     done = {stage: seconds for stage, seconds in final.seconds.items() if seconds is not None}
-    return Compute(spent, done, final.seconds.get("train"), "final training")
+    return Compute(spent, done, final.seconds.get("train"), "final training", trained)
 
 
 def _round(
@@ -103,6 +121,15 @@ def _round(
     seconds["eval"] = metrics["seconds"]
     if (here / "proxy.json").is_file():  # DoReMi / DoGE: the proxy run is their signal's cost
         seconds["proxy"] = read_json(here / "proxy.json")["seconds"]["total"]
+    kept = (update.details.get("candidate") if update is not None else None) or None
+    if kept is not None:  # the other candidates of a step: their training and evaluation
+        seconds["candidates"] = 0.0
+        for other in sorted((run / f"step-{k}").glob("*/model")):
+            if other.parent.name != kept:
+                spent = read_json(other / "train_settings.json").get("seconds") or 0.0
+                if (other.parent / "metrics.json").is_file():
+                    spent += read_json(other.parent / "metrics.json").get("seconds") or 0.0
+                seconds["candidates"] += spent
     predicted = realised = None
     if update is not None:
         source = run / f"round-{update.from_round}" / "influence.json"
@@ -121,6 +148,12 @@ def _round(
         test_accuracy_worst=metrics["test_accuracy_worst"],
         reference_loss={c: v.get("reference_loss") for c, v in caps.items()},
         reference_loss_mean=metrics["reference_loss_mean"],
+        test_loss={c: v.get("test_loss") for c, v in caps.items()},
+        test_loss_mean=metrics.get("test_loss_mean"),
+        test_loss_worst=max(
+            (v["test_loss"] for v in caps.values() if v.get("test_loss") is not None),
+            default=None,
+        ),
         reference_accuracy={c: v.get("reference_accuracy") for c, v in caps.items()},
         reference_accuracy_mean=metrics.get("reference_accuracy_mean"),
         predicted_reference_loss_change=predicted,

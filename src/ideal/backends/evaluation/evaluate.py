@@ -160,6 +160,7 @@ class CapabilityResult:
     scorer: str | None
     outputs: list[dict[str, Any]]
     accuracy_norm: float | None = None  # `choice`: acc_norm (length-normalised log-likelihood)
+    row_losses: list[float] | None = None  # l(z) of every row, in the domain's order
 
 
 def evaluate_capability(
@@ -203,6 +204,7 @@ def evaluate_capability(
             CHOICE,
             chosen.outputs,
             chosen.accuracy_norm,
+            losses.tolist(),
         )
     if with_answer:
         name = scorer or "exact"
@@ -235,8 +237,9 @@ def evaluate_capability(
                 )
         accuracy = correct / len(with_answer)
     return CapabilityResult(
-        domain.name, len(items), float(losses.mean()), len(with_answer), accuracy, name, outputs
-    )
+        domain.name, len(items), float(losses.mean()), len(with_answer), accuracy, name, outputs,
+        row_losses=losses.tolist(),
+    )  # fmt: skip
 
 
 def summarise(results: list[CapabilityResult]) -> dict[str, Any]:

@@ -1,0 +1,333 @@
+"""The IDEAL step that goes as far as the evidence allows: the direction judged by each
+sensitivity's noise, candidate steps chosen on held-out reference rows, the radius rule, the
+surrogate, and a run that resumes in the middle of its candidates."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from ideal.errors import IdealError
+from ideal.methods.candidates import Candidate, candidate_steps, choose, paired, split_rows
+from ideal.methods.rules import IdealRule, direction_table, noise_aware
+from ideal.methods.settings import UpdateSettings
+from ideal.methods.surrogate import fit_quadratic, minimise
+from ideal.methods.trust import radius_scale
+from ideal.run.config import load_config
+from ideal.run.loop import planned_trainings, run_loop
+
+# ---------------------------------------------------------------- the direction, judged by noise
+
+VOLUMES = {"arith": 120, "check": 240, "reason": 120, "instruct": 120}
+# the harmful source at > 6 standard errors; the largest |alpha| is pure noise (z ~ 1)
+SIGNALS = {
+    "sensitivity": {"arith": -10.0, "check": 90.0, "reason": -516.0, "instruct": -3.0},
+    "sensitivity_stderr": {"arith": 12.0, "check": 14.0, "reason": 493.0, "instruct": 5.0},
+}
+
+
+def test_soft_threshold_by_hand():
+    used = noise_aware([10.0, -10.0, 3.0, 0.5], [2.0, 4.0, 2.0, 0.0], 2.0, "soft")
+    # |10| - 2*2 = 6; |-10| - 2*4 = 2 (sign kept); 3 - 4 < 0 -> 0; se 0 -> kept whole
+    np.testing.assert_allclose(used, [6.0, -2.0, 0.0, 0.5])
+    gate = noise_aware([10.0, -10.0, 3.0], [2.0, 4.0, 2.0], 2.0, "gate")
+    np.testing.assert_allclose(gate, [10.0, -10.0, 0.0])
+    assert noise_aware([1.0], [5.0], 0.0, "soft").tolist() == [1.0]  # min_z 0: the paper
+
+
+def test_a_noisy_largest_entry_is_not_the_one_that_moves():
+    """The paper's step spends m on reasoning's -516 +- 493; the noise-aware step moves the
+    harmful source by m and leaves the noise alone."""
+    paper = IdealRule(UpdateSettings(min_z=0.0), step=0.3).propose(VOLUMES, SIGNALS)
+    assert paper["reason"] == pytest.approx(120 * 1.3)  # all of m on the noise
+    assert paper["check"] == pytest.approx(240 * (1 - 0.3 * 90 / 516))
+    ours = IdealRule(UpdateSettings(), step=0.3).propose(VOLUMES, SIGNALS)
+    assert ours["check"] == pytest.approx(240 * 0.7)  # the strongest survivor takes m
+    assert ours["reason"] == ours["arith"] == 120 and ours["instruct"] == 120
+    table = direction_table(SIGNALS, UpdateSettings(), list(VOLUMES))
+    assert table["check"]["z"] == pytest.approx(90 / 14)
+    assert table["check"]["used"] == pytest.approx(90 - 2 * 14)
+    assert table["reason"]["used"] == 0.0 and table["reason"]["z"] == pytest.approx(516 / 493)
+
+
+def test_reweight_on_a_hand_made_influence_json(tmp_path, capsys):
+    """`ideal reweight` on a hand-made influence.json: the noisy largest entry does not move,
+    and the update record shows per domain the sensitivity, its error, z and what was used."""
+    from tests.helpers import make_data_dir, qa_rows, run_cli
+
+    data = make_data_dir(tmp_path / "train", {d: qa_rows(d, n) for d, n in VOLUMES.items()})
+    influence = tmp_path / "influence.json"
+    influence.write_text(json.dumps({"domains": sorted(VOLUMES), "volumes": VOLUMES, **SIGNALS}))
+    result = run_cli(
+        capsys, "reweight", "--train", str(data), "--influence", str(influence),
+        "--out", str(tmp_path / "next"), "--step", "0.3", "--no-keep-total",
+    )  # fmt: skip
+    assert result.code == 0, result.err
+    manifest = json.loads((tmp_path / "next" / "mixture.json").read_text())
+    volumes = {d: e["volume"] for d, e in manifest["domains"].items()}
+    assert volumes == {"arith": 120, "check": 168, "reason": 120, "instruct": 120}
+    direction = manifest["update"]["direction"]
+    assert direction["reason"]["used"] == 0.0 and direction["check"]["z"] > 6
+    assert manifest["update"]["held_by_noise"] == ["arith", "reason", "instruct"]
+
+
+# ---------------------------------------------------------------- candidates and their choice
+
+
+def test_candidate_steps_scale_cap_and_merge():
+    assert candidate_steps((0.15, 0.4, 0.75), 1.0, 0.9) == [0.15, 0.4, 0.75]
+    assert candidate_steps((0.15, 0.4, 0.75), 0.5, 0.9) == [0.075, 0.2, 0.375]
+    assert candidate_steps((0.15, 0.4, 0.75), 2.0, 0.9) == [0.3, 0.8, 0.9]
+    assert candidate_steps((0.5, 0.75), 2.0, 0.9) == [0.9]  # both at the cap: one training
+    with pytest.raises(IdealError):
+        candidate_steps((0.1,), 0.0, 0.9)
+
+
+def test_split_rows_is_seeded_disjoint_and_leaves_rows_for_the_direction():
+    split = split_rows({"a": 16, "b": 3, "c": 1}, 0.5, seed=7)
+    assert len(split["a"]) == 8 and len(set(split["a"])) == 8 and max(split["a"]) < 16
+    assert len(split["b"]) == 2 and split["c"] == []  # at least one row left to each side
+    assert split == split_rows({"a": 16, "b": 3, "c": 1}, 0.5, seed=7)
+    assert split["a"] != split_rows({"a": 16}, 0.5, seed=8)["a"]
+
+
+def test_paired_standard_error_by_hand():
+    a = {"x": [1.0, 2.0, 3.0], "y": [1.0, 1.0]}
+    b = {"x": [0.5, 2.0, 2.5], "y": [2.0, 0.0]}
+    diff, se = paired(a, b, {"x": 0.5, "y": 0.5})
+    # x: d = (0.5, 0, 0.5), mean 1/3, var 1/12; y: d = (-1, 1), mean 0, var 2
+    assert diff == pytest.approx(0.5 / 3)
+    assert se == pytest.approx(np.sqrt(0.25 * (1 / 12) / 3 + 0.25 * 2 / 2))
+
+
+def _candidate(name, step, rows):
+    return Candidate(name, step, step, {"x": rows})
+
+
+def test_choice_on_held_out_rows_with_ties():
+    small = _candidate("m0.15", 0.15, [1.00, 1.10, 0.90, 1.00])
+    large = _candidate("m0.75", 0.75, [0.98, 1.09, 0.88, 0.99])  # lower, within one paired SE?
+    far = _candidate("m0.40", 0.40, [1.50, 1.60, 1.40, 1.50])
+    weights = {"x": 1.0}
+    # large - small: differences all -0.01 or -0.02 -> SE tiny: separated, the larger is kept
+    chosen, table = choose([small, far, large], weights, "smaller")
+    assert chosen == 2 and [r["tie"] for r in table] == [False, False, True]
+    noisy = _candidate("m0.75", 0.75, [0.70, 1.40, 0.60, 1.25])  # lower mean, noisy rows
+    chosen, table = choose([small, noisy], weights, "smaller")
+    assert table[1]["minus_lowest"] == 0.0 and table[0]["tie"]  # small ties with the lowest
+    assert chosen == 0  # ties: the smaller step
+    assert choose([small, noisy], weights, "larger")[0] == 1
+    assert choose([small, noisy], weights, "lowest")[0] == 1
+
+
+def test_radius_rule():
+    assert radius_scale(1.0, -0.8, -1.0, 4.0) == (2.0, pytest.approx(0.8))  # grow
+    assert radius_scale(2.0, -0.9, -1.0, 2.0)[0] == 2.0  # at most the largest
+    assert radius_scale(1.0, -0.5, -1.0, 4.0)[0] == 1.0  # between: keep
+    assert radius_scale(1.0, -0.1, -1.0, 4.0)[0] == 0.5  # far smaller than predicted: shrink
+    assert radius_scale(1.0, 0.2, -1.0, 4.0)[0] == 0.5  # Q rose: shrink
+    assert radius_scale(1.0, -0.2, 0.1, 4.0) == (0.5, None)  # no fall predicted
+
+
+# ---------------------------------------------------------------- the surrogate
+
+
+def test_surrogate_finds_a_known_quadratics_minimiser_from_noisy_derivatives():
+    """Q(x) = 1 + b.d + 1/2 d'Ad in 3 log-volumes (10 coefficients), its minimiser d* inside
+    the radius. Twelve values measured to 1e-4 and one gradient with noise of sd 0.05 (an
+    influence step's): each equation is weighted by its error, so the values pin the quadratic
+    and the noisy gradient moves the fit by about 1e-4 / 0.05 of its noise; the minimiser is
+    then found to the search's resolution (the last box is 1/16 of the radius, 4096 points in
+    3 dimensions: about 0.005), within 0.01."""
+    rng = np.random.default_rng(0)
+    a = np.array([[4.0, 1.0, 0.0], [1.0, 3.0, 0.5], [0.0, 0.5, 2.0]])
+    d_star = np.array([0.2, -0.15, 0.1])
+    b = -a @ d_star
+
+    def q(d):
+        return 1.0 + b @ d + 0.5 * d @ a @ d
+
+    x0 = np.log([100.0, 200.0, 150.0])
+    points = [x0 + rng.uniform(-0.3, 0.3, 3) for _ in range(12)]
+    values = [q(p - x0) + rng.normal(0, 1e-4) for p in points]
+    gradient = b + rng.normal(0, 0.05, 3)
+    model = fit_quadratic(x0, points, values, [1e-4] * 12, [x0], [gradient], [[0.05] * 3],
+                          curvature_scale=10.0)  # fmt: skip
+    found = minimise(model, 0.5, keep_total=False, seed=1) - x0
+    np.testing.assert_allclose(found, d_star, atol=0.01)
+    # a minimiser outside the radius is brought to its edge
+    edge = minimise(model, 0.1, keep_total=False, seed=1) - x0
+    assert np.all(edge <= np.log1p(0.1) + 1e-9) and np.all(edge >= np.log1p(-0.1) - 1e-9)
+    assert edge[0] == pytest.approx(np.log1p(0.1), abs=0.01)  # pushed toward +0.2
+
+
+def test_surrogate_weighs_each_derivative_by_its_error():
+    """One value and two gradients at x0 that disagree: the precise one (error 0.01) is the
+    fitted slope, the vague one (error 100) barely counts."""
+    x0 = np.log([50.0, 80.0])
+    model = fit_quadratic(x0, [x0], [2.0], [0.01], [x0, x0], [[-1.0, 0.5], [3.0, -2.0]],
+                          [[0.01, 0.01], [100.0, 100.0]])  # fmt: skip
+    np.testing.assert_allclose(model.gradient(x0), [-1.0, 0.5], atol=1e-3)
+
+
+def test_surrogate_keeps_the_total():
+    x0 = np.log([100.0, 100.0])
+    model = fit_quadratic(x0, [x0], [1.0], [0.01], [x0], [[-1.0, 1.0]], [[0.01, 0.01]])
+    x = minimise(model, 0.5, keep_total=True)
+    assert np.exp(x).sum() == pytest.approx(200.0)
+    assert np.exp(x)[0] > 100 > np.exp(x)[1]  # more of the domain whose growth lowers Q
+
+
+# ---------------------------------------------------------------- the loop
+
+STEP = """
+suite:
+  domains:
+    - {name: add, task: add, pool: 60, volume: 40}
+    - {name: reverse, task: reverse, pool: 60, volume: 20}
+    - {name: reverse_alt, task: reverse, pool: 60, volume: 40, conflict: true}
+  capabilities: [add, reverse]
+  reference_size: 8
+  test_size: 8
+  hidden_size: 16
+  num_layers: 1
+  num_heads: 2
+  intermediate_size: 32
+rounds: 1
+train: {max_steps: 20, lr: 0.003, batch_size: 8, checkpoint_every: 10, threads: 1}
+influence: {batch_size: 16}
+# min_z 0: a toy this small has no sensitivity beyond 2 standard errors, and these tests
+# check the candidates' machinery, not the noise
+update: {candidates: [0.2, 0.6], min_z: 0.0}
+eval: {max_new_tokens: 4, accuracy_rounds: returned}
+"""
+
+
+@pytest.fixture(scope="module")
+def stepped(tmp_path_factory):
+    config = load_config(None, base=__import__("yaml").safe_load(STEP))
+    run = tmp_path_factory.mktemp("step") / "run"
+    summary = run_loop(config, run)
+    return config, run, summary
+
+
+def test_candidates_are_trained_and_chosen_on_held_out_rows(stepped):
+    config, run, summary = stepped
+    split = json.loads((run / "reference-split" / "split.json").read_text())
+    assert {c: len(v) for c, v in split["selection"].items()} == {"add": 4, "reverse": 4}
+    direction = run / "reference-split" / "direction"
+    assert all(
+        len((direction / c / "data.jsonl").read_text().splitlines()) == 4
+        for c in split["selection"]
+    )
+    influence = json.loads((run / "round-0" / "influence.json").read_text())
+    assert influence["reference_rows"].startswith("direction rows")
+    assert set(influence["direction"]["add"]) == {"sensitivity", "stderr", "z", "used"}
+    candidates = sorted(p.name for p in (run / "step-1").iterdir())
+    assert candidates == ["m0.200", "m0.600"]
+    update = json.loads((run / "round-1" / "mixture.json").read_text())["update"]
+    table = {row["name"]: row for row in update["candidates"]}
+    assert set(table) == set(candidates)
+
+    def held_out(name):  # Q on the selection rows, from the candidate's own metrics
+        directory = run / "round-1" if name == update["candidate"] else run / "step-1" / name
+        metrics = json.loads((directory / "metrics.json").read_text())
+        rows = metrics["capabilities"]
+        return np.mean([np.mean([rows[c]["reference_row_losses"][i] for i in idx])
+                        for c, idx in split["selection"].items()])  # fmt: skip
+
+    for name, row in table.items():
+        assert row["selection_loss"] == pytest.approx(held_out(name))
+    assert table[update["candidate"]]["chosen"]
+    assert sum(r["chosen"] for r in table.values()) == 1
+    assert update["from_round"] == 0 and update["scale"] == 1.0 and "scale_next" in update
+    # the kept candidate's model moved into its round: each trained model counted once
+    assert (run / "round-1" / "model").is_dir()
+    assert not (run / "step-1" / update["candidate"] / "model").exists()
+    assert summary.compute.trainings == 1 + len(candidates) == planned_trainings(config)
+    assert summary.rounds[1].seconds["candidates"] > 0
+
+
+def test_only_the_returned_round_is_decoded(stepped):
+    _, run, summary = stepped
+    chosen = summary.selected_round
+    for k, r in enumerate(summary.rounds):
+        metrics = json.loads((run / f"round-{k}" / "metrics.json").read_text())
+        assert metrics["decoded"] == (k == chosen)
+        assert (r.test_accuracy_mean is not None) == (k == chosen)
+        assert r.test_loss_mean is not None  # every round has its held-out loss
+
+
+def test_no_step_when_nothing_survives_the_noise(tmp_path):
+    import yaml
+
+    base = yaml.safe_load(STEP)
+    base["update"] = {"candidates": [0.2, 0.6], "min_z": 1e6}  # every sensitivity is noise
+    summary = run_loop(load_config(None, base=base), tmp_path / "run")
+    assert [r.round for r in summary.rounds] == [0]
+    assert not list((tmp_path / "run" / "step-1").glob("*/model"))  # written, never trained
+    assert summary.compute.trainings == 1
+
+
+def test_a_run_resumes_in_the_middle_of_its_candidates(stepped, tmp_path, monkeypatch):
+    """Killed after the first candidate trained, the run trains only the second when resumed,
+    and ends where the uninterrupted run ended."""
+    import ideal.run.stages as stages
+
+    config, whole, summary = stepped
+    real = stages.train_round
+    calls = []
+
+    def dying(config, paths, round_, here=None, data=None):
+        if here is not None and here.parent.name == "step-1" and calls:
+            raise KeyboardInterrupt  # the second candidate: the process is killed
+        real(config, paths, round_, here, data)
+        calls.append(here)
+
+    monkeypatch.setattr(stages, "train_round", dying)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_loop(config, run)
+    first = run / "step-1" / "m0.200" / "model"
+    assert first.is_dir() and not (run / "step-1" / "m0.600" / "model").exists()
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    monkeypatch.setattr(stages, "train_round", real)
+    trained = []
+    monkeypatch.setattr(
+        stages, "train_round", lambda *a, **k: (trained.append(k.get("here")), real(*a, **k))
+    )
+    resumed = run_loop(config, run, resume=True)
+    assert [p.name for p in trained] == ["m0.600"]
+    kept = json.loads((run / "round-1" / "mixture.json").read_text())["update"]["candidate"]
+    if kept != "m0.200":
+        assert (first / "model.safetensors").stat().st_mtime_ns == stamp
+    assert resumed.selected_round == summary.selected_round
+    assert [r.volumes for r in resumed.rounds] == [r.volumes for r in summary.rounds]
+    assert resumed.rounds[-1].reference_loss_mean == summary.rounds[-1].reference_loss_mean
+
+
+def test_update_settings_refuse_steps_outside_the_unit_interval():
+    for bad in ({"step": 1.0}, {"max_step": 1.5}, {"candidates": (0.2, 1.0)},
+                {"candidates": (0.2, 0.2)}, {"selection": 1.0}, {"min_z": -1.0}):  # fmt: skip
+        with pytest.raises(IdealError, match="update."):
+            replace(UpdateSettings(), **bad)
+
+
+def test_the_rule_reads_its_settings_from_one_place():
+    """IdealRule holds UpdateSettings, not copies of its fields (one home per setting)."""
+    rule = IdealRule(UpdateSettings(min_z=3.0, geometry="additive"))
+    assert rule.update.min_z == 3.0 and rule.m == UpdateSettings().step
+    assert not hasattr(rule, "min_z") and not hasattr(rule, "keep_total")
+
+
+def test_planned_trainings():
+    config = load_config(None, base={"suite": {}, "rounds": 2})
+    assert planned_trainings(config) == 1 + 1 + 3  # D0, the probe, three candidates
+    single = replace(config, update=replace(config.update, candidates=()))
+    assert planned_trainings(single) == 3
+    surrogate = replace(config, update=replace(config.update, surrogate=True), rounds=3)
+    assert planned_trainings(surrogate) == 1 + 1 + 2 * 4
+    assert planned_trainings(replace(config, rounds=0)) == 1
