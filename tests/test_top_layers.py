@@ -31,8 +31,14 @@ from ideal.backends.training.builtin import (
     train_model,
     wrap_lora,
 )
-from ideal.backends.training.top_layers import FeatureCache, freeze_below, top_blocks
+from ideal.backends.training.top_layers import (
+    FeatureCache,
+    bottom_states,
+    freeze_below,
+    top_blocks,
+)
 from ideal.errors import IdealError
+from ideal.lm import collate
 from ideal.tiny import byte_bpe_tokenizer, char_tokenizer, save_model_dir, tiny_causal_lm
 from tests.helpers import make_data_dir, tokenize_pairs
 from tests.test_cli import assert_one_line_error
@@ -419,3 +425,81 @@ def test_a_compare_computes_each_rows_features_once(cli, tmp_path, monkeypatch):
                 "--out", out)  # fmt: skip
     assert again.code == 0, again.err
     assert computed == []
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def test_a_fill_is_keyed_by_its_precision_and_computed_in_it(tmp_path):
+    """The cache's directory names the weights' dtype and the autocast its fill runs under, and
+    a fill is computed in the cache's own precision whatever autocast surrounds it: a float32
+    pass never reads states a bf16 autocast made. float32 here, as training loads models."""
+    model, tokenizer, items = stand_in("char")
+    model = model.float()
+    pad = tokenizer.pad_token_id
+    batch = collate(items, pad)
+    plain = FeatureCache(tmp_path, model, 2, None)
+    mixed = FeatureCache(tmp_path, model, 2, None, autocast=torch.bfloat16)
+    assert plain.dir.name.endswith("-float32") and mixed.dir.name.endswith(
+        "-float32-autocast-bfloat16"
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as accelerate's bf16 mixed precision
+        plain.fill(model, items, pad, len(items))  # one batch, as `batch`
+        expected_mixed = bottom_states(model, batch, 2)
+    mixed.fill(model, items, pad, len(items))  # no autocast around it: its own
+    expected_plain = bottom_states(model, batch, 2)
+    cpu = torch.device("cpu")
+    mask = batch.attention_mask.bool()
+    # the fill's one batch holds the same rows, padded to the same length, in another order:
+    # the same numbers, up to a reordering of the batch rows that BLAS may block otherwise (a
+    # few round-offs: float32's eps 6e-8 through two blocks of width <= 64, 1e-5 a wide
+    # margin); bf16's 8-bit mantissa (eps 4e-3) on every matmul moves the states by ~1e-3
+    # (the float32 embeddings that the residual carries dilute it a little): 1e-4 separates them
+    got_plain, got_mixed = plain.states(items, cpu)[mask], mixed.states(items, cpu)[mask]
+    assert rel(got_plain, expected_plain[mask]) < 1e-5
+    assert rel(got_mixed, expected_mixed[mask].to(got_mixed.dtype)) < 1e-5
+    assert rel(expected_mixed[mask].to(torch.float32), expected_plain[mask]) > 1e-4
+    # each found again by a cache of its own precision only
+    for cache in (
+        FeatureCache(tmp_path, model, 2, None),
+        FeatureCache(tmp_path, model, 2, None, autocast=torch.bfloat16),
+    ):
+        assert cache.fill(model, items, pad, 4) == 0.0
+    assert rel(plain.states(items, cpu)[mask], mixed.states(items, cpu)[mask].float()) > 1e-4
+
+
+def test_a_bf16_checkpoint_is_filled_once_for_training_and_influence(tmp_path, monkeypatch):
+    """Training loads float32; the influence step (and evaluation) load the round's model in the
+    same dtype, so a bf16 checkpoint's rows are filled once, not once per dtype."""
+    import ideal.backends.training.top_layers as top_layers
+    from ideal.backends.training.builtin import run_train
+    from ideal.hf import load_causal_lm
+    from ideal.influence.settings import InfluenceConfig, InfluenceJob
+    from ideal.influence.step import compute_influence
+
+    tokenizer = char_tokenizer()
+    model = tiny_causal_lm("llama", vocab_size=len(tokenizer), num_layers=2, dtype=torch.bfloat16)
+    save_model_dir(tmp_path / "base", model, tokenizer)
+    assert load_causal_lm(tmp_path / "base").dtype == torch.float32  # not the checkpoint's bf16
+    rows = {"qa": [{"prompt": p, "completion": c} for p, c in PAIRS]}
+    make_data_dir(tmp_path / "train", rows)
+    make_data_dir(tmp_path / "reference", rows)
+    computed: list[str] = []
+    bottom = top_layers.bottom_states
+
+    def counting(model, batch, k):
+        computed.extend(top_layers.row_key(item) for item in batch.rows)
+        return bottom(model, batch, k)
+
+    monkeypatch.setattr(top_layers, "bottom_states", counting)
+    settings = TrainSettings(lora=True, top_layers=1, max_steps=1, batch_size=2, threads=1)
+    features = tmp_path / "features"
+    run_train(tmp_path / "base", tmp_path / "train", tmp_path / "m", settings, progress=False,
+              feature_dir=features)  # fmt: skip
+    assert sorted(computed) == sorted({*computed})  # each training row once
+    filled = len(computed)
+    job = InfluenceJob(InfluenceConfig(curvature="ekfac"), top_layers=1)
+    compute_influence(tmp_path / "m", tmp_path / "train", tmp_path / "reference", job,
+                      features=features)  # fmt: skip
+    assert len(computed) == filled  # the references are the training rows: nothing new
+    assert len([p for p in features.iterdir() if p.is_dir()]) == 1  # one key

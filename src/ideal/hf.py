@@ -25,6 +25,12 @@ hf_logging.disable_progress_bar()  # our own progress bars say what is happening
 
 
 ADAPTER_CONFIG = "adapter_config.json"
+#: the dtype every pass of a round loads its model in (training, evaluation, influence): the
+#: builtin trainer keeps float32 weights (bf16 only as autocast, on a GPU that has it), and the
+#: passes after it load the round's model the same way, so that they score the weights that were
+#: trained and share one feature cache (ideal.backends.training.top_layers keys it by dtype).
+#: A bf16 checkpoint is upcast exactly.
+ROUND_DTYPE = torch.float32
 #: "Org/Name" as the hub spells repository ids (huggingface_hub's validate_repo_id, namespaced).
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -133,8 +139,9 @@ def load_tokenizer(path: str | Path) -> Any:
     return tokenizer
 
 
-def load_causal_lm(path: str | Path, dtype: torch.dtype | None = None) -> PreTrainedModel:
-    """A local causal LM, or a peft adapter over one; another kind of model is a clear error."""
+def load_causal_lm(path: str | Path, dtype: torch.dtype | str | None = None) -> PreTrainedModel:
+    """A local causal LM, or a peft adapter over one; another kind of model is a clear error.
+    `dtype` None: ROUND_DTYPE (float32), whatever the checkpoint's; "auto": the checkpoint's."""
     path = _model_dir(path)
     base = _adapter_base(path)
     config_dir = base if base is not None else path
@@ -152,7 +159,7 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype | None = None) -> PreTra
         raise IdealError(f"{config_dir}: model type '{model_type}' is not a causal language model")
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            config_dir, dtype=dtype or "auto", local_files_only=True
+            config_dir, dtype=dtype or ROUND_DTYPE, local_files_only=True
         )
         if base is not None:
             from peft import PeftModel

@@ -234,7 +234,10 @@ def train_model(
 
         check_top_layers(model, settings.top_layers)
         if settings.feature_cache:  # the frozen bottom's hash, before any adapter is added
-            features = FeatureCache(feature_dir, model, settings.top_layers, settings.max_length)
+            features = FeatureCache(
+                feature_dir, model, settings.top_layers, settings.max_length,
+                autocast=torch.bfloat16 if use_bf16 else None,  # the training forward's
+            )  # fmt: skip
         if not settings.lora:
             freeze_below(model, settings.top_layers)
     if settings.lora:

@@ -17,10 +17,13 @@ mask as it does from the embeddings. Qwen2's per-layer `config.layer_types` (whi
 takes) is sliced along. Families that transform the embeddings inside the forward (Gemma's
 `normalizer`), or whose blocks are not a `layers` list run in order, are refused with one line.
 
-The cache: one directory per (base weights hash, K, max_length) under the cache root, one
-safetensors file per fill holding one (T_row, hidden) tensor per row, named by the hash of the
-row's token ids. Changing the model, K or max_length changes the directory, a changed row its name:
-nothing stale is ever read. A fill is announced (rows, size) before it is written, written
+The cache: one directory per (base weights hash, K, max_length, precision) under the cache root,
+one safetensors file per fill holding one (T_row, hidden) tensor per row, named by the hash of the
+row's token ids. The precision is the weights' dtype and the autocast dtype the fill runs under
+(`autocast`: the builtin trainer's bf16 mixed precision on a GPU; None elsewhere): a fill computes
+in its cache's precision whatever autocast surrounds it, so a float32 pass never reads states a
+bf16 autocast made. Changing the model, K, max_length or the precision changes the directory, a
+changed row its name: nothing stale is ever read. A fill is announced (rows, size) before it is written, written
 atomically (temporary file + rename), and a later run (a resumed one, the next round, another
 method or seed) finds it.
 """
@@ -207,6 +210,10 @@ def frozen_hash(model: nn.Module, k: int) -> str:
     return digest.hexdigest()
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def row_key(item: Tokenized) -> str:
     return hashlib.sha256(
         torch.tensor(item.input_ids, dtype=torch.long).numpy().tobytes()
@@ -218,10 +225,15 @@ class FeatureCache:
     them in memory only (one process, one run)."""
 
     def __init__(
-        self, root: str | Path | None, model: nn.Module, k: int, max_length: int | None
-    ) -> None:
+        self, root: str | Path | None, model: nn.Module, k: int, max_length: int | None,
+        autocast: torch.dtype | None = None,
+    ) -> None:  # fmt: skip
         self.k = k
-        key = f"{frozen_hash(model, k)[:24]}-k{k}-len{max_length or 'none'}"
+        self.autocast = autocast
+        precision = _dtype_name(decoder_body(model).embed_tokens.weight.dtype)
+        if autocast is not None:
+            precision += f"-autocast-{_dtype_name(autocast)}"
+        key = f"{frozen_hash(model, k)[:24]}-k{k}-len{max_length or 'none'}-{precision}"
         self.dir = None if root is None else Path(root) / key
         self.rows: dict[str, Tensor] = {}
         self._read: set[str] = set()  # fill files already loaded
@@ -268,7 +280,8 @@ class FeatureCache:
         for start in range(0, len(order), batch_size):
             names = order[start : start + batch_size]
             batch = collate([missing[n] for n in names], pad_id).to(device)
-            states = bottom_states(model, batch, self.k)  # (B, T, hidden)
+            with self.precision(device):
+                states = bottom_states(model, batch, self.k)  # (B, T, hidden)
             for row, name in enumerate(names):
                 n = len(missing[name].input_ids)
                 new[name] = states[row, :n].to("cpu", copy=True).contiguous()  # (T_row, hidden)
@@ -277,6 +290,11 @@ class FeatureCache:
         if self.dir is not None and write:
             self._write(new)
         return seconds
+
+    def precision(self, device: torch.device) -> Any:
+        """The autocast a fill runs under: the cache's own (its key says it), never the caller's."""
+        enabled = self.autocast is not None
+        return torch.autocast(device.type, dtype=self.autocast or torch.bfloat16, enabled=enabled)
 
     def _write(self, new: dict[str, Tensor]) -> None:
         from safetensors.torch import save_file
