@@ -503,3 +503,24 @@ def test_a_bf16_checkpoint_is_filled_once_for_training_and_influence(tmp_path, m
                       features=features)  # fmt: skip
     assert len(computed) == filled  # the references are the training rows: nothing new
     assert len([p for p in features.iterdir() if p.is_dir()]) == 1  # one key
+
+
+def test_a_batch_that_is_not_right_padded_is_refused_by_the_cache():
+    """The cached states are laid out from position 0 of each row (right padding, as `collate`
+    pads by default): a left-padded batch, or rows that are not the batch's, is one line."""
+    model, tokenizer, items = stand_in("char")
+    pad = tokenizer.pad_token_id
+    cache = FeatureCache(None, model, 2, None)
+    cache.fill(model, items, pad, 4)
+    assert len({len(item.input_ids) for item in items}) > 1  # padding in every batch of them
+    with pytest.raises(IdealError) as error:
+        cache.target_logits(model, collate(items, pad, left=True))
+    assert str(error.value) == (
+        "feature cache: the batch is not right-padded (row 0 has padding before a real token); "
+        "the cached states start at each row's first token: collate it with right padding"
+    )
+    shuffled = collate(items, pad)
+    shuffled.rows = shuffled.rows[::-1]
+    with pytest.raises(IdealError, match=r"^feature cache: row 0 of the batch holds \d+ tokens, "):
+        cache.target_logits(model, shuffled)
+    cache.target_logits(model, collate(items, pad))  # right-padded: fine

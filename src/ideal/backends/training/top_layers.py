@@ -220,6 +220,33 @@ def row_key(item: Tokenized) -> str:
     ).hexdigest()[:32]
 
 
+def check_right_padded(batch: Batch) -> None:
+    """One line unless every row of `batch` is right-padded and holds its row's ids: the cached
+    states of a row start at its first token, and `states` pads them on the right."""
+    mask = batch.attention_mask.bool()  # (B, T)
+    real = mask.sum(1)  # (B,)
+    right = torch.arange(mask.shape[1], device=mask.device) < real[:, None]  # (B, T)
+    if not torch.equal(mask, right):
+        row = int((mask != right).any(1).nonzero()[0])
+        raise IdealError(
+            f"feature cache: the batch is not right-padded (row {row} has padding before a real "
+            "token); the cached states start at each row's first token: collate it with right "
+            "padding"
+        )
+    lengths = [len(item.input_ids) for item in batch.rows]
+    if len(lengths) != len(real):
+        raise IdealError(
+            f"feature cache: the batch holds {len(real)} rows but names {len(lengths)}: "
+            "collate it from the rows (ideal.lm.collate)"
+        )
+    for row, (n, expected) in enumerate(zip(real.tolist(), lengths, strict=True)):
+        if n != expected:
+            raise IdealError(
+                f"feature cache: row {row} of the batch holds {n} tokens, its cached row "
+                f"{expected}: the batch's rows are not the rows it was collated from"
+            )
+
+
 class FeatureCache:
     """The hidden states entering the trained blocks, per row (module docstring). `root` None keeps
     them in memory only (one process, one run)."""
@@ -327,6 +354,7 @@ class FeatureCache:
     ) -> TargetLogits:
         """`ideal.lm.target_logits(model, batch)` with the bottom's states taken from the cache
         (the batch's `rows`, filled before): only the top k blocks, the norm and the head run."""
+        check_right_padded(batch)
         states = self.states(batch.rows, batch.input_ids.device)
         with top_blocks(model, self.k):
             return target_logits(model, batch, real_positions, full, inputs_embeds=states)
