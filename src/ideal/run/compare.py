@@ -29,8 +29,9 @@ statistics over seeds (paired differences, gap closure, cost, transfer) are idea
     ideal-search  the IDEAL rule with EK-FAC, its rounds with the config's `search:` recipe (or,
                   without one, the default: a quarter of the data, ideal.run.search); the mixture
                   it returns is trained once with the full recipe, and that model is scored
-    random        K random mixtures on the simplex at the same total (`--random-candidates`), each
-                  trained; the one with the best reference objective is kept (its compute counts all K)
+    random        random mixtures on the simplex at the same total, each trained: as many as ideal's
+                  config plans to train, D0 among them (`--random-candidates` sets their number);
+                  the one with the best reference objective is kept (its compute counts them all)
     doremi        DoReMi adapted to SFT (`ideal.methods.proxy`): a proxy run learns domain weights on the
                   clipped excess loss over the D0 model; one update to those weights, then train
     doge          DoGE adapted to SFT (`ideal.methods.proxy`): a proxy run learns domain weights from the
@@ -348,8 +349,8 @@ def run_compare(
     """Run every (method, seed); write OUT/compare.json and OUT/compare.html (unless `report` is
     false); returns the document.
 
-    `random_candidates` None: `random` trains as many models as `ideal` does on the same seed
-    (its run in this comparison, else what its config plans), D0 among them. With a ledger
+    `random_candidates` None: `random` trains as many models as `ideal`'s config plans, D0
+    among them. With a ledger
     (`book`, ideal.run.ledger) a cell whose key it holds is not run again: its record is used;
     every cell run is appended as soon as it finishes. `features`: the feature cache shared by
     every run (default OUT/features)."""
@@ -379,10 +380,7 @@ def run_compare(
                 first = first_run / "candidate-0"
             extra: dict[str, Any] = {}
             if method == "random":
-                ideal_runs = {r["seed"]: r for r in runs.get("ideal", [])}
-                extra["candidates"] = random_candidates or random_count(
-                    config, seed, ideal_runs.get(seed)
-                )
+                extra["candidates"] = random_candidates or random_count(config, seed)
             if method == "oracle-grid":
                 extra["grid_resolution"] = grid_resolution
             key = None
@@ -412,15 +410,14 @@ def run_compare(
     return document
 
 
-def random_count(config: RunConfig, seed: int, ideal_run: dict[str, Any] | None) -> int:
-    """Random mixtures `random` trains on a seed to match `ideal`'s trainings there, D0 counted
-    among them: ideal's run when the comparison has it, else what ideal's config plans."""
+def random_count(config: RunConfig, seed: int) -> int:
+    """Random mixtures `random` trains on a seed to match `ideal`'s budget of trainings, D0
+    counted among them: what ideal's config plans (its probe and every candidate), so that the
+    control's cells keep their key whatever ideal's runs did (a run that stops early trains
+    fewer; compare.json reports every method's trainings)."""
     from ideal.run.loop import planned_trainings
 
-    trainings = (ideal_run or {}).get("trainings") or planned_trainings(
-        method_config(config, "ideal", seed)
-    )
-    return max(1, int(trainings) - 1)
+    return max(1, planned_trainings(method_config(config, "ideal", seed)) - 1)
 
 
 def _run_cell(

@@ -1,0 +1,240 @@
+"""The results ledger: cells appended as they finish, skipped when their inputs are unchanged,
+a campaign that can be stopped and started again, workers one per core, tables rendered from it."""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import replace
+
+import pytest
+import yaml
+
+from ideal.errors import IdealError
+from ideal.run.campaign import ledger_document, run_campaign
+from ideal.run.compare import parse_seeds
+from ideal.run.config import load_config
+from ideal.run.ledger import (
+    Cell,
+    append_cell,
+    cell_key,
+    components,
+    read_ledger,
+    settings_without_paths,
+    tree_hash,
+)
+
+TINY = """
+suite:
+  domains:
+    - {name: add, task: add, pool: 40, volume: 30}
+    - {name: reverse, task: reverse, pool: 40, volume: 10}
+  capabilities: [add, reverse]
+  reference_size: 6
+  test_size: 6
+  hidden_size: 16
+  num_layers: 1
+  num_heads: 2
+  intermediate_size: 32
+rounds: 1
+train: {max_steps: 10, lr: 0.003, batch_size: 8, threads: 1}
+influence: {batch_size: 16}
+update: {candidates: [0.3], min_z: 0.0}
+eval: {max_new_tokens: 4}
+"""
+
+
+def cell(key: str, method: str = "uniform", seed: int = 0, **run) -> Cell:
+    return Cell(key, "c", "tiny", method, seed, {"data": "d"}, {"seed": seed, **run})
+
+
+def test_append_and_read_back(tmp_path):
+    ledger = tmp_path / "docs" / "ledger.jsonl"
+    assert read_ledger(ledger) == []
+    append_cell(ledger, cell("k1"))
+    append_cell(ledger, cell("k2", seed=1))
+    cells = read_ledger(ledger)
+    assert [c.key for c in cells] == ["k1", "k2"] and cells[1].run == {"seed": 1}
+    assert all(line.count("\n") == 0 for line in ledger.read_text().splitlines())
+
+
+def test_concurrent_appends_keep_whole_lines(tmp_path):
+    ledger = tmp_path / "ledger.jsonl"
+
+    def write(n):
+        for k in range(20):
+            append_cell(ledger, cell(f"{n}-{k}", blob="x" * 5000))
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(read_ledger(ledger)) == 80
+
+
+def test_a_line_cut_by_a_crash_is_skipped_and_a_bad_line_is_named(tmp_path, caplog):
+    ledger = tmp_path / "ledger.jsonl"
+    append_cell(ledger, cell("k1"))
+    with open(ledger, "a") as handle:
+        handle.write('{"format": "ideal-ledger/1", "key": "k2", "run": {"se')  # killed mid-write
+    assert [c.key for c in read_ledger(ledger)] == ["k1"]
+    assert "unfinished line" in caplog.text
+    ledger.write_text('{"format": "ideal-ledger/1", "key": "k"\n' + ledger.read_text())
+    with pytest.raises(IdealError, match=r"ledger.jsonl:1: invalid JSON"):
+        read_ledger(ledger)
+    ledger.write_text('{"format": "other"}\n')
+    with pytest.raises(IdealError, match=r"ledger.jsonl:1: not a ledger line"):
+        read_ledger(ledger)
+
+
+def test_the_key_ignores_paths_and_follows_content(tmp_path):
+    config = load_config(None, base=yaml.safe_load(TINY))
+    moved = settings_without_paths({**config.to_dict(), "model": "/elsewhere"})
+    assert moved == settings_without_paths(config.to_dict())
+    inputs = {"data": "d", "code": {"train": "t"}}
+    key = cell_key("ideal", 0, moved, inputs)
+    assert key == cell_key("ideal", 0, moved, dict(inputs))
+    assert key != cell_key("ideal", 1, moved, inputs)
+    assert key != cell_key("ideal", 0, moved, {"data": "d", "code": {"train": "u"}})
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.jsonl").write_text("1\n")
+    first = tree_hash([tmp_path / "a", None])
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x.jsonl").write_text("1\n")
+    assert tree_hash([tmp_path / "b", None]) == first  # where it lies does not count
+    (tmp_path / "b" / "x.jsonl").write_text("2\n")
+    assert tree_hash([tmp_path / "b", None]) != first
+
+
+def test_components_per_method():
+    assert components("original") == ("suite", "train", "eval", "rule:original")
+    assert "influence" in components("ideal") and "influence" in components("first-order")
+    assert "influence" in components("ideal-search") and "influence" not in components("random")
+
+
+def test_seeds_as_count_list_and_range():
+    assert parse_seeds("3") == [0, 1, 2]
+    assert parse_seeds("5,6") == [5, 6] and parse_seeds("5-7") == [5, 6, 7]
+    assert parse_seeds("0-1,7,1") == [0, 1, 7]
+    for bad in ("0", "a", "5-3", "1-", ","):
+        with pytest.raises(IdealError):
+            parse_seeds(bad)
+
+
+def test_compare_refuses_a_seed_override(capsys, tmp_path):
+    from tests.helpers import run_cli
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY)
+    result = run_cli(capsys, "compare", str(config), "seed=5", "--seeds", "1")
+    assert result.code == 2 and "--seeds" in result.err and "seed=" in result.err
+
+
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory):
+    root = tmp_path_factory.mktemp("campaign")
+    config = load_config(None, base=yaml.safe_load(TINY))
+    ledger = root / "ledger.jsonl"
+    document = run_campaign(config, ["original", "uniform"], [0, 1], root / "out", ledger,
+                            "tiny-c", "tiny")  # fmt: skip
+    return config, root, ledger, document
+
+
+def test_a_campaign_appends_every_cell_with_what_it_measured(campaign):
+    _, _, ledger, document = campaign
+    cells = read_ledger(ledger)
+    assert [(c.method, c.seed) for c in cells] == [
+        ("original", 0), ("original", 1), ("uniform", 0), ("uniform", 1),
+    ]  # fmt: skip
+    first = cells[0]
+    assert first.campaign == "tiny-c" and first.suite == "tiny" and first.commit
+    assert {"cpu", "cores", "threads", "torch", "device"} <= set(first.machine)
+    selected = first.run["selected"]
+    assert set(selected["test_accuracy"]) == {"add", "reverse"} == set(selected["test_loss"])
+    assert selected["test_loss_worst"] == max(selected["test_loss"].values())
+    assert first.run["trainings"] == 1 and cells[2].run["trainings"] == 2
+    assert set(selected["seconds"]) >= {"train", "eval"} and selected["volumes"]
+    assert document["methods"]["uniform"]["trainings"]["mean"] == 2
+    paired = document["paired"]["original"]["uniform"]
+    assert set(paired) >= {"test_accuracy_mean", "test_loss_mean", "test_loss_worst"}
+    assert set(paired["per_capability"]["add"]) == {"test_accuracy", "test_loss"}
+
+
+def test_a_campaign_started_again_runs_nothing_held(campaign, monkeypatch):
+    import ideal.run.compare as compare
+
+    config, root, ledger, document = campaign
+    monkeypatch.setattr(compare, "_run_cell", lambda *a, **k: pytest.fail("a held cell ran"))
+    again = run_campaign(config, ["original", "uniform"], [0, 1], root / "out", ledger,
+                         "tiny-c", "tiny")  # fmt: skip
+    assert len(read_ledger(ledger)) == 4
+    assert again["paired"] == document["paired"]
+
+
+def test_changed_settings_or_code_make_new_cells(campaign, monkeypatch, tmp_path):
+    import ideal.run.compare as compare
+
+    config, root, held, _ = campaign
+    ledger = tmp_path / "ledger.jsonl"  # a copy: the cells this test makes up stay in it
+    ledger.write_text(held.read_text())
+    ran = []
+    monkeypatch.setattr(
+        compare,
+        "_run_cell",
+        lambda c, ck, m, s, *a: (
+            ran.append((m, s))
+            or {"seed": s, "selected": {}, "seconds": 0.0, "trainings": 1, "sft_seconds": 1.0}
+        ),
+    )
+    monkeypatch.setattr(compare, "compare_document", lambda *a: {})
+    changed = replace(config, train=replace(config.train, lr=0.004))
+    run_campaign(changed, ["original"], [0], root / "out2", ledger, "tiny-c", "tiny", report=False)
+    assert ran == [("original", 0)]
+    import ideal.run.fingerprint as fingerprint
+
+    real = fingerprint.code_fingerprint
+    monkeypatch.setattr(fingerprint, "code_fingerprint",
+                        lambda methods: {**real(methods), "rule:uniform": "changed"})  # fmt: skip
+    run_campaign(config, ["original", "uniform"], [0], root / "out3", ledger, "tiny-c", "tiny",
+                 report=False)  # fmt: skip
+    assert ran[1:] == [("uniform", 0)]  # only the method whose rule changed
+
+
+def test_ledger_tables_render_and_replace_their_block(campaign, capsys, tmp_path):
+    from tests.helpers import run_cli
+
+    _, _, ledger, document = campaign
+    rebuilt = ledger_document(ledger, "tiny-c")
+    assert (
+        rebuilt["paired"]["original"]["uniform"]["test_accuracy_mean"]
+        == (document["paired"]["original"]["uniform"]["test_accuracy_mean"])
+    )
+    shown = run_cli(capsys, "ledger", "tables", str(ledger))
+    assert (
+        shown.code == 0
+        and "Campaign `tiny-c`" in shown.out
+        and "Paired against `original`" in shown.out
+    )
+    results = tmp_path / "results.md"
+    results.write_text(
+        "# Results\n\n<!-- ledger:tiny-c -->\nold\n<!-- /ledger:tiny-c -->\n\nafter\n"
+    )
+    assert run_cli(capsys, "ledger", "tables", str(ledger), "--write", str(results)).code == 0
+    text = results.read_text()
+    assert "old" not in text and text.endswith("after\n") and "| uniform |" in text
+    assert run_cli(capsys, "ledger", "tables", str(tmp_path / "none.jsonl")).code == 1
+
+
+@pytest.mark.slow
+def test_workers_share_out_the_seeds_and_a_stopped_campaign_resumes(campaign, tmp_path):
+    """Two worker processes, one per seed; the parent's document equals an in-process one."""
+    config, root, _, _ = campaign
+    ledger = tmp_path / "ledger.jsonl"
+    document = run_campaign(config, ["original"], [0, 1], tmp_path / "out", ledger, "w", "tiny",
+                            jobs=2)  # fmt: skip
+    cells = read_ledger(ledger)
+    assert sorted((c.method, c.seed) for c in cells) == [("original", 0), ("original", 1)]
+    assert (tmp_path / "out" / "logs" / "seed-1.log").is_file()
+    assert json.loads((tmp_path / "out" / "inputs.json").read_text())["code"]
+    assert document["methods"]["original"]["runs"][1]["seed"] == 1
