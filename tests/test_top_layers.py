@@ -524,3 +524,83 @@ def test_a_batch_that_is_not_right_padded_is_refused_by_the_cache():
     with pytest.raises(IdealError, match=r"^feature cache: row 0 of the batch holds \d+ tokens, "):
         cache.target_logits(model, shuffled)
     cache.target_logits(model, collate(items, pad))  # right-padded: fine
+
+
+# ----------------------------------------------------------------------------- cost at scale
+
+
+def test_rows_are_read_lazily_and_not_kept(tmp_path, monkeypatch):
+    """A cache never loads whole fill files: it indexes them by their headers and reads a
+    batch's rows when asked; rows it wrote are not kept in memory."""
+    import safetensors.torch
+
+    model, tokenizer, items = stand_in("char")
+    pad = tokenizer.pad_token_id
+    first = FeatureCache(tmp_path, model, 2, None)
+    first.fill(model, items[:3], pad, 2)
+    first.fill(model, items, pad, 2)  # a second fill file with the other rows
+    assert len(list(first.dir.glob("fill-*.safetensors"))) == 2
+    assert first.rows == {}  # written, not held
+    expected = bottom_states(model, collate(items, pad), 2)
+
+    def whole_file(*args, **kwargs):
+        raise AssertionError("a whole fill file was read")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", whole_file)
+    again = FeatureCache(tmp_path, model, 2, None)
+    assert again.fill(model, items, pad, 2) == 0.0  # found by the headers alone
+    mask = collate(items, pad).attention_mask.bool()
+    for cache in (first, again):
+        states = cache.states(items, torch.device("cpu"))
+        assert rel(states[mask], expected[mask]) < RTOL  # float64: see the module docstring
+        assert cache.rows == {}
+    # in memory (no root, or a process that does not write): kept, as there is nowhere else
+    memory = FeatureCache(None, model, 2, None)
+    memory.fill(model, items, pad, 2)
+    assert len(memory.rows) == len(items)
+
+
+def test_the_bottom_is_hashed_once_per_model_directory(tmp_path, monkeypatch):
+    """Making a cache hashes the frozen bottom once per model directory (its files' names, sizes
+    and times): again in this process, or in another one through the cache root, the hash is
+    found; a changed file, a model in memory only, or an adapter below the top blocks is hashed."""
+    import os
+
+    import ideal.backends.training.top_layers as top_layers
+    from ideal.hf import load_causal_lm
+
+    tokenizer = char_tokenizer()
+    save_model_dir(tmp_path / "base", tiny_causal_lm("llama", vocab_size=len(tokenizer)), tokenizer)
+    hashed: list[int] = []
+    frozen = top_layers.frozen_hash
+
+    def counting(model, k):
+        hashed.append(k)
+        return frozen(model, k)
+
+    monkeypatch.setattr(top_layers, "frozen_hash", counting)
+    monkeypatch.setattr(top_layers, "_BOTTOM_HASHES", {})
+    model = load_causal_lm(tmp_path / "base")
+    root = tmp_path / "features"
+    key = FeatureCache(root, model, 1, None).dir
+    assert len(hashed) == 1
+    assert FeatureCache(root, model, 1, None).dir == key and len(hashed) == 1  # this process
+    assert FeatureCache(root, load_causal_lm(tmp_path / "base"), 1, None).dir == key
+    assert len(hashed) == 1
+    monkeypatch.setattr(top_layers, "_BOTTOM_HASHES", {})  # another process: the root's file
+    assert FeatureCache(root, model, 1, None).dir == key and len(hashed) == 1
+    FeatureCache(root, model, 2, None)  # another K: another hash
+    assert len(hashed) == 2
+    weights = tmp_path / "base" / "model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))  # rewritten
+    assert FeatureCache(root, model, 1, None).dir == key and len(hashed) == 3
+    # nothing to key by: a model built in memory, or one whose bottom holds an adapter
+    in_memory = tiny_causal_lm("llama", vocab_size=len(tokenizer))
+    FeatureCache(root, in_memory, 1, None)
+    FeatureCache(root, in_memory, 1, None)
+    assert len(hashed) == 5
+    adapted = wrap_lora(load_causal_lm(tmp_path / "base"), TrainSettings(lora=True))
+    FeatureCache(root, adapted, 1, None)
+    FeatureCache(root, adapted, 1, None)
+    assert len(hashed) == 7

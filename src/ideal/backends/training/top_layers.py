@@ -18,14 +18,20 @@ takes) is sliced along. Families that transform the embeddings inside the forwar
 `normalizer`), or whose blocks are not a `layers` list run in order, are refused with one line.
 
 The cache: one directory per (base weights hash, K, max_length, precision) under the cache root,
-one safetensors file per fill holding one (T_row, hidden) tensor per row, named by the hash of the
-row's token ids. The precision is the weights' dtype and the autocast dtype the fill runs under
+safetensors files of fills (one per 256 MiB of states) holding one (T_row, hidden) tensor per row,
+named by the hash of the row's token ids. The precision is the weights' dtype and the autocast dtype the fill runs under
 (`autocast`: the builtin trainer's bf16 mixed precision on a GPU; None elsewhere): a fill computes
 in its cache's precision whatever autocast surrounds it, so a float32 pass never reads states a
 bf16 autocast made. Changing the model, K, max_length or the precision changes the directory, a
-changed row its name: nothing stale is ever read. A fill is announced (rows, size) before it is written, written
-atomically (temporary file + rename), and a later run (a resumed one, the next round, another
-method or seed) finds it.
+changed row its name: nothing stale is ever read. A fill is announced (rows, size) before it is
+written, written atomically (temporary file + rename), and a later run (a resumed one, the next
+round, another method or seed) finds it.
+
+What a cache costs to use: its files are indexed by their headers and a batch's rows read when it
+asks for them (never a whole file into memory), and the bottom's weights hash is computed once
+per model directory (`bottom_hash`: keyed by the directory's files, kept in the process and in
+the cache root), so that making a cache in every stage of every round reads neither the fills
+nor the frozen weights. Measured on SmolLM2-135M (docs/results.md): benchmarks/feature_cache.py.
 """
 
 from __future__ import annotations
@@ -190,6 +196,71 @@ def check_inside_top(
         )
 
 
+#: a fill writes a file each time it holds this many bytes of states (and at its end)
+FILL_FILE_BYTES = 256 * 2**20
+#: the frozen bottom's hash per model source (`bottom_hash`), in this process
+_BOTTOM_HASHES: dict[str, str] = {}
+#: beside the fills, under the cache root: the same, for the next process
+HASHES_FILE = "bottom-hashes.json"
+
+
+def bottom_hash(model: nn.Module, k: int, root: str | Path | None) -> str:
+    """`frozen_hash(model, k)`, computed once per model directory: a model loaded from a
+    directory (transformers' `name_or_path`) whose bottom holds no adapter is what that
+    directory's files say, so its hash is keyed by their names, sizes and modification times,
+    the dtypes it was loaded in, k and the library versions, and kept in this process and in
+    `root`/HASHES_FILE. The bottom below the top k blocks never changes after loading (it is
+    frozen wherever a cache is made). Anything else is hashed each time."""
+    source = _source_key(model, k)
+    if source is None:
+        return frozen_hash(model, k)
+    if source in _BOTTOM_HASHES:
+        return _BOTTOM_HASHES[source]
+    file = None if root is None else Path(root) / HASHES_FILE
+    stored: dict[str, Any] = {}
+    if file is not None and file.is_file():
+        try:
+            stored = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            stored = {}  # unreadable: hashed again, and written anew
+    value = stored.get(source) if isinstance(stored, dict) else None
+    if not isinstance(value, str):
+        from ideal.distributed import is_main
+
+        value = frozen_hash(model, k)
+        if file is not None and is_main():
+            from ideal.artifacts import atomic_write_json
+
+            file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(file, {**(stored if isinstance(stored, dict) else {}), source: value})
+    _BOTTOM_HASHES[source] = value
+    return value
+
+
+def _source_key(model: nn.Module, k: int) -> str | None:
+    """What the bottom of a model loaded from a directory is made of (`bottom_hash`), or None."""
+    import transformers
+
+    base = transformers_model(model)
+    name = getattr(base, "name_or_path", "") or getattr(base.config, "_name_or_path", "")
+    directory = Path(name) if name else None
+    if directory is None or not directory.is_dir():
+        return None
+    body = decoder_body(model)
+    below = [body.embed_tokens, *list(body.layers)[: len(body.layers) - k]]
+    names = [n for module in below for n, _ in module.named_parameters()]
+    if any("lora_" in n or "base_layer" in n for n in names):  # an adapter's weights below
+        return None
+    files = sorted(
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns)
+        for p in directory.iterdir()
+        if p.is_file() and not p.name.startswith(".")
+    )
+    dtypes = sorted({str(p.dtype) for module in below for p in module.parameters()})
+    what = [str(directory.resolve()), k, files, dtypes, transformers.__version__, torch.__version__]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()
+
+
 def frozen_hash(model: nn.Module, k: int) -> str:
     """sha256 of what the features depend on: the config and the embeddings and blocks below the
     top k (names, dtypes, shapes, bytes)."""
@@ -206,7 +277,7 @@ def frozen_hash(model: nn.Module, k: int) -> str:
         for name, tensor in sorted(module.state_dict().items()):
             t = tensor.detach().cpu().contiguous()
             digest.update(f"{prefix}.{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().data)  # no copy of the bytes
     return digest.hexdigest()
 
 
@@ -249,7 +320,10 @@ def check_right_padded(batch: Batch) -> None:
 
 class FeatureCache:
     """The hidden states entering the trained blocks, per row (module docstring). `root` None keeps
-    them in memory only (one process, one run)."""
+    them in memory only (one process, one run).
+
+    Rows on disk are read when a batch asks for them (each fill file indexed by its header, never
+    loaded whole); `rows` holds only what this process computed and did not write."""
 
     def __init__(
         self, root: str | Path | None, model: nn.Module, k: int, max_length: int | None,
@@ -260,62 +334,80 @@ class FeatureCache:
         precision = _dtype_name(decoder_body(model).embed_tokens.weight.dtype)
         if autocast is not None:
             precision += f"-autocast-{_dtype_name(autocast)}"
-        key = f"{frozen_hash(model, k)[:24]}-k{k}-len{max_length or 'none'}-{precision}"
+        key = f"{bottom_hash(model, k, root)[:24]}-k{k}-len{max_length or 'none'}-{precision}"
         self.dir = None if root is None else Path(root) / key
-        self.rows: dict[str, Tensor] = {}
-        self._read: set[str] = set()  # fill files already loaded
+        self.rows: dict[str, Tensor] = {}  # computed here and not written
+        self._files: dict[str, Path] = {}  # row -> the fill file that holds it
+        self._indexed: set[str] = set()  # fill files whose headers were read
 
-    def _load(self) -> None:
-        from safetensors.torch import load_file
+    def _index(self) -> None:
+        """Learn which rows the fill files on disk hold (their headers only)."""
+        from safetensors import safe_open
 
         if self.dir is None or not self.dir.is_dir():
             return
         for path in sorted(self.dir.glob("fill-*.safetensors")):
-            if path.name in self._read:
+            if path.name in self._indexed:
                 continue
-            self._read.add(path.name)
-            for name, tensor in load_file(path).items():
-                self.rows.setdefault(name, tensor)
+            self._indexed.add(path.name)
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    self._files.setdefault(name, path)
+
+    def _cached(self, name: str) -> bool:
+        return name in self.rows or name in self._files
 
     def fill(
         self, model: nn.Module, items: Sequence[Tokenized], pad_id: int, batch_size: int,
         write: bool = True,
     ) -> float:  # fmt: skip
         """Compute the rows not yet cached (on disk or in memory), save them (`write`: the main
-        process), and return the seconds spent computing."""
+        process; a file per FILL_FILE_BYTES of states, so a large fill is never held whole),
+        and return the seconds spent computing."""
         import time
 
-        self._load()
+        self._index()
         missing: dict[str, Tokenized] = {}
         for item in items:
             name = row_key(item)
-            if name not in self.rows:
+            if not self._cached(name):
                 missing.setdefault(name, item)
         if not missing:
-            log.info("feature cache: %d rows found in %s", len(self.rows), self.dir)
+            log.info(
+                "feature cache: %d rows found in %s", len(self.rows) + len(self._files), self.dir
+            )
             return 0.0
         body = decoder_body(model)
         hidden = body.config.hidden_size
         itemsize = body.embed_tokens.weight.element_size()
         size = sum(len(item.input_ids) for item in missing.values()) * hidden * itemsize
-        where = f" into {self.dir}" if self.dir is not None and write else " (in memory)"
+        to_disk = self.dir is not None and write
+        where = f" into {self.dir}" if to_disk else " (in memory)"
         log.info("feature cache: %d rows, %.1f MiB%s", len(missing), size / 2**20, where)
         device = next(model.parameters()).device
         order = sorted(missing, key=lambda name: len(missing[name].input_ids))  # little padding
-        began = time.perf_counter()
-        new: dict[str, Tensor] = {}
+        seconds = 0.0
+        pending: dict[str, Tensor] = {}
         for start in range(0, len(order), batch_size):
+            began = time.perf_counter()
             names = order[start : start + batch_size]
             batch = collate([missing[n] for n in names], pad_id).to(device)
             with self.precision(device):
                 states = bottom_states(model, batch, self.k)  # (B, T, hidden)
             for row, name in enumerate(names):
                 n = len(missing[name].input_ids)
-                new[name] = states[row, :n].to("cpu", copy=True).contiguous()  # (T_row, hidden)
-        seconds = time.perf_counter() - began
-        self.rows.update(new)
-        if self.dir is not None and write:
-            self._write(new)
+                pending[name] = states[row, :n].to("cpu", copy=True).contiguous()  # (T_row, hidden)
+            seconds += time.perf_counter() - began
+            last = start + batch_size >= len(order)
+            held = sum(t.numel() * t.element_size() for t in pending.values())
+            if not to_disk:
+                self.rows.update(pending)
+                pending = {}
+            elif last or held >= FILL_FILE_BYTES:
+                path = self._write(pending)
+                self._files.update(dict.fromkeys(pending, path))
+                self._indexed.add(path.name)
+                pending = {}
         return seconds
 
     def precision(self, device: torch.device) -> Any:
@@ -323,11 +415,12 @@ class FeatureCache:
         enabled = self.autocast is not None
         return torch.autocast(device.type, dtype=self.autocast or torch.bfloat16, enabled=enabled)
 
-    def _write(self, new: dict[str, Tensor]) -> None:
+    def _write(self, new: dict[str, Tensor]) -> Path:
         from safetensors.torch import save_file
 
         from ideal.artifacts import writing
 
+        assert self.dir is not None
         fill = hashlib.sha256("".join(sorted(new)).encode()).hexdigest()[:16]
         path = self.dir / f"fill-{fill}.safetensors"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -335,6 +428,23 @@ class FeatureCache:
         with writing(path, cleanup=tmp):
             save_file(new, str(tmp))
         os.replace(tmp, path)
+        return path
+
+    def _read(self, names: Sequence[str]) -> dict[str, Tensor]:
+        """The rows `names` from memory or from their fill files (each file opened once, only
+        their tensors read)."""
+        from safetensors import safe_open
+
+        found = {name: self.rows[name] for name in names if name in self.rows}
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            if name not in found:
+                by_file.setdefault(self._files[name], []).append(name)
+        for path, inside in by_file.items():
+            with safe_open(path, framework="pt") as f:
+                for name in inside:
+                    found[name] = f.get_tensor(name)  # a copy: the file is closed after
+        return found
 
     def fill_shared(
         self, model: nn.Module, items: Sequence[Tokenized], pad_id: int, batch_size: int
@@ -362,14 +472,14 @@ class FeatureCache:
     def states(self, items: Sequence[Tokenized], device: torch.device) -> Tensor:
         """(B, T, hidden) the cached states of `items`, right-padded with zeros as `collate`
         pads their ids (padding is masked out of attention and loss)."""
-        rows = []
-        for item in items:
-            name = row_key(item)
-            if name not in self.rows:
-                self._load()
-            if name not in self.rows:
+        names = [row_key(item) for item in items]
+        if not all(self._cached(name) for name in names):
+            self._index()  # written since (by another process of the group)
+        for item, name in zip(items, names, strict=True):
+            if not self._cached(name):
                 raise IdealError(f"feature cache: row {item.source!r} is missing from {self.dir}")
-            rows.append(self.rows[name])
+        read = self._read(names)
+        rows = [read[name] for name in names]
         length = max(r.shape[0] for r in rows)
         out = rows[0].new_zeros((len(rows), length, rows[0].shape[1]))
         for row, r in enumerate(rows):
