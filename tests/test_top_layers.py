@@ -34,6 +34,7 @@ from ideal.backends.training.builtin import (
 from ideal.backends.training.top_layers import (
     FeatureCache,
     bottom_states,
+    decoder_body,
     freeze_below,
     top_blocks,
 )
@@ -352,6 +353,49 @@ def test_influence_from_the_cache_equals_the_whole_model(kind, lora, curvature):
     )
     for name, value in expected.reference_losses.items():
         assert got.reference_losses[name] == pytest.approx(value, rel=RTOL)
+
+
+@pytest.mark.parametrize("kind, lora", [("char", False), ("bpe", True)])
+def test_refinement_runs_from_the_cache_and_equals_the_whole_model(kind, lora):
+    """`--refine`'s Gauss-Newton products run the top blocks from the cached states as every
+    other pass does: the bottom never runs, and the refined scores and residuals are the whole
+    model's. The same operations on the same inputs (float64; the fill's batching may move the
+    states by a few round-offs, see the module docstring) through two CG steps, whose step sizes
+    divide by products of the same round-off order: RTOL of the largest score."""
+    from ideal.backends.training.top_layers import top_modules
+    from ideal.influence.capture import select_layers
+    from ideal.influence.engine import domain_influence
+    from ideal.influence.results import WeightedSet
+    from ideal.influence.settings import InfluenceSettings
+
+    model, tokenizer, items = trained_on_top(kind, lora)
+    layers = top_modules(model, 2, select_layers(model))
+    half = len(items) // 2
+    domains = {"a": WeightedSet.uniform(items[:half]), "b": WeightedSet.uniform(items[half:])}
+    references = {"r": WeightedSet.uniform(items[:2]), "s": WeightedSet.uniform(items[-2:])}
+    settings = InfluenceSettings(curvature="ekfac", batch_size=4, fisher_samples=1, refine=2)
+    pad = tokenizer.pad_token_id
+    cache = FeatureCache(None, model, 2, None)
+    cache.fill(model, items, pad, 4)
+    bottom_runs = []
+    bottom = decoder_body(model).layers[0]
+    handle = bottom.register_forward_hook(lambda *args: bottom_runs.append(1))
+    try:
+        got = domain_influence(model, layers, domains, references, settings, pad,
+                               forward=cache.target_logits)  # fmt: skip
+    finally:
+        handle.remove()
+    assert bottom_runs == []  # every pass, the refinement's included, from the cache
+    expected = domain_influence(model, layers, domains, references, settings, pad)
+    scale = abs(expected.scores).max()
+    assert scale > 0 and got.refinement and expected.refinement
+    torch.testing.assert_close(
+        torch.tensor(got.scores), torch.tensor(expected.scores), rtol=0, atol=RTOL * scale
+    )
+    for mine, theirs in zip(got.refinement, expected.refinement, strict=True):
+        for field, per_reference in theirs.items():
+            for reference, values in per_reference.items():
+                assert mine[field][reference] == pytest.approx(values, rel=RTOL), field
 
 
 def test_influence_layers_below_the_trained_blocks_are_refused(tmp_path):

@@ -199,8 +199,9 @@ def _refine(
     loss = engine.settings.loss
     weight_total = all_reduce_float(curvature.mass(loss))
     product = GaussNewton(
-        engine.model, engine.layers, batches, weight_total, engine.progress, loss=loss
-    )
+        engine.model, engine.layers, batches, weight_total, engine.progress, loss=loss,
+        forward=engine.forward,  # the passes' own: from the feature cache when there is one
+    )  # fmt: skip
     return conjugate_gradient(
         product, precondition, damping, gradients, directions, engine.settings.refine
     )

@@ -22,7 +22,9 @@ as the start (scaled per reference to minimise the error's (G_C + Lambda)-norm: 
     J^T   reverse mode from the logits: sum_t g_t [a_t | 1]^T per layer, as for a gradient.
 
 The head runs at the target positions only (`ideal.lm.target_logits`: H is zero elsewhere), unless
-a selected layer is the head or lies in it.
+a selected layer is the head or lies in it. The products run through the passes' `forward` (a
+feature cache's, with `train.top_layers`: only the top blocks, from the states entering them, as
+every other pass of the influence step).
 
 Attention runs through the math SDPA kernel meanwhile: the fused kernels (flash, memory-efficient,
 CPU flash) have neither forward-mode derivatives nor double backward (torch 2.13), so neither
@@ -53,7 +55,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ideal.distributed import all_reduce_
 from ideal.errors import IdealError
-from ideal.lm import Batch, loss_scales, target_logits, touches_head
+from ideal.lm import Batch, TargetLogits, loss_scales, target_logits, touches_head
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +75,11 @@ class GaussNewton:
         weight_total: float,
         progress: Callable[[Iterable[Batch], int, str], Iterable[Batch]] | None = None,
         loss: str = "example",
+        forward: Callable[..., TargetLogits] = target_logits,
     ):
         self.model, self.layers, self.batches = model, layers, batches
         self.loss = loss
+        self.forward = forward  # a batch's target logits (ideal.influence.passes.Forward)
         self.weight_total = weight_total
         self.progress = progress or (lambda items, total, description: items)
         self.device = next(model.parameters()).device
@@ -102,11 +106,12 @@ class GaussNewton:
         ]
         rows = (batch.input_ids, batch.attention_mask, batch.labels)
         copies = Batch(
-            *(t.repeat(k, 1) for t in rows), batch.weights.repeat(k), batch.keys.repeat(k)
-        )
+            *(t.repeat(k, 1) for t in rows), batch.weights.repeat(k), batch.keys.repeat(k),
+            rows=batch.rows * k,  # copy j's rows, in the order of the repeated tensors
+        )  # fmt: skip
         try:
             with sdpa_kernel([SDPBackend.MATH]), forward_ad.dual_level():
-                logits = target_logits(
+                logits = self.forward(
                     self.model, copies, real_positions=True, full=self.full_logits
                 ).logits
                 primal, tangent = forward_ad.unpack_dual(logits)  # (k N, V) each: target positions
