@@ -177,9 +177,13 @@ def test_random_keeps_the_candidate_with_the_best_reference_loss(cli, tmp_path):
         summary = json.loads((candidate / "summary.json").read_text())
         losses.append(summary["rounds"][-1]["reference_loss_mean"])
         totals.append(sum(summary["rounds"][-1]["volumes"].values()))
+        if k == 0:  # D0 is a candidate too, trained once (round 0)
+            d0 = summary["rounds"][0]["reference_loss_mean"]
     assert totals == [600, 600]  # the same budget as D0
-    assert entry["candidate"] == losses.index(min(losses))
-    assert abs(sum(entry["shares"].values()) - 1.0) < 1e-9
+    best = min(losses)
+    assert entry["candidate"] == ("D0" if d0 <= best else losses.index(best))
+    assert entry["trainings"] == 3  # D0 and the two mixtures
+    assert entry["shares"] is None or abs(sum(entry["shares"].values()) - 1.0) < 1e-9
     # original shares round 0 with random's first candidate
     a = (
         tmp_path

@@ -35,8 +35,9 @@ rounds: 2
 # threads a reduction's order (hence its last bit) may change between two processes
 train: {max_steps: 30, lr: 0.003, batch_size: 8, checkpoint_every: 10, threads: 1}
 influence: {batch_size: 16}
-# round 1 is docs/method.md's step (not the default uniform probe): these tests check that step
-update: {step: 0.3, first_round: ideal}
+# round 1 is docs/method.md's step (not the default uniform probe nor the measured candidate
+# steps, tests/test_step.py): these tests check that step, whole (no noise threshold)
+update: {step: 0.3, first_round: ideal, candidates: [], min_z: 0.0}
 eval: {max_new_tokens: 6}
 """
 

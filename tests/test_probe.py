@@ -102,8 +102,10 @@ def test_first_round_is_validated_and_reaches_compare(tmp_path):
 
 
 def test_the_probe_on_a_bpe_chatml_model_with_lora(tmp_path):
-    """The default loop (probe, then IDEAL) on a real-model stand-in: a byte-level BPE with a
-    ChatML template, LoRA training, answers that start with a newline, unequal volumes."""
+    """The default loop (probe, then an IDEAL update by candidate steps) on a real-model
+    stand-in: a byte-level BPE with a ChatML template, LoRA training, answers that start with a
+    newline, unequal volumes. One candidate (m 0.3) and no noise threshold: three reference rows
+    give no sensitivity beyond 2 standard errors."""
     from ideal.hf import load_tokenizer
     from ideal.tiny import byte_bpe_tokenizer, save_model_dir, tiny_causal_lm
     from tests.helpers import make_data_dir
@@ -126,7 +128,8 @@ def test_the_probe_on_a_bpe_chatml_model_with_lora(tmp_path):
         f"model: {base}\ntrain_data: {tmp_path / 'train'}\nreference_data: {tmp_path / 'ref'}\n"
         f"test_data: {tmp_path / 'test'}\nrounds: 2\n"
         "train: {max_steps: 4, batch_size: 4, lr: 0.01, lora: true, lora_r: 2, threads: 1}\n"
-        "influence: {batch_size: 8}\nupdate: {step: 0.3}\neval: {max_new_tokens: 3}\n"
+        "influence: {batch_size: 8}\nupdate: {candidates: [0.3], min_z: 0.0}\n"
+        "eval: {max_new_tokens: 3}\n"
     )
     run = tmp_path / "run"
     summary = run_loop(load_config(tmp_path / "c.yaml"), run).to_json()  # default: the probe
@@ -136,6 +139,8 @@ def test_the_probe_on_a_bpe_chatml_model_with_lora(tmp_path):
     base_round = 1 if losses[1] < losses[0] else 0
     second = json.loads((run / "round-2" / "mixture.json").read_text())["update"]
     assert second["rule"] == "ideal" and second["from_round"] == base_round
+    assert second["candidate"] == "m0.300" and (run / "round-2" / "model").is_dir()
+    assert (run / "round-2" / "model" / "adapter_config.json").is_file()  # the kept adapter
     assert (run / f"round-{base_round}" / "model" / "adapter_config.json").is_file()
     influence = json.loads((run / f"round-{base_round}" / "influence.json").read_text())
     assert influence["volumes"] == volumes[base_round]

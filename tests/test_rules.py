@@ -8,6 +8,7 @@ import pytest
 from ideal.errors import IdealError
 from ideal.influence.objective import sensitivities
 from ideal.methods.rules import IdealRule, UniformRule, additive_delta, ideal_beta
+from ideal.methods.settings import UpdateSettings
 
 # references x domains; s_ji > 0: more of domain i lowers the loss on reference j (i helps j)
 SCORES = np.array([[2.0, -1.0, 0.0], [4.0, -3.0, 1.0]])
@@ -44,7 +45,9 @@ def test_bad_step_and_non_finite_sensitivities_are_errors():
 
 def test_rules_propose_volumes():
     volumes = {"a": 100, "b": 50}
-    proposed = IdealRule(step=0.2).propose(volumes, {"sensitivity": {"a": -4.0, "b": 1.0}})
+    proposed = IdealRule(UpdateSettings(), step=0.2).propose(
+        volumes, {"sensitivity": {"a": -4.0, "b": 1.0}}
+    )
     assert proposed == pytest.approx({"a": 120.0, "b": 47.5})
     assert UniformRule().propose(volumes, {}) == {"a": 75.0, "b": 75.0}
     # uniform is a fixed point of the uniform rule
@@ -56,11 +59,11 @@ def test_additive_step_by_hand():
     signals = {"sensitivity": {"a": -4.0, "b": 1.0}}
     # centred (kept total): g - mean(g) = [-0.03, 0.03]; dn = -0.2 * 75 * g / 0.03 = [+15, -15],
     # and b may lose at most m = 20 % of its 50: 40, not 35
-    assert IdealRule(step=0.2, geometry="additive").propose(volumes, signals) == pytest.approx(
-        {"a": 115.0, "b": 40.0}
-    )
+    assert IdealRule(UpdateSettings(geometry="additive"), step=0.2).propose(
+        volumes, signals
+    ) == pytest.approx({"a": 115.0, "b": 40.0})
     # not centred: dn = -15 * g / 0.04 = [+15, -7.5]
-    free = IdealRule(step=0.2, geometry="additive", keep_total=False)
+    free = IdealRule(UpdateSettings(geometry="additive", keep_total=False), step=0.2)
     assert free.propose(volumes, signals) == pytest.approx({"a": 115.0, "b": 42.5})
     assert additive_delta([-4.0, 1.0], [100, 50], 0.2) == pytest.approx([15.0, -15.0])
     assert additive_delta([0.0, 0.0], [100, 50], 0.15).tolist() == [0.0, 0.0]
@@ -88,7 +91,7 @@ def test_additive_step_rejects_bad_input():
     with pytest.raises(IdealError, match="volumes must be > 0"):
         additive_delta([1.0, 1.0], [10, 0], 0.15)
     with pytest.raises(IdealError, match="update.geometry"):
-        IdealRule(geometry="log")
+        UpdateSettings(geometry="log")
 
 
 def test_temperature_rule():
@@ -188,9 +191,13 @@ def test_noise_gate_holds_domains_within_min_z_standard_errors():
         "sensitivity": {"a": -2.0, "b": 0.5, "c": 1.0},
         "sensitivity_stderr": {"a": 0.5, "b": 0.4, "c": 0.2},  # z = 4, 1.25, 5
     }
-    off = IdealRule(step=0.2).propose(volumes, signals)
+    off = IdealRule(UpdateSettings(min_z=0.0), step=0.2).propose(volumes, signals)
     assert off == pytest.approx({"a": 120.0, "b": 95.0, "c": 90.0})
-    gate = IdealRule(step=0.2, min_z=2.0)
+    # the soft threshold (the default): |alpha| - 2 se = 1.0, 0 (held), 0.6 -> normalised by 1.0
+    soft = IdealRule(UpdateSettings(min_z=2.0), step=0.2)
+    assert soft.held(signals) == ["b"]
+    assert soft.propose(volumes, signals) == pytest.approx({"a": 120.0, "b": 100.0, "c": 88.0})
+    gate = IdealRule(UpdateSettings(min_z=2.0, shrink="gate"), step=0.2)
     assert gate.held(signals) == ["b"]
     assert gate.propose(volumes, signals) == pytest.approx({"a": 120.0, "b": 100.0, "c": 90.0})
     # without standard errors (an older influence.json) nothing is held

@@ -194,7 +194,16 @@ def test_the_rounds_search_on_nested_halves_and_the_final_trains_the_returned_mi
         steps = json.loads((run / f"round-{k}" / "train.json").read_text())["steps"]
         assert steps == 8  # the search recipe
     influence = json.loads((run / "round-0" / "influence.json").read_text())
-    assert sum(influence["volumes"].values()) == 37  # scored on the rows the search trained on
+    # scored on the rows the search trained on; its volumes are the mixture the update moves,
+    # so `ideal reweight` takes the file as it is
+    assert sum(influence["search_volumes"].values()) == 37
+    assert influence["volumes"] == {
+        d: e["volume"]
+        for d, e in json.loads((run / "round-0" / "mixture.json").read_text())["domains"].items()
+    }
+    from ideal.methods.reweight import reweight
+
+    reweight(run / "round-0", run / "round-0" / "influence.json", run.parent / "reweighted")
     selected = summary["selected_round"]
     final = json.loads((run / "final" / "mixture.json").read_text())
     returned = json.loads((run / f"round-{selected}" / "mixture.json").read_text())
@@ -251,10 +260,17 @@ def test_cost_in_sfts_is_computed_from_the_recorded_seconds(searched, tmp_path):
         set_seconds(here / "model" / "train_settings.json", train)
         set_seconds(here / "metrics.json", evaluate)
     set_seconds(run / "round-0" / "influence.json", 4.0, "total")
+    others = sorted(run.glob("step-*/*/model"))  # the candidates not kept: trained, evaluated
+    for model in others:
+        set_seconds(model / "train_settings.json", 3.0)
+        set_seconds(model.parent / "metrics.json", 1.0)
     compute = summarise_run(run).compute
-    assert compute.rounds == {"train": 6.0, "influence": 4.0, "eval": 2.0}
+    spent = 4.0 * len(others)
+    expected = {"train": 6.0, "influence": 4.0, "eval": 2.0}
+    assert compute.rounds == ({**expected, "candidates": spent} if others else expected)
     assert compute.final == {"train": 12.0, "eval": 2.0}
-    assert compute.total == 26.0 and compute.cost_in_sfts == pytest.approx(26.0 / 12.0)
+    assert compute.total == 26.0 + spent
+    assert compute.cost_in_sfts == pytest.approx((26.0 + spent) / 12.0)
 
 
 def test_the_final_stage_resumes_without_training_again(searched, tmp_path):

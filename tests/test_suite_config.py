@@ -107,6 +107,7 @@ def test_update_geometry_reaches_the_rule(tmp_path):
 
     path = tmp_path / "c.yaml"
     path.write_text("suite: {}\n")
-    assert make_rule(load_config(path)).geometry == "relative"  # docs/method.md's step by default
+    # docs/method.md's step by default
+    assert make_rule(load_config(path)).update.geometry == "relative"
     rule = make_rule(load_config(path, ["update.geometry=additive", "update.keep_total=false"]))
-    assert rule.geometry == "additive" and rule.keep_total is False
+    assert rule.update.geometry == "additive" and rule.update.keep_total is False

@@ -70,6 +70,12 @@ class RoundRecord:
     predicted_reference_loss_change: float | None = None
     realised_reference_loss_change: float | None = None
     seconds: dict[str, float | None] = field(default_factory=dict)
+    # an IDEAL update: per domain the sensitivity, its standard error, z and what the step used
+    direction: dict[str, dict[str, float | None]] | None = None
+    # a candidate step (update.candidates): one row per candidate, the radius before and after
+    candidates: list[dict[str, Any]] | None = None
+    scale: float | None = None
+    scale_next: float | None = None
 
     @property
     def shares(self) -> dict[str, float]:

@@ -120,6 +120,12 @@ class UpdateSettings:
             raise IdealError(f"update.selection must be in [0, 1), got {self.selection}")
         if self.min_z < 0:
             raise IdealError(f"update.min_z must be >= 0, got {self.min_z}")
+        if self.trust_region and self.candidates:
+            raise IdealError(
+                "update.trust_region steers one step of update.step from round to round; with "
+                "update.candidates the steps are measured and their radius follows them: set "
+                "update.candidates: [] to use the trust region"
+            )
         if self.max_repeats < 1:
             raise IdealError(f"update.max_repeats must be >= 1, got {self.max_repeats}")
         if self.geometry == "additive" and not self.size_factor:

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 
 from ideal.artifacts import atomic_write_text  # noqa: E402
-from ideal.report.plots import save_figure  # noqa: E402
+from ideal.report.plots import inline_image, save_figure  # noqa: E402
 
 
 def _cell(stat: dict[str, Any] | None) -> str:
@@ -62,31 +62,31 @@ def accuracy_vs_compute_plot(document: dict[str, Any], path: Path) -> Path:
 
 
 def _paired_table(baseline: str, paired: dict[str, Any]) -> str:
-    """Per-seed differences against a baseline, with the verdict at 2 standard errors."""
+    """Per-seed differences against a baseline, with the verdict at 2 standard errors: test
+    accuracy (higher is better) and held-out loss (lower is better), mean and worst."""
+    keys = ("test_accuracy_mean", "test_accuracy_worst", "test_loss_mean", "test_loss_worst")
     rows = []
     for method, entry in paired.items():
         cells = [html.escape(method)]
-        for key in ("test_accuracy_mean", "test_accuracy_worst"):
-            d = entry[key]
+        for key in keys:
+            d = entry.get(key)
+            if d is None or d["mean"] != d["mean"]:  # absent, or nan: no seed with both values
+                cells += ["", "", ""]
+                continue
             error = "" if d["stderr"] is None else f" &plusmn; {d['stderr']:.3f}"
             cells += [f"{d['mean']:+.3f}{error}", " ".join(f"{x:+.3f}" for x in d["per_seed"]),
                       html.escape(d["verdict"])]  # fmt: skip
         rows.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    header = [
-        "method",
-        "mean acc. diff",
-        "per seed",
-        "verdict",
-        "worst diff",
-        "per seed",
-        "verdict",
-    ]
+    header = ["method"]
+    for what in ("mean acc. diff", "worst acc. diff", "mean test loss diff", "worst loss diff"):
+        header += [what, "per seed", "verdict"]
     head = "".join(f"<th>{h}</th>" for h in header)
     return (
         f"<h2>Against {html.escape(baseline)}: paired per seed (method - {html.escape(baseline)})</h2>"
         "<p>Same seeds, so the same D0, split and base model; better / worse only beyond 2 standard "
-        "errors of the paired difference.</p>"
-        f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        "errors of the paired difference (higher accuracy, lower held-out loss).</p>"
+        f'<div class="wide"><table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}'
+        "</tbody></table></div>"
     )
 
 
@@ -126,8 +126,8 @@ def write_compare_report(out: str | Path, document: dict[str, Any]) -> Path:
     methods = document["methods"]
     capabilities = list(next(iter(methods.values()))["per_capability"]) if methods else []
     closure = document.get("gap_closure") or {}
-    header = ["method", *capabilities, "mean", "worst", "mean ref. loss", "compute s / seed",
-              "cost in SFTs"]  # fmt: skip
+    header = ["method", *capabilities, "mean", "worst", "mean test loss", "worst test loss",
+              "mean ref. loss", "trainings", "compute s / seed", "cost in SFTs"]  # fmt: skip
     if closure:
         header.append("gap closure")
     rows = []
@@ -135,9 +135,12 @@ def write_compare_report(out: str | Path, document: dict[str, Any]) -> Path:
         cells = [html.escape(method)]
         cells += [_cell(entry["per_capability"][c]) for c in capabilities]
         cells += [
-            _cell(entry[k])
-            for k in ("test_accuracy_mean", "test_accuracy_worst", "reference_loss_mean")
-        ]
+            _cell(entry.get(k))
+            for k in ("test_accuracy_mean", "test_accuracy_worst", "test_loss_mean",
+                      "test_loss_worst", "reference_loss_mean")
+        ]  # fmt: skip
+        trainings = (entry.get("trainings") or {}).get("mean")
+        cells.append("" if trainings is None else f"{trainings:.1f}")
         cells.append(f"{entry['seconds']['mean']:.0f}")
         cells.append(_cell(entry.get("cost_in_sfts")))
         if closure:
@@ -161,16 +164,16 @@ body {{ font-family: system-ui, sans-serif; margin: 2em; max-width: 1200px; }}
 table {{ border-collapse: collapse; margin: 1em 0; font-size: 14px; }}
 th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
 th {{ background: #f3f3f3; }} td:first-child {{ text-align: left; }}
-img {{ max-width: 640px; }}
+img {{ max-width: 640px; }} div.wide {{ overflow-x: auto; }}
 </style></head><body>
 <h1>Methods side by side</h1>
-<p>Final round of every method, test accuracy mean &plusmn; sd over seeds {html.escape(str(document["seeds"]))};
+<p>The returned round of every method, test accuracy and held-out loss mean &plusmn; sd over seeds {html.escape(str(document["seeds"]))};
 same total volume and training recipe for all; each (method, seed) is a run directory with its own
 report under <code>&lt;method&gt;/seed-&lt;s&gt;/</code>.</p>
 <table><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>
 {note}
 {paired_tables}
-<figure><img src="{html.escape(plot.name)}" alt="accuracy vs compute"></figure>
+<figure><img src="{inline_image(plot)}" alt="accuracy vs compute"></figure>
 </body></html>
 """
     atomic_write_text(out / "compare.html", page)

@@ -56,6 +56,7 @@ def run_tables(summary: RunSummary, run_dir: Path) -> list[Any]:
     for domain in rounds[0].volumes:
         table.add_row(f"volume {domain}", *(str(r.volumes.get(domain)) for r in rounds))
     out: list[Any] = [table]
+    out += [step_table(r) for r in rounds if r.candidates or r.direction]
     note = summary.probe_note()
     if note:
         out.append(note)
@@ -80,6 +81,38 @@ def run_tables(summary: RunSummary, run_dir: Path) -> list[Any]:
         out.append(compute_line(summary.compute))
     out.append(f"report: {run_dir / 'report.html'}")
     return out
+
+
+def step_table(r: RoundRecord) -> Table:
+    """An IDEAL update: per domain its sensitivity, standard error, z and what the step used;
+    with candidate steps, each candidate's held-out reference loss and whether it was kept."""
+    table = _table(
+        f"round {r.round}: the IDEAL update from round {r.from_round}",
+        ("domain", "dQ/dbeta", "+- SE", "z", "used", "volume"),
+        left=("domain",),
+    )
+    for domain, row in (r.direction or {}).items():
+        table.add_row(domain, f"{row['sensitivity']:.4g}", fmt(row["stderr"], 4),
+                      fmt(row["z"], 2), f"{row['used']:.4g}", str(r.volumes.get(domain)))  # fmt: skip
+    if not r.candidates:
+        return table
+    grid = _table(
+        f"round {r.round}: candidate steps (radius x{r.scale:g} -> x{r.scale_next:g}); kept: the "
+        "lowest held-out reference loss, or among those within one paired SE of it, "
+        "update.ties",
+        ("candidate", "m", "moved", "held-out loss", "- lowest", "+- SE", "tie", "kept"),
+        left=("candidate",),
+    )
+    for row in r.candidates:
+        grid.add_row(
+            row["name"], fmt(row["step"]), fmt(row["moved"]), fmt(row["selection_loss"], 4),
+            f"{row['minus_lowest']:+.4f}", fmt(row["stderr"], 4), "yes" if row["tie"] else "",
+            "kept" if row["chosen"] else "",
+        )  # fmt: skip
+    combined = Table.grid()
+    combined.add_row(table)
+    combined.add_row(grid)
+    return combined
 
 
 def final_line(final: RoundRecord, where: Path) -> str:
@@ -117,17 +150,20 @@ def compare_tables(document: dict[str, Any], seeds: int, out_dir: Path) -> list[
 
     table = _table(
         f"methods over {seeds} seed(s): returned round, mean +- sd",
-        ("method", "mean accuracy", "worst accuracy", "mean reference loss", "compute s",
-         "cost in SFTs"),
+        ("method", "mean accuracy", "worst accuracy", "mean test loss", "mean reference loss",
+         "trainings", "compute s", "cost in SFTs"),
         left=("method",),
     )  # fmt: skip
     for method, entry in document["methods"].items():
         cost = entry.get("cost_in_sfts") or {"mean": None}
+        trainings = entry.get("trainings") or {"mean": None}
         table.add_row(
             method,
             cell(entry["test_accuracy_mean"]),
             cell(entry["test_accuracy_worst"]),
+            cell(entry.get("test_loss_mean") or {"mean": None}),
             cell(entry["reference_loss_mean"]),
+            "" if trainings["mean"] is None else f"{trainings['mean']:.1f}",
             f"{entry['seconds']['mean']:.0f}",
             cell(cost) if cost["mean"] is not None else "",
         )
@@ -137,15 +173,18 @@ def compare_tables(document: dict[str, Any], seeds: int, out_dir: Path) -> list[
         against = _table(
             f"paired differences against {baseline}, per seed: method - {baseline}; "
             f"verdict at 2 standard errors{seeds_note}",
-            ("method", "mean accuracy diff", "per seed", "verdict", "worst diff", "verdict"),
+            ("method", "mean accuracy diff", "per seed", "verdict", "worst diff", "verdict",
+             "mean test loss diff", "verdict"),
             left=("method",),
-        )
+        )  # fmt: skip
         for method, entry in paired.items():
             mean, worst = entry["test_accuracy_mean"], entry["test_accuracy_worst"]
+            loss = entry.get("test_loss_mean")
             per_seed = " ".join(f"{x:+.3f}" for x in mean["per_seed"])
             against.add_row(
-                method, _diff(mean), per_seed, mean["verdict"], _diff(worst), worst["verdict"]
-            )
+                method, _diff(mean), per_seed, mean["verdict"], _diff(worst), worst["verdict"],
+                _diff(loss) if loss else "", loss["verdict"] if loss else "",
+            )  # fmt: skip
         out.append(against)
     for method, entry in (document.get("gap_closure") or {}).items():
         if entry["closure"] is not None:
@@ -177,6 +216,8 @@ def transfer_line(transfer: dict[str, Any]) -> str:
 
 
 def _diff(d: dict) -> str:
+    if d["mean"] != d["mean"]:  # nan: no seed has both values (e.g. accuracy not scored)
+        return ""
     error = "" if d["stderr"] is None else f" +- {d['stderr']:.3f}"
     return f"{d['mean']:+.3f}{error}"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -87,3 +88,8 @@ def save_figure(fig: plt.Figure, path: str | Path) -> Path:
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def inline_image(path: Path) -> str:
+    """A PNG as a data URI: the page keeps its pictures when mailed alone."""
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")

@@ -5,7 +5,6 @@ ideal report RUN_DIR
 
 from __future__ import annotations
 
-import base64
 import html
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import numpy as np  # noqa: E402
 from ideal.artifacts import atomic_write_text, read_json  # noqa: E402
 from ideal.errors import IdealError  # noqa: E402
 from ideal.records import RunSummary  # noqa: E402
-from ideal.report.plots import SIGN_CONVENTION, save_figure  # noqa: E402
+from ideal.report.plots import SIGN_CONVENTION, inline_image, save_figure  # noqa: E402
 
 
 def _volumes_plot(rounds: list[dict[str, Any]], path: Path) -> Path:
@@ -98,11 +97,6 @@ def _table(header: list[str], rows: list[list[Any]], mark: int | None = None) ->
     return (
         f"<div class=wide><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
     )
-
-
-def inline_image(path: Path) -> str:
-    """A PNG as a data URI: the page keeps its pictures when mailed alone."""
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
 
 
 def trainer_warnings(run: Path, rounds: list[dict[str, Any]]) -> dict[str, list[int]]:
@@ -184,6 +178,45 @@ def _final_html(summary: RunSummary) -> str:
     return (
         text + f"The returned mixture, round {final.round}'s, was then trained once with the "
         "run's own recipe: <code>final/model</code>.</p>" + table
+    )
+
+
+def _steps_html(summary: RunSummary) -> str:
+    """Each IDEAL update: the direction (per domain the sensitivity, its standard error, z and
+    what the step used) and, with candidate steps, how each candidate fared on the held-out
+    reference rows and which was kept."""
+    parts = []
+    for r in summary.rounds:
+        if not (r.direction or r.candidates):
+            continue
+        parts.append(f"<h3>Round {r.round}: the update from round {r.from_round}</h3>")
+        parts.append(_table(
+            ["domain", "dQ/dbeta", "standard error", "z", "used by the step", "volume after"],
+            [[d, row["sensitivity"], row["stderr"], row["z"], row["used"], r.volumes.get(d)]
+             for d, row in (r.direction or {}).items()],
+        ))  # fmt: skip
+        if r.candidates:
+            kept = next((k for k, row in enumerate(r.candidates) if row["chosen"]), None)
+            parts.append(
+                f"<p>Candidate steps at radius x{r.scale:g} (next: x{r.scale_next:g}), compared "
+                "on the reference rows held out from the direction; a candidate within one "
+                "paired standard error of the lowest is a tie (<code>update.ties</code>).</p>"
+            )
+            parts.append(_table(
+                ["candidate", "m", "moved", "held-out loss", "minus lowest", "paired SE", "tie",
+                 "mean reference loss", "mean test loss"],
+                [[row["name"], row["step"], row["moved"], row["selection_loss"],
+                  row["minus_lowest"], row["stderr"], "yes" if row["tie"] else "",
+                  row.get("reference_loss_mean"), row.get("test_loss_mean")]
+                 for row in r.candidates],
+                kept,
+            ))  # fmt: skip
+    if not parts:
+        return ""
+    return (
+        "<h2>IDEAL updates</h2><p>Each sensitivity is judged by its standard error "
+        "(<code>update.min_z</code>, <code>update.shrink</code>): within the threshold it moves "
+        "nothing.</p>" + "".join(parts)
     )
 
 
@@ -306,6 +339,7 @@ rule to the influence of the round it starts from (column "was") and retrains fr
 {_PREDICTION_NOTE if prediction is not None else ""}
 <h2>Per capability</h2>{per_capability}
 <h2>Volumes and shares</h2>{volumes}
+{_steps_html(record)}
 {_compute_html(record)}
 <h2>Plots</h2>{figures}
 <h2>Influence</h2>{maps or "<p>(no influence step in this run)</p>"}

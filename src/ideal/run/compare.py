@@ -13,7 +13,8 @@ statistics over seeds (paired differences, gap closure, cost, transfer) are idea
     first-order   the IDEAL rule with identity curvature (plain gradient dot products), all rounds
     ideal         the IDEAL rule with EK-FAC, all rounds
     ideal-kfac    the IDEAL rule with K-FAC, all rounds
-    ideal-trust   the IDEAL rule with EK-FAC and its trust region (`update.trust_region`), all rounds
+    ideal-trust   the IDEAL rule with EK-FAC, one step per round steered by its trust region
+                  (`update.trust_region`, no candidate steps), all rounds
     ideal-unseen  the IDEAL rule with EK-FAC, each domain scored by the pool rows the mixture does not
                   hold yet (`influence.domain_rows: unseen`), all rounds
     ideal-unseen-trust  both of the above
@@ -72,13 +73,18 @@ METHODS: dict[str, dict[str, Any]] = {
     "first-order": {"rule": "ideal", "curvature": "identity"},
     "ideal": {"rule": "ideal", "curvature": "ekfac"},
     "ideal-kfac": {"rule": "ideal", "curvature": "kfac"},
-    "ideal-trust": {"rule": "ideal", "curvature": "ekfac", "update": {"trust_region": True}},
+    # the trust region steers one step per round: these variants take no candidate steps
+    "ideal-trust": {
+        "rule": "ideal",
+        "curvature": "ekfac",
+        "update": {"trust_region": True, "candidates": ()},
+    },  # fmt: skip
     "ideal-unseen": {"rule": "ideal", "curvature": "ekfac", "influence": {"domain_rows": "unseen"}},
     "ideal-unseen-trust": {
         "rule": "ideal",
         "curvature": "ekfac",
         "influence": {"domain_rows": "unseen"},
-        "update": {"trust_region": True},
+        "update": {"trust_region": True, "candidates": ()},
     },
     "ideal-additive": {"rule": "ideal", "curvature": "ekfac", "update": {"geometry": "additive"}},
     "ideal-unseen-additive": {
@@ -91,7 +97,7 @@ METHODS: dict[str, dict[str, Any]] = {
         "rule": "ideal",
         "curvature": "ekfac",
         "influence": {"domain_rows": "unseen"},
-        "update": {"geometry": "additive", "trust_region": True},
+        "update": {"geometry": "additive", "trust_region": True, "candidates": ()},
     },
     "ideal-uniform-probe": {
         "rule": "ideal",
@@ -275,7 +281,10 @@ def _candidates_run(
     if score == "reference_loss":  # decode the kept one only (eval.accuracy_rounds returned)
         kept = 0 if best["candidate"] == "D0" else best["candidate"]
         round_ = 0 if best["candidate"] == "D0" else best["selected_round"]
-        whole, extra = _decode_kept(config, out / f"candidate-{kept}", round_, features)
+        whole, extra = _decode_kept(
+            candidate_config(config, shares_list[kept]), out / f"candidate-{kept}", round_,
+            features,
+        )  # fmt: skip
         seconds += extra
         rounds = whole["rounds"][:1] if best["candidate"] == "D0" else whole["rounds"]
         best = {**best, "rounds": rounds, "compute": whole.get("compute")}

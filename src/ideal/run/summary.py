@@ -159,6 +159,10 @@ def _round(
         predicted_reference_loss_change=predicted,
         realised_reference_loss_change=realised,
         seconds=seconds,
+        direction=update.details.get("direction") if update is not None else None,
+        candidates=update.details.get("candidates") if update is not None else None,
+        scale=update.details.get("scale") if update is not None else None,
+        scale_next=update.details.get("scale_next") if update is not None else None,
     )
 
 
