@@ -238,3 +238,17 @@ def test_workers_share_out_the_seeds_and_a_stopped_campaign_resumes(campaign, tm
     assert (tmp_path / "out" / "logs" / "seed-1.log").is_file()
     assert json.loads((tmp_path / "out" / "inputs.json").read_text())["code"]
     assert document["methods"]["original"]["runs"][1]["seed"] == 1
+
+
+def test_a_cell_of_another_campaign_is_reused_and_recorded_under_this_one(campaign, tmp_path):
+    from ideal.run.ledger import Book
+
+    _, _, held, _ = campaign
+    ledger = tmp_path / "ledger.jsonl"
+    ledger.write_text(held.read_text())
+    first = read_ledger(ledger)[0]
+    book = Book(ledger, "other", "tiny", "d", {})
+    found = book.lookup(first.key)
+    assert found.campaign == "other" and found.reused_from == "tiny-c" and found.run == first.run
+    assert book.lookup(first.key) == found  # recorded once
+    assert [c.campaign for c in read_ledger(ledger)].count("other") == 1

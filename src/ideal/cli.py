@@ -361,14 +361,20 @@ def reweight(
     min_z: Annotated[float, _update("min_z", "--min-z")] = default_of(UpdateSettings, "min_z"),
     geometry: Annotated[choice(UpdateSettings, "geometry"), _update("geometry", "--geometry")] = (
         default_of(UpdateSettings, "geometry")),
+    shrink: Annotated[choice(UpdateSettings, "shrink"), _update("shrink", "--shrink")] = (
+        default_of(UpdateSettings, "shrink")),
     on_invalid: OnInvalid = "error",
 ) -> None:  # fmt: skip
-    """Apply one IDEAL update: rescale each domain's volume from influence.json and resample."""
+    """Apply one IDEAL update: rescale each domain's volume from influence.json and resample.
+
+    One step of --step along the direction; `ideal run` measures the step instead, training
+    candidates (update.candidates)."""
     from ideal.methods.reweight import reweight as run_reweight
     from ideal.report.console import reweight_table
 
     update = UpdateSettings(step=step, max_repeats=max_repeats, keep_total=keep_total,
-                            min_examples=min_examples, min_z=min_z, geometry=geometry)  # fmt: skip
+                            min_examples=min_examples, min_z=min_z, geometry=geometry,
+                            shrink=shrink)  # fmt: skip
     result = run_reweight(train, influence, out_dir, update, seed=seed, on_invalid=on_invalid)
     _print(*reweight_table(result, step, geometry))
 

@@ -29,7 +29,7 @@ import platform
 import subprocess
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ class Cell:
     commit: str = ""
     machine: dict[str, Any] = field(default_factory=dict)
     date: str = ""
+    reused_from: str = ""  # a cell measured for another campaign with the same key: its campaign
     format: str = LEDGER_FORMAT
 
     def to_json(self) -> dict[str, Any]:
@@ -140,7 +141,17 @@ class Book:
         return {"data": self.data, "code": {c: self.code.get(c) for c in components(method)}}
 
     def lookup(self, key: str) -> Cell | None:
-        return find(read_ledger(self.path), key)
+        """The cell with this key; one measured for another campaign is recorded again under this
+        one (`reused_from`), so that each campaign's tables hold every cell it needs."""
+        found = find(read_ledger(self.path), key)
+        if found is None or found.campaign == self.campaign:
+            return found
+        mine = find((c for c in read_ledger(self.path) if c.campaign == self.campaign), key)
+        if mine is not None:
+            return mine
+        copy = replace(found, campaign=self.campaign, reused_from=found.campaign)
+        append_cell(self.path, copy)
+        return copy
 
     def record(self, key: str, method: str, seed: int, run: dict[str, Any]) -> Cell:
         cell = Cell(

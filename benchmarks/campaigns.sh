@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The measurements behind docs/results.md's ledger tables, one `ideal compare --ledger` each.
+#
+#     bash benchmarks/campaigns.sh [real|toys|search|all]      (JOBS=2 for two worker processes)
+#
+# Every cell lands in docs/ledger.jsonl as soon as it finishes; a cell the ledger already holds for
+# the same inputs (settings, data, the code's fingerprint) is skipped, so this can be stopped at
+# any moment and started again, in this session or the next, on this machine or another (its
+# cells say which). Then `ideal ledger tables docs/ledger.jsonl --write docs/results.md`.
+# The real preset needs `ideal suite prepare real real-data` first (REAL=path to use another).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+IDEAL=${IDEAL:-.venv/bin/ideal}
+LEDGER=${LEDGER:-docs/ledger.jsonl}
+OUT=${OUT:-campaigns}
+JOBS=${JOBS:-1}
+REAL=${REAL:-real-data}
+WHAT=${1:-all}
+real_data=(model="$REAL/model" train_data="$REAL/train" reference_data="$REAL/reference"
+           test_data="$REAL/test")
+
+compare() {  # compare CAMPAIGN CONFIG METHODS SEEDS [overrides...]
+  local campaign=$1 config=$2 methods=$3 seeds=$4
+  shift 4
+  "$IDEAL" compare "$config" "$@" --methods "$methods" --seeds "$seeds" --ledger "$LEDGER" \
+    --campaign "$campaign" --out "$OUT/$campaign" --jobs "$JOBS" --features "$OUT/features"
+}
+
+if [[ $WHAT == real || $WHAT == all ]]; then
+  # the real preset with its defaults (rounds 2: the probe, then one update by candidate steps)
+  compare real-defaults src/ideal/configs/real.yaml original,uniform,random,ideal,first-order \
+    0-4 "${real_data[@]}"
+fi
+
+if [[ $WHAT == toys || $WHAT == all ]]; then
+  # the toy suites with the library's default rounds (2), beside the random control
+  compare demo-defaults src/ideal/configs/demo.yaml original,uniform,random,ideal 0-4
+  for suite in conflict skewed noisy; do
+    compare "$suite-defaults" "benchmarks/suites/$suite.yaml" original,uniform,random,ideal 0-4 \
+      rounds=2
+  done
+fi
+
+if [[ $WHAT == search || $WHAT == all ]]; then
+  # search cheap, train once: proxies against the full recipe (cost_in_sfts, transfer)
+  for suite in conflict skewed noisy; do
+    for proxy in 'search.fraction=0.25' 'search.fraction=0.1'; do
+      compare "$suite-search-${proxy##*=}" "benchmarks/suites/$suite.yaml" ideal,ideal-search 0-4 \
+        rounds=2 "$proxy"
+    done
+  done
+  compare real-search-0.25 src/ideal/configs/real.yaml ideal,ideal-search 0-2 "${real_data[@]}" \
+    search.fraction=0.25
+fi

@@ -1,0 +1,70 @@
+"""Which tie rule keeps the best candidate? Judged after the fact on the candidates that were trained.
+
+    python benchmarks/step_ties.py RUN_OR_COMPARE_DIR [...]
+
+Every IDEAL update by candidate steps (update.candidates) records, per candidate, its held-out
+reference loss, its paired difference from the lowest with that difference's standard error, how
+far it moved, and its mean test loss (RUN/round-K/mixture.json, update.candidates). So each tie
+rule (smaller, larger, lowest) can be replayed on the same trained candidates at no cost: this
+prints, over every update found under the given directories (runs, or `ideal compare` outputs),
+the mean test loss of the candidate each rule keeps, and each rule minus `smaller` paired per
+update with its standard error. Lower is better. The test sets only measure here; no rule reads
+them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+RULES = ("smaller", "larger", "lowest")
+
+
+def kept(table: list[dict], rule: str) -> dict:
+    """The candidate `rule` keeps (ideal.methods.candidates.choose, replayed on its record)."""
+    tied = [row for row in table if row["tie"]]
+    if rule == "smaller":
+        return min(tied, key=lambda r: (r["moved"], r["selection_loss"]))
+    if rule == "larger":
+        return max(tied, key=lambda r: (r["moved"], -r["selection_loss"]))
+    return min(table, key=lambda r: r["selection_loss"])
+
+
+def updates(roots: list[Path]) -> list[tuple[str, list[dict]]]:
+    found = []
+    for root in roots:
+        for manifest in sorted(root.rglob("round-*/mixture.json")):
+            update = json.loads(manifest.read_text()).get("update", {})
+            table = update.get("candidates")
+            if table and all(row.get("test_loss_mean") is not None for row in table):
+                found.append((str(manifest.parent), table))
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("dirs", nargs="+", type=Path)
+    args = parser.parse_args()
+    found = updates(args.dirs)
+    if not found:
+        raise SystemExit("no IDEAL update by candidate steps with test losses under those dirs")
+    losses = {rule: np.array([kept(t, rule)["test_loss_mean"] for _, t in found]) for rule in RULES}
+    print(f"{len(found)} updates by candidate steps")
+    for rule in RULES:
+        line = f"{rule:8s} mean test loss of the kept candidate {losses[rule].mean():.4f}"
+        if rule != "smaller":
+            d = losses[rule] - losses["smaller"]
+            se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+            line += f"   minus smaller {d.mean():+.4f} +- {se:.4f}"
+        print(line)
+    ties = sum(sum(r["tie"] for r in t) > 1 for _, t in found)
+    print(f"updates with a tie: {ties} of {len(found)}")
+
+
+if __name__ == "__main__":
+    main()
