@@ -331,3 +331,28 @@ def test_planned_trainings():
     surrogate = replace(config, update=replace(config.update, surrogate=True), rounds=3)
     assert planned_trainings(surrogate) == 1 + 1 + 2 * 4
     assert planned_trainings(replace(config, rounds=0)) == 1
+
+
+def test_a_rounds_evaluation_runs_on_the_gpu_when_there_is_one(stepped, monkeypatch):
+    """`ideal run` evaluates each round on the device `ideal eval` uses (here: a GPU stood in
+    by torch.cuda.is_available, the model's move recorded and left on the CPU)."""
+    import torch
+
+    import ideal.hf as hf
+    from ideal.run.rundir import prepare_run
+    from ideal.run.stages import evaluate_round
+
+    config, run, _ = stepped
+    moved = []
+    load = hf.load_causal_lm
+
+    def loading(*args, **kwargs):
+        model = load(*args, **kwargs)
+        model.to = lambda device, *a, **k: moved.append(str(device)) or model
+        return model
+
+    monkeypatch.setattr(hf, "load_causal_lm", loading)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    paths = prepare_run(config, run, resume=True)
+    evaluate_round(config, paths, run / "round-0" / "model", 0, decode=False)
+    assert moved == ["cuda"]

@@ -91,8 +91,11 @@ def evaluate_round(
     from ideal.hf import load_causal_lm, load_tokenizer
 
     start = time.perf_counter()
+    import torch
+
     model, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
-    model.eval()
+    # the device `ideal eval` uses: a GPU when there is one (decoding is most of the evaluation)
+    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu")).eval()
     features = eval_features(config, paths, model)
     references = load_domains(paths.reference)
     tests = load_domains(paths.test) if paths.test is not None else {}
