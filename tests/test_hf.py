@@ -111,7 +111,7 @@ def test_the_loaders_take_a_hub_id_from_the_cache(cache):
 
 
 def test_an_adapters_base_model_may_be_a_hub_id_in_the_cache(tmp_path, cache):
-    from ideal.hf import _adapter_base
+    from ideal.hf import adapter_base
 
     snapshot = fake_cache(cache, "Org/Base")
     adapter = tmp_path / "adapter"
@@ -119,12 +119,12 @@ def test_an_adapters_base_model_may_be_a_hub_id_in_the_cache(tmp_path, cache):
     (adapter / "adapter_config.json").write_text(
         json.dumps({"base_model_name_or_path": "Org/Base"})
     )
-    assert _adapter_base(adapter) == snapshot
+    assert adapter_base(adapter) == snapshot
     (adapter / "adapter_config.json").write_text(
         json.dumps({"base_model_name_or_path": "Org/Gone"})
     )
     with pytest.raises(IdealError) as err:
-        _adapter_base(adapter)
+        adapter_base(adapter)
     assert str(err.value).startswith(
         f"{adapter / 'adapter_config.json'}: base model Org/Gone: not a local directory and not "
         "in the Hugging Face cache"

@@ -96,7 +96,7 @@ def _model_dir(path: str | Path) -> Path:
     return path
 
 
-def _adapter_base(path: Path) -> Path | None:
+def adapter_base(path: Path) -> Path | None:
     """The base model directory of a peft adapter directory, or None for a plain model."""
     if not (path / ADAPTER_CONFIG).is_file():
         return None
@@ -122,7 +122,7 @@ def _first_line(err: Exception) -> str:
 def load_tokenizer(path: str | Path) -> Any:
     """The tokenizer of a model directory (of its base model, for an adapter without one)."""
     path = _model_dir(path)
-    base = _adapter_base(path)
+    base = adapter_base(path)
     source = base if base is not None and not (path / "tokenizer_config.json").is_file() else path
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
@@ -143,7 +143,7 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype | str | None = None) -> 
     """A local causal LM, or a peft adapter over one; another kind of model is a clear error.
     `dtype` None: ROUND_DTYPE (float32), whatever the checkpoint's; "auto": the checkpoint's."""
     path = _model_dir(path)
-    base = _adapter_base(path)
+    base = adapter_base(path)
     config_dir = base if base is not None else path
     try:
         model_type = json.loads((config_dir / "config.json").read_text()).get("model_type")

@@ -88,7 +88,7 @@ def evaluate_round(
     from ideal.backends.evaluation.evaluate import evaluate_capability
     from ideal.backends.evaluation.scorers import CHOICE
     from ideal.data.rows import load_domains
-    from ideal.hf import load_causal_lm, load_tokenizer
+    from ideal.hf import adapter_base, load_causal_lm, load_tokenizer
 
     start = time.perf_counter()
     import torch
@@ -160,7 +160,7 @@ def evaluate_round(
         here = model_dir.parent
         job = EvalJob(
             model_dir=model_dir,
-            base_model=_base_of(model_dir),
+            base_model=adapter_base(model_dir) or model_dir,
             work_dir=here / "eval",
             round=round_ if round_ is not None else -1,
             run_dir=paths.run,
@@ -217,16 +217,6 @@ def eval_features(config: RunConfig, paths: RunPaths, model: Any) -> Any:
     from ideal.backends.training.top_layers import FeatureCache
 
     return FeatureCache(paths.features, model, config.train.top_layers, config.max_length)
-
-
-def _base_of(model_dir: Path) -> Path:
-    """An adapter's base model directory, or the model directory itself."""
-    config = model_dir / "adapter_config.json"
-    if config.is_file():
-        base = read_json(config).get("base_model_name_or_path")
-        if base:
-            return Path(base)
-    return model_dir
 
 
 def proxy_round(config: RunConfig, paths: RunPaths, here: Path, model_dir: Path) -> dict[str, Any]:
