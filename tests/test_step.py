@@ -356,3 +356,31 @@ def test_a_rounds_evaluation_runs_on_the_gpu_when_there_is_one(stepped, monkeypa
     paths = prepare_run(config, run, resume=True)
     evaluate_round(config, paths, run / "round-0" / "model", 0, decode=False)
     assert moved == ["cuda"]
+
+
+def test_a_proxy_run_trains_only_the_top_blocks(stepped, monkeypatch):
+    """DoReMi / DoGE's proxy trains what the rounds train: with train.top_layers (full
+    fine-tuning) only the top blocks' parameters move."""
+    import ideal.methods.proxy as proxy
+    from ideal.run.rundir import prepare_run
+    from ideal.run.stages import proxy_round
+
+    config, run, _ = stepped
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(model, *args, **kwargs):
+        seen.update({n: p.requires_grad for n, p in model.named_parameters()})
+        raise Stop
+
+    monkeypatch.setattr(proxy, "learn_domain_weights", capture)
+    top = replace(config, train=replace(config.train, top_layers=1),
+                  update=replace(config.update, rule="doge", candidates=()))  # fmt: skip
+    paths = prepare_run(config, run, resume=True)
+    with pytest.raises(Stop):
+        proxy_round(top, paths, run / "round-0", run / "round-0" / "model")
+    trained = {n for n, grad in seen.items() if grad}
+    assert trained and all(n.startswith("model.layers.0.") for n in trained)  # 1 block: the top
+    assert not seen["model.embed_tokens.weight"] and not seen["lm_head.weight"]

@@ -257,7 +257,13 @@ def proxy_round(config: RunConfig, paths: RunPaths, here: Path, model_dir: Path)
     torch.manual_seed(config.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_causal_lm(paths.base, dtype=torch.float32)
-    if train.lora:
+    if train.top_layers:  # the proxy trains what the rounds train: the top K blocks
+        from ideal.backends.training.top_layers import check_top_layers, freeze_below
+
+        check_top_layers(model, train.top_layers)
+        if not train.lora:
+            freeze_below(model, train.top_layers)
+    if train.lora:  # with top_layers, the adapter wraps only the top blocks (lora_config)
         model = wrap_lora(model, train)
     model.to(device)
     reference_model, references = None, None
