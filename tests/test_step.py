@@ -384,3 +384,16 @@ def test_a_proxy_run_trains_only_the_top_blocks(stepped, monkeypatch):
     trained = {n for n, grad in seen.items() if grad}
     assert trained and all(n.startswith("model.layers.0.") for n in trained)  # 1 block: the top
     assert not seen["model.embed_tokens.weight"] and not seen["lm_head.weight"]
+
+
+def test_a_reference_set_too_small_to_split_is_compared_on_every_row():
+    from ideal.run.step import _row_losses
+
+    rows = split_rows({"big": 6, "one": 1}, 0.5, seed=0)
+    assert rows["one"] == [] and len(rows["big"]) == 3
+    metrics = {"capabilities": {
+        "big": {"reference_row_losses": [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]},
+        "one": {"reference_row_losses": [7.0]},
+    }}  # fmt: skip
+    held = _row_losses(metrics, rows)
+    assert held["one"] == [7.0] and held["big"] == [float(i) for i in rows["big"]]

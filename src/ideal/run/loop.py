@@ -247,8 +247,9 @@ def run_loop(
     while True:
         here = paths.round(k)
         model_dir = here / "model"
-        if not model_dir.is_dir():  # a candidate step's round: its kept candidate's model
+        if main and not model_dir.is_dir():  # a candidate step's round: its kept candidate's
             adopt(paths, k)
+        barrier()
         if not model_dir.is_dir():
             train_round(config, paths, k, data=search_rows(here, fraction, main))
         if main and not (here / "metrics.json").is_file():

@@ -73,6 +73,12 @@ def reference_split(config: RunConfig, paths: RunPaths, main: bool) -> Reference
         domains = load_domains(paths.reference)
         counts = {c: len(d.examples) for c, d in domains.items()}
         chosen = split_rows(counts, config.update.selection, config.seed)
+        for capability, rows in chosen.items():
+            if not rows:
+                log.warning(
+                    "reference set '%s' has %d row(s): none held out to choose the step, its "
+                    "candidates are compared on every row", capability, counts[capability],
+                )  # fmt: skip
         with atomic_dir(root) as tmp:
             for capability, domain in domains.items():
                 held = set(chosen[capability])
@@ -185,7 +191,12 @@ def surrogate_volumes(
     with its standard error) and every influence step's sensitivities, minimised within
     `radius` of the base round."""
     trained = [paths.round(j) for j in range(k + 1)]
-    trained += sorted(p for p in paths.run.glob("step-*/*") if (p / "metrics.json").is_file())
+    # every other candidate evaluated so far (a kept one is its round: its model moved there)
+    trained += sorted(
+        p
+        for p in paths.run.glob("step-*/*")
+        if (p / "metrics.json").is_file() and (p / "model").is_dir()
+    )
     base_mixture = read_json(paths.round(base) / "mixture.json")
     domains = sorted(base_mixture["domains"])
 
@@ -286,8 +297,7 @@ def candidate_round(
         barrier()
     if main:
         _keep(config, paths, target, base, scale, specs, split, signals, training)
-    barrier()
-    adopt(paths, target)
+        adopt(paths, target)
     barrier()
     return True
 
