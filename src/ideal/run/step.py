@@ -143,12 +143,15 @@ def adopt(paths: RunPaths, k: int) -> None:
 def _row_losses(
     metrics: dict[str, Any], rows: dict[str, list[int]] | None
 ) -> dict[str, list[float]]:
+    """Each capability's per-row reference losses on its selection rows (every row without a
+    split, or for a capability too small to hold any out)."""
     out = {}
     for capability, entry in metrics["capabilities"].items():
         losses = entry.get("reference_row_losses")
         if losses is None:
             continue
-        out[capability] = [losses[i] for i in rows[capability]] if rows else list(losses)
+        held = (rows or {}).get(capability)
+        out[capability] = [losses[i] for i in held] if held else list(losses)
     return out
 
 
