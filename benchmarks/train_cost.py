@@ -3,7 +3,8 @@ with the LM head at every position (before) and at the target positions only (no
 the same random batch.
 
     python benchmarks/train_cost.py [--model DIR] [--threads 1] [--batch 8] [--length 224]
-                                    [--layers 2] [--repeats 3] [--top-layers K]
+                                    [--layers 2] [--repeats 3] [--top-layers K] [--clock cpu]
+                                    [--profile]
 
 The batch: --batch rows of --length random token ids, the last 44 % of each row targets (the rest a
 prompt, no padding), as in the real preset's measurement. The training step is the builtin trainer's
@@ -18,6 +19,16 @@ With 2 blocks the head is most of the forward, so the speedup is larger than on 
 whose head is about a fifth of it; `--layers 30` is the real shape with random weights.
 
 The last line is `speedup = X`: the training step's time with full logits over target-only.
+
+With --top-layers, `--profile` then profiles one all-block step (full logits) and one top-K step:
+where their CPU seconds go (matrix products, attention, the rest) and the minor page faults of a
+step (each fresh tensor larger than glibc's mmap threshold is faulted in page by page, every
+step), and bounds the speedup: the all-block step over the top-K step's products and attention
+alone, what the ratio would be if the top-K step spent nothing else.
+
+`--clock cpu` times each run by this process's CPU seconds (user + system, every thread) instead
+of the wall clock: on a machine that other jobs share, a run's wall time grows with their load
+while its CPU time does not (with --threads 1 the two agree on an idle machine).
 
 With --top-layers K it measures instead, on the same batch, LoRA on every block (today's recipe:
 full logits, as the cost was first measured, and target logits, the builtin trainer's default)
@@ -77,11 +88,16 @@ def random_items(vocab: int, batch: int, length: int, seed: int = 0) -> list:
     return items
 
 
+#: what `timed` reads: the wall clock, or this process's CPU time (--clock cpu)
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
+
+
 def timed(run: Callable[[], float]) -> tuple[float, float]:
-    """(seconds, the loss it returned)."""
-    start = time.perf_counter()
+    """(seconds by `clock`, the loss it returned)."""
+    start = clock()
     loss = run()
-    return time.perf_counter() - start, loss
+    return clock() - start, loss
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,7 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each")
     parser.add_argument("--top-layers", type=int, default=0,
                         help="compare all-block LoRA with top-K LoRA from cached features")  # fmt: skip
+    parser.add_argument("--profile", action="store_true",
+                        help="with --top-layers: where a step's CPU time goes, and the bound")  # fmt: skip
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="time runs by the wall clock or by this process's CPU seconds")  # fmt: skip
     args = parser.parse_args(argv)
+    global clock
+    clock = CLOCKS[args.clock]
 
     from ideal.backends.evaluation.evaluate import mean_losses
     from ideal.backends.training.builtin import (
@@ -117,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     items = random_items(vocab, args.batch, args.length)
     targets = sum(item.num_targets for item in items)
     tokens = args.batch * args.length
-    print(f"model: {name}; head {vocab} x {hidden}; {args.threads} thread(s)")
+    print(f"model: {name}; head {vocab} x {hidden}; {args.threads} thread(s); {args.clock} clock")
     print(f"batch: {args.batch} x {args.length} tokens, {targets} targets ({targets / tokens:.0%})")
     gib = 4 * vocab / 2**30  # float32 logits per row of the head
     print(f"logits: {tokens * gib:.2f} GiB at every position, {targets * gib:.2f} GiB at targets")
@@ -215,8 +237,39 @@ def top_layers_cost(base: torch.nn.Module, items: list, args: argparse.Namespace
           f"after {evaluation[True]:.3f} s: {evaluation[False] / evaluation[True]:.2f}x")  # fmt: skip
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     print(f"peak memory (max RSS): {peak:.2f} GiB")
+    if args.profile:
+        for model in models.values():
+            model.train()
+        parts = {key: profiled(step(*key)) for key in (("all", True), ("top", False))}
+        for key, part in parts.items():
+            print(f"profile {labels[key]}: {part['cpu']:.3f} CPU s: products {part['mm']:.3f}, "
+                  f"attention {part['attention']:.3f}, the rest {part['rest']:.3f}; "
+                  f"{part['faults']} page faults")  # fmt: skip
+        floor = parts["top", False]["mm"] + parts["top", False]["attention"]
+        bound = parts["all", True]["cpu"] / floor
+        print(f"bound: all blocks over top {k}'s products and attention alone = {bound:.2f}x")
     print(f"speedup = {seconds['all', True] / fast:.2f}")
     return 0
+
+
+def profiled(run: Callable[[], float]) -> dict[str, float]:
+    """One run under torch's profiler: its CPU seconds, their self time in matrix products, in
+    attention and in everything else, and the minor page faults it took."""
+    import resource
+
+    from torch.profiler import ProfilerActivity, profile
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    start = time.process_time()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    cpu = time.process_time() - start
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    self_s = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    mm = sum(v for key, v in self_s.items() if key in ("aten::mm", "aten::bmm", "aten::addmm"))
+    attention = sum(v for key, v in self_s.items() if "scaled_dot_product" in key)
+    rest = sum(self_s.values()) - mm - attention
+    return {"cpu": cpu, "mm": mm, "attention": attention, "rest": rest, "faults": faults}
 
 
 def eval_cost(model: torch.nn.Module, items: list, cache, args: argparse.Namespace) -> dict:
