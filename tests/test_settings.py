@@ -71,6 +71,35 @@ def test_every_command_takes_its_defaults_from_the_settings():
         )
 
 
+def test_the_python_api_takes_its_defaults_from_the_settings():
+    """The functions and records under the commands default to the run config's values: one
+    home per default (they were 64 new tokens and batch 16 against the config's 32 and 32, an
+    influence batch of 8 against 16, the objective and the rule's noise settings repeated)."""
+    import inspect
+
+    from ideal.backends.evaluation.evaluate import evaluate_capability, run_eval
+    from ideal.backends.evaluation.lmeval import LmEvalEvaluator
+    from ideal.backends.evaluation.scorers import score_choices
+    from ideal.backends.settings import EvalConfig
+    from ideal.influence.settings import InfluenceConfig, InfluenceJob, InfluenceSettings
+    from ideal.methods.rules import IdealRule
+    from ideal.methods.settings import UpdateSettings
+
+    for function in (evaluate_capability, run_eval, score_choices):
+        parameters = inspect.signature(function).parameters
+        for name in ("max_new_tokens", "batch_size"):
+            if name in parameters:
+                assert parameters[name].default == default_of(EvalConfig, name), (function, name)
+    assert LmEvalEvaluator({}).batch_size == default_of(EvalConfig, "batch_size")
+    engine, config = InfluenceSettings(), InfluenceConfig()
+    for f in dataclasses.fields(InfluenceSettings):
+        if hasattr(config, f.name) and f.name != "loss":  # loss: resolved from auto
+            assert getattr(engine, f.name) == getattr(config, f.name), f.name
+    job, update = InfluenceJob(), UpdateSettings()
+    assert (job.objective, job.size_factor) == (update.objective, update.size_factor)
+    assert IdealRule().update == update and IdealRule().m == update.step
+
+
 def test_compare_help_lists_every_method(cli):
     result = cli("compare", "--help")
     text = "".join(result.out.split())  # help wraps long names at their hyphens

@@ -18,63 +18,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ideal.errors import IdealError
-from ideal.settings import LOSSES, check_choices, setting
+from ideal.settings import LOSSES, check_choices, default_of, setting
 
 CURVATURES = ("ekfac", "kfac", "identity", "exact")
 FISHERS = ("sampled", "empirical")
 FACTORS = ("cpu", "device")
 OBJECTIVES = ("mean", "pooled", "worst")  # Q over references (objective.objective_weights)
+# update.objective and update.size_factor's defaults (ideal.methods.settings), which the influence
+# job takes too: the update's settings live above this part, their defaults here
+DEFAULT_OBJECTIVE = "mean"
+DEFAULT_SIZE_FACTOR = True
 DOMAIN_ROWS = {
     "mixture": "the domain's copies in the current mixture (docs/method.md's gbar_i)",
     "unseen": "the pool rows the mixture does not hold yet, which an increase adds first "
     "(the mixture's copies once every row is in it)",
 }
-
-
-@dataclass(frozen=True)
-class InfluenceSettings:
-    """What the engine (engine.domain_influence) needs: the curvature's settings, the seed of the
-    sampled labels and the resolved objective. Built by InfluenceConfig.settings."""
-
-    curvature: str = "ekfac"  # ekfac | kfac | identity | exact
-    damping: float = 0.1  # relative: lambda_l = damping x mean eigenvalue of layer l
-    damping_abs: float | None = None  # absolute lambda, same for every layer (overrides damping)
-    fisher: str = "sampled"  # sampled (true Fisher, seeded) | empirical (the data's labels)
-    batch_size: int = 8
-    seed: int = 0
-    chunk: int = 16  # examples per eigenvalue-correction chunk (bounds memory)
-    fisher_samples: int = (
-        1  # label draws per example for the sampled Fisher (less Monte Carlo noise)
-    )
-    factors: str = "cpu"  # where the running sums live: cpu (device memory for the model) | device
-    refine: int = 0  # conjugate-gradient steps toward the exact Gauss-Newton solution (refine.py)
-    loss: str = "example"  # the training objective differentiated: example | token (docs/method.md)
-
-    def __post_init__(self) -> None:
-        if self.curvature not in CURVATURES:
-            raise IdealError(
-                f"--curvature must be one of {', '.join(CURVATURES)}, got {self.curvature!r}"
-            )
-        if self.fisher not in FISHERS:
-            raise IdealError(f"--fisher must be sampled or empirical, got {self.fisher!r}")
-        if self.damping_abs is None and not self.damping > 0:
-            raise IdealError(f"--damping must be > 0, got {self.damping}")
-        if self.damping_abs is not None and self.damping_abs < 0:
-            raise IdealError(f"--damping-abs must be >= 0, got {self.damping_abs}")
-        if self.fisher_samples < 1:
-            raise IdealError(f"--fisher-samples must be >= 1, got {self.fisher_samples}")
-        if self.factors not in FACTORS:
-            raise IdealError(f"--factors must be cpu or device, got {self.factors!r}")
-        if self.batch_size < 1:
-            raise IdealError(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.refine < 0:
-            raise IdealError(f"--refine must be >= 0, got {self.refine}")
-        if self.loss not in LOSSES:
-            raise IdealError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if self.refine and self.curvature not in ("ekfac", "kfac"):
-            raise IdealError(
-                f"--refine needs --curvature ekfac or kfac (its preconditioner), got {self.curvature}"
-            )
 
 
 @dataclass(frozen=True)
@@ -186,6 +144,61 @@ class InfluenceConfig:
 
 
 @dataclass(frozen=True)
+class InfluenceSettings:
+    """What the engine (engine.domain_influence) needs: the curvature's settings, the seed of the
+    sampled labels and the resolved objective. Built by InfluenceConfig.settings; its defaults
+    are InfluenceConfig's (one home), `chunk` and `loss` its own."""
+
+    curvature: str = default_of(InfluenceConfig, "curvature")  # ekfac | kfac | identity | exact
+    damping: float = default_of(
+        InfluenceConfig, "damping"
+    )  # relative: lambda_l = damping x mean eigenvalue of layer l
+    damping_abs: float | None = default_of(
+        InfluenceConfig, "damping_abs"
+    )  # absolute lambda, same for every layer (overrides damping)
+    fisher: str = default_of(
+        InfluenceConfig, "fisher"
+    )  # sampled (true Fisher, seeded) | empirical (the data's labels)
+    batch_size: int = default_of(InfluenceConfig, "batch_size")
+    seed: int = 0
+    chunk: int = 16  # examples per eigenvalue-correction chunk (bounds memory)
+    fisher_samples: int = default_of(InfluenceConfig, "fisher_samples")
+    factors: str = default_of(
+        InfluenceConfig, "factors"
+    )  # where the running sums live: cpu (device memory for the model) | device
+    refine: int = default_of(
+        InfluenceConfig, "refine"
+    )  # conjugate-gradient steps toward the exact Gauss-Newton solution (refine.py)
+    loss: str = "example"  # the training objective differentiated: example | token (docs/method.md)
+
+    def __post_init__(self) -> None:
+        if self.curvature not in CURVATURES:
+            raise IdealError(
+                f"--curvature must be one of {', '.join(CURVATURES)}, got {self.curvature!r}"
+            )
+        if self.fisher not in FISHERS:
+            raise IdealError(f"--fisher must be sampled or empirical, got {self.fisher!r}")
+        if self.damping_abs is None and not self.damping > 0:
+            raise IdealError(f"--damping must be > 0, got {self.damping}")
+        if self.damping_abs is not None and self.damping_abs < 0:
+            raise IdealError(f"--damping-abs must be >= 0, got {self.damping_abs}")
+        if self.fisher_samples < 1:
+            raise IdealError(f"--fisher-samples must be >= 1, got {self.fisher_samples}")
+        if self.factors not in FACTORS:
+            raise IdealError(f"--factors must be cpu or device, got {self.factors!r}")
+        if self.batch_size < 1:
+            raise IdealError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.refine < 0:
+            raise IdealError(f"--refine must be >= 0, got {self.refine}")
+        if self.loss not in LOSSES:
+            raise IdealError(f"--loss must be one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.refine and self.curvature not in ("ekfac", "kfac"):
+            raise IdealError(
+                f"--refine needs --curvature ekfac or kfac (its preconditioner), got {self.curvature}"
+            )
+
+
+@dataclass(frozen=True)
 class InfluenceJob:
     """One run of the influence step (step.compute_influence, step.probe_seconds): what to compute
     (`config`), the seed of the samples and of the sampled labels, the objective differentiated
@@ -200,8 +213,8 @@ class InfluenceJob:
     loss: str | None = None
     loss_source: str | None = None
     max_length: int | None = None
-    objective: str = "mean"
-    size_factor: bool = True
+    objective: str = DEFAULT_OBJECTIVE
+    size_factor: bool = DEFAULT_SIZE_FACTOR
     on_invalid: str = "error"
     # train.top_layers / train.feature_cache: the influence layers lie in the top blocks (the
     # default layers are restricted to them) and their passes run from the cached features

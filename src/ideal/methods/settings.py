@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ideal.errors import IdealError
-from ideal.influence.settings import OBJECTIVES
+from ideal.influence.settings import DEFAULT_OBJECTIVE, DEFAULT_SIZE_FACTOR, OBJECTIVES
 from ideal.settings import check_choices, setting
 
 RULES = ("ideal", "uniform", "temperature", "fixed", "doremi", "doge")
@@ -86,12 +86,12 @@ class UpdateSettings:
     min_examples: int = setting(1, "At least this many examples per domain.")
     keep_total: bool = setting(True, "Keep the total number of examples exactly the same.")
     size_factor: bool = setting(
-        True,
+        DEFAULT_SIZE_FACTOR,
         "Multiply domain i's sensitivity by n_i/N (docs/method.md; t_i/T, its share of target "
         "tokens, under the token objective).",
     )
     objective: str = setting(
-        "mean",
+        DEFAULT_OBJECTIVE,
         "Q over capabilities: mean of per-capability losses, pooled examples, or the worst "
         "capability.",
         choices=OBJECTIVES,

@@ -31,10 +31,12 @@ from torch import nn
 from transformers import GenerationConfig
 
 from ideal.backends.evaluation.scorers import CHOICE, INSTRUCTION_SCORERS, score_choices
+from ideal.backends.settings import EvalConfig
 from ideal.backends.training.top_layers import FeatureCache
 from ideal.data.rows import Domain, Tokenized, tokenize_examples
 from ideal.errors import IdealError
 from ideal.lm import collate, target_logits
+from ideal.settings import default_of
 
 Scorer = Callable[[str, str], bool]
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -169,8 +171,8 @@ def evaluate_capability(
     domain: Domain,
     scorer: str | None,
     max_length: int | None = None,
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
+    max_new_tokens: int = default_of(EvalConfig, "max_new_tokens"),
+    batch_size: int = default_of(EvalConfig, "batch_size"),
     generate: bool = True,
     features: FeatureCache | None = None,
 ) -> CapabilityResult:
@@ -296,8 +298,8 @@ def run_eval(
     out: str | Path | None = None,
     scorers: dict[str, str] | None = None,
     max_length: int | None = None,
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
+    max_new_tokens: int = default_of(EvalConfig, "max_new_tokens"),
+    batch_size: int = default_of(EvalConfig, "batch_size"),
 ) -> dict[str, Any]:
     """`ideal eval`: every capability directory of `data`; writes the JSON to `out` when given."""
     from ideal.artifacts import atomic_write_json

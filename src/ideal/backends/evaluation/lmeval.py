@@ -27,7 +27,9 @@ from typing import Any
 
 from ideal.artifacts import read_json
 from ideal.backends.protocol import EvalJob, Score, score_from
+from ideal.backends.settings import EvalConfig
 from ideal.errors import IdealError
+from ideal.settings import default_of
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +110,7 @@ class LmEvalEvaluator:
     tasks: dict[str, Any]
     include_path: str | None = None
     limit: float | None = None
-    batch_size: int = 8
+    batch_size: int = default_of(EvalConfig, "batch_size")
     options: dict[str, Any] = field(default_factory=dict)
     include_defaults: bool = True  # also index lm-eval's shipped tasks (thousands of YAMLs)
     name: str = "lm-eval"

@@ -40,10 +40,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ideal.backends.settings import EvalConfig
 from ideal.backends.training.top_layers import FeatureCache
 from ideal.data.rows import Example, Tokenized, tokenize_example
 from ideal.errors import IdealError
 from ideal.lm import collate, target_logits
+from ideal.settings import default_of
 
 CHOICE = "choice"
 
@@ -127,7 +129,7 @@ def score_choices(
     tokenizer: Any,
     examples: Sequence[Example],
     max_length: int | None = None,
-    batch_size: int = 16,
+    batch_size: int = default_of(EvalConfig, "batch_size"),
     features: FeatureCache | None = None,
 ) -> ChoiceResult:
     """Multiple-choice accuracy by the log-likelihood of each option (module docstring)."""
