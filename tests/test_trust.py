@@ -71,6 +71,21 @@ def test_a_trusting_loop_records_each_decision(tmp_path):
         step, base = decision.step, decision.base
         if k < 3:  # a rejected round's influence is never computed
             assert (run / f"round-{k}" / "influence.json").is_file() == decision.accepted
+    # each influence.json says which rounds stepped from it, and its beta and step are the
+    # latest's (after a backtrack the base's file serves a second, smaller step)
+    for k in range(len(summary["rounds"]) - 1):
+        path = run / f"round-{k}" / "influence.json"
+        if not path.is_file():
+            continue
+        document = json.loads(path.read_text())
+        users = [u["round"] for u in document["used_by"]]
+        assert users == sorted(
+            j for j in range(1, len(summary["rounds"]))
+            if json.loads((run / f"round-{j}" / "mixture.json").read_text())["update"]["from_round"] == k
+        )  # fmt: skip
+        latest = json.loads((run / f"round-{users[-1]}" / "mixture.json").read_text())["update"]
+        assert document["step"] == pytest.approx(latest["step"])
+        assert document["beta"] == pytest.approx(latest["beta"])
 
 
 def test_compare_method_ideal_trust(tmp_path):
