@@ -397,3 +397,20 @@ def test_a_reference_set_too_small_to_split_is_compared_on_every_row():
     }}  # fmt: skip
     held = _row_losses(metrics, rows)
     assert held["one"] == [7.0] and held["big"] == [float(i) for i in rows["big"]]
+
+
+def test_the_surrogate_proposes_one_more_candidate_in_a_run(tmp_path):
+    import yaml
+
+    base = yaml.safe_load(STEP)
+    base["update"] = {"candidates": [0.2], "min_z": 0.0, "surrogate": True}
+    config = load_config(None, base=base)
+    summary = run_loop(config, tmp_path / "run")
+    proposal = json.loads((tmp_path / "run" / "step-1" / "surrogate" / "mixture.json").read_text())
+    record = proposal["update"]
+    assert record["rule"] == "surrogate" and record["step"] is None
+    assert record["surrogate"]["observations"] == {"values": 1, "gradients": 1}
+    assert max(abs(b) for b in record["beta"].values()) <= 0.2 + 1e-9  # inside the radius
+    names = {row["name"] for row in summary.rounds[1].candidates}
+    assert names <= {"m0.200", "surrogate"} and "m0.200" in names
+    assert summary.compute.trainings == 1 + len(names) <= planned_trainings(config)
