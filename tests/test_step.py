@@ -414,3 +414,28 @@ def test_the_surrogate_proposes_one_more_candidate_in_a_run(tmp_path):
     names = {row["name"] for row in summary.rounds[1].candidates}
     assert names <= {"m0.200", "surrogate"} and "m0.200" in names
     assert summary.compute.trainings == 1 + len(names) <= planned_trainings(config)
+
+
+def test_the_feature_caches_fill_is_an_item_of_its_own(tmp_path):
+    """Training's seconds never held the fill, evaluation's and influence's did: the summary
+    takes it out of each and counts it once, as `fill`; a run that finds the rows cached pays
+    none."""
+    import yaml
+
+    base = yaml.safe_load(STEP)
+    base["rounds"] = 0
+    base["train"].update(top_layers=1, lora=True, lora_r=2)
+    config = load_config(None, base=base)
+    shared = tmp_path / "features"
+    first = run_loop(config, tmp_path / "a", features=shared)
+    here = tmp_path / "a" / "round-0"
+    trained = json.loads((here / "model" / "train_settings.json").read_text())
+    metrics = json.loads((here / "metrics.json").read_text())
+    assert trained["fill_seconds"] > 0 and metrics["fill_seconds"] > 0
+    seconds = first.rounds[0].seconds
+    assert seconds["fill"] == pytest.approx(trained["fill_seconds"] + metrics["fill_seconds"])
+    assert seconds["eval"] == pytest.approx(metrics["seconds"] - metrics["fill_seconds"])
+    assert seconds["train"] == trained["seconds"]
+    assert first.compute.total == pytest.approx(sum(v or 0.0 for v in seconds.values()))
+    again = run_loop(config, tmp_path / "b", features=shared)
+    assert "fill" not in again.rounds[0].seconds  # every row was in the shared cache

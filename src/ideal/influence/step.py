@@ -83,13 +83,14 @@ def compute_influence(
     if config.memory is not None:
         groups = layer_groups(model, selected, len(refs), parse_size(config.memory), settings)
     sets = (*domains.values(), *refs.values(), curvature)
-    forward = cached_forward(model, job, sets, tokenizer.pad_token_id, features)
+    forward, filled = cached_forward(model, job, sets, tokenizer.pad_token_id, features)
     prepare = time.perf_counter() - start
     result = domain_influence(
         model, selected, domains, refs, settings, tokenizer.pad_token_id, progress, curvature,
         groups, forward,
     )  # fmt: skip
-    result.seconds = {"load_and_tokenize": prepare, **result.seconds}
+    # the feature cache's fill is its own item (part of `total`, as of load_and_tokenize)
+    result.seconds = {"load_and_tokenize": prepare - filled, "fill": filled, **result.seconds}
     volumes = training.mixture.volumes
     sizes = {name: len(ws.items) for name, ws in refs.items()}
     target_tokens = None
@@ -173,18 +174,18 @@ def compute_influence(
 
 def cached_forward(
     model: Any, job: InfluenceJob, sets: Any, pad_id: int, root: str | Path | None
-) -> Any:
+) -> tuple[Any, float]:
     """The passes' forward: `target_logits`, or with `job.top_layers` and `job.feature_cache` a
     feature cache's (under `root`, None: in memory), filled with every row of `sets` (the main
-    process writes, the others read)."""
+    process writes, the others read); and the seconds the fill computed."""
     if not (job.top_layers and job.feature_cache):
-        return target_logits
+        return target_logits, 0.0
     from ideal.backends.training.top_layers import FeatureCache
 
     cache = FeatureCache(root, model, job.top_layers, job.max_length)
     rows = [item for ws in sets for item in ws.items]
-    cache.fill_shared(model, rows, pad_id, job.settings.batch_size)
-    return cache.target_logits
+    filled = cache.fill_shared(model, rows, pad_id, job.settings.batch_size)
+    return cache.target_logits, filled
 
 
 def _inputs(
@@ -378,7 +379,7 @@ def probe_seconds(
     small_curvature = head(curvature)
     # the passes as the run makes them, from features cached in memory (the fill is untimed)
     sets = (*small_domains.values(), *small_refs.values(), small_curvature)
-    forward = cached_forward(model, job, sets, tokenizer.pad_token_id, None)
+    forward, _ = cached_forward(model, job, sets, tokenizer.pad_token_id, None)
     result = domain_influence(
         model, selected, small_domains, small_refs, settings, tokenizer.pad_token_id,
         curvature=small_curvature, forward=forward,

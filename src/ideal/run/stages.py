@@ -205,6 +205,8 @@ def evaluate_round(
         metrics["evaluator"] = evaluator.name
     metrics["decoded"] = bool(decode)
     metrics["seconds"] = time.perf_counter() - start
+    # of which the feature cache's fill (its own item of a run's compute)
+    metrics["fill_seconds"] = features.filled_seconds if features is not None else 0.0
     return metrics
 
 
@@ -336,5 +338,6 @@ def score_whole(config: RunConfig, paths: RunPaths, here: Path, round_: int) -> 
     log.info("round %d: decoding the test sets of the returned round", round_)
     metrics = evaluate_round(config, paths, here / "model", round_, decode=True)
     metrics["seconds"] += before.get("seconds") or 0.0
+    metrics["fill_seconds"] = metrics.get("fill_seconds", 0.0) + (before.get("fill_seconds") or 0.0)
     atomic_write_json(metrics_file, metrics)
     return True

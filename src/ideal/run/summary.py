@@ -116,17 +116,26 @@ def _round(
     caps = metrics["capabilities"]
     train_settings = read_json(here / "model" / "train_settings.json")
     seconds: dict[str, float | None] = {"train": train_settings.get("seconds"), "influence": None}
+    # the feature cache's fill (train.top_layers) is an item of its own: training's seconds never
+    # held it, evaluation's and influence's did, and whoever fills a row first pays for it
+    fill = train_settings.get("fill_seconds") or 0.0
     if (here / "influence.json").is_file():
-        seconds["influence"] = read_json(here / "influence.json")["seconds"]["total"]
-    seconds["eval"] = metrics["seconds"]
+        spent = read_json(here / "influence.json")["seconds"]
+        fill += spent.get("fill") or 0.0
+        seconds["influence"] = spent["total"] - (spent.get("fill") or 0.0)
+    fill += metrics.get("fill_seconds") or 0.0
+    seconds["eval"] = metrics["seconds"] - (metrics.get("fill_seconds") or 0.0)
     if (here / "proxy.json").is_file():  # DoReMi / DoGE: the proxy run is their signal's cost
         seconds["proxy"] = read_json(here / "proxy.json")["seconds"]["total"]
+    if fill:
+        seconds["fill"] = fill
     kept = (update.details.get("candidate") if update is not None else None) or None
     if kept is not None:  # the other candidates of a step: their training and evaluation
         seconds["candidates"] = 0.0
         for other in sorted((run / f"step-{k}").glob("*/model")):
-            if other.parent.name != kept:
-                spent = read_json(other / "train_settings.json").get("seconds") or 0.0
+            if other.parent.name != kept:  # training, its fill, and evaluation (fill included)
+                trained = read_json(other / "train_settings.json")
+                spent = (trained.get("seconds") or 0.0) + (trained.get("fill_seconds") or 0.0)
                 if (other.parent / "metrics.json").is_file():
                     spent += read_json(other.parent / "metrics.json").get("seconds") or 0.0
                 seconds["candidates"] += spent

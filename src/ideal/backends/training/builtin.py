@@ -195,7 +195,8 @@ class TrainResult:
     model: nn.Module
     steps: int
     log: list[dict[str, float]] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the steps', not the feature cache's fill
+    fill_seconds: float = 0.0  # computing the cached features of the rows (train.top_layers)
 
 
 StepCallback = Callable[[dict[str, float]], None]
@@ -318,7 +319,8 @@ def train_model(
             accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(model)
     model.eval()
-    return TrainResult(model, total, records, time.perf_counter() - began)
+    filled = features.filled_seconds if features is not None else 0.0
+    return TrainResult(model, total, records, time.perf_counter() - began, filled)
 
 
 def run_train(
@@ -440,7 +442,12 @@ def run_train(
     shutil.copy(log_path, final / "train_log.jsonl")
     atomic_write_json(
         final / "train_settings.json",
-        {**manifest, "steps": result.steps, "seconds": result.seconds},
+        {
+            **manifest,
+            "steps": result.steps,
+            "seconds": result.seconds,
+            "fill_seconds": result.fill_seconds,
+        },  # fmt: skip
     )
     os.replace(final, out)
     shutil.rmtree(partial)

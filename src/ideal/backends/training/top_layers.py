@@ -336,6 +336,7 @@ class FeatureCache:
             precision += f"-autocast-{_dtype_name(autocast)}"
         key = f"{bottom_hash(model, k, root)[:24]}-k{k}-len{max_length or 'none'}-{precision}"
         self.dir = None if root is None else Path(root) / key
+        self.filled_seconds = 0.0  # computing rows through this cache (its own item of compute)
         self.rows: dict[str, Tensor] = {}  # computed here and not written
         self._files: dict[str, Path] = {}  # row -> the fill file that holds it
         self._indexed: set[str] = set()  # fill files whose headers were read
@@ -398,6 +399,7 @@ class FeatureCache:
                 n = len(missing[name].input_ids)
                 pending[name] = states[row, :n].to("cpu", copy=True).contiguous()  # (T_row, hidden)
             seconds += time.perf_counter() - began
+            self.filled_seconds += time.perf_counter() - began
             last = start + batch_size >= len(order)
             held = sum(t.numel() * t.element_size() for t in pending.values())
             if not to_disk:
