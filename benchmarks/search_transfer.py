@@ -48,7 +48,8 @@ import numpy as np
 import torch
 
 from ideal.errors import IdealError
-from ideal.run.compare import grid_shares, run_compare
+from ideal.run.cells import grid_shares
+from ideal.run.compare import run_compare
 from ideal.run.config import RunConfig, load_config
 from ideal.run.loop import run_loop
 from ideal.run.search import SearchSettings

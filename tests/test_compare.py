@@ -67,7 +67,7 @@ def test_every_method_makes_a_valid_config():
 
 
 def test_grid_shares_enumerate_the_positive_lattice():
-    from ideal.run.compare import grid_shares
+    from ideal.run.cells import grid_shares
 
     points = grid_shares(["a", "b", "c"], 5)
     # compositions of 5 into 3 positive parts: C(4, 2) = 6

@@ -11,7 +11,9 @@
                   recipe's subsets and the final training)
     step.py       one IDEAL update whose size is measured: candidate steps trained, the best on
                   held-out reference rows kept, the radius carried to the next update
-    compare.py    methods side by side over seeds (`ideal compare`), sharing round 0; oracle grid
+    cells.py      one cell of a comparison (a run with round 0 shared); random and the oracle
+                  grid, which train several mixtures and keep one
+    compare.py    methods side by side over seeds (`ideal compare`), sharing round 0
     ledger.py     the results ledger: a cell's key, its record, appends under a lock
     fingerprint.py  the code's fingerprint: a micro run's numbers and the rules' proposals
     campaign.py   a comparison kept in the ledger: skip what it holds, workers one per core
