@@ -155,6 +155,9 @@ def test_a_campaign_appends_every_cell_with_what_it_measured(campaign):
     assert selected["test_loss_worst"] == max(selected["test_loss"].values())
     assert first.run["trainings"] == 1 and cells[2].run["trainings"] == 2
     assert set(selected["seconds"]) >= {"train", "eval"} and selected["volumes"]
+    assert set(cells[2].run["stages"]) >= {"train", "eval"}  # the whole run's, by stage
+    assert sum(cells[2].run["stages"].values()) == pytest.approx(cells[2].run["seconds"])
+    assert sum(cells[2].run["returned_shares"].values()) == pytest.approx(1.0)
     assert document["methods"]["uniform"]["trainings"]["mean"] == 2
     paired = document["paired"]["original"]["uniform"]
     assert set(paired) >= {"test_accuracy_mean", "test_loss_mean", "test_loss_worst"}

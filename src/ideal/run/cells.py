@@ -44,8 +44,18 @@ def domains_of(config: RunConfig) -> list[str]:
 
 
 def run_seconds(summary: dict[str, Any], count_round_zero: bool = True) -> float:
+    return float(sum(stage_seconds(summary, count_round_zero).values()))
+
+
+def stage_seconds(summary: dict[str, Any], count_round_zero: bool = True) -> dict[str, float]:
+    """A run's seconds by stage (train, fill, eval, influence, candidates, proxy) over its
+    rounds, round 0 left out when another run paid for it."""
     rounds = summary["rounds"] if count_round_zero else summary["rounds"][1:]
-    return float(sum(v or 0.0 for r in rounds for v in r["seconds"].values()))
+    out: dict[str, float] = {}
+    for r in rounds:
+        for stage, seconds in r["seconds"].items():
+            out[stage] = out.get(stage, 0.0) + (seconds or 0.0)
+    return out
 
 
 def run_one(
@@ -114,15 +124,16 @@ def candidates_run(
     shares_list: list[dict[str, float]],
     score: str,
     features: Path,
-) -> tuple[dict[str, Any], float, list[dict[str, Any]]]:
+) -> tuple[dict[str, Any], float, list[dict[str, Any]], dict[str, float]]:
     """Each candidate mixture trained (round 0 shared); the best by `score` of its final round.
 
     score "reference_loss": lowest mean reference loss (a method may look at that);
     score "test_accuracy": highest mean test accuracy (the oracle; never a method).
-    Returns the best run's summary (+ candidate, shares), the total compute, and every candidate.
+    Returns the best run's summary (+ candidate, shares), the total compute, every candidate,
+    and the compute by stage.
     """
     best: dict[str, Any] | None = None
-    seconds, table = 0.0, []
+    seconds, table, stages = 0.0, [], {}
     for k, shares in enumerate(shares_list):
         candidate = candidate_config(config, shares)
         # the oracle needs every candidate's accuracy; a method decodes only the one it keeps
@@ -130,6 +141,8 @@ def candidates_run(
             candidate, out / f"candidate-{k}", first, features, score == "test_accuracy"
         )
         seconds += run_seconds(summary, count_round_zero=k == 0)  # D0 is trained (or copied) once
+        for stage, spent in stage_seconds(summary, count_round_zero=k == 0).items():
+            stages[stage] = stages.get(stage, 0.0) + spent
         first = first or out / f"candidate-{k}"
         last = summary["rounds"][-1]
         table.append(
@@ -161,9 +174,10 @@ def candidates_run(
             features,
         )  # fmt: skip
         seconds += extra
+        stages["eval"] = stages.get("eval", 0.0) + extra
         rounds = whole["rounds"][:1] if best["candidate"] == "D0" else whole["rounds"]
         best = {**best, "rounds": rounds, "compute": whole.get("compute")}
-    return best, seconds, table
+    return best, seconds, table, stages
 
 
 def decode_kept(

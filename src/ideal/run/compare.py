@@ -63,6 +63,7 @@ from ideal.run.cells import (
     oracle_candidates,
     run_one,
     run_seconds,
+    stage_seconds,
 )
 from ideal.run.config import RunConfig
 from ideal.run.ledger import Book, settings_without_paths
@@ -282,27 +283,33 @@ def _run_cell(
                 config, d0_volumes(config_k, run, first), grid_resolution
             )
         score = "reference_loss" if method == "random" else "test_accuracy"
-        summary, seconds, table = candidates_run(config_k, run, first, shares_list, score, features)
+        summary, seconds, table, stages = candidates_run(
+            config_k, run, first, shares_list, score, features
+        )
         extra = {**extra, "candidate": summary["candidate"], "shares": summary["shares"]}
         if method == "oracle-grid":
             extra["grid"] = table
         trainings = 1 + len(shares_list)  # D0 once, then each candidate
     else:
         summary = run_one(config_k, run, first, features)
-        seconds = run_seconds(summary)
+        seconds, stages = run_seconds(summary), stage_seconds(summary)
         trainings = summary["compute"]["trainings"] if summary.get("compute") else None
     chosen = summary.get("selected_round")
     selected = summary["rounds"][-1 if chosen is None else chosen]
     if method in SEARCH_METHODS:  # scored as trained with the full recipe: RUN/final/
         extra = {**extra, "search_selected": selected}
         selected, seconds = summary["final"], summary["compute"]["total"]
+        stages = {**stages, **{f"final_{s}": v for s, v in summary["compute"]["final"].items()}}
+    total = sum(selected["volumes"].values())
     return {
         "seed": seed,
         "rounds": len(summary["rounds"]) - 1,
         "selected": selected,
         "selected_round": selected["round"],
         "seconds": seconds,
+        "stages": stages,  # the whole run's seconds by stage
         "trainings": trainings,
+        "returned_shares": {d: v / total for d, v in selected["volumes"].items()},
         # one SFT with the full recipe: D0's (round 0), or the final training's
         "sft_seconds": selected["seconds"]["train"]
         if method in SEARCH_METHODS
