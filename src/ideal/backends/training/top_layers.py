@@ -373,8 +373,8 @@ class FeatureCache:
             name = row_key(item)
             if not self._cached(name):
                 missing.setdefault(name, item)
-        if not missing:
-            log.info(
+        if not missing:  # the usual case once filled: said only in the debug log
+            log.debug(
                 "feature cache: %d rows found in %s", len(self.rows) + len(self._files), self.dir
             )
             return 0.0
