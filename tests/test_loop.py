@@ -212,6 +212,7 @@ def test_demo_quick(cli, tmp_path):
     result = cli("demo", "--quick", "--out", tmp_path / "demo")
     assert result.code == 0, result.err
     assert "round 0" in result.out and "report:" in result.out
+    assert "mean test loss" in result.out  # held out, beside accuracy, every round
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert len(summary["rounds"]) == 2 and summary["rounds"][0]["test_accuracy_mean"] is not None
     selected = summary["rounds"][summary["selected_round"]]

@@ -53,6 +53,7 @@ def run_tables(summary: RunSummary, run_dir: Path) -> list[Any]:
     table.add_row("mean", *(fmt(r.test_accuracy_mean) for r in rounds))
     table.add_row("worst", *(fmt(r.test_accuracy_worst) for r in rounds))
     table.add_row("mean reference loss", *(fmt(r.reference_loss_mean) for r in rounds))
+    table.add_row("mean test loss", *(fmt(r.test_loss_mean) for r in rounds))
     for domain in rounds[0].volumes:
         table.add_row(f"volume {domain}", *(str(r.volumes.get(domain)) for r in rounds))
     out: list[Any] = [table]
