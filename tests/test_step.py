@@ -183,32 +183,25 @@ def test_surrogate_keeps_the_total():
 
 # ---------------------------------------------------------------- the loop
 
-STEP = """
-suite:
-  domains:
-    - {name: add, task: add, pool: 60, volume: 40}
-    - {name: reverse, task: reverse, pool: 60, volume: 20}
-    - {name: reverse_alt, task: reverse, pool: 60, volume: 40, conflict: true}
-  capabilities: [add, reverse]
-  reference_size: 8
-  test_size: 8
-  hidden_size: 16
-  num_layers: 1
-  num_heads: 2
-  intermediate_size: 32
-rounds: 1
-train: {max_steps: 20, lr: 0.003, batch_size: 8, checkpoint_every: 10, threads: 1}
-influence: {batch_size: 16}
-# min_z 0: a toy this small has no sensitivity beyond 2 standard errors, and these tests
-# check the candidates' machinery, not the noise
-update: {candidates: [0.2, 0.6], min_z: 0.0}
-eval: {max_new_tokens: 4, accuracy_rounds: returned}
-"""
+
+def step_config() -> dict:
+    """test_loop's tiny suite, one round, updated by two candidate steps. min_z 0: a toy this
+    small has no sensitivity beyond 2 standard errors, and these tests check the candidates'
+    machinery, not the noise."""
+    import yaml
+
+    from tests.test_loop import TINY
+
+    base = yaml.safe_load(TINY)
+    base.update(rounds=1, update={"candidates": [0.2, 0.6], "min_z": 0.0},
+                eval={"max_new_tokens": 4, "accuracy_rounds": "returned"})  # fmt: skip
+    base["train"]["max_steps"] = 20
+    return base
 
 
 @pytest.fixture(scope="module")
 def stepped(tmp_path_factory):
-    config = load_config(None, base=__import__("yaml").safe_load(STEP))
+    config = load_config(None, base=step_config())
     run = tmp_path_factory.mktemp("step") / "run"
     summary = run_loop(config, run)
     return config, run, summary
@@ -262,9 +255,8 @@ def test_only_the_returned_round_is_decoded(stepped):
 
 
 def test_no_step_when_nothing_survives_the_noise(tmp_path):
-    import yaml
 
-    base = yaml.safe_load(STEP)
+    base = step_config()
     base["update"] = {"candidates": [0.2, 0.6], "min_z": 1e6}  # every sensitivity is noise
     summary = run_loop(load_config(None, base=base), tmp_path / "run")
     assert [r.round for r in summary.rounds] == [0]
@@ -400,9 +392,8 @@ def test_a_reference_set_too_small_to_split_is_compared_on_every_row():
 
 
 def test_the_surrogate_proposes_one_more_candidate_in_a_run(tmp_path):
-    import yaml
 
-    base = yaml.safe_load(STEP)
+    base = step_config()
     base["update"] = {"candidates": [0.2], "min_z": 0.0, "surrogate": True}
     config = load_config(None, base=base)
     summary = run_loop(config, tmp_path / "run")
@@ -420,9 +411,8 @@ def test_the_feature_caches_fill_is_an_item_of_its_own(tmp_path):
     """Training's seconds never held the fill, evaluation's and influence's did: the summary
     takes it out of each and counts it once, as `fill`; a run that finds the rows cached pays
     none."""
-    import yaml
 
-    base = yaml.safe_load(STEP)
+    base = step_config()
     base["rounds"] = 0
     base["train"].update(top_layers=1, lora=True, lora_r=2)
     config = load_config(None, base=base)
