@@ -114,7 +114,7 @@ def noise_aware(
     margin = min_z * se
     if shrink == "gate":
         return np.where(np.abs(alpha) < margin, 0.0, alpha)
-    return np.sign(alpha) * np.maximum(np.abs(alpha) - margin, 0.0)
+    return np.sign(alpha) * np.maximum(np.abs(alpha) - margin, 0.0) + 0.0  # no -0.0
 
 
 def direction_table(
