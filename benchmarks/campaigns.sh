@@ -33,11 +33,12 @@ if [[ $WHAT == real || $WHAT == all ]]; then
 fi
 
 if [[ $WHAT == toys || $WHAT == all ]]; then
-  # the toy suites with the library's default rounds (2), beside the random control
-  compare demo-defaults src/ideal/configs/demo.yaml original,uniform,random,ideal 0-4
+  # the toy suites with the library's default rounds (2), beside the random control, the
+  # paper's single step and the surrogate
+  methods=original,uniform,random,ideal,ideal-single-step,ideal-surrogate
+  compare demo-defaults src/ideal/configs/demo.yaml $methods 0-4
   for suite in conflict skewed noisy; do
-    compare "$suite-defaults" "benchmarks/suites/$suite.yaml" original,uniform,random,ideal 0-4 \
-      rounds=2
+    compare "$suite-defaults" "benchmarks/suites/$suite.yaml" $methods 0-4 rounds=2
   done
 fi
 

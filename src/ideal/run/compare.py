@@ -30,6 +30,10 @@ statistics over seeds (paired differences, gap closure, cost, transfer) are idea
     ideal-search  the IDEAL rule with EK-FAC, its rounds with the config's `search:` recipe (or,
                   without one, the default: a quarter of the data, ideal.run.search); the mixture
                   it returns is trained once with the full recipe, and that model is scored
+    ideal-surrogate  the IDEAL rule with EK-FAC, each update with one more candidate: the
+                  minimiser of the surrogate (`update.surrogate`)
+    ideal-single-step  docs/method.md's step after the probe: one step of `update.step`, every
+                  sensitivity whole, no candidates (the step before `update.candidates`)
     random        random mixtures on the simplex at the same total, each trained: as many as ideal's
                   config plans to train, D0 among them (`--random-candidates` sets their number);
                   the one with the best reference objective is kept (its compute counts them all)
@@ -112,6 +116,13 @@ METHODS: dict[str, dict[str, Any]] = {
     },
     "ideal-no-probe": {"rule": "ideal", "curvature": "ekfac", "update": {"first_round": "ideal"}},
     "ideal-search": {"rule": "ideal", "curvature": "ekfac", "search": True},
+    "ideal-surrogate": {"rule": "ideal", "curvature": "ekfac", "update": {"surrogate": True}},
+    # docs/method.md's step (one step of update.step, every sensitivity whole), after the probe
+    "ideal-single-step": {
+        "rule": "ideal",
+        "curvature": "ekfac",
+        "update": {"candidates": (), "min_z": 0.0, "selection": 0.0},
+    },  # fmt: skip
     "random": {"rounds": 1, "rule": "fixed"},
     "doremi": {"rounds": 1, "rule": "doremi"},
     "doge": {"rounds": 1, "rule": "doge"},
