@@ -5,6 +5,7 @@
                                the update that made it (ideal.records.UpdateRecord)
     RUN/round-K/model/, train.json, metrics.json, proxy.json   the stages' work (ideal.run.stages)
     RUN/round-K/influence.json influence of round K's model (+ .csv, .png): an update from round K
+    RUN/reference-split/, RUN/step-K/   an IDEAL update by candidate steps (ideal.run.step)
     RUN/round-K/search/        with `search.fraction` < 1: the nested subset round K trained on
     RUN/final/                 with `search:`: the returned mixture trained once with the run's
                                recipe (mixture.json, model/, train.json, metrics.json)
@@ -12,11 +13,14 @@
     RUN/report.html            plots and tables (ideal.report.run)
 
 Round 0 trains on D0. Under `update.first_round: uniform` (the default) round 1 is the uniform
-mixture at D0's total, a probe; every later round applies the update rule to the influence of the
-round it starts from (the better of D0 and the probe after the probe, the trust region's choice
-with `update.trust_region`, else the previous round), resamples, retrains from the base model and
-evaluates. Every stage writes its artifact atomically and is skipped on --resume when present, so
-a killed run continues where it stopped.
+mixture at D0's total, a probe. Every later round is an IDEAL update from the best round so far
+whose size is measured (`update.candidates`, ideal.run.step): candidate steps along the influence
+direction are resampled, trained from the base model and evaluated, and the best on reference
+rows held out from the direction becomes the round. With `update.candidates: []` a round applies
+the update rule once to the influence of the round it starts from (the better of D0 and the probe
+after the probe, the trust region's choice with `update.trust_region`, else the previous round).
+Every stage writes its artifact atomically and is skipped on --resume when present, so a killed
+run continues where it stopped.
 
 With a search recipe (`search:`, ideal.run.search) the rounds train, evaluate and compute influence
 with it, on a nested fraction of each round's volumes; the round they return is then trained once
