@@ -80,7 +80,9 @@ def test_a_line_cut_by_a_crash_is_skipped_and_a_bad_line_is_named(tmp_path, capl
         handle.write('{"format": "ideal-ledger/1", "key": "k2", "run": {"se')  # killed mid-write
     assert [c.key for c in read_ledger(ledger)] == ["k1"]
     assert "unfinished line" in caplog.text
-    ledger.write_text('{"format": "ideal-ledger/1", "key": "k"\n' + ledger.read_text())
+    append_cell(ledger, cell("k3"))  # the next append starts a line of its own
+    assert [c.key for c in read_ledger(ledger)] == ["k1", "k3"]
+    ledger.write_text("not json\n" + ledger.read_text())
     with pytest.raises(IdealError, match=r"ledger.jsonl:1: invalid JSON"):
         read_ledger(ledger)
     ledger.write_text('{"format": "other"}\n')
@@ -255,3 +257,33 @@ def test_a_cell_of_another_campaign_is_reused_and_recorded_under_this_one(campai
     assert found.campaign == "other" and found.reused_from == "tiny-c" and found.run == first.run
     assert book.lookup(first.key) == found  # recorded once
     assert [c.campaign for c in read_ledger(ledger)].count("other") == 1
+
+
+def test_a_worker_refuses_code_other_than_its_campaigns(campaign, tmp_path):
+    from ideal.run.campaign import open_book
+
+    config, root, _, _ = campaign
+    inputs = json.loads((root / "out" / "inputs.json").read_text())
+    stale = tmp_path / "inputs.json"
+    stale.write_text(json.dumps({**inputs, "source": "another"}))
+    with pytest.raises(IdealError, match="the ideal package changed"):
+        open_book(config, ["original"], tmp_path / "l.jsonl", "c", "tiny", tmp_path, stale)
+    fresh = tmp_path / "fresh.json"
+    fresh.write_text(json.dumps(inputs))
+    book = open_book(config, ["original"], tmp_path / "l.jsonl", "c", "tiny", tmp_path, fresh)
+    assert book.code == inputs["code"]
+
+
+def test_the_tables_take_one_set_of_inputs_per_method(campaign, tmp_path):
+    _, _, held, _ = campaign
+    ledger = tmp_path / "ledger.jsonl"
+    ledger.write_text(held.read_text())
+    old = read_ledger(ledger)
+    changed = replace(old[2], key="new", inputs={**old[2].inputs, "data": "other"},
+                      run={**old[2].run, "selected": {**old[2].run["selected"],
+                                                      "test_accuracy_mean": 0.99}})  # fmt: skip
+    append_cell(ledger, changed)  # uniform seed 0 again, after a change of inputs
+    document = ledger_document(ledger, "tiny-c")
+    runs = document["methods"]["uniform"]["runs"]
+    assert [r["selected"]["test_accuracy_mean"] for r in runs] == [0.99]  # not beside seed 1's
+    assert document["stale_cells"] == 2 and document["cells"] == 3

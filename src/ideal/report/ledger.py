@@ -28,9 +28,11 @@ def campaign_markdown(document: dict[str, Any]) -> str:
     differences against each baseline the campaign has."""
     methods = document["methods"]
     seeds = document["seeds"]
+    stale = document.get("stale_cells") or 0
+    left = f" ({stale} older cells of other inputs left out)" if stale else ""
     lines = [
-        f"Campaign `{document['campaign']}` on `{document['suite']}`: {document['cells']} cells, "
-        f"seeds {', '.join(map(str, seeds))}. Rendered by `ideal ledger tables` from "
+        f"Campaign `{document['campaign']}` on `{document['suite']}`: {document['cells']} cells"
+        f"{left}, seeds {', '.join(map(str, seeds))}. Rendered by `ideal ledger tables` from "
         "docs/ledger.jsonl; mean +- sd over seeds; paired differences are method - baseline "
         "per seed, +- their standard error, verdict at 2 standard errors (higher accuracy, "
         "lower held-out loss is better).",
@@ -86,6 +88,9 @@ def campaign_markdown(document: dict[str, Any]) -> str:
                 f"| {_diff(entry['test_loss_worst'])} | {per_seed} |"
             )
     machines = [json.loads(m) for m in document.get("machines", [])]
+    if len(machines) > 1:
+        lines += ["", "The cells come from more than one machine: seconds and cost in SFTs pair "
+                  "cells measured apart."]  # fmt: skip
     if machines:
         where = "; ".join(
             f"{m.get('cpu')}, {m.get('cores')} cores, {m.get('threads')} thread(s), "

@@ -31,7 +31,7 @@ from ideal.artifacts import atomic_write_json, atomic_write_text, read_json
 from ideal.errors import IdealError
 from ideal.run.compare import compare_document, run_compare
 from ideal.run.config import MIRRORED, RunConfig
-from ideal.run.ledger import Book, commit_of, machine, read_ledger, tree_hash
+from ideal.run.ledger import Book, commit_of, machine, read_ledger, source_hash, tree_hash
 
 log = logging.getLogger("ideal")
 
@@ -48,6 +48,8 @@ def data_hash(config: RunConfig) -> str:
              config.test_data]  # fmt: skip
     if config.search is not None and config.search.model:
         paths.append(resolve_model_dir(config.search.model))
+    # files a run reads by path: an external trainer's base config, lm-eval's local tasks
+    paths += [config.train.base_config, config.eval.include_path]
     return tree_hash(paths)
 
 
@@ -69,14 +71,20 @@ def open_book(
     and written to OUT/inputs.json."""
     from ideal.run.fingerprint import code_fingerprint
 
-    if inputs is not None:
+    if inputs is not None:  # a worker: the campaign's inputs, measured on this very code
         shared = read_json(inputs)
+        if shared.get("source") != source_hash():
+            raise IdealError(
+                f"{inputs}: the ideal package changed since this campaign measured its code's "
+                "fingerprint; start the campaign again (its cells are kept)"
+            )
     else:
         log.info("ledger: hashing the data and fingerprinting the code")
         began = time.perf_counter()
         shared = {
             "data": data_hash(config),
             "code": code_fingerprint(methods),
+            "source": source_hash(),
             "commit": commit_of(Path(__file__).resolve().parent),
             "machine": machine(),
         }
@@ -198,6 +206,11 @@ def ledger_document(ledger: Path, campaign: str) -> dict[str, Any]:
     cells = [c for c in read_ledger(ledger) if c.campaign == campaign]
     if not cells:
         raise IdealError(f"{ledger}: no cell of campaign '{campaign}'")
+    # one set of inputs per method: those of its latest cell (a campaign re-run after a change
+    # of code or data keeps its older cells in the ledger, but never beside the new ones)
+    current = {c.method: json.dumps(c.inputs, sort_keys=True) for c in cells}
+    stale = [c for c in cells if json.dumps(c.inputs, sort_keys=True) != current[c.method]]
+    cells = [c for c in cells if json.dumps(c.inputs, sort_keys=True) == current[c.method]]
     latest: dict[tuple[str, int], Any] = {}
     for cell in cells:
         latest[(cell.method, cell.seed)] = cell
@@ -209,6 +222,7 @@ def ledger_document(ledger: Path, campaign: str) -> dict[str, Any]:
     document["campaign"] = campaign
     document["suite"] = cells[-1].suite
     document["cells"] = len(latest)
+    document["stale_cells"] = len(stale)
     document["machines"] = sorted({json.dumps(c.machine, sort_keys=True) for c in cells})
     document["commits"] = sorted({c.commit for c in cells})
     return document

@@ -73,8 +73,9 @@ class Cell:
 
 def read_ledger(path: str | Path) -> list[Cell]:
     """Every cell of the ledger, in the order written (a missing file is an empty ledger). A
-    line cut short by a crash is skipped with a warning; any other bad line is an error naming
-    it."""
+    line cut short by a crash (invalid JSON that starts as a ledger line: `{"`) is skipped with a
+    warning, wherever it is, so one crash cannot stop every later campaign; any other bad line
+    is an error naming it."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -86,7 +87,7 @@ def read_ledger(path: str | Path) -> list[Cell]:
         try:
             data = json.loads(line)
         except json.JSONDecodeError as err:
-            if number == len(lines):  # the last line, cut by a crash while appending
+            if line.startswith('{"'):  # a cell cut by a crash while it was appended
                 log.warning("%s:%d: an unfinished line, skipped (%s)", path, number, err.msg)
                 continue
             raise IdealError(f"{path}:{number}: invalid JSON ({err.msg})") from None
@@ -104,9 +105,14 @@ def append_cell(path: str | Path, cell: Cell) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     line = json.dumps(cell.to_json(), sort_keys=True) + "\n"
-    with open(path, "a", encoding="utf-8") as handle:
+    with open(path, "a+", encoding="utf-8") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
+            handle.seek(0, os.SEEK_END)
+            if handle.tell() > 0:  # a line cut by a crash must not swallow this one
+                handle.seek(handle.tell() - 1)
+                if handle.read(1) != "\n":
+                    line = "\n" + line
             handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
@@ -156,8 +162,8 @@ class Book:
     def record(self, key: str, method: str, seed: int, run: dict[str, Any]) -> Cell:
         cell = Cell(
             key=key, campaign=self.campaign, suite=self.suite, method=method, seed=seed,
-            inputs=self.inputs(method), run=run, commit=self.commit, machine=self.machine,
-            date=now(),
+            inputs=self.inputs(method), run=run, commit=commit_of(Path(__file__).parent),
+            machine=self.machine, date=now(),
         )  # fmt: skip
         append_cell(self.path, cell)
         return cell
@@ -208,6 +214,21 @@ def tree_hash(paths: Iterable[str | Path | None]) -> str:
             with open(path, "rb") as handle:
                 while chunk := handle.read(1 << 24):
                     digest.update(chunk)
+    return digest.hexdigest()[:32]
+
+
+def source_hash() -> str:
+    """sha256 of the `ideal` package's own files (sources, configs, shipped data), whatever
+    the commit: a campaign's workers check that they run the code its fingerprint measured."""
+    import ideal
+
+    root = Path(ideal.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root)
+        if not path.is_file() or "__pycache__" in relative.parts or path.suffix == ".pyc":
+            continue
+        digest.update(str(relative).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:32]
 
 
