@@ -429,3 +429,25 @@ def test_the_feature_caches_fill_is_an_item_of_its_own(tmp_path):
     assert first.compute.total == pytest.approx(sum(v or 0.0 for v in seconds.values()))
     again = run_loop(config, tmp_path / "b", features=shared)
     assert "fill" not in again.rounds[0].seconds  # every row was in the shared cache
+
+
+def test_a_second_process_cannot_run_the_same_directory(stepped):
+    """While one process holds a run directory, another stops at once with one line."""
+    import subprocess
+    import sys
+
+    config, run, _ = stepped
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+         str(run / ".lock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(IdealError, match="another process is running this run directory"):
+            run_loop(config, run, resume=True)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_loop(config, run, resume=True).selected_round is not None  # free again

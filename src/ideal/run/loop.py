@@ -53,7 +53,7 @@ from ideal.methods.trust import StepDecision, trust_step
 from ideal.records import RunSummary, UpdateRecord
 from ideal.run.config import RunConfig
 from ideal.run.preflight import preflight
-from ideal.run.rundir import RunPaths, prepare_run, search_paths
+from ideal.run.rundir import RunPaths, prepare_run, run_lock, search_paths
 from ideal.run.stages import (
     FINAL_ROUND,
     evaluate_round,
@@ -235,139 +235,154 @@ def run_loop(
     barrier()
     if not main:  # reads what the main process wrote (and checks the config hash)
         paths = prepare_run(config, run_dir, resume=True, features=features)
-    first = paths.round(0)
-    if main and not (first / "mixture.json").is_file():
-        training = load_training_set(paths.train)
-        write_mixture_dir(first, training, initial_mixture(config, training), data_subdir="data")
-    barrier()
-    # With `search:`, the rounds below run with the search recipe (its model, train and eval
-    # keys; `config` and `paths` are rebound to it) on a nested fraction of each mixture, and
-    # the run's own recipe trains the returned mixture once after them (train_final).
-    recipe, recipe_paths = config, paths
-    fraction = config.search.fraction if config.search is not None else 1.0
-    config, paths = config.search_config(), search_paths(config, paths)
-    split = reference_split(config, paths, main)  # update.candidates: rows held out to choose
-    k = 0
-    while True:
-        here = paths.round(k)
-        model_dir = here / "model"
-        if main and not model_dir.is_dir():  # a candidate step's round: its kept candidate's
-            adopt(paths, k)
-        barrier()
-        if not model_dir.is_dir():
-            train_round(config, paths, k, data=search_rows(here, fraction, main))
-        if main and not (here / "metrics.json").is_file():
-            log.info("round %d: evaluating", k)
-            atomic_write_json(here / "metrics.json", evaluate_round(config, paths, model_dir, k))
-        barrier()
-        if k >= config.rounds:
-            break
-        probe = uniform_probe(config, paths, k)
-        rule = UniformRule() if probe else make_rule(config)
-        decision = step_decision(config, paths, k)
-        if decision.base != k:
-            log.info(
-                "round %d: reference loss not below round %d's; the next update starts again "
-                "from round %d with step %.3g",
-                k,
-                decision.base,
-                decision.base,
-                decision.step,
+    lock = run_lock(paths.run) if main else None  # one process runs a run directory
+    try:
+        first = paths.round(0)
+        if main and not (first / "mixture.json").is_file():
+            training = load_training_set(paths.train)
+            write_mixture_dir(
+                first, training, initial_mixture(config, training), data_subdir="data"
             )
-        if main and rule.signal == "proxy" and not (here / "proxy.json").is_file():
-            log.info("round %d: proxy run (%s)", k, rule.name)
-            write_proxy_files(here, proxy_round(config, paths, here, model_dir))
-        # the influence of the round the update starts from (a rejected round's is never used)
-        source = paths.round(decision.base)
-        stepping = probe is None and uses_candidates(config)
-        if rule.signal == "influence" and not (source / "influence.json").is_file():
-            log.info("round %d: influence", decision.base)
-            reference = split.direction if stepping and split is not None else paths.reference
-            result, document = compute_influence(
-                source / "model", search_rows(source, fraction, main), reference,
-                config.influence_job(), track,
-                features=paths.features,
-            )  # fmt: skip
-            if fraction < 1.0:  # scored on the search subset; the update moves the whole mixture
-                document["search_volumes"] = document["volumes"]
-                document["volumes"] = load_training_set(source).mixture.volumes
-            if config.update.rule == "ideal":  # the step this update takes, m of this round
-                step_rule = make_rule(
-                    replace(config, update=replace(config.update, step=decision.step))
-                )
-                document["beta"] = requested_change(step_rule, document)
-                document["step"] = decision.step
-                document["direction"] = direction_table(
-                    document, config.update, list(document["sensitivity"])
-                )
-                if reference is not paths.reference:
-                    document["reference_rows"] = "direction rows (update.selection held out)"
-            if main:
-                write_influence_files(source, result, document)
         barrier()
-        following = paths.round(k + 1)
-        if stepping and not (following / "mixture.json").is_file():
-            moved = candidate_round(
-                config, paths, k, decision.base, next_scale(paths, k), split, fraction, main
-            )
-            if not moved:
-                log.info(
-                    "round %d: no candidate step moves the mixture (every sensitivity within "
-                    "update.min_z standard errors of 0); stopping",
-                    k,
+        # With `search:`, the rounds below run with the search recipe (its model, train and eval
+        # keys; `config` and `paths` are rebound to it) on a nested fraction of each mixture, and
+        # the run's own recipe trains the returned mixture once after them (train_final).
+        recipe, recipe_paths = config, paths
+        fraction = config.search.fraction if config.search is not None else 1.0
+        config, paths = config.search_config(), search_paths(config, paths)
+        split = reference_split(config, paths, main)  # update.candidates: rows held out to choose
+        k = 0
+        while True:
+            here = paths.round(k)
+            model_dir = here / "model"
+            if main:  # a candidate step's round: its kept candidate's model, metrics (idempotent)
+                adopt(paths, k)
+            barrier()
+            if not model_dir.is_dir():
+                train_round(config, paths, k, data=search_rows(here, fraction, main))
+            if main and not (here / "metrics.json").is_file():
+                log.info("round %d: evaluating", k)
+                atomic_write_json(
+                    here / "metrics.json", evaluate_round(config, paths, model_dir, k)
                 )
+            barrier()
+            if k >= config.rounds:
                 break
-        if not (following / "mixture.json").is_file():
-            # every process computes the (deterministic) update, so all agree on stopping
-            if probe:
-                training, mixture, update = probe
-            else:
-                training = load_training_set(source)
-                # numbered (and its resampling seeded) as round K+1 even when it starts from an
-                # earlier base
-                training.mixture = replace(training.mixture, round=k)
-                signals = read_json(source / f"{rule.signal}.json") if rule.signal != "none" else {}
-                mixture, update = next_mixture(config, training, signals, decision.step)
-            if config.update.trust_region and k > 0:
-                update["trust_region"] = {"accepted": decision.accepted, "after_round": k}
-            record = UpdateRecord(
-                rule=update.pop("rule"),
-                from_round=decision.base,
-                step=update.pop("step"),
-                beta_realised=update.pop("beta_realised"),
-                probe=probe is not None,
-                details=update,
-            )
-            if max(abs(b) for b in record.beta_realised.values()) < config.tolerance:
+            probe = uniform_probe(config, paths, k)
+            rule = UniformRule() if probe else make_rule(config)
+            decision = step_decision(config, paths, k)
+            if decision.base != k:
                 log.info(
-                    "round %d: largest volume change below tolerance %.3g; stopping",
+                    "round %d: reference loss not below round %d's; the next update starts again "
+                    "from round %d with step %.3g",
                     k,
-                    config.tolerance,
+                    decision.base,
+                    decision.base,
+                    decision.step,
                 )
-                break
-            if main:
-                write_mixture_dir(
-                    following, training, mixture, extra={"update": record.to_json()},
-                    data_subdir="data",
+            if main and rule.signal == "proxy" and not (here / "proxy.json").is_file():
+                log.info("round %d: proxy run (%s)", k, rule.name)
+                write_proxy_files(here, proxy_round(config, paths, here, model_dir))
+            # the influence of the round the update starts from (a rejected round's is never used)
+            source = paths.round(decision.base)
+            stepping = probe is None and uses_candidates(config)
+            if rule.signal == "influence" and not (source / "influence.json").is_file():
+                log.info("round %d: influence", decision.base)
+                reference = split.direction if stepping and split is not None else paths.reference
+                result, document = compute_influence(
+                    source / "model", search_rows(source, fraction, main), reference,
+                    config.influence_job(), track,
+                    features=paths.features,
                 )  # fmt: skip
-                if rule.signal == "influence":  # which step this influence.json last served
-                    note_use(source / "influence.json", k + 1, record.step,
-                             record.details.get("beta", {}))  # fmt: skip
+                if (
+                    fraction < 1.0
+                ):  # scored on the search subset; the update moves the whole mixture
+                    document["search_volumes"] = document["volumes"]
+                    document["volumes"] = load_training_set(source).mixture.volumes
+                if config.update.rule == "ideal":  # the step this update takes, m of this round
+                    step_rule = make_rule(
+                        replace(config, update=replace(config.update, step=decision.step))
+                    )
+                    document["beta"] = requested_change(step_rule, document)
+                    document["step"] = decision.step
+                    document["direction"] = direction_table(
+                        document, config.update, list(document["sensitivity"])
+                    )
+                    if reference is not paths.reference:
+                        document["reference_rows"] = "direction rows (update.selection held out)"
+                if main:
+                    write_influence_files(source, result, document)
+            barrier()
+            following = paths.round(k + 1)
+            if stepping and not (following / "mixture.json").is_file():
+                moved = candidate_round(
+                    config, paths, k, decision.base, next_scale(paths, k), split, fraction, main
+                )
+                if not moved:
+                    log.info(
+                        "round %d: no candidate step moves the mixture (every sensitivity within "
+                        "update.min_z standard errors of 0); stopping",
+                        k,
+                    )
+                    break
+            if not (following / "mixture.json").is_file():
+                # every process computes the (deterministic) update, so all agree on stopping
+                if probe:
+                    training, mixture, update = probe
+                else:
+                    training = load_training_set(source)
+                    # numbered (and its resampling seeded) as round K+1 even when it starts from an
+                    # earlier base
+                    training.mixture = replace(training.mixture, round=k)
+                    signals = (
+                        read_json(source / f"{rule.signal}.json") if rule.signal != "none" else {}
+                    )
+                    mixture, update = next_mixture(config, training, signals, decision.step)
+                if config.update.trust_region and k > 0:
+                    update["trust_region"] = {"accepted": decision.accepted, "after_round": k}
+                record = UpdateRecord(
+                    rule=update.pop("rule"),
+                    from_round=decision.base,
+                    step=update.pop("step"),
+                    beta_realised=update.pop("beta_realised"),
+                    probe=probe is not None,
+                    details=update,
+                )
+                if max(abs(b) for b in record.beta_realised.values()) < config.tolerance:
+                    log.info(
+                        "round %d: largest volume change below tolerance %.3g; stopping",
+                        k,
+                        config.tolerance,
+                    )
+                    break
+                if main:
+                    write_mixture_dir(
+                        following, training, mixture, extra={"update": record.to_json()},
+                        data_subdir="data",
+                    )  # fmt: skip
+                    if rule.signal == "influence":  # which step this influence.json last served
+                        note_use(source / "influence.json", k + 1, record.step,
+                                 record.details.get("beta", {}))  # fmt: skip
+            barrier()
+            k += 1
+        summary = summarise_run(paths.run)
+        chosen = summary.selected_round
+        # eval.accuracy_rounds returned: decode the returned round; with `search:` what is scored is
+        # the final training, decoded in train_final, never the search round
+        returned = score_returned and main and chosen is not None and recipe.search is None
+        if returned and score_whole(config, paths, paths.round(chosen), chosen):
+            summary = summarise_run(paths.run)
         barrier()
-        k += 1
-    summary = summarise_run(paths.run)
-    chosen = summary.selected_round
-    returned = score_returned and main and chosen is not None  # eval.accuracy_rounds returned
-    if returned and score_whole(config, paths, paths.round(chosen), chosen):
-        summary = summarise_run(paths.run)
-    barrier()
-    if recipe.search is not None and summary.selected_round is not None:
-        train_final(recipe, recipe_paths, summary.selected_round)
-        summary = summarise_run(paths.run)
-    if main:
-        atomic_write_json(paths.run / "summary.json", summary.to_json())
-        from ideal.report.run import write_report
+        if recipe.search is not None and summary.selected_round is not None:
+            train_final(recipe, recipe_paths, summary.selected_round)
+            summary = summarise_run(paths.run)
+        if main:
+            atomic_write_json(paths.run / "summary.json", summary.to_json())
+            from ideal.report.run import write_report
 
-        write_report(paths.run)
-    barrier()
-    return summary
+            write_report(paths.run)
+        barrier()
+        return summary
+    finally:
+        if lock is not None:
+            lock.close()

@@ -17,6 +17,7 @@ import logging
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -64,12 +65,33 @@ def search_paths(config: RunConfig, paths: RunPaths) -> RunPaths:
     return replace(paths, base=resolve_model_dir(config.search.model))
 
 
+LOCK = ".lock"
+
+
+def run_lock(run: Path) -> Any:
+    """An exclusive lock on RUN/.lock for as long as the returned file is open: a second process
+    that would run the same directory (a campaign started twice, a worker left behind by a
+    killed parent) stops at once with one line instead of training beside the first. The lock
+    goes with the process that holds it, however it ends."""
+    import fcntl
+
+    handle = open(run / LOCK, "a")  # noqa: SIM115  (held open: the lock lives with it)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise IdealError(
+            f"{run}: another process is running this run directory; wait for it or stop it"
+        ) from None
+    return handle
+
+
 def started_only(run: Path) -> bool:
     """Whether a run directory holds nothing but what a run writes before its first stage
     starts: its config, the generated suite, round 0's mixture and rows. Anything else (a
     trainer's checkpoints in round-0/model.partial, an external trainer's output or log) is work
     that starting again would lose."""
-    names = {p.name for p in run.iterdir()}
+    names = {p.name for p in run.iterdir()} - {LOCK}
     if not names <= set(_STARTED):
         return False
     first = run / "round-0"
