@@ -219,14 +219,18 @@ def test_candidates_are_trained_and_chosen_on_held_out_rows(stepped):
     influence = json.loads((run / "round-0" / "influence.json").read_text())
     assert influence["reference_rows"].startswith("direction rows")
     assert set(influence["direction"]["add"]) == {"sensitivity", "stderr", "z", "used"}
-    candidates = sorted(p.name for p in (run / "step-1").iterdir())
+    candidates = sorted(p.name for p in (run / "step-1").iterdir() if p.is_dir())
     assert candidates == ["m0.200", "m0.600"]
     update = json.loads((run / "round-1" / "mixture.json").read_text())["update"]
     table = {row["name"]: row for row in update["candidates"]}
-    assert set(table) == set(candidates)
+    assert set(table) == {"base", *candidates}  # the base round is a candidate of step 0
+    assert table["base"]["step"] == 0.0 and not table["base"]["chosen"]
+    choice = json.loads((run / "step-1" / "choice.json").read_text())
+    assert choice["kept"] == update["candidate"] and choice["from_round"] == 0
 
     def held_out(name):  # Q on the selection rows, from the candidate's own metrics
         directory = run / "round-1" if name == update["candidate"] else run / "step-1" / name
+        directory = run / "round-0" if name == "base" else directory
         metrics = json.loads((directory / "metrics.json").read_text())
         rows = metrics["capabilities"]
         return np.mean([np.mean([rows[c]["reference_row_losses"][i] for i in idx])
@@ -402,7 +406,7 @@ def test_the_surrogate_proposes_one_more_candidate_in_a_run(tmp_path):
     assert record["rule"] == "surrogate" and record["step"] is None
     assert record["surrogate"]["observations"] == {"values": 1, "gradients": 1}
     assert max(abs(b) for b in record["beta"].values()) <= 0.2 + 1e-9  # inside the radius
-    names = {row["name"] for row in summary.rounds[1].candidates}
+    names = {row["name"] for row in summary.rounds[1].candidates} - {"base"}
     assert names <= {"m0.200", "surrogate"} and "m0.200" in names
     assert summary.compute.trainings == 1 + len(names) <= planned_trainings(config)
 
@@ -451,3 +455,29 @@ def test_a_second_process_cannot_run_the_same_directory(stepped):
         holder.kill()
         holder.wait()
     assert run_loop(config, run, resume=True).selected_round is not None  # free again
+
+
+def test_an_update_whose_candidates_do_not_beat_the_base_keeps_it(tmp_path, monkeypatch):
+    """The base round is a candidate of step 0: candidates whose held-out loss is not below it
+    (here made worse) leave no new round; the run says why, returns the base and counts the
+    candidates it trained."""
+    import ideal.run.stages as stages
+
+    real = stages.evaluate_round
+
+    def worse(config, paths, model_dir, round_=None, decode=None):
+        metrics = real(config, paths, model_dir, round_, decode)
+        if model_dir.parent.parent.name.startswith("step-"):  # a candidate: 0.5 worse per row
+            for entry in metrics["capabilities"].values():
+                entry["reference_row_losses"] = [x + 0.5 for x in entry["reference_row_losses"]]
+        return metrics
+
+    monkeypatch.setattr(stages, "evaluate_round", worse)
+    run = tmp_path / "run"
+    summary = run_loop(load_config(None, base=step_config()), run)
+    assert [r.round for r in summary.rounds] == [0] and summary.selected_round == 0
+    choice = json.loads((run / "step-1" / "choice.json").read_text())
+    assert choice["kept"] is None and [r["chosen"] for r in choice["candidates"]][0]
+    assert "no candidate beat round 0" in summary.stopped
+    assert summary.compute.trainings == 3  # D0 and the two candidates, all paid for
+    assert summary.rounds[0].seconds["candidates"] > 0

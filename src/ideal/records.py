@@ -140,6 +140,7 @@ class RunSummary:
     search: str | None = None  # the search recipe in words (`search:`); None: the run's recipe
     final: RoundRecord | None = None  # with `search:`: RUN/final/, once trained and evaluated
     compute: Compute | None = None
+    stopped: str | None = None  # why the rounds ended before `rounds` (an update that kept none)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -151,6 +152,7 @@ class RunSummary:
             "search": self.search,
             "final": None if self.final is None else asdict(self.final),
             "compute": None if self.compute is None else self.compute.to_json(),
+            "stopped": self.stopped,
         }
 
     @classmethod
@@ -175,6 +177,7 @@ class RunSummary:
             if final is None
             else RoundRecord(**{k: v for k, v in final.items() if k in names}),
             None if compute is None else Compute.from_json(compute),
+            data.get("stopped"),
         )
 
     @property

@@ -35,11 +35,12 @@ from ideal.methods.settings import TIES
 
 def candidate_steps(candidates: Sequence[float], scale: float, max_step: float) -> list[float]:
     """The steps trained at this update: each candidate m times the radius' scale, at most
-    `max_step`, without repeats (two candidates pushed to the cap count once), ascending."""
+    `max_step`, to 3 decimals, without repeats (two candidates pushed to the cap count once) and
+    without a step rounded to 0, ascending."""
     if scale <= 0:
         raise IdealError(f"step scale must be > 0, got {scale}")
-    steps = sorted({round(min(m * scale, max_step), 6) for m in candidates})
-    return steps
+    # to 3 decimals: the steps name their candidates (m0.150), so two closer ones are one
+    return sorted({round(min(m * scale, max_step), 3) for m in candidates} - {0.0})
 
 
 def split_rows(counts: Mapping[str, int], fraction: float, seed: int) -> dict[str, list[int]]:

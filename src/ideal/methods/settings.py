@@ -114,8 +114,16 @@ class UpdateSettings:
             raise IdealError(
                 f"update.candidates must each be in (0, 1), got {list(self.candidates)}"
             )
-        if len(set(self.candidates)) != len(self.candidates):
-            raise IdealError(f"update.candidates: a step given twice in {list(self.candidates)}")
+        if len({round(m, 3) for m in self.candidates}) != len(self.candidates):
+            raise IdealError(
+                f"update.candidates: two steps within 0.001 of each other in "
+                f"{list(self.candidates)} (they name one candidate)"
+            )
+        if self.surrogate and not self.size_factor:
+            raise IdealError(
+                "update.surrogate takes the sensitivities as dQ/dlog n_i, which needs "
+                "update.size_factor: true"
+            )
         if not 0 <= self.selection < 1:
             raise IdealError(f"update.selection must be in [0, 1), got {self.selection}")
         if self.min_z < 0:

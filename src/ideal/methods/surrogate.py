@@ -85,22 +85,26 @@ def fit_quadratic(
     curvature_scale: float = 1.0,
 ) -> Quadratic:
     """The weighted least-squares quadratic through the values and gradients (each equation
-    divided by its standard error; a zero error is read as the smallest positive one given),
+    divided by its standard error; a zero error is read as the smallest positive one of its
+    kind given),
     with a ridge prior of standard deviation `curvature_scale` on every entry of A."""
     center = np.asarray(x0, dtype=np.float64)
     k = center.shape[0]
     rows, targets, scales = [], [], []
-    floor = _floor([*value_errors, *np.ravel(np.asarray(gradient_errors, dtype=np.float64))])
+    # a zero error reads as the smallest positive one of its own kind: values and gradients
+    # are in other units
+    value_floor = _floor(value_errors)
+    gradient_floor = _floor(np.ravel(np.asarray(gradient_errors, dtype=np.float64)).tolist())
     for x, value, error in zip(points, values, value_errors, strict=True):
         rows.append(_value_row(np.asarray(x, dtype=np.float64) - center))
         targets.append(float(value))
-        scales.append(max(float(error), floor))
+        scales.append(max(float(error), value_floor))
     for x, g, errors in zip(gradient_points, gradients, gradient_errors, strict=True):
         block = _gradient_rows(np.asarray(x, dtype=np.float64) - center)
         for m in range(k):
             rows.append(block[m])
             targets.append(float(g[m]))
-            scales.append(max(float(errors[m]), floor))
+            scales.append(max(float(errors[m]), gradient_floor))
     if not rows:
         raise IdealError("surrogate: no observation to fit")
     if curvature_scale <= 0:

@@ -58,6 +58,8 @@ def run_tables(summary: RunSummary, run_dir: Path) -> list[Any]:
         table.add_row(f"volume {domain}", *(str(r.volumes.get(domain)) for r in rounds))
     out: list[Any] = [table]
     out += [step_table(r) for r in rounds if r.candidates or r.direction]
+    if summary.stopped:
+        out.append(f"the rounds stopped before `rounds`: {summary.stopped}")
     note = summary.probe_note()
     if note:
         out.append(note)

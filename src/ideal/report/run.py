@@ -211,6 +211,8 @@ def _steps_html(summary: RunSummary) -> str:
                  for row in r.candidates],
                 kept,
             ))  # fmt: skip
+    if summary.stopped:
+        parts.append(f"<p>The rounds stopped early: {html.escape(summary.stopped)}.</p>")
     if not parts:
         return ""
     return (

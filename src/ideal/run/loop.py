@@ -64,12 +64,14 @@ from ideal.run.stages import (
     write_proxy_files,
 )
 from ideal.run.step import (
+    CHOICE,
     adopt,
     best_round,
     candidate_round,
     next_scale,
     note_use,
     reference_split,
+    step_dir,
     uses_candidates,
 )
 from ideal.run.summary import summarise_run
@@ -136,7 +138,7 @@ def step_decision(config: RunConfig, paths: RunPaths, k: int) -> StepDecision:
     (`ideal.methods.trust`)."""
     update = config.update
     if uses_candidates(config):  # from the best round so far; the radius is the step's
-        return StepDecision(update.step, best_round(paths, k), True)
+        return StepDecision(update.step, best_round(config, paths, k), True)
     after_probe = k == 1 and update.first_round == "uniform"  # if round 1 was the probe
     if update.rule != "ideal" or k == 0 or not (update.trust_region or after_probe):
         return StepDecision(update.step, k, True)
@@ -318,12 +320,9 @@ def run_loop(
                 moved = candidate_round(
                     config, paths, k, decision.base, next_scale(paths, k), split, fraction, main
                 )
-                if not moved:
-                    log.info(
-                        "round %d: no candidate step moves the mixture (every sensitivity within "
-                        "update.min_z standard errors of 0); stopping",
-                        k,
-                    )
+                if not moved:  # RUN/step-(K+1)/choice.json says why
+                    reason = read_json(step_dir(paths, k + 1) / CHOICE)["reason"]
+                    log.info("round %d: %s; stopping", k + 1, reason)
                     break
             if not (following / "mixture.json").is_file():
                 # every process computes the (deterministic) update, so all agree on stopping

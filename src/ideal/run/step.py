@@ -7,6 +7,9 @@ evaluated, the best on held-out reference rows kept (update.candidates; ideal.me
     RUN/step-K/<candidate>/   round K's candidates, each an ordinary round directory (mixture.json,
                               data/, model/, train.json, metrics.json): m0.150, m0.400, m0.750 and,
                               with update.surrogate, `surrogate`
+    RUN/step-K/choice.json    what the update kept (the base round itself is a candidate of
+                              step 0: a candidate must beat it by more than its paired SE), or
+                              why no step was taken
     RUN/round-K/              the kept candidate: its mixture (with the whole choice in
                               mixture.json's update), its model and metrics moved in
 
@@ -29,7 +32,7 @@ import numpy as np
 
 from ideal.artifacts import atomic_dir, atomic_write_json, read_json
 from ideal.data.mixture import Constraints
-from ideal.data.mixture_io import TrainingSet, load_training_set, write_mixture_dir
+from ideal.data.mixture_io import load_training_set, write_mixture_dir
 from ideal.errors import IdealError
 from ideal.influence.objective import objective_weights
 from ideal.methods.candidates import Candidate, candidate_steps, choose, split_rows
@@ -45,6 +48,8 @@ log = logging.getLogger("ideal")
 
 SPLIT = "reference-split"
 SURROGATE = "surrogate"
+BASE = "base"  # the round the update starts from, a candidate of step 0
+CHOICE = "choice.json"  # RUN/step-K/choice.json: what the update kept, or why none
 
 
 def uses_candidates(config: RunConfig) -> bool:
@@ -110,12 +115,25 @@ def next_scale(paths: RunPaths, k: int) -> float:
     return 1.0
 
 
-def best_round(paths: RunPaths, k: int) -> int:
-    """The round among 0..k with the lowest mean reference loss (the earliest on a tie)."""
-    losses = [
-        read_json(paths.round(j) / "metrics.json")["reference_loss_mean"] for j in range(k + 1)
+def objective_value(config: RunConfig, metrics: dict[str, Any]) -> float:
+    """Q of a round's reference losses under update.objective: their mean, pooled by rows, or
+    the worst capability's (what the influence step differentiates)."""
+    caps = {c: e for c, e in metrics["capabilities"].items() if "reference_loss" in e}
+    losses = {c: e["reference_loss"] for c, e in caps.items()}
+    if config.update.objective == "worst":
+        return float(max(losses.values()))
+    if config.update.objective == "pooled":
+        sizes = {c: e["reference_examples"] for c, e in caps.items()}
+        return float(sum(losses[c] * sizes[c] for c in caps) / sum(sizes.values()))
+    return float(np.mean(list(losses.values())))
+
+
+def best_round(config: RunConfig, paths: RunPaths, k: int) -> int:
+    """The round among 0..k with the lowest Q (update.objective; the earliest on a tie)."""
+    values = [
+        objective_value(config, read_json(paths.round(j) / "metrics.json")) for j in range(k + 1)
     ]
-    return min(range(k + 1), key=lambda j: (losses[j], j))
+    return min(range(k + 1), key=lambda j: (values[j], j))
 
 
 def adopt(paths: RunPaths, k: int) -> None:
@@ -212,7 +230,7 @@ def surrogate_volumes(
     for directory in trained:
         metrics = read_json(directory / "metrics.json")
         points.append(log_volumes(directory))
-        values.append(metrics["reference_loss_mean"])
+        values.append(objective_value(config, metrics))
         errors.append(objective_stderr(metrics, weights))
     grad_points, gradients, gradient_errors = [], [], []
     for j in range(k + 1):
@@ -264,7 +282,7 @@ def candidate_round(
     training.mixture = replace(training.mixture, round=k)
     steps = candidate_steps(update.candidates, scale, update.max_step)
     specs: list[tuple[str, float | None]] = [(f"m{m:.3f}", m) for m in steps]
-    if update.surrogate:
+    if update.surrogate and steps:
         specs.append((SURROGATE, None))
     here = step_dir(paths, target)
     constraints = Constraints(update.min_examples, update.max_repeats, update.keep_total)
@@ -284,8 +302,15 @@ def candidate_round(
             write_mixture_dir(directory, training, mixture, extra={"update": record},
                               data_subdir="data")  # fmt: skip
     barrier()
-    specs = distinct(here, specs, training.mixture.volumes)
+    specs = distinct(here, specs, training.mixture.volumes, config.tolerance)
     if not specs:
+        if main:
+            reason = (
+                "no candidate step moves the mixture: every sensitivity within update.min_z "
+                "standard errors of 0, or the steps too small at this radius"
+            )
+            atomic_write_json(here / CHOICE, {"kept": None, "from_round": base, "reason": reason})
+        barrier()
         return False
     for n, (name, _) in enumerate(specs, 1):
         directory = here / name
@@ -299,26 +324,27 @@ def candidate_round(
                               evaluate_round(config, paths, directory / "model", target))  # fmt: skip
         barrier()
     if main:
-        _keep(config, paths, target, base, scale, specs, split, signals, training)
+        _keep(config, paths, target, base, scale, specs, split, signals)
         adopt(paths, target)
     barrier()
-    return True
+    return (paths.round(target) / "mixture.json").is_file()
 
 
 def distinct(
-    here: Path, specs: list[tuple[str, float | None]], base: dict[str, int]
+    here: Path, specs: list[tuple[str, float | None]], base: dict[str, int], tolerance: float
 ) -> list[tuple[str, float | None]]:
-    """The candidates worth training: those whose volumes differ from the base round's and from
-    every earlier candidate's (two steps that the constraints and rounding bring to the same
-    mixture are one training). Empty when the direction moves nothing (every sensitivity within
-    its noise): no step is taken."""
-    seen = [base]
+    """The candidates worth training: those that move some domain's volume by at least
+    `tolerance` (relative) from the base round's, and differ from every earlier candidate (two
+    steps that the constraints and rounding bring to the same mixture are one training). Empty
+    when the direction moves nothing (every sensitivity within its noise): no step is taken."""
+    seen: list[dict[str, int]] = []
     kept = []
     for name, m in specs:
         volumes = {
             d: e["volume"] for d, e in read_json(here / name / "mixture.json")["domains"].items()
         }
-        if volumes not in seen:
+        moved = max(abs(volumes[d] / base[d] - 1.0) if base[d] else 0.0 for d in base)
+        if moved >= tolerance and volumes not in seen:
             seen.append(volumes)
             kept.append((name, m))
     return kept
@@ -333,15 +359,19 @@ def _keep(
     specs: list[tuple[str, float | None]],
     split: ReferenceSplit | None,
     signals: dict[str, Any],
-    training: TrainingSet,
 ) -> None:
-    """Choose among the evaluated candidates and write round `target`'s mixture (the kept
-    candidate's, with the choice in its update record)."""
+    """Choose among the base round and the evaluated candidates, and write round `target`'s
+    mixture: the kept candidate's, with the choice in its update record. The base is a
+    candidate of step 0: the lowest of several noisy estimates on the held-out rows is biased
+    low (by about 0.85 of their spread for three), so a candidate that does not beat the base
+    by more than its paired standard error ties with it, and the smaller step (update.ties)
+    keeps the base; then no round is written and RUN/step-K/choice.json says why."""
     here = step_dir(paths, target)
     base_metrics = read_json(paths.round(base) / "metrics.json")
     weights = _weights(config, base_metrics)
     rows = split.selection if split is not None else None
-    candidates, manifests, metrics = [], {}, {}
+    candidates = [Candidate(BASE, 0.0, 0.0, _row_losses(base_metrics, rows))]
+    manifests, metrics = {}, {BASE: base_metrics}
     for name, m in specs:
         manifests[name] = read_json(here / name / "mixture.json")
         metrics[name] = read_json(here / name / "metrics.json")
@@ -351,27 +381,37 @@ def _keep(
     for row in table:
         row["reference_loss_mean"] = metrics[row["name"]]["reference_loss_mean"]
         row["test_loss_mean"] = metrics[row["name"]].get("test_loss_mean")
-    kept = specs[chosen][0]
+    held = {c: len(v) for c, v in (rows or {}).items()}
+    selection = {"fraction": config.update.selection, "rows": held or "all"}
+    if chosen == 0:
+        reason = f"no candidate beat round {base} by more than its paired standard error"
+        log.info(
+            "round %d: %s on the held-out reference rows (%s); round %d stays the best",
+            target, reason, ", ".join(n for n, _ in specs), base,
+        )  # fmt: skip
+        atomic_write_json(here / CHOICE, {
+            "kept": None, "from_round": base, "reason": reason, "candidates": table,
+            "scale": scale, "selection": selection,
+        })  # fmt: skip
+        return
+    kept, step = specs[chosen - 1]
     record = dict(manifests[kept]["update"])
     beta = record["beta_realised"]
-    predicted = float(
-        sum(signals["sensitivity"][d] * beta.get(d, 0.0) for d in signals["sensitivity"])
-    )
-    realised = metrics[kept]["reference_loss_mean"] - base_metrics["reference_loss_mean"]
+    sensitivity = signals["sensitivity"]
+    predicted = float(sum(sensitivity[d] * beta.get(d, 0.0) for d in sensitivity))
+    realised = objective_value(config, metrics[kept]) - objective_value(config, base_metrics)
     largest = config.update.max_step / max(config.update.candidates)
     scale_next, rho = radius_scale(scale, realised, predicted, largest)
     record.update(
         rule="ideal", candidate=kept, candidates=table, scale=scale, scale_next=scale_next,
-        rho=rho, predicted=predicted, realised=realised,
-        selection={"fraction": config.update.selection,
-                   "rows": {c: len(v) for c, v in (rows or {}).items()} or "all"},
+        rho=rho, predicted=predicted, realised=realised, selection=selection,
     )  # fmt: skip
     log.info(
         "round %d: kept candidate %s of %s (held-out reference loss %.4f); radius x%.3g -> x%.3g",
         target, kept, ", ".join(n for n, _ in specs), table[chosen]["selection_loss"], scale,
         scale_next,
     )  # fmt: skip
-    step = specs[chosen][1]
+    atomic_write_json(here / CHOICE, {"kept": kept, "from_round": base, "candidates": table})
     update = UpdateRecord(
         rule="ideal", from_round=base, step=step, beta_realised=record.pop("beta_realised"),
         details={k: v for k, v in record.items() if k not in ("rule", "step", "from_round")},

@@ -55,6 +55,18 @@ def summarise_run(run: str | Path) -> RunSummary:
         kind = KIND_D0 if update is None else KIND_PROBE if probe else update.rule
         rounds.append(_round(here, k, kind, update, mixture, metrics, rounds))
         k += 1
+    stopped = None
+    choice = run / f"step-{k}" / "choice.json"  # an update after the last round that kept none
+    if rounds and choice.is_file() and not (run / f"round-{k}").is_dir():
+        stopped = read_json(choice)["reason"]
+        spent = _candidate_seconds(run / f"step-{k}", kept=None)
+        if spent:
+            last = rounds[-1]
+            seconds = {
+                **last.seconds,
+                "candidates": (last.seconds.get("candidates") or 0.0) + spent,
+            }
+            rounds[-1] = replace(last, seconds=seconds)
     select = config.get("select") or RunConfig.select  # the default
     records = [asdict(r) for r in rounds]
     selected = select_round(records, select) if rounds else None
@@ -69,7 +81,7 @@ def summarise_run(run: str | Path) -> RunSummary:
     recipe = None if search is None else SearchSettings(**search).describe()
     return RunSummary(
         rounds, select, selected, probe_round, continued_from, recipe, final,
-        _compute(rounds, final, trainings(run)) if rounds else None,
+        _compute(rounds, final, trainings(run)) if rounds else None, stopped,
     )  # fmt: skip
 
 
@@ -131,14 +143,7 @@ def _round(
         seconds["fill"] = fill
     kept = (update.details.get("candidate") if update is not None else None) or None
     if kept is not None:  # the other candidates of a step: their training and evaluation
-        seconds["candidates"] = 0.0
-        for other in sorted((run / f"step-{k}").glob("*/model")):
-            if other.parent.name != kept:  # training, its fill, and evaluation (fill included)
-                trained = read_json(other / "train_settings.json")
-                spent = (trained.get("seconds") or 0.0) + (trained.get("fill_seconds") or 0.0)
-                if (other.parent / "metrics.json").is_file():
-                    spent += read_json(other.parent / "metrics.json").get("seconds") or 0.0
-                seconds["candidates"] += spent
+        seconds["candidates"] = _candidate_seconds(run / f"step-{k}", kept)
     predicted = realised = None
     if update is not None:
         source = run / f"round-{update.from_round}" / "influence.json"
@@ -173,6 +178,20 @@ def _round(
         scale=update.details.get("scale") if update is not None else None,
         scale_next=update.details.get("scale_next") if update is not None else None,
     )
+
+
+def _candidate_seconds(step: Path, kept: str | None) -> float:
+    """The training (with its fill) and evaluation (fill included) of a step's candidates, the
+    kept one left out (its model moved into its round, which counts it)."""
+    spent = 0.0
+    for model in sorted(step.glob("*/model")):
+        if model.parent.name == kept:
+            continue
+        trained = read_json(model / "train_settings.json")
+        spent += (trained.get("seconds") or 0.0) + (trained.get("fill_seconds") or 0.0)
+        if (model.parent / "metrics.json").is_file():
+            spent += read_json(model.parent / "metrics.json").get("seconds") or 0.0
+    return spent
 
 
 def returned_mixture(path: str | Path) -> Path:
