@@ -327,6 +327,9 @@ def test_planned_trainings():
     surrogate = replace(config, update=replace(config.update, surrogate=True), rounds=3)
     assert planned_trainings(surrogate) == 1 + 1 + 2 * 4
     assert planned_trainings(replace(config, rounds=0)) == 1
+    # D0 already uniform: no probe, so both rounds are updates of three candidates each
+    assert planned_trainings(config, {"a": 100, "b": 100}) == 1 + 2 * 3
+    assert planned_trainings(config, {"a": 100, "b": 300}) == 1 + 1 + 3
 
 
 def test_a_rounds_evaluation_runs_on_the_gpu_when_there_is_one(stepped, monkeypatch):

@@ -216,6 +216,11 @@ def d0_volumes(config: RunConfig, run: Path, first: Path | None) -> dict[str, in
         from ideal.artifacts import read_json
 
         return {d: e["volume"] for d, e in read_json(mixture)["domains"].items()}
+    return config_d0(config)
+
+
+def config_d0(config: RunConfig) -> dict[str, int]:
+    """D0's volumes as the config sets them: the suite's, or every row of the data once."""
     if config.suite is not None:
         return {spec.name: spec.volume for spec in config.suite.domains}
     from ideal.data.rows import load_domains

@@ -62,6 +62,7 @@ from ideal.methods.rules import random_shares
 from ideal.paired import cost_in_sfts, gap_closure, method_stats, paired_differences, transfer
 from ideal.run.cells import (
     candidates_run,
+    config_d0,
     d0_volumes,
     domains_of,
     oracle_candidates,
@@ -268,7 +269,8 @@ def random_count(config: RunConfig, seed: int) -> int:
     fewer; compare.json reports every method's trainings)."""
     from ideal.run.loop import planned_trainings
 
-    return max(1, planned_trainings(method_config(config, "ideal", seed)) - 1)
+    ideal = method_config(config, "ideal", seed)
+    return max(1, planned_trainings(ideal, config_d0(ideal)) - 1)
 
 
 def _run_cell(

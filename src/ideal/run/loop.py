@@ -118,11 +118,15 @@ def next_mixture(
     return mixture, {**record, "step": update.step}
 
 
-def planned_trainings(config: RunConfig) -> int:
-    """How many models a run of this config trains, if no round stops early: D0, the probe,
-    every IDEAL update's candidates (one step each without them), the final training."""
+def planned_trainings(config: RunConfig, d0: dict[str, int] | None = None) -> int:
+    """How many models a run of this config trains, if no round stops early: D0, the probe
+    (none when D0's volumes `d0` are already uniform: `uniform_probe`), every IDEAL update's
+    candidates (one step each without them), the final training."""
     update = config.update
     probe = int(config.rounds >= 2 and update.rule == "ideal" and update.first_round == "uniform")
+    if probe and d0:
+        mean = sum(d0.values()) / len(d0)
+        probe = int(max(abs(mean / v - 1.0) for v in d0.values() if v) >= config.tolerance)
     steps = config.rounds - probe
     per_step = 1
     if uses_candidates(config):
