@@ -287,3 +287,21 @@ def test_the_tables_take_one_set_of_inputs_per_method(campaign, tmp_path):
     runs = document["methods"]["uniform"]["runs"]
     assert [r["selected"]["test_accuracy_mean"] for r in runs] == [0.99]  # not beside seed 1's
     assert document["stale_cells"] == 2 and document["cells"] == 3
+
+
+def test_the_shared_round_zero_does_not_charge_another_runs_decoding(tmp_path):
+    """original decodes D0 in place (eval.accuracy_rounds returned); a method that copies its
+    round 0 gets the accuracies but not the decoding's seconds."""
+    from ideal.run.cells import share_round_zero
+
+    source, target = tmp_path / "original", tmp_path / "uniform"
+    (source / "round-0" / "data").mkdir(parents=True)
+    (source / "round-0" / "model").mkdir()
+    (source / "round-0" / "mixture.json").write_text("{}")
+    metrics = {"seconds": 30.0, "decode_seconds": 20.0, "decoded": True, "test_accuracy_mean": 0.5}
+    (source / "round-0" / "metrics.json").write_text(json.dumps(metrics))
+    target.mkdir()
+    share_round_zero(source, target)
+    copied = json.loads((target / "round-0" / "metrics.json").read_text())
+    assert copied["seconds"] == 10.0 and "decode_seconds" not in copied
+    assert copied["decoded"] and copied["test_accuracy_mean"] == 0.5

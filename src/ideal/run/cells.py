@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ideal.artifacts import atomic_write_json, read_json
 from ideal.errors import IdealError
 from ideal.run.config import RunConfig
 from ideal.run.loop import run_loop
@@ -28,8 +29,12 @@ def share_round_zero(source: Path, target: Path) -> None:
     tmp = target / ".round-0.copying"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    for name in ("mixture.json", "metrics.json"):
-        shutil.copy2(source / "round-0" / name, tmp / name)
+    shutil.copy2(source / "round-0" / "mixture.json", tmp / "mixture.json")
+    # the source run's decoding of D0 (eval.accuracy_rounds returned) is its own: not charged
+    metrics = read_json(source / "round-0" / "metrics.json")
+    decoded = metrics.pop("decode_seconds", 0.0) or 0.0
+    metrics["seconds"] = (metrics.get("seconds") or 0.0) - decoded
+    atomic_write_json(tmp / "metrics.json", metrics)
     for name in ("data", "model"):
         shutil.copytree(source / "round-0" / name, tmp / name)
     tmp.rename(destination)
@@ -185,7 +190,6 @@ def decode_kept(
 ) -> tuple[dict[str, Any], float]:
     """Round `round_` of `run` scored whole (its test sets decoded when the rounds were not):
     the run's summary afterwards and the seconds it took."""
-    from ideal.artifacts import read_json
     from ideal.run.stages import score_whole
     from ideal.run.summary import summarise_run
 
@@ -213,8 +217,6 @@ def d0_volumes(config: RunConfig, run: Path, first: Path | None) -> dict[str, in
     source = first or run / "candidate-0"
     mixture = source / "round-0" / "mixture.json"
     if mixture.is_file():
-        from ideal.artifacts import read_json
-
         return {d: e["volume"] for d, e in read_json(mixture)["domains"].items()}
     return config_d0(config)
 
