@@ -305,3 +305,34 @@ def test_the_shared_round_zero_does_not_charge_another_runs_decoding(tmp_path):
     copied = json.loads((target / "round-0" / "metrics.json").read_text())
     assert copied["seconds"] == 10.0 and "decode_seconds" not in copied
     assert copied["decoded"] and copied["test_accuracy_mean"] == 0.5
+
+
+@pytest.mark.slow
+def test_the_fingerprint_holds_and_sees_what_changes_a_number(monkeypatch):
+    """Computed twice it is the same; a changed scorer or a changed resampling moves its own
+    component and leaves training's as it was; a changed rule moves only that method's."""
+    import ideal.backends.evaluation.evaluate as evaluate
+    import ideal.data.mixture as mixture
+    from ideal.run.fingerprint import code_fingerprint
+
+    methods = ["uniform", "ideal"]
+    first = code_fingerprint(methods)
+    assert set(first) == {"suite", "train", "eval", "loop", "scorers", "influence",
+                          "rule:uniform", "rule:ideal"}  # fmt: skip
+    assert code_fingerprint(methods) == first
+    monkeypatch.setitem(evaluate.SCORERS, "number", lambda output, answer: True)
+    scored = code_fingerprint(methods)
+    assert scored["scorers"] != first["scorers"] and scored["train"] == first["train"]
+    monkeypatch.undo()
+    real = mixture.resample_mixture
+
+    def other(current, volumes, max_repeats, seed, *a, **k):
+        return real(current, volumes, max_repeats, seed + 1, *a, **k)  # another draw
+
+    monkeypatch.setattr(mixture, "resample_mixture", other)
+    import ideal.methods.reweight as reweight
+
+    monkeypatch.setattr(reweight, "resample_mixture", other)
+    resampled = code_fingerprint(methods)
+    assert resampled["loop"] != first["loop"] and resampled["train"] == first["train"]
+    assert resampled["rule:ideal"] == first["rule:ideal"]

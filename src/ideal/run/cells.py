@@ -10,8 +10,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ideal.artifacts import atomic_write_json, read_json
 from ideal.errors import IdealError
+from ideal.methods.rules import random_shares
 from ideal.run.config import RunConfig
 from ideal.run.loop import run_loop
 from ideal.run.rundir import prepare_run
@@ -200,6 +203,12 @@ def decode_kept(
     if score_whole(config, paths, paths.round(round_), round_):
         extra = (read_json(metrics).get("seconds") or 0.0) - before
     return summarise_run(run).to_json(), extra
+
+
+def random_mixtures(domains: list[str], seed: int, count: int) -> list[dict[str, float]]:
+    """`random`'s candidates: `count` points of the simplex over the domains, seeded per seed."""
+    rng = np.random.default_rng([seed, 4242])
+    return [dict(random_shares(domains, rng)) for _ in range(count)]
 
 
 def candidate_config(config: RunConfig, shares: dict[str, float]) -> RunConfig:

@@ -54,11 +54,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ideal.artifacts import atomic_write_json
 from ideal.errors import IdealError
-from ideal.methods.rules import random_shares
 from ideal.paired import cost_in_sfts, gap_closure, method_stats, paired_differences, transfer
 from ideal.run.cells import (
     candidates_run,
@@ -66,6 +63,7 @@ from ideal.run.cells import (
     d0_volumes,
     domains_of,
     oracle_candidates,
+    random_mixtures,
     run_one,
     run_seconds,
     stage_seconds,
@@ -287,10 +285,7 @@ def _run_cell(
     """One (method, seed) run, its round 0 copied from `first`: compare.json's entry for it."""
     if method in CANDIDATE_METHODS:
         if method == "random":
-            rng = np.random.default_rng([seed, 4242])
-            shares_list = [
-                dict(random_shares(domains_of(config), rng)) for _ in range(extra["candidates"])
-            ]
+            shares_list = random_mixtures(domains_of(config), seed, extra["candidates"])
         else:
             shares_list = oracle_candidates(
                 config, d0_volumes(config_k, run, first), grid_resolution

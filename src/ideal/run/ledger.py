@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 LEDGER_FORMAT = "ideal-ledger/1"
 # the code fingerprint's components every cell depends on (ideal.run.fingerprint)
-BASE_COMPONENTS = ("suite", "train", "eval")
+BASE_COMPONENTS = ("suite", "train", "eval", "loop", "scorers")
 INFLUENCE_METHODS = ("ideal", "first-order")  # and every method named ideal-...
 # config keys that name where things are, not what they are: their content is hashed instead
 PATH_KEYS = ("model", "train_data", "reference_data", "test_data")
@@ -121,8 +121,9 @@ def append_cell(path: str | Path, cell: Cell) -> None:
 
 
 def components(method: str) -> tuple[str, ...]:
-    """The code fingerprint's components a method's cells depend on: every method is trained and
-    scored; the IDEAL family also reads influence; each method has its own rule."""
+    """The code fingerprint's components a method's cells depend on: every method is trained,
+    scored and run by the loop; the IDEAL family also reads influence; each method has its own
+    rule."""
     uses_influence = method.startswith(INFLUENCE_METHODS)
     return (*BASE_COMPONENTS, *(("influence",) if uses_influence else ()), f"rule:{method}")
 
