@@ -110,7 +110,7 @@ def test_the_key_ignores_paths_and_follows_content(tmp_path):
 
 
 def test_components_per_method():
-    assert components("original") == ("suite", "train", "eval", "rule:original")
+    assert components("original") == ("suite", "train", "eval", "loop", "scorers", "rule:original")
     assert "influence" in components("ideal") and "influence" in components("first-order")
     assert "influence" in components("ideal-search") and "influence" not in components("random")
 
