@@ -2,9 +2,10 @@
 
     python benchmarks/step_ties.py RUN_OR_COMPARE_DIR [...]
 
-Every IDEAL update by candidate steps (update.candidates) records, per candidate, its held-out
-reference loss, its paired difference from the lowest with that difference's standard error, how
-far it moved, and its mean test loss (RUN/round-K/mixture.json, update.candidates). So each tie
+Every IDEAL update by candidate steps (update.candidates) records, per candidate and for the base
+round it started from (step 0), its held-out reference loss, its paired difference from the
+lowest with that difference's standard error, how far it moved, and its mean test loss
+(RUN/step-K/choice.json). So each tie
 rule (smaller, larger, lowest) can be replayed on the same trained candidates at no cost: this
 prints, over every update found under the given directories (runs, or `ideal compare` outputs),
 the mean test loss of the candidate each rule keeps, and each rule minus `smaller` paired per
@@ -34,13 +35,14 @@ def kept(table: list[dict], rule: str) -> dict:
 
 
 def updates(roots: list[Path]) -> list[tuple[str, list[dict]]]:
+    """Every update by candidate steps under `roots`: RUN/step-K/choice.json's table (the base
+    round among them, step 0), whether a candidate or the base was kept."""
     found = []
     for root in roots:
-        for manifest in sorted(root.rglob("round-*/mixture.json")):
-            update = json.loads(manifest.read_text()).get("update", {})
-            table = update.get("candidates")
+        for choice in sorted(root.rglob("step-*/choice.json")):
+            table = json.loads(choice.read_text()).get("candidates")
             if table and all(row.get("test_loss_mean") is not None for row in table):
-                found.append((str(manifest.parent), table))
+                found.append((str(choice.parent), table))
     return found
 
 
