@@ -101,7 +101,7 @@ def test_first_round_is_validated_and_reaches_compare(tmp_path):
     assert method_config(loaded, "ideal", 0).update.first_round == "ideal"
 
 
-def test_the_probe_on_a_bpe_chatml_model_with_lora(tmp_path):
+def test_the_probe_on_a_bpe_chatml_model_with_lora(tmp_path, monkeypatch):
     """The default loop (probe, then an IDEAL update by candidate steps) on a real-model
     stand-in: a byte-level BPE with a ChatML template, LoRA training, answers that start with a
     newline, unequal volumes. One candidate (m 0.3) and no noise threshold: three reference rows
@@ -131,6 +131,20 @@ def test_the_probe_on_a_bpe_chatml_model_with_lora(tmp_path):
         "influence: {batch_size: 8}\nupdate: {candidates: [0.3], min_z: 0.0}\n"
         "eval: {max_new_tokens: 3}\n"
     )
+    # three reference rows cannot separate a step from its base: the candidate is made to beat
+    # it (its held-out losses lowered), so that the kept adapter's round is what is checked
+    import ideal.run.stages as stages
+
+    real = stages.evaluate_round
+
+    def better(config, paths, model_dir, round_=None, decode=None):
+        metrics = real(config, paths, model_dir, round_, decode)
+        if model_dir.parent.parent.name.startswith("step-"):
+            for entry in metrics["capabilities"].values():
+                entry["reference_row_losses"] = [x - 1.0 for x in entry["reference_row_losses"]]
+        return metrics
+
+    monkeypatch.setattr(stages, "evaluate_round", better)
     run = tmp_path / "run"
     summary = run_loop(load_config(tmp_path / "c.yaml"), run).to_json()  # default: the probe
     volumes = [r["volumes"] for r in summary["rounds"]]

@@ -221,9 +221,7 @@ def tree_hash(paths: Iterable[str | Path | None]) -> str:
 def source_hash() -> str:
     """sha256 of the `ideal` package's own files (sources, configs, shipped data), whatever
     the commit: a campaign's workers check that they run the code its fingerprint measured."""
-    import ideal
-
-    root = Path(ideal.__file__).parent
+    root = Path(__file__).resolve().parent.parent  # the package: ideal/run/ledger.py's grandparent
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root)
