@@ -133,6 +133,9 @@ def run_config(
         "test_data": str(workspace / "test"),
         "rounds": 1,
         "tolerance": 0.0,  # round 1 trains whatever step the tiny model's influence asks for
+        # one step, every sensitivity whole (docs/method.md's): the tool trains round 1 whatever
+        # the tiny model's noise (candidate steps would keep the base when none beats it)
+        "update": {"candidates": [], "min_z": 0.0},
         "train": {"backend": backend, "base_config": str(out / "base.yaml"), "command": command,
                   "env": TELEMETRY_OFF, "parity": "on", **train},
     }  # fmt: skip
