@@ -228,6 +228,12 @@ def test_ledger_tables_render_and_replace_their_block(campaign, capsys, tmp_path
     assert run_cli(capsys, "ledger", "tables", str(ledger), "--write", str(results)).code == 0
     text = results.read_text()
     assert "old" not in text and text.endswith("after\n") and "| uniform |" in text
+    empty = tmp_path / "empty.md"  # a new block: its two lines, nothing between
+    empty.write_text("x\n<!-- ledger:tiny-c -->\n<!-- /ledger:tiny-c -->\ny\n")
+    assert run_cli(capsys, "ledger", "tables", str(ledger), "--write", str(empty)).code == 0
+    filled = empty.read_text()
+    assert filled.count("<!-- ledger:tiny-c -->") == 1 and "| uniform |" in filled
+    assert filled.endswith("<!-- /ledger:tiny-c -->\ny\n")
     assert run_cli(capsys, "ledger", "tables", str(tmp_path / "none.jsonl")).code == 1
 
 

@@ -107,12 +107,12 @@ def replace_blocks(text: str, blocks: dict[str, str]) -> tuple[str, list[str]]:
     text and the campaigns that were appended."""
     missing = []
     for name, body in blocks.items():
-        pattern = re.compile(
-            rf"(<!-- ledger:{re.escape(name)} -->\n).*?(\n<!-- /ledger:{re.escape(name)} -->)",
+        pattern = re.compile(  # the block's body may be empty: a new block is two lines
+            rf"(<!-- ledger:{re.escape(name)} -->\n)(?:.*?\n)?(<!-- /ledger:{re.escape(name)} -->)",
             re.DOTALL,
         )
         if pattern.search(text):
-            text = pattern.sub(lambda m, b=body: m.group(1) + b + m.group(2), text)
+            text = pattern.sub(lambda m, b=body: m.group(1) + b + "\n" + m.group(2), text)
         else:
             missing.append(name)
             text = (
