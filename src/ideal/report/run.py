@@ -36,18 +36,26 @@ def _volumes_plot(rounds: list[dict[str, Any]], path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def _gaps(values: list[float | None]) -> list[float]:
+    """A round that did not measure this (say, accuracy decoded for the returned round only) is a
+    gap in the line, not a zero."""
+    return [np.nan if v is None else v for v in values]
+
+
 def _per_capability_plot(
     rounds: list[dict[str, Any]], key: str, mean_key: str, title: str, path: Path
-) -> Path:
-    capabilities = [c for c in rounds[0][key] if rounds[0][key][c] is not None]
+) -> Path | None:
+    """One line per capability over the rounds, and the mean; None when no round measured any."""
+    capabilities = [c for c in rounds[0][key] if any(r[key].get(c) is not None for r in rounds)]
+    means = [r.get(mean_key) for r in rounds]
+    if not capabilities and all(m is None for m in means):
+        return None
     x = [r["round"] for r in rounds]
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for capability in capabilities:
-        ax.plot(x, [r[key].get(capability) for r in rounds], marker="o", label=capability)
-    if rounds[0].get(mean_key) is not None:
-        ax.plot(
-            x, [r[mean_key] for r in rounds], marker="s", color="black", linewidth=2, label="mean"
-        )
+        ax.plot(x, _gaps([r[key].get(capability) for r in rounds]), marker="o", label=capability)
+    if any(m is not None for m in means):
+        ax.plot(x, _gaps(means), marker="s", color="black", linewidth=2, label="mean")
     ax.set_xticks(x)
     ax.set_xlabel("round")
     ax.set_title(title)
@@ -268,7 +276,7 @@ def write_report(run_dir: str | Path) -> Path:
     record = RunSummary.from_json(summary)
     was = {r.round: r.describe() for r in record.rounds}
     mark = next((k for k, r in enumerate(rounds) if r["round"] == record.selected_round), None)
-    images = [
+    plots = [
         _volumes_plot(rounds, run / "volumes.png"),
         _per_capability_plot(
             rounds, "test_accuracy", "test_accuracy_mean", "test accuracy", run / "accuracy.png"
@@ -277,10 +285,9 @@ def write_report(run_dir: str | Path) -> Path:
             rounds, "reference_loss", "reference_loss_mean", "reference loss",
             run / "reference_loss.png",
         ),
+        _prediction_plot(rounds, run / "prediction.png"),
     ]  # fmt: skip
-    prediction = _prediction_plot(rounds, run / "prediction.png")
-    if prediction is not None:
-        images.append(prediction)
+    images = [image for image in plots if image is not None]
     heatmaps = [
         (r["round"], run / f"round-{r['round']}" / "influence.png")
         for r in rounds
@@ -338,7 +345,7 @@ rule to the influence of the round it starts from (column "was") and retrains fr
 {_final_html(record)}
 {_warnings_html(trainer_warnings(run, rounds))}
 <h2>Rounds</h2><p>The returned round is highlighted.</p>{overview}
-{_PREDICTION_NOTE if prediction is not None else ""}
+{_PREDICTION_NOTE if (run / "prediction.png") in images else ""}
 <h2>Per capability</h2>{per_capability}
 <h2>Volumes and shares</h2>{volumes}
 {_steps_html(record)}
