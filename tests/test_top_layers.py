@@ -17,6 +17,7 @@ import copy
 import hashlib
 import json
 import logging
+import warnings
 from dataclasses import asdict, replace
 
 import pytest
@@ -245,6 +246,19 @@ def test_top_layers_zero_is_todays_path():
     trained = train_model(model, items, s, tokenizer.pad_token_id).model
     assert all(p.requires_grad for p in trained.parameters())  # nothing frozen
     assert not torch.equal(trained.model.embed_tokens.weight, base.model.embed_tokens.weight)
+
+
+def test_lora_wraps_and_loads_without_peft_warnings(tmp_path):
+    """peft reads a property transformers 5 deprecates; our users should not see that each round."""
+    from ideal.hf import load_causal_lm
+
+    tokenizer = char_tokenizer()
+    save_model_dir(tmp_path / "base", tiny_causal_lm("llama", vocab_size=len(tokenizer)), tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapted = wrap_lora(load_causal_lm(tmp_path / "base"), TrainSettings(lora=True))
+        adapted.save_pretrained(tmp_path / "adapter")
+        load_causal_lm(tmp_path / "adapter")
 
 
 def test_settings_and_models_that_top_layers_refuses():

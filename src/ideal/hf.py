@@ -8,9 +8,12 @@ loader here goes through it. Everything goes through `AutoTokenizer` / `AutoMode
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +117,18 @@ def adapter_base(path: Path) -> Path | None:
         raise IdealError(f"{path / ADAPTER_CONFIG}: base model {err}") from None
 
 
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft wraps a model by reading `is_gradient_checkpointing`, which transformers 5 deprecates
+    with a FutureWarning on every wrap; nothing there for our users to act on, so it is hidden
+    here (only that warning, only around peft's calls)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
+
+
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
@@ -164,7 +179,8 @@ def load_causal_lm(path: str | Path, dtype: torch.dtype | str | None = None) -> 
         if base is not None:
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, path, is_trainable=False)
+            with quiet_peft():
+                model = PeftModel.from_pretrained(model, path, is_trainable=False)
         return model
     except (OSError, ValueError) as err:
         raise IdealError(f"{path}: cannot load the model ({_first_line(err)})") from None

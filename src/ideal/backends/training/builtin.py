@@ -143,9 +143,12 @@ def lora_config(settings: TrainSettings, model: nn.Module | None = None) -> Any:
 def wrap_lora(model: nn.Module, settings: TrainSettings) -> nn.Module:
     from peft import get_peft_model
 
+    from ideal.hf import quiet_peft
+
     config = lora_config(settings, model)
     try:
-        return get_peft_model(model, config)
+        with quiet_peft():
+            return get_peft_model(model, config)
     except ValueError as err:
         raise IdealError(f"--lora: {str(err).splitlines()[0]}") from None
 
