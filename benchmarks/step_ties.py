@@ -9,7 +9,8 @@ lowest with that difference's standard error, how far it moved, and its mean tes
 rule (smaller, larger, lowest) can be replayed on the same trained candidates at no cost: this
 prints, over every update found under the given directories (runs, or `ideal compare` outputs),
 the mean test loss of the candidate each rule keeps, and each rule minus `smaller` paired per
-update with its standard error. Lower is better. The test sets only measure here; no rule reads
+update with its standard error; then each rule, and each candidate step always taken, minus the
+base round (what stepping gained). Lower is better. The test sets only measure here; no rule reads
 them.
 """
 
@@ -66,6 +67,19 @@ def main() -> None:
         print(line)
     ties = sum(sum(r["tie"] for r in t) > 1 for _, t in found)
     print(f"updates with a tie: {ties} of {len(found)}")
+    # what stepping gained over staying at the base round: each rule's kept candidate, and each
+    # candidate step always taken (the direction is right on average if these are negative)
+    base = np.array([next(r for r in t if r["name"] == "base")["test_loss_mean"] for _, t in found])
+    rows = {f"rule {rule}": losses[rule] for rule in RULES}
+    for name in sorted({r["name"] for _, t in found for r in t} - {"base"}):
+        taken = [next((r for r in t if r["name"] == name), None) for _, t in found]
+        if all(r is not None for r in taken):
+            rows[f"always {name}"] = np.array([r["test_loss_mean"] for r in taken])
+    print("minus the base round (the step not taken):")
+    for name, values in rows.items():
+        d = values - base
+        se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+        print(f"  {name:14s} {d.mean():+.4f} +- {se:.4f}")
 
 
 if __name__ == "__main__":

@@ -64,6 +64,8 @@ def test_every_method_makes_a_valid_config():
     assert made["ideal"].update.geometry == "relative" and made["uniform"].select == "last"
     assert made["ideal"].update.first_round == "uniform"  # the config's default: the probe
     assert made["ideal-no-probe"].update.first_round == "ideal"
+    assert (made["ideal"].update.ties, made["ideal-lowest"].update.ties) == ("smaller", "lowest")
+    assert made["ideal-lowest"].update.candidates == made["ideal"].update.candidates
 
 
 def test_grid_shares_enumerate_the_positive_lattice():

@@ -32,6 +32,9 @@ statistics over seeds (paired differences, gap closure, cost, transfer) are idea
                   it returns is trained once with the full recipe, and that model is scored
     ideal-surrogate  the IDEAL rule with EK-FAC, each update with one more candidate: the
                   minimiser of the surrogate (`update.surrogate`)
+    ideal-lowest  the IDEAL rule with EK-FAC whose update keeps the candidate of lowest held-out
+                  reference loss, the base round among them, separated or not (`update.ties:
+                  lowest`; the default keeps the smaller step among those within a paired SE)
     ideal-single-step  docs/method.md's step after the probe: one step of `update.step`, every
                   sensitivity whole, no candidates (the step before `update.candidates`)
     random        random mixtures on the simplex at the same total, each trained: as many as ideal's
@@ -116,6 +119,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "ideal-no-probe": {"rule": "ideal", "curvature": "ekfac", "update": {"first_round": "ideal"}},
     "ideal-search": {"rule": "ideal", "curvature": "ekfac", "search": True},
     "ideal-surrogate": {"rule": "ideal", "curvature": "ekfac", "update": {"surrogate": True}},
+    # ties broken by the lowest held-out loss, the base round among the candidates
+    "ideal-lowest": {"rule": "ideal", "curvature": "ekfac", "update": {"ties": "lowest"}},
     # docs/method.md's step (one step of update.step, every sensitivity whole), after the probe
     "ideal-single-step": {
         "rule": "ideal",
