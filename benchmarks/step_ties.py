@@ -47,6 +47,13 @@ def updates(roots: list[Path]) -> list[tuple[str, list[dict]]]:
     return found
 
 
+def paired(a: np.ndarray, b: np.ndarray) -> str:
+    """mean of a - b per update, +- its standard error."""
+    d = a - b
+    se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return f"{d.mean():+.4f} +- {se:.4f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -61,9 +68,7 @@ def main() -> None:
     for rule in RULES:
         line = f"{rule:8s} mean test loss of the kept candidate {losses[rule].mean():.4f}"
         if rule != "smaller":
-            d = losses[rule] - losses["smaller"]
-            se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
-            line += f"   minus smaller {d.mean():+.4f} +- {se:.4f}"
+            line += f"   minus smaller {paired(losses[rule], losses['smaller'])}"
         print(line)
     ties = sum(sum(r["tie"] for r in t) > 1 for _, t in found)
     print(f"updates with a tie: {ties} of {len(found)}")
@@ -77,9 +82,7 @@ def main() -> None:
             rows[f"always {name}"] = np.array([r["test_loss_mean"] for r in taken])
     print("minus the base round (the step not taken):")
     for name, values in rows.items():
-        d = values - base
-        se = d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
-        print(f"  {name:14s} {d.mean():+.4f} +- {se:.4f}")
+        print(f"  {name:14s} {paired(values, base)}")
 
 
 if __name__ == "__main__":
