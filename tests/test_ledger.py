@@ -237,6 +237,28 @@ def test_ledger_tables_render_and_replace_their_block(campaign, capsys, tmp_path
     assert run_cli(capsys, "ledger", "tables", str(tmp_path / "none.jsonl")).code == 1
 
 
+def test_a_variant_of_ideal_is_paired_against_ideal(campaign, capsys, tmp_path):
+    """A campaign of ideal beside ideal-lowest (or -surrogate...) pairs the variant against ideal:
+    the difference it is run for. Without a variant, ideal is nobody's baseline."""
+    from ideal.run.compare import baselines
+    from tests.helpers import run_cli
+
+    _, _, held, _ = campaign
+    names = {"original": "ideal", "uniform": "ideal-lowest"}
+    ledger = tmp_path / "ledger.jsonl"
+    for c in read_ledger(held):
+        append_cell(ledger, replace(c, method=names[c.method]))
+    document = ledger_document(ledger, "tiny-c")
+    assert list(document["paired"]) == ["ideal"]
+    ours = document["paired"]["ideal"]["ideal-lowest"]["test_loss_mean"]
+    mine = [c.run["selected"]["test_loss_mean"] for c in read_ledger(ledger)]
+    assert ours["per_seed"] == pytest.approx([mine[2] - mine[0], mine[3] - mine[1]])
+    assert "Paired against `ideal`" in run_cli(capsys, "ledger", "tables", str(ledger)).out
+    assert baselines(["uniform", "ideal", "ideal-search"]) == ["uniform", "ideal"]
+    assert baselines(["original", "ideal", "first-order"]) == ["original"]
+    assert baselines(["random", "ideal-lowest"]) == ["random"]
+
+
 @pytest.mark.slow
 def test_workers_share_out_the_seeds_and_a_stopped_campaign_resumes(campaign, tmp_path):
     """Two worker processes, one per seed; the parent's document equals an in-process one."""

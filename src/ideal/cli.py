@@ -297,7 +297,7 @@ def ledger_tables(
     """The paired tables of docs/results.md, rendered from the ledger: per campaign, each
     method's returned round over seeds (accuracy and held-out loss, mean and worst, per
     capability), trainings and compute, and paired differences against original, uniform and
-    random."""
+    random (and ideal, beside a variant of it)."""
     from ideal.report.ledger import campaign_markdown, replace_blocks
     from ideal.run.campaign import ledger_document
     from ideal.run.ledger import read_ledger

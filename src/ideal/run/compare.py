@@ -331,12 +331,20 @@ def _run_cell(
     }
 
 
+def baselines(methods: list[str]) -> list[str]:
+    """What the others are paired against: original, uniform and random where run, and ideal
+    where a variant of it (`ideal-...`) runs beside it, which is what the variant is there for."""
+    named = [b for b in ("original", "uniform", "random") if b in methods]
+    variant = any(m.startswith("ideal-") for m in methods)
+    return named + ["ideal"] if "ideal" in methods and variant else named
+
+
 def compare_document(
     runs: dict[str, list[dict[str, Any]]], seeds: list[int], config_hash: str, sharing: str | None
 ) -> dict[str, Any]:
     """compare.json from every method's runs (one entry per seed, as `_run_cell` or the ledger
-    gives them): statistics, cost in SFTs, paired differences against original, uniform and
-    random, gap closure, transfer."""
+    gives them): statistics, cost in SFTs, paired differences (`baselines`), gap closure,
+    transfer."""
     methods = list(runs)
     results = {method: method_stats(entries) for method, entries in runs.items()}
     document: dict[str, Any] = {"methods": results, "seeds": seeds, "config_hash": config_hash}
@@ -344,9 +352,7 @@ def compare_document(
     document["sft"] = cost_in_sfts(results, sharing or methods[0], unit)
     document["gap_closure"] = gap_closure(results)
     document["paired"] = {
-        baseline: paired_differences(results, baseline)
-        for baseline in ("original", "uniform", "random")
-        if baseline in results
+        baseline: paired_differences(results, baseline) for baseline in baselines(methods)
     }
     if "ideal" in results and "ideal-search" in results:
         document["transfer"] = transfer(results, "ideal-search", "ideal")
