@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The measurements behind docs/results.md's ledger tables, one `ideal compare --ledger` each.
 #
-#     bash benchmarks/campaigns.sh [real|toys|ties|search|all]      (JOBS=2 for two worker processes)
+#     bash benchmarks/campaigns.sh [real|toys|ties|search|rank|all]      (JOBS=2 for two worker processes)
 #
 # Every cell lands in docs/ledger.jsonl as soon as it finishes; a cell the ledger already holds for
 # the same inputs (settings, data, the code's fingerprint) is skipped, so this can be stopped at
@@ -71,6 +71,12 @@ if [[ $WHAT == search || $WHAT == all ]]; then
   done
   compare real-search-fraction-0.25 src/ideal/configs/real.yaml ideal,ideal-search 0-2 \
     "${real_data[@]}" search.fraction=0.25
-  # the proxy's rank correlation with the full recipe over a grid of mixtures on the real preset
-  # is benchmarks/search_transfer.py --rank (not a ledger cell)
+fi
+
+if [[ $WHAT == rank || $WHAT == all ]]; then
+  # the proxy's rank correlation with the full recipe over the grid of mixtures on the real preset
+  # (not ledger cells: OUT/rank-real/config/rank.json, rewritten after each seed; resumable)
+  "${IDEAL%/ideal}/python" benchmarks/search_transfer.py --rank --config src/ideal/configs/real.yaml \
+    --seeds 3 --proxies fraction-0.25,fraction-0.1 --out "$OUT/rank-real" --features "$OUT/features" \
+    "${real_data[@]}"
 fi

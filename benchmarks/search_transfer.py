@@ -27,11 +27,18 @@ Proxies (the `search:` section each one runs with):
     top4-lora-quarter   the real preset's proxy: a quarter of the data, LoRA on the top 4 blocks
                         from cached features (train.top_layers)
 
---rank (Olmix's check, suites only): every mixture of a grid (D0, uniform, and the lattice of
-compare's oracle-grid) is trained once per seed with the full recipe and with each proxy's
-(round 0 alone: a fraction proxy at the fraction of the mixture's volumes and steps, the
-small-model proxy as the suite at half width with the seed's own initialisation), and the
-Spearman rank correlation over mixtures of the mean reference loss (mean over seeds) is printed.
+--rank (Olmix's check; the suites or --config, e.g. the real preset): every mixture of a grid
+(D0, uniform, and the lattice of compare's oracle-grid) is trained once per seed with the full
+recipe and with each proxy's, the way the loop trains them: a run whose round 0 is D0 and whose
+round 1 is the mixture at D0's total (resampled as any update), a proxy's run under its `search:`
+recipe (a fraction proxy on the nested fraction of each round) without the final training. The
+Spearman rank correlation over mixtures of the mean reference loss (mean over the seeds done) is
+printed after each seed, and OUT/<name>/rank.json holds every loss (resumable):
+
+    python benchmarks/search_transfer.py --rank --config src/ideal/configs/real.yaml --seeds 3 \\
+        --proxies top4-lora-quarter --out runs/rank-real --features FEATURES \\
+        model=real-data/model train_data=real-data/train reference_data=real-data/reference \\
+        test_data=real-data/test
 """
 
 from __future__ import annotations
@@ -42,16 +49,16 @@ import math
 from dataclasses import replace
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from ideal.errors import IdealError
-from ideal.run.cells import grid_shares
-from ideal.run.compare import run_compare
+from ideal.run.cells import candidate_config, config_d0, oracle_candidates, share_round_zero
+from ideal.run.compare import method_config, run_compare
 from ideal.run.config import RunConfig, load_config
 from ideal.run.loop import run_loop
+from ideal.run.rundir import prepare_run
 from ideal.run.search import SearchSettings
 
 HERE = Path(__file__).parent
@@ -181,83 +188,66 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
 
 
-def grid_volumes(config: RunConfig, resolution: int | None) -> dict[str, dict[str, int]]:
-    """D0, uniform and the lattice k_i / G at D0's total (largest remainders)."""
-    assert config.suite is not None
-    d0 = {d.name: d.volume for d in config.suite.domains}
-    domains, total = sorted(d0), sum(d0.values())
-    mixtures = {"D0": d0}
-    points = [
-        {d: 1 / len(domains) for d in domains},
-        *grid_shares(domains, resolution or len(domains) + 2),
-    ]
-    for k, shares in enumerate(points):
-        raw = {d: shares[d] * total for d in domains}
-        volumes = {d: int(np.floor(v)) for d, v in raw.items()}
-        for d in sorted(domains, key=lambda d: volumes[d] - raw[d])[
-            : total - sum(volumes.values())
-        ]:
-            volumes[d] += 1
-        mixtures["uniform" if k == 0 else f"grid-{k}"] = volumes
-    return mixtures
+def grid_mixtures(config: RunConfig, resolution: int | None) -> dict[str, dict[str, float]]:
+    """Uniform and the lattice k_i / G at D0's total, as shares (compare's oracle-grid: D0's own
+    shares left out, D0 being round 0 of every run)."""
+    points = oracle_candidates(config, config_d0(config), resolution)
+    return {f"mixture-{k}": shares for k, shares in enumerate(points, 1)}
 
 
-def round_zero(
-    config: RunConfig, volumes: dict[str, int], seed: int, where: Path
-) -> dict[str, Any]:
-    """Round 0 of one (recipe, mixture, seed): its metrics.json."""
-    assert config.suite is not None
-    domains = tuple(replace(d, volume=max(1, volumes[d.name])) for d in config.suite.domains)
-    config = replace(config, suite=replace(config.suite, seed=seed, domains=domains), rounds=0,
-                     seed=seed, train=replace(config.train, seed=seed))  # fmt: skip
-    run_loop(config, where, resume=True)
-    return json.loads((where / "round-0" / "metrics.json").read_text())
-
-
-def proxy_recipe(
-    config: RunConfig, proxy: str, volumes: dict[str, int]
-) -> tuple[RunConfig, dict[str, int]]:
-    """A proxy's recipe and volumes for one mixture (round 0 alone, no final training)."""
-    search = (
-        proxy_search(proxy, config, Path("."))
-        if proxy != "small-model"
-        else SearchSettings(fraction=1.0)
-    )
-    recipe = replace(config, search=search).search_config()
-    if proxy == "small-model":  # the suite at half width: its own initialisation per seed
-        assert recipe.suite is not None
-        recipe = replace(recipe, suite=replace(recipe.suite, **half_width(config)))
-    scaled = {d: max(1, math.floor(search.fraction * v + 0.5)) for d, v in volumes.items()}
-    return recipe, scaled
+def mixture_losses(
+    config: RunConfig, recipe: str, mixtures: dict[str, dict[str, float]], seed: int, out: Path,
+    features: Path,
+) -> dict[str, float]:  # fmt: skip
+    """One seed of one recipe: D0 and every mixture trained, each a run of round 0 (D0, shared
+    by the seed's runs) and round 1 at the mixture's shares; a proxy's runs train with its
+    `search:` recipe (its fraction a nested subset of each round) and stop before the final
+    training. The mean reference loss of each."""
+    base = method_config(config, "random", seed)  # rounds 1, rule fixed; the seed everywhere
+    if recipe != "full":
+        base = replace(base, search=proxy_search(recipe, config, out.parent.parent))
+    losses: dict[str, float] = {}
+    first: Path | None = None
+    for name, shares in mixtures.items():
+        run = out / name
+        candidate = candidate_config(base, shares)
+        if first is not None:
+            prepare_run(candidate, run, resume=True, features=features)
+            share_round_zero(first, run)
+        summary = run_loop(candidate, run, resume=True, features=features, score_returned=False,
+                           final=False).to_json()  # fmt: skip
+        losses.setdefault("D0", summary["rounds"][0]["reference_loss_mean"])
+        losses[name] = summary["rounds"][1]["reference_loss_mean"]
+        first = first or run
+    return losses
 
 
 def rank(
-    config: RunConfig, proxies: list[str], seeds: list[int], out: Path, resolution: int | None
-) -> None:
-    mixtures = grid_volumes(config, resolution)
-    losses: dict[str, dict[str, list[float]]] = {"full": {}, **{p: {} for p in proxies}}
-    for name, volumes in mixtures.items():
-        for recipe_name in losses:
-            recipe, scaled = (
-                (config, volumes)
-                if recipe_name == "full"
-                else proxy_recipe(config, recipe_name, volumes)
-            )
-            losses[recipe_name][name] = [
-                round_zero(recipe, scaled, seed, out / recipe_name / name / f"seed-{seed}")[
-                    "reference_loss_mean"
-                ]
-                for seed in seeds
-            ]
-    full = [float(np.mean(losses["full"][m])) for m in mixtures]
-    print(f"\nSpearman of the mean reference loss over {len(mixtures)} mixtures x {len(seeds)} seeds, "
-          "proxy against the full recipe:")  # fmt: skip
-    for proxy in proxies:
-        ours = [float(np.mean(losses[proxy][m])) for m in mixtures]
-        print(f"  {proxy:<20} rho = {spearman(ours, full):+.2f}")
-    (out / "rank.json").write_text(
-        json.dumps({"mixtures": mixtures, "seeds": seeds, "reference_loss_mean": losses}, indent=1)
-    )
+    config: RunConfig, proxies: list[str], seeds: list[int], out: Path, resolution: int | None,
+    features: Path | None,
+) -> None:  # fmt: skip
+    """Olmix's check, seed by seed (every recipe of a seed before the next seed): rank.json is
+    rewritten after each, so a stopped measurement keeps what it finished."""
+    mixtures = grid_mixtures(config, resolution)
+    recipes = ["full", *proxies]
+    losses: dict[str, dict[str, list[float]]] = {r: {} for r in recipes}
+    for seed in seeds:
+        for recipe in recipes:
+            here = out / recipe / f"seed-{seed}"
+            for name, value in mixture_losses(config, recipe, mixtures, seed, here,
+                                              features or out / "features").items():  # fmt: skip
+                losses[recipe].setdefault(name, []).append(value)
+        (out / "rank.json").write_text(json.dumps(
+            {"mixtures": mixtures, "seeds": seeds[: seeds.index(seed) + 1],
+             "reference_loss_mean": losses}, indent=1))  # fmt: skip
+        names = list(losses["full"])
+        full = [float(np.mean(losses["full"][m])) for m in names]
+        done = seeds.index(seed) + 1
+        print(f"\nSpearman of the mean reference loss over {len(names)} mixtures (D0 among them) "
+              f"x {done} seed(s), proxy against the full recipe:")  # fmt: skip
+        for proxy in proxies:
+            ours = [float(np.mean(losses[proxy][m])) for m in names]
+            print(f"  {proxy:<20} rho = {spearman(ours, full):+.2f}")
 
 
 def main() -> None:
@@ -275,6 +265,9 @@ def main() -> None:
     parser.add_argument(
         "--grid-resolution", type=int, help="--rank: shares k / G (default domains + 2)"
     )
+    parser.add_argument(
+        "--features", type=Path, help="--rank: a feature cache to share (train.top_layers)"
+    )
     parser.add_argument("overrides", nargs="*", help="key=value run-config overrides")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -288,7 +281,7 @@ def main() -> None:
         out = args.out / name
         config = load_config(path, [f"train.threads={args.threads}", *args.overrides])
         if args.rank:
-            rank(config, proxies, seeds, out, args.grid_resolution)
+            rank(config, proxies, seeds, out, args.grid_resolution, args.features)
             continue
         if not args.analyse_only:
             measure(config, proxies, seeds, out)

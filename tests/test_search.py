@@ -292,6 +292,19 @@ def test_the_final_stage_resumes_without_training_again(searched, tmp_path):
         run_loop(config, run, resume=True)
 
 
+def test_without_the_final_a_search_run_stops_after_its_rounds(searched, tmp_path):
+    """`final=False` (benchmarks/search_transfer.py --rank measures the search recipe alone):
+    the same rounds, nothing trained with the run's recipe."""
+    run = tmp_path / "run"
+    shutil.copytree(searched[0], run)
+    shutil.rmtree(run / "final")
+    (run / "summary.json").unlink()
+    config = _config(fraction=0.5, train={"max_steps": 8})
+    summary = run_loop(config, run, resume=True, final=False).to_json()
+    assert not (run / "final").exists() and summary.get("final") is None
+    assert summary["rounds"] == searched[1]["rounds"]
+
+
 def test_a_smaller_search_model_searches_and_the_base_model_trains_the_final(tmp_path):
     """The third kind of proxy: a smaller model of the same tokenizer (its whole mixture)."""
     from ideal.tiny import char_tokenizer

@@ -212,12 +212,15 @@ def run_loop(
     checked: bool = False,
     features: Path | None = None,
     score_returned: bool = True,
+    final: bool = True,
 ) -> RunSummary:
     """Run (or continue) the loop; returns its summary (summary.json). The whole run is checked
     first (ideal.run.preflight) unless the caller did (`checked`). `features`: a feature cache shared
     with other runs (train.top_layers), instead of RUN/features. Under eval.accuracy_rounds
     `returned` the returned round's test sets are decoded at the end (`score_returned`; a
-    comparison that picks among runs decodes only the one it keeps).
+    comparison that picks among runs decodes only the one it keeps). `final` false: a `search:`
+    run stops after its rounds, without training the returned mixture with the run's recipe (a
+    measurement of the search recipe alone: benchmarks/search_transfer.py --rank).
 
     Under `torchrun` / `accelerate launch` every process trains (DDP) and computes influence on its
     shard; the main process alone writes the run directory, evaluates and runs proxy runs, while
@@ -376,7 +379,7 @@ def run_loop(
         if returned and score_whole(config, paths, paths.round(chosen), chosen):
             summary = summarise_run(paths.run)
         barrier()
-        if recipe.search is not None and summary.selected_round is not None:
+        if final and recipe.search is not None and summary.selected_round is not None:
             train_final(recipe, recipe_paths, summary.selected_round)
             summary = summarise_run(paths.run)
         if main:
