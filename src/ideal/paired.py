@@ -71,16 +71,19 @@ def paired_differences(results: dict[str, Any], baseline: str) -> dict[str, Any]
         if method == baseline:
             continue
         entry = {
-            key: _paired(by_seed(method, key), by_seed(baseline, key)) for key in HIGHER_IS_BETTER
+            key: paired_difference(by_seed(method, key), by_seed(baseline, key))
+            for key in HIGHER_IS_BETTER
         }
         for key in LOWER_IS_BETTER:
-            entry[key] = _paired(by_seed(method, key), by_seed(baseline, key), lower_is_better=True)
+            entry[key] = paired_difference(
+                by_seed(method, key), by_seed(baseline, key), lower_is_better=True
+            )
         entry["per_capability"] = {
             c: {
-                "test_accuracy": _paired(
+                "test_accuracy": paired_difference(
                     by_seed(method, "test_accuracy", c), by_seed(baseline, "test_accuracy", c)
                 ),
-                "test_loss": _paired(
+                "test_loss": paired_difference(
                     by_seed(method, "test_loss", c), by_seed(baseline, "test_loss", c), True
                 ),
             }
@@ -95,7 +98,7 @@ def _capabilities(entry: dict[str, Any]) -> list[str]:
     return sorted({*(first.get("test_accuracy") or {}), *(first.get("test_loss") or {})})
 
 
-def _paired(
+def paired_difference(
     ours: dict[int, float | None], theirs: dict[int, float | None], lower_is_better: bool = False
 ) -> dict[str, Any]:
     """ours - theirs on the seeds both have a value for: per seed, mean, sd, standard error,
@@ -180,8 +183,10 @@ def transfer(results: dict[str, Any], searched: str, full: str) -> dict[str, Any
             "test_accuracy_mean": difference("test_accuracy_mean", seed),
             "reference_loss_mean": difference("reference_loss_mean", seed),
         })  # fmt: skip
-    accuracy = _paired(by_seed(searched, "test_accuracy_mean"), by_seed(full, "test_accuracy_mean"))
-    loss = _paired(
+    accuracy = paired_difference(
+        by_seed(searched, "test_accuracy_mean"), by_seed(full, "test_accuracy_mean")
+    )
+    loss = paired_difference(
         by_seed(searched, "reference_loss_mean"), by_seed(full, "reference_loss_mean"), True
     )
     within = None
@@ -193,7 +198,7 @@ def transfer(results: dict[str, Any], searched: str, full: str) -> dict[str, Any
         "seeds": seeds,
         "per_seed": per_seed,
         "test_accuracy_mean": accuracy,
-        "test_accuracy_worst": _paired(
+        "test_accuracy_worst": paired_difference(
             by_seed(searched, "test_accuracy_worst"), by_seed(full, "test_accuracy_worst")
         ),
         "reference_loss_mean": loss,
