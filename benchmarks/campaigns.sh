@@ -45,7 +45,10 @@ fi
 if [[ $WHAT == ties || $WHAT == all ]]; then
   # the tie rule `lowest` against the default `smaller`, on seeds that did not suggest it:
   # benchmarks/step_ties.py replayed the rules on seeds 0-4's trained candidates (real preset, 10
-  # updates: lowest - smaller -0.0036 +- 0.0015 mean test loss), so fresh seeds confirm or refute it
+  # updates: lowest - smaller -0.0036 +- 0.0015 mean test loss), so fresh seeds confirm or refute it.
+  # Run (2026-12-05) while `smaller` was the default: `ideal` there is ties: smaller. `lowest` is
+  # the default since, so a rerun would train ideal and ideal-lowest alike: the old rule is now
+  # the method ideal-smaller
   compare real-ties src/ideal/configs/real.yaml uniform,ideal,ideal-lowest 5-9 "${real_data[@]}"
   for suite in demo conflict skewed noisy; do
     config=benchmarks/suites/$suite.yaml

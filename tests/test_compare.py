@@ -64,7 +64,8 @@ def test_every_method_makes_a_valid_config():
     assert made["ideal"].update.geometry == "relative" and made["uniform"].select == "last"
     assert made["ideal"].update.first_round == "uniform"  # the config's default: the probe
     assert made["ideal-no-probe"].update.first_round == "ideal"
-    assert (made["ideal"].update.ties, made["ideal-lowest"].update.ties) == ("smaller", "lowest")
+    assert (made["ideal"].update.ties, made["ideal-smaller"].update.ties) == ("lowest", "smaller")
+    assert made["ideal-lowest"].update == made["ideal"].update
     assert made["ideal-lowest"].update.candidates == made["ideal"].update.candidates
 
 

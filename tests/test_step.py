@@ -481,6 +481,6 @@ def test_an_update_whose_candidates_do_not_beat_the_base_keeps_it(tmp_path, monk
     assert [r.round for r in summary.rounds] == [0] and summary.selected_round == 0
     choice = json.loads((run / "step-1" / "choice.json").read_text())
     assert choice["kept"] is None and [r["chosen"] for r in choice["candidates"]][0]
-    assert "no candidate beat round 0" in summary.stopped
+    assert "no candidate's held-out reference loss was below round 0's" in summary.stopped
     assert summary.compute.trainings == 3  # D0 and the two candidates, all paid for
     assert summary.rounds[0].seconds["candidates"] > 0

@@ -14,7 +14,7 @@ change (realised about 0.34 of predicted on a toy suite, docs/results.md), so th
     paired SE   of Q_sel(a) - Q_sel(b): the per-row differences l_a(r) - l_b(r), whose variance
                 over the rows of capability j is s_j^2: SE^2 = sum_j w_j^2 s_j^2 / n_j
     ties        the candidates within one paired SE of the lowest Q_sel: `update.ties` keeps the
-                smaller step (default), the larger, or the lowest Q_sel
+                lowest Q_sel whatever the SE (default), the smaller step, or the larger
 
 Every candidate's table row is recorded (mixture.json's update), so a tie rule can be judged
 afterwards on the candidates that were trained (benchmarks/step_ties.py).

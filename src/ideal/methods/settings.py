@@ -57,9 +57,9 @@ class UpdateSettings:
         before=0.0,
     )
     ties: str = setting(
-        "smaller",
-        "Among candidates not separated from the best by one paired standard error on the "
-        "held-out rows: the smaller step, the larger, or the lowest loss.",
+        "lowest",
+        "Which candidate is kept: the lowest held-out loss, separated or not (lowest); or among "
+        "those within one paired standard error of it, the smaller step or the larger.",
         choices=TIES,
     )
     surrogate: bool = setting(

@@ -34,7 +34,9 @@ statistics over seeds (paired differences, gap closure, cost, transfer) are idea
                   minimiser of the surrogate (`update.surrogate`)
     ideal-lowest  the IDEAL rule with EK-FAC whose update keeps the candidate of lowest held-out
                   reference loss, the base round among them, separated or not (`update.ties:
-                  lowest`; the default keeps the smaller step among those within a paired SE)
+                  lowest`, the default since 2026-12-05: the same as ideal, named for the ledger)
+    ideal-smaller  the same, among the candidates within a paired SE of the lowest the smaller
+                  step, the base round the smallest (`update.ties: smaller`, the default before)
     ideal-single-step  docs/method.md's step after the probe: one step of `update.step`, every
                   sensitivity whole, no candidates (the step before `update.candidates`)
     random        random mixtures on the simplex at the same total, each trained: as many as ideal's
@@ -119,8 +121,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "ideal-no-probe": {"rule": "ideal", "curvature": "ekfac", "update": {"first_round": "ideal"}},
     "ideal-search": {"rule": "ideal", "curvature": "ekfac", "search": True},
     "ideal-surrogate": {"rule": "ideal", "curvature": "ekfac", "update": {"surrogate": True}},
-    # ties broken by the lowest held-out loss, the base round among the candidates
+    # the lowest held-out loss kept, the base round among the candidates (the default); or the
+    # smaller step among those within a paired standard error of it (the default before)
     "ideal-lowest": {"rule": "ideal", "curvature": "ekfac", "update": {"ties": "lowest"}},
+    "ideal-smaller": {"rule": "ideal", "curvature": "ekfac", "update": {"ties": "smaller"}},
     # docs/method.md's step (one step of update.step, every sensitivity whole), after the probe
     "ideal-single-step": {
         "rule": "ideal",

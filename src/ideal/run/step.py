@@ -362,10 +362,9 @@ def _keep(
 ) -> None:
     """Choose among the base round and the evaluated candidates, and write round `target`'s
     mixture: the kept candidate's, with the choice in its update record. The base is a
-    candidate of step 0: the lowest of several noisy estimates on the held-out rows is biased
-    low (by about 0.85 of their spread for three), so a candidate that does not beat the base
-    by more than its paired standard error ties with it, and the smaller step (update.ties)
-    keeps the base; then no round is written and RUN/step-K/choice.json says why."""
+    candidate of step 0: under `update.ties: lowest` (the default) it stays when its held-out
+    loss is the lowest; under `smaller` when no candidate beats it by more than its paired
+    standard error. Then no round is written and RUN/step-K/choice.json says why."""
     here = step_dir(paths, target)
     base_metrics = read_json(paths.round(base) / "metrics.json")
     weights = _weights(config, base_metrics)
@@ -384,7 +383,12 @@ def _keep(
     held = {c: len(v) for c, v in (rows or {}).items()}
     selection = {"fraction": config.update.selection, "rows": held or "all"}
     if chosen == 0:
-        reason = f"no candidate beat round {base} by more than its paired standard error"
+        reason = {
+            "lowest": f"no candidate's held-out reference loss was below round {base}'s",
+            "smaller": f"no candidate beat round {base} by more than its paired standard error",
+            "larger": f"every candidate was above round {base} by more than its paired standard "
+            "error",
+        }[config.update.ties]
         log.info(
             "round %d: %s on the held-out reference rows (%s); round %d stays the best",
             target, reason, ", ".join(n for n, _ in specs), base,
