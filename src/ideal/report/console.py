@@ -100,9 +100,9 @@ def step_table(r: RoundRecord) -> Table:
     if not r.candidates:
         return table
     grid = _table(
-        f"round {r.round}: candidate steps (radius x{r.scale:g} -> x{r.scale_next:g}); kept: the "
-        "lowest held-out reference loss, or among those within one paired SE of it, "
-        "update.ties",
+        f"round {r.round}: candidate steps (radius x{r.scale:g} -> x{r.scale_next:g}); kept "
+        "(update.ties): the lowest held-out reference loss, or the smaller or larger step among "
+        "its ties (within one paired SE of it)",
         ("candidate", "m", "moved", "held-out loss", "- lowest", "+- SE", "tie", "kept"),
         left=("candidate",),
     )

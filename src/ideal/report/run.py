@@ -207,8 +207,9 @@ def _steps_html(summary: RunSummary) -> str:
             kept = next((k for k, row in enumerate(r.candidates) if row["chosen"]), None)
             parts.append(
                 f"<p>Candidate steps at radius x{r.scale:g} (next: x{r.scale_next:g}), compared "
-                "on the reference rows held out from the direction; a candidate within one "
-                "paired standard error of the lowest is a tie (<code>update.ties</code>).</p>"
+                "on the reference rows held out from the direction; the one kept has the lowest "
+                "held-out loss, or is the smaller or larger step among its ties, the candidates "
+                "within one paired standard error of it (<code>update.ties</code>).</p>"
             )
             parts.append(_table(
                 ["candidate", "m", "moved", "held-out loss", "minus lowest", "paired SE", "tie",
