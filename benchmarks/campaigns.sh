@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The measurements behind docs/results.md's ledger tables, one `ideal compare --ledger` each.
 #
-#     bash benchmarks/campaigns.sh [real|toys|ties|search|rank|all]      (JOBS=2 for two worker processes)
+#     bash benchmarks/campaigns.sh [real|toys|ties|examples|search|rank|all]      (JOBS=2 for two worker processes)
 #
 # Every cell lands in docs/ledger.jsonl as soon as it finishes; a cell the ledger already holds for
 # the same inputs (settings, data, the code's fingerprint) is skipped, so this can be stopped at
@@ -54,6 +54,22 @@ if [[ $WHAT == ties || $WHAT == all ]]; then
     config=benchmarks/suites/$suite.yaml
     [[ $suite == demo ]] && config=src/ideal/configs/demo.yaml
     compare "$suite-ties" "$config" uniform,ideal,ideal-lowest 5-9 rounds=2
+  done
+fi
+
+if [[ $WHAT == examples || $WHAT == all ]]; then
+  # less noise in the direction: every copy's score (influence.max_examples: all, default 64; at
+  # sample 0.5 that is half of each domain) on the toys' seeds 5-9, ideal only, paired against
+  # the ties campaign's ideal-lowest (today's ideal) on the same seeds:
+  #   python benchmarks/ledger_pool.py docs/ledger.jsonl --method ideal --baseline ideal-lowest \
+  #     --campaign noisy-examples-all:noisy-ties [...]
+  # Registered before the cells ran (2026-12-05): a candidate default if the pooled test loss
+  # falls by more than 2 paired standard errors and accuracy does not fall by more than 2; the
+  # real preset then has to confirm it before it becomes one.
+  for suite in noisy skewed demo conflict; do
+    config=benchmarks/suites/$suite.yaml
+    [[ $suite == demo ]] && config=src/ideal/configs/demo.yaml
+    compare "$suite-examples-all" "$config" ideal 5-9 rounds=2 influence.max_examples=all
   done
 fi
 

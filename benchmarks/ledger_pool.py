@@ -3,6 +3,11 @@
     python benchmarks/ledger_pool.py docs/ledger.jsonl --method ideal-lowest --baseline ideal \\
         --campaign demo-ties --campaign conflict-ties [...]
 
+    python benchmarks/ledger_pool.py docs/ledger.jsonl --method ideal --baseline ideal-lowest \\
+        --campaign noisy-examples:noisy-ties [...]
+
+`--campaign A:B` takes the method's cells from campaign A and the baseline's from B, the same
+seeds (a setting tried as an override in a campaign of its own, against cells measured before).
 `ideal ledger tables` pairs methods within one campaign (5 seeds); a change meant for every suite
 is judged better on all of them together. This prints, per campaign and pooled, the returned
 round's mean test accuracy and mean test loss, method - baseline per seed, with the mean, its
@@ -39,7 +44,9 @@ def main() -> None:
     parser.add_argument("ledger", type=Path)
     parser.add_argument("--method", required=True)
     parser.add_argument("--baseline", required=True)
-    parser.add_argument("--campaign", action="append", required=True)
+    parser.add_argument(
+        "--campaign", action="append", required=True, help="CAMPAIGN, or A:B (method's from A)"
+    )
     args = parser.parse_args()
     pooled: dict[str, tuple[dict, dict]] = {key: ({}, {}) for key, _ in KEYS}
     same = total = 0
@@ -47,11 +54,13 @@ def main() -> None:
     print("| campaign | pairs | identical | mean test accuracy | mean test loss |")
     print("|---|---|---|---|---|")
     for campaign in args.campaign:
-        document = ledger_document(args.ledger, campaign)
+        mine, _, other = campaign.partition(":")
+        document = ledger_document(args.ledger, mine)
+        baseline = ledger_document(args.ledger, other) if other else document
         row = []
         for key, lower in KEYS:
             ours = by_seed(document, args.method, key)
-            theirs = by_seed(document, args.baseline, key)
+            theirs = by_seed(baseline, args.baseline, key)
             row.append(paired_difference(ours, theirs, lower))
             for seed in ours:  # pooled over (campaign, seed): a new index per pair
                 pooled[key][0][len(pooled[key][0])] = ours[seed]
