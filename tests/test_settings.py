@@ -361,3 +361,25 @@ def test_influence_layers_inside_the_top_blocks_pass_preflight(tmp_path):
         ["train.top_layers=0", "influence.layers=model.layers.0.mlp.*"],
     ):
         preflight(load_config(path, overrides))
+
+
+def test_scoring_every_copy_warns_that_the_noise_gate_sees_no_noise(tmp_path):
+    from ideal.run.preflight import preflight
+
+    path = tmp_path / "c.yaml"
+    path.write_text("suite: {num_layers: 2}\n")
+    every = ["influence.sample=1.0", "influence.max_examples=all"]
+    warned = preflight(load_config(path, every)).warnings
+    assert any("standard errors are 0" in w and "min_z" in w for w in warned), warned
+    for overrides in (every + ["update.min_z=0"], ["influence.sample=1.0"], []):
+        assert not any("min_z" in w for w in preflight(load_config(path, overrides)).warnings)
+
+
+def test_a_settings_word_for_none_reads_in_a_config_as_on_the_command_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("suite: {num_layers: 2}\ninfluence: {curvature_examples: all}\n")
+    config = load_config(path, ["influence.max_examples=all"])
+    assert config.influence.max_examples is None and config.influence.curvature_examples is None
+    assert load_config(path, ["influence.max_examples=32"]).influence.max_examples == 32
+    with pytest.raises(IdealError, match="influence.max_examples: expected int, got 'every'"):
+        load_config(path, ["influence.max_examples=every"])

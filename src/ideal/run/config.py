@@ -247,8 +247,10 @@ def _build(cls: type, data: Any, where: str) -> Any:
         raise IdealError(
             f"{where or 'config'}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})"
         )
-    values = {}
+    values, words = {}, {f.name: f.metadata.get("none") for f in fields(cls)}
     for name, value in data.items():
+        if words[name] is not None and value == words[name]:  # `max_examples: all`, as the flag
+            value = None
         values[name] = _convert(hints[name], value, f"{where}.{name}" if where else name)
     try:
         return cls(**values)

@@ -56,6 +56,12 @@ def preflight(config: RunConfig, config_file: str | Path | None = None) -> Prefl
         _check_search(config)
     if config.rounds == 0:
         found.warnings.append("rounds 0: only D0 is trained and evaluated; no IDEAL step follows")
+    influence = config.influence
+    if influence.sample >= 1.0 and influence.max_examples is None and config.update.min_z > 0:
+        found.warnings.append(
+            "influence.sample 1.0 with max_examples all scores every copy: the standard errors"
+            " are 0, so update.min_z's noise gate passes every domain"
+        )
     return found
 
 
