@@ -88,8 +88,10 @@ if [[ $WHAT == search || $WHAT == all ]]; then
     compare "$suite-search-top1-lora" "$config" ideal,ideal-search 0-4 rounds=2 \
       search.fraction=1.0 "search.train={top_layers: 1, lora: true}"
   done
-  compare real-search-fraction-0.25 src/ideal/configs/real.yaml ideal,ideal-search 0-2 \
-    "${real_data[@]}" search.fraction=0.25
+  for fraction in 0.25 0.1; do
+    compare "real-search-fraction-$fraction" src/ideal/configs/real.yaml ideal,ideal-search 0-2 \
+      "${real_data[@]}" "search.fraction=$fraction"
+  done
 fi
 
 if [[ $WHAT == rank || $WHAT == all ]]; then
