@@ -16,6 +16,8 @@ OUT=${OUT:-campaigns}
 JOBS=${JOBS:-1}
 REAL=${REAL:-real-data}
 WHAT=${1:-all}
+SUITES=${SUITES:-demo conflict skewed noisy}  # the toy suites of `search` (one worker per subset)
+SEARCH_REAL=${SEARCH_REAL:-1}                 # 0: `search` leaves the real preset out
 real_data=(model="$REAL/model" train_data="$REAL/train" reference_data="$REAL/reference"
            test_data="$REAL/test")
 
@@ -76,7 +78,7 @@ fi
 if [[ $WHAT == search || $WHAT == all ]]; then
   # search cheap, train once: each proxy against the full recipe (cost_in_sfts, transfer); the
   # `ideal` cells are the same in every campaign of a suite, so they are trained once
-  for suite in demo conflict skewed noisy; do
+  for suite in $SUITES; do
     config=benchmarks/suites/$suite.yaml
     [[ $suite == demo ]] && config=src/ideal/configs/demo.yaml
     compare "$suite-search-fraction-0.25" "$config" ideal,ideal-search 0-4 rounds=2 \
@@ -89,6 +91,7 @@ if [[ $WHAT == search || $WHAT == all ]]; then
       search.fraction=1.0 "search.train={top_layers: 1, lora: true}"
   done
   for fraction in 0.25 0.1; do
+    [[ $SEARCH_REAL == 1 ]] || break
     compare "real-search-fraction-$fraction" src/ideal/configs/real.yaml ideal,ideal-search 0-2 \
       "${real_data[@]}" "search.fraction=$fraction"
   done
