@@ -192,7 +192,7 @@ def test_changed_settings_or_code_make_new_cells(campaign, monkeypatch, tmp_path
             or {"seed": s, "selected": {}, "seconds": 0.0, "trainings": 1, "sft_seconds": 1.0}
         ),
     )
-    monkeypatch.setattr(compare, "compare_document", lambda *a: {})
+    monkeypatch.setattr(compare, "compare_document", lambda *a, **k: {})
     changed = replace(config, train=replace(config.train, lr=0.004))
     run_campaign(changed, ["original"], [0], root / "out2", ledger, "tiny-c", "tiny", report=False)
     assert ran == [("original", 0)]
@@ -300,6 +300,25 @@ def test_a_worker_refuses_code_other_than_its_campaigns(campaign, tmp_path):
     fresh.write_text(json.dumps(inputs))
     book = open_book(config, ["original"], tmp_path / "l.jsonl", "c", "tiny", tmp_path, fresh)
     assert book.code == inputs["code"]
+
+
+def test_a_cells_cost_is_in_units_of_its_own_sft(campaign, tmp_path):
+    """Cells measured apart (another time, another load) are not put over another cell's D0:
+    a cell measured twice as slow costs the same number of SFTs."""
+    _, _, held, _ = campaign
+    ledger = tmp_path / "ledger.jsonl"
+    for c in read_ledger(held):
+        slow = 2.0 if c.method == "uniform" else 1.0  # uniform's cells on a busier machine
+        run = {**c.run, "seconds": c.run["seconds"] * slow}
+        append_cell(ledger, replace(c, run={**run, "sft_seconds": c.run["sft_seconds"] * slow}))
+    document = ledger_document(ledger, "tiny-c")
+    for method, entry in document["methods"].items():
+        for r in entry["runs"]:
+            assert r["cost_in_sfts"] == pytest.approx(r["seconds"] / r["sft_seconds"]), method
+    assert document["sft"]["of"].startswith("each cell's own")
+    ratios = [c.run["seconds"] / c.run["sft_seconds"] for c in read_ledger(held)]
+    costs = [r["cost_in_sfts"] for e in document["methods"].values() for r in e["runs"]]
+    assert sorted(costs) == pytest.approx(sorted(ratios))  # unchanged by the slower machine
 
 
 def test_the_tables_take_one_set_of_inputs_per_method(campaign, tmp_path):

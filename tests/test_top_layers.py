@@ -223,8 +223,10 @@ def test_resume_with_the_cache_gives_the_same_weights(tmp_path):
                     kill_at_3, features)  # fmt: skip
     written = sorted(features.rglob("*.safetensors"))
     assert len(written) == 1
+    saved = torch.load(checkpoint.file, map_location="cpu", weights_only=False)["seconds"]
     resumed = train_model(copy.deepcopy(base), items, settings, tokenizer.pad_token_id,
                           checkpoint, None, features)  # fmt: skip
+    assert 0.0 < saved < resumed.seconds  # the steps before the kill count in the training's time
     assert sorted(features.rglob("*.safetensors")) == written  # read, not recomputed
     assert [r["step"] for r in resumed.log] == [3, 4]
     expected = dict(straight.model.named_parameters())

@@ -138,17 +138,27 @@ def method_stats(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def cost_in_sfts(results: dict[str, Any], unit_method: str, what: str) -> dict[str, Any]:
+def cost_in_sfts(results: dict[str, Any], unit_method: str | None, what: str) -> dict[str, Any]:
     """Every run's compute in units of one SFT with the full recipe on the same seed: the
     round-0 (D0) training of `unit_method` (the method whose round 0 the others share), or,
-    when only ideal-search ran, its final training (`what` says which). Adds `cost_in_sfts` to each run and, as
-    stats over seeds, to each method; returns the unit per seed."""
-    unit = {r["seed"]: r["sft_seconds"] for r in results[unit_method]["runs"]}
+    when only ideal-search ran, its final training (`what` says which). Adds `cost_in_sfts` to
+    each run and, as stats over seeds, to each method; returns the unit per seed.
+
+    `unit_method` None: each run's own SFT (its `sft_seconds`), for runs measured apart (the
+    ledger's cells: another time, another load on the machine), whose seconds only their own
+    training measures alike."""
+    unit = (
+        {}
+        if unit_method is None
+        else {r["seed"]: r["sft_seconds"] for r in results[unit_method]["runs"]}
+    )
     for entry in results.values():
         for r in entry["runs"]:
-            seconds = unit.get(r["seed"])
+            seconds = r.get("sft_seconds") if unit_method is None else unit.get(r["seed"])
             r["cost_in_sfts"] = r["seconds"] / seconds if seconds else None
         entry["cost_in_sfts"] = stats([r["cost_in_sfts"] for r in entry["runs"]])
+    if unit_method is None:
+        return {"seconds": {}, "of": f"each cell's own {what}"}
     return {"seconds": {str(s): v for s, v in unit.items()}, "of": f"{unit_method}'s {what}"}
 
 

@@ -35,7 +35,9 @@ def campaign_markdown(document: dict[str, Any]) -> str:
         f"{left}, seeds {', '.join(map(str, seeds))}. Rendered by `ideal ledger tables` from "
         "docs/ledger.jsonl; mean +- sd over seeds; paired differences are method - baseline "
         "per seed, +- their standard error, verdict at 2 standard errors (higher accuracy, "
-        "lower held-out loss is better).",
+        "lower held-out loss is better). Cost in SFTs: each cell's compute over its own "
+        "full-recipe SFT, measured in the same run (D0's training; ideal-search's final "
+        "training).",
         "",
         "| method | seeds | mean accuracy | worst accuracy | mean test loss | worst test loss "
         "| reference loss | trainings | compute s | cost in SFTs |",

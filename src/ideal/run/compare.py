@@ -4,8 +4,8 @@ Every method starts from the config's D0 with the same total volume and the same
 over K seeds; each (method, seed) is an ordinary run directory `OUT/<method>/seed-<s>/`, so every
 run is resumable and has its own report. Round 0 (training on D0) is the same for every method of a
 seed: it is trained once and copied into the others (not into ideal-search, whose rounds train
-with the search recipe). Its training time is the unit of every method's `cost_in_sfts`; the
-statistics over seeds (paired differences, gap closure, cost, transfer) are ideal.paired's.
+with the search recipe). Its training time is the unit of every method's `cost_in_sfts` (with
+`--ledger`, each cell's own full-recipe SFT: cells are measured apart); the statistics over seeds (paired differences, gap closure, cost, transfer) are ideal.paired's.
 
     original      D0 as given (round 0 only)
     uniform       one update to equal volumes per domain, then train
@@ -260,7 +260,8 @@ def run_compare(
             if book is not None and key is not None:
                 book.record(key, method, seed, entry)
             runs[method].append(entry)
-    document = compare_document(runs, seeds, config.hash(), sharing)
+    # with a ledger, cells may come from other runs (measured apart): each in its own units
+    document = compare_document(runs, seeds, config.hash(), sharing, apart=book is not None)
     if report:
         atomic_write_json(out / "compare.json", document)
         from ideal.report.compare import write_compare_report
@@ -344,16 +345,25 @@ def baselines(methods: list[str]) -> list[str]:
 
 
 def compare_document(
-    runs: dict[str, list[dict[str, Any]]], seeds: list[int], config_hash: str, sharing: str | None
+    runs: dict[str, list[dict[str, Any]]],
+    seeds: list[int],
+    config_hash: str,
+    sharing: str | None,
+    apart: bool = False,
 ) -> dict[str, Any]:
     """compare.json from every method's runs (one entry per seed, as `_run_cell` or the ledger
     gives them): statistics, cost in SFTs, paired differences (`baselines`), gap closure,
-    transfer."""
+    transfer. `apart`: the runs were measured apart (the ledger's cells), so each one's cost is
+    in units of its own full-recipe SFT rather than of the shared D0's."""
     methods = list(runs)
     results = {method: method_stats(entries) for method, entries in runs.items()}
     document: dict[str, Any] = {"methods": results, "seeds": seeds, "config_hash": config_hash}
-    unit = "final training" if sharing is None else "round 0 (D0) training"
-    document["sft"] = cost_in_sfts(results, sharing or methods[0], unit)
+    if apart:
+        unit = "full-recipe SFT (D0's training, or the final training of ideal-search)"
+        document["sft"] = cost_in_sfts(results, None, unit)
+    else:
+        unit = "final training" if sharing is None else "round 0 (D0) training"
+        document["sft"] = cost_in_sfts(results, sharing or methods[0], unit)
     document["gap_closure"] = gap_closure(results)
     document["paired"] = {
         baseline: paired_differences(results, baseline) for baseline in baselines(methods)

@@ -161,12 +161,17 @@ class Checkpoint:
     def file(self) -> Path:
         return self.path / "state.pt"
 
-    def save(self, step: int, model: nn.Module, optimizer: Any, scheduler: Any) -> None:
+    def save(
+        self, step: int, model: nn.Module, optimizer: Any, scheduler: Any, seconds: float = 0.0
+    ) -> None:
+        """The state after `step` steps, and the `seconds` those steps took (a resumed training
+        reports them all)."""
         trainable = {
             n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad
         }
         state = {
             "step": step,
+            "seconds": seconds,
             "trainable": trainable,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
@@ -179,7 +184,9 @@ class Checkpoint:
             torch.save(state, tmp)
         os.replace(tmp, self.file)  # a kill during the save leaves the previous checkpoint
 
-    def load(self, model: nn.Module, optimizer: Any, scheduler: Any) -> int:
+    def load(self, model: nn.Module, optimizer: Any, scheduler: Any) -> tuple[int, float]:
+        """The saved state into model, optimizer and scheduler; returns its step and the seconds
+        spent reaching it (0 in a checkpoint from before they were kept)."""
         state = torch.load(self.file, map_location="cpu", weights_only=False)
         params = dict(model.named_parameters())
         with torch.no_grad():
@@ -190,7 +197,7 @@ class Checkpoint:
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        return int(state["step"])
+        return int(state["step"]), float(state.get("seconds", 0.0))
 
 
 @dataclass
@@ -262,9 +269,9 @@ def train_model(
             seconds = features.fill_shared(model, items, pad_id, settings.batch_size)
             if seconds:
                 log.info("feature cache: computed in %.1f s", seconds)
-    start_step = 0
+    start_step, spent = 0, 0.0  # spent: the seconds of the steps before a resume
     if checkpoint is not None and checkpoint.file.is_file():
-        start_step = checkpoint.load(accelerator.unwrap_model(model), optimizer, scheduler)
+        start_step, spent = checkpoint.load(accelerator.unwrap_model(model), optimizer, scheduler)
         log.info("resumed from step %d of %d", start_step, total)
     records: list[dict[str, float]] = []
     began = time.perf_counter()
@@ -318,12 +325,15 @@ def train_model(
             and step + 1 < total
         ):
             if accelerator.is_main_process:  # the same state on every process: one writer
-                checkpoint.save(step + 1, accelerator.unwrap_model(model), optimizer, scheduler)
+                checkpoint.save(
+                    step + 1, accelerator.unwrap_model(model), optimizer, scheduler,
+                    spent + time.perf_counter() - began,
+                )  # fmt: skip
             accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(model)
     model.eval()
     filled = features.filled_seconds if features is not None else 0.0
-    return TrainResult(model, total, records, time.perf_counter() - began, filled)
+    return TrainResult(model, total, records, spent + time.perf_counter() - began, filled)
 
 
 def run_train(
