@@ -5,7 +5,8 @@ over K seeds; each (method, seed) is an ordinary run directory `OUT/<method>/see
 run is resumable and has its own report. Round 0 (training on D0) is the same for every method of a
 seed: it is trained once and copied into the others (not into ideal-search, whose rounds train
 with the search recipe). Its training time is the unit of every method's `cost_in_sfts` (with
-`--ledger`, each cell's own full-recipe SFT: cells are measured apart); the statistics over seeds (paired differences, gap closure, cost, transfer) are ideal.paired's.
+`--ledger`, each cell's own full-recipe SFT: cells are measured apart); the statistics over
+seeds (paired differences, gap closure, cost, transfer) are ideal.paired's.
 
     original      D0 as given (round 0 only)
     uniform       one update to equal volumes per domain, then train
