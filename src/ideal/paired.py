@@ -146,7 +146,7 @@ def cost_in_sfts(results: dict[str, Any], unit_method: str | None, what: str) ->
 
     `unit_method` None: each run's own SFT (its `sft_seconds`), for runs measured apart (the
     ledger's cells: another time, another load on the machine), whose seconds only their own
-    training measures alike."""
+    training measures alike, or when no run shares its round 0 (ideal-search alone)."""
     unit = (
         {}
         if unit_method is None

@@ -217,8 +217,7 @@ def ledger_document(ledger: Path, campaign: str) -> dict[str, Any]:
     methods = list(dict.fromkeys(c.method for c in cells))
     seeds = sorted({c.seed for c in cells})
     runs = {m: [latest[(m, s)].run for s in seeds if (m, s) in latest] for m in methods}
-    sharing = next((m for m in methods if m != "ideal-search"), None)
-    document = compare_document(runs, seeds, "", sharing, apart=True)
+    document = compare_document(runs, seeds, "", None)  # cells measured apart: their own units
     document["campaign"] = campaign
     document["suite"] = cells[-1].suite
     document["cells"] = len(latest)

@@ -262,7 +262,7 @@ def run_compare(
                 book.record(key, method, seed, entry)
             runs[method].append(entry)
     # with a ledger, cells may come from other runs (measured apart): each in its own units
-    document = compare_document(runs, seeds, config.hash(), sharing, apart=book is not None)
+    document = compare_document(runs, seeds, config.hash(), None if book is not None else sharing)
     if report:
         atomic_write_json(out / "compare.json", document)
         from ideal.report.compare import write_compare_report
@@ -346,25 +346,18 @@ def baselines(methods: list[str]) -> list[str]:
 
 
 def compare_document(
-    runs: dict[str, list[dict[str, Any]]],
-    seeds: list[int],
-    config_hash: str,
-    sharing: str | None,
-    apart: bool = False,
+    runs: dict[str, list[dict[str, Any]]], seeds: list[int], config_hash: str, unit: str | None
 ) -> dict[str, Any]:
     """compare.json from every method's runs (one entry per seed, as `_run_cell` or the ledger
     gives them): statistics, cost in SFTs, paired differences (`baselines`), gap closure,
-    transfer. `apart`: the runs were measured apart (the ledger's cells), so each one's cost is
-    in units of its own full-recipe SFT rather than of the shared D0's."""
+    transfer. Cost is in units of the round-0 (D0) training of method `unit`, the one whose round
+    0 the others share; None: of each run's own full-recipe SFT (D0's training, ideal-search's
+    final training), for runs measured apart (the ledger's cells) or when only ideal-search ran."""
     methods = list(runs)
     results = {method: method_stats(entries) for method, entries in runs.items()}
     document: dict[str, Any] = {"methods": results, "seeds": seeds, "config_hash": config_hash}
-    if apart:
-        unit = "full-recipe SFT (D0's training, or the final training of ideal-search)"
-        document["sft"] = cost_in_sfts(results, None, unit)
-    else:
-        unit = "final training" if sharing is None else "round 0 (D0) training"
-        document["sft"] = cost_in_sfts(results, sharing or methods[0], unit)
+    what = "round 0 (D0) training" if unit else "full-recipe SFT (D0's, or ideal-search's final)"
+    document["sft"] = cost_in_sfts(results, unit, what)
     document["gap_closure"] = gap_closure(results)
     document["paired"] = {
         baseline: paired_differences(results, baseline) for baseline in baselines(methods)
