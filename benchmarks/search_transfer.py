@@ -257,6 +257,11 @@ def main() -> None:
     parser.add_argument("--suites", default="demo,conflict,skewed,noisy")
     parser.add_argument("--config", type=Path, help="a run config instead of the suites")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument(
+        "--only-seeds",
+        help="comma-separated seeds to run of range(--seeds), e.g. 2 (one worker's "
+        "share: a second process on another core; run without it last to pool every seed)",
+    )
     parser.add_argument("--proxies", default="fraction-0.25,fraction-0.5,steps-0.25,small-model")
     parser.add_argument("--out", type=Path, default=Path("runs/transfer"))
     parser.add_argument("--threads", type=int, default=1)
@@ -272,6 +277,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     seeds, proxies = list(range(args.seeds)), args.proxies.split(",")
+    if args.only_seeds:
+        seeds = [s for s in seeds if str(s) in args.only_seeds.split(",")]
     named = (
         {"config": args.config}
         if args.config
