@@ -109,6 +109,16 @@ def test_the_key_ignores_paths_and_follows_content(tmp_path):
     assert tree_hash([tmp_path / "b", None]) != first
 
 
+def test_a_setting_added_since_the_cells_keeps_their_keys_at_its_old_behaviour():
+    config = load_config(None, base=yaml.safe_load(TINY))
+    tree = config.to_dict()
+    before = {**tree, "update": {k: v for k, v in tree["update"].items() if k != "rescore"}}
+    assert tree["update"]["rescore"] is False
+    assert settings_without_paths(tree) == settings_without_paths(before)  # the same cell
+    on = {**tree, "update": {**tree["update"], "rescore": True}}
+    assert settings_without_paths(on)["update"]["rescore"] is True  # another cell
+
+
 def test_components_per_method():
     assert components("original") == ("suite", "train", "eval", "loop", "scorers", "rule:original")
     assert "influence" in components("ideal") and "influence" in components("first-order")

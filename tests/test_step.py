@@ -4,6 +4,7 @@ surrogate, and a run that resumes in the middle of its candidates."""
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import replace
 
@@ -12,7 +13,7 @@ import pytest
 
 from ideal.errors import IdealError
 from ideal.methods.candidates import Candidate, candidate_steps, choose, paired, split_rows
-from ideal.methods.rules import IdealRule, direction_table, noise_aware
+from ideal.methods.rules import IdealRule, direction_table, moves_nothing, noise_aware
 from ideal.methods.settings import UpdateSettings
 from ideal.methods.surrogate import fit_quadratic, minimise
 from ideal.methods.trust import radius_scale
@@ -265,6 +266,102 @@ def test_no_step_when_nothing_survives_the_noise(tmp_path):
     summary = run_loop(load_config(None, base=base), tmp_path / "run")
     assert [r.round for r in summary.rounds] == [0]
     assert not list((tmp_path / "run" / "step-1").glob("*/model"))  # written, never trained
+    assert summary.compute.trainings == 1
+    # with update.rescore, every copy is scored too, and its noise holds the step as well
+    base["influence"] = {**base.get("influence", {}), "max_examples": 4}
+    base["update"]["rescore"] = True
+    summary = run_loop(load_config(None, base=base), tmp_path / "rescored")
+    assert [r.round for r in summary.rounds] == [0] and summary.compute.trainings == 1
+    influence = json.loads((tmp_path / "rescored/round-0/influence.json").read_text())
+    assert influence["rescored"]["max_examples"] == 4 and influence["max_examples"] is None
+    choice = json.loads((tmp_path / "rescored/step-1/choice.json").read_text())
+    assert choice["reason"].endswith("(every copy scored: update.rescore)")
+
+
+def test_moves_nothing_says_when_the_noise_holds_every_sensitivity():
+    noisy = {"sensitivity": {"a": 3.0, "b": -1.0}, "sensitivity_stderr": {"a": 2.0, "b": 1.0}}
+    assert moves_nothing(noisy, UpdateSettings())  # z 1.5 and 1: within 2 standard errors
+    assert not moves_nothing(noisy, UpdateSettings(min_z=1.2))  # a passes
+    assert not moves_nothing(noisy, UpdateSettings(min_z=0.0))  # the paper: every entry whole
+    assert not moves_nothing(SIGNALS, UpdateSettings())  # check at z 6.4
+
+
+def _noisy_when_capped(monkeypatch, calls, die_on_second=False):
+    """compute_influence as it is, except that a capped sample (influence.max_examples) reports
+    standard errors 1e12 times its size: the noise holds every sensitivity there, and every
+    copy's score (max_examples None) is as computed."""
+    import ideal.influence.step as step
+
+    real = step.compute_influence
+
+    def compute(model_dir, train, reference, job, *args, **kwargs):
+        calls.append(job.config.max_examples)
+        if die_on_second and len(calls) == 2:
+            raise KeyboardInterrupt  # killed between the two passes
+        result, document = real(model_dir, train, reference, job, *args, **kwargs)
+        if job.config.max_examples is not None:
+            document["sensitivity_stderr"] = {
+                d: 1e12 * (abs(v) + 1.0) for d, v in document["sensitivity"].items()
+            }
+        return result, document
+
+    monkeypatch.setattr(step, "compute_influence", compute)
+
+
+def rescore_config(rescore=True) -> dict:
+    base = step_config()
+    base["influence"] = {**base.get("influence", {}), "max_examples": 4}
+    base["update"] = {"candidates": [0.2, 0.6], "min_z": 1e-9, "rescore": rescore}
+    return base
+
+
+def test_a_sample_that_moves_nothing_is_scored_again_on_every_copy(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from ideal.report.console import step_table
+
+    calls = []
+    _noisy_when_capped(monkeypatch, calls)
+    run = tmp_path / "run"
+    summary = run_loop(load_config(None, base=rescore_config()), run)
+    assert calls == [4, None]  # the capped sample, then every copy
+    influence = json.loads((run / "round-0" / "influence.json").read_text())
+    first = influence["rescored"]
+    assert first["max_examples"] == 4 and max(first["sampled_examples"].values()) == 4
+    assert influence["max_examples"] is None
+    assert min(influence["sampled_examples"].values()) > 4  # every copy of each domain's sample
+    assert influence["seconds"]["total"] > first["seconds"]  # the run paid for both passes
+    assert any(row["used"] != 0.0 for row in influence["direction"].values())
+    # the candidates step along every copy's direction, and the round says so
+    assert len(list((run / "step-1").glob("*/metrics.json"))) >= 1
+    assert summary.rounds[1].rescored_from == 4
+    update = json.loads((run / "round-1" / "mixture.json").read_text())["update"]
+    assert update["rescored"]["from_max_examples"] == 4
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(step_table(summary.rounds[1]))
+    assert "every copy scored: at 4 a domain" in " ".join(console.export_text().split())
+
+    # killed between the two passes, a run rescores when resumed and ends where this one did
+    monkeypatch.undo()
+    again, calls = tmp_path / "again", []
+    _noisy_when_capped(monkeypatch, calls, die_on_second=True)
+    with pytest.raises(KeyboardInterrupt):
+        run_loop(load_config(None, base=rescore_config()), again)
+    assert "rescored" not in json.loads((again / "round-0" / "influence.json").read_text())
+    monkeypatch.undo()
+    calls = []
+    _noisy_when_capped(monkeypatch, calls)
+    resumed = run_loop(load_config(None, base=rescore_config()), again, resume=True)
+    assert calls == [None]
+    assert [r.volumes for r in resumed.rounds] == [r.volumes for r in summary.rounds]
+
+
+def test_without_rescore_the_noisy_sample_stops_the_run(tmp_path, monkeypatch):
+    calls = []
+    _noisy_when_capped(monkeypatch, calls)
+    summary = run_loop(load_config(None, base=rescore_config(rescore=False)), tmp_path / "run")
+    assert calls == [4] and [r.round for r in summary.rounds] == [0]
+    assert "rescored" not in json.loads((tmp_path / "run/round-0/influence.json").read_text())
     assert summary.compute.trainings == 1
 
 

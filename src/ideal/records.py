@@ -76,6 +76,9 @@ class RoundRecord:
     candidates: list[dict[str, Any]] | None = None
     scale: float | None = None
     scale_next: float | None = None
+    # update.rescore: the first sample's cap (copies a domain) when its noise moved nothing and
+    # the direction is every copy's
+    rescored_from: int | None = None
 
     @property
     def shares(self) -> dict[str, float]:

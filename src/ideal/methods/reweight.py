@@ -99,6 +99,11 @@ def update_mixture(
         if rule.update.min_z > 0:  # the noise, and whom it held
             record["min_z"], record["shrink"] = rule.update.min_z, rule.update.shrink
             record["held_by_noise"] = rule.held(signals)
+    if "rescored" in signals:  # update.rescore: every copy scored, the first sample moved nothing
+        record["rescored"] = {
+            "from_max_examples": signals["rescored"]["max_examples"],
+            "sampled_examples": signals.get("sampled_examples"),
+        }
     if "retokenized" in signals:  # the influence step's count of re-tokenized rows, kept in view
         record["retokenized"] = signals["retokenized"]
     return mixture, record

@@ -134,6 +134,13 @@ def direction_table(
     return out
 
 
+def moves_nothing(signals: Mapping[str, Any], update: UpdateSettings) -> bool:
+    """Whether the noise leaves no sensitivity for the step (`noise_aware`: every entry within
+    update.min_z standard errors of 0): what `update.rescore` answers with every copy's score."""
+    table = direction_table(signals, update, list(signals["sensitivity"]))
+    return all(row["used"] == 0.0 for row in table.values())
+
+
 @dataclass(frozen=True)
 class IdealRule:
     """The IDEAL step from `signals["sensitivity"]` (domain -> dQ/dbeta_i), with `update`'s

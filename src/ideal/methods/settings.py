@@ -44,6 +44,12 @@ class UpdateSettings:
         choices=SHRINKS,
         before="gate",
     )
+    rescore: bool = setting(
+        False,
+        "When update.min_z leaves no sensitivity (every one within its noise), score every copy "
+        "of each domain's influence sample (influence.max_examples: all) and step from that: "
+        "one more influence pass, no training.",
+    )
     candidates: tuple[float, ...] = setting(
         (0.15, 0.4, 0.75),
         "Steps m trained along the direction at each IDEAL update (the radius scales them); "

@@ -89,8 +89,13 @@ def run_tables(summary: RunSummary, run_dir: Path) -> list[Any]:
 def step_table(r: RoundRecord) -> Table:
     """An IDEAL update: per domain its sensitivity, standard error, z and what the step used;
     with candidate steps, each candidate's held-out reference loss and whether it was kept."""
+    rescored = (
+        f" (every copy scored: at {r.rescored_from} a domain no sensitivity passed the noise)"
+        if r.rescored_from is not None
+        else ""
+    )
     table = _table(
-        f"round {r.round}: the IDEAL update from round {r.from_round}",
+        f"round {r.round}: the IDEAL update from round {r.from_round}{rescored}",
         ("domain", "dQ/dbeta", "+- SE", "z", "used", "volume"),
         left=("domain",),
     )

@@ -198,6 +198,12 @@ def _steps_html(summary: RunSummary) -> str:
         if not (r.direction or r.candidates):
             continue
         parts.append(f"<h3>Round {r.round}: the update from round {r.from_round}</h3>")
+        if r.rescored_from is not None:
+            parts.append(
+                f"<p>At {r.rescored_from} copies a domain no sensitivity was beyond "
+                "<code>update.min_z</code> standard errors; every copy was scored "
+                "(<code>update.rescore</code>), and the step below is that score's.</p>"
+            )
         parts.append(_table(
             ["domain", "dQ/dbeta", "standard error", "z", "used by the step", "volume after"],
             [[d, row["sensitivity"], row["stderr"], row["z"], row["used"], r.volumes.get(d)]

@@ -9,6 +9,8 @@
     summary.py    summary.json from the round directories, computed once; the returned round
     loop.py       the rounds' state machine (the uniform probe, the update's base round, a search
                   recipe's subsets and the final training)
+    influence_round.py  a round's influence.json in the loop, annotated with the step it
+                  serves; every copy scored when the capped sample moves nothing (update.rescore)
     step.py       one IDEAL update whose size is measured: candidate steps trained, the best on
                   held-out reference rows kept, the radius carried to the next update
     cells.py      one cell of a comparison (a run with round 0 shared); random and the oracle

@@ -188,12 +188,23 @@ def cell_key(method: str, seed: int, settings: dict[str, Any], inputs: dict[str,
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+# settings added after cells were measured, at the value that does what the code did before them:
+# left out of a cell's key there, so that adding a setting keeps every cell (a changed default
+# changes numbers and is not listed here)
+ADDED_SETTINGS = {("update", "rescore"): False}
+
+
 def settings_without_paths(tree: dict[str, Any]) -> dict[str, Any]:
     """A config's dictionary with the keys that name places (data and model directories, the
-    search model) taken out: the content under them is hashed into the inputs instead."""
+    search model) taken out: the content under them is hashed into the inputs instead; and the
+    settings added since the ledger began, where they keep the behaviour from before them
+    (ADDED_SETTINGS)."""
     out = {k: v for k, v in tree.items() if k not in PATH_KEYS}
     if isinstance(out.get("search"), dict):
         out["search"] = {k: v for k, v in out["search"].items() if k != "model"}
+    for (section, name), before in ADDED_SETTINGS.items():
+        if isinstance(out.get(section), dict) and out[section].get(name, before) == before:
+            out[section] = {k: v for k, v in out[section].items() if k != name}
     return out
 
 

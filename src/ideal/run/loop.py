@@ -46,12 +46,11 @@ from ideal.methods.rules import (
     Rule,
     TemperatureRule,
     UniformRule,
-    direction_table,
-    requested_change,
 )
 from ideal.methods.trust import StepDecision, trust_step
 from ideal.records import RunSummary, UpdateRecord
 from ideal.run.config import RunConfig
+from ideal.run.influence_round import influence_round
 from ideal.run.preflight import preflight
 from ideal.run.rundir import RunPaths, prepare_run, run_lock, search_paths
 from ideal.run.stages import (
@@ -227,8 +226,6 @@ def run_loop(
     the others wait. The run directory must be on a filesystem that every process sees.
     """
     from ideal.distributed import barrier, init_from_env, is_main
-    from ideal.influence.step import compute_influence, write_influence_files
-    from ideal.progress import track
 
     init_from_env()
     warnings = [] if checked else preflight(config).warnings  # every process: before training
@@ -295,32 +292,11 @@ def run_loop(
             # the influence of the round the update starts from (a rejected round's is never used)
             source = paths.round(decision.base)
             stepping = probe is None and uses_candidates(config)
-            if rule.signal == "influence" and not (source / "influence.json").is_file():
-                log.info("round %d: influence", decision.base)
+            if rule.signal == "influence":
                 reference = split.direction if stepping and split is not None else paths.reference
-                result, document = compute_influence(
-                    source / "model", search_rows(source, fraction, main), reference,
-                    config.influence_job(), track,
-                    features=paths.features,
-                )  # fmt: skip
-                if (
-                    fraction < 1.0
-                ):  # scored on the search subset; the update moves the whole mixture
-                    document["search_volumes"] = document["volumes"]
-                    document["volumes"] = load_training_set(source).mixture.volumes
-                if config.update.rule == "ideal":  # the step this update takes, m of this round
-                    step_rule = make_rule(
-                        replace(config, update=replace(config.update, step=decision.step))
-                    )
-                    document["beta"] = requested_change(step_rule, document)
-                    document["step"] = decision.step
-                    document["direction"] = direction_table(
-                        document, config.update, list(document["sensitivity"])
-                    )
-                    if reference is not paths.reference:
-                        document["reference_rows"] = "direction rows (update.selection held out)"
-                if main:
-                    write_influence_files(source, result, document)
+                influence_round(
+                    config, paths, decision.base, reference, decision.step, fraction, main
+                )
             barrier()
             following = paths.round(k + 1)
             if stepping and not (following / "mixture.json").is_file():

@@ -62,6 +62,15 @@ def preflight(config: RunConfig, config_file: str | Path | None = None) -> Prefl
             "influence.sample 1.0 with max_examples all scores every copy: the standard errors"
             " are 0, so update.min_z's noise gate passes every domain"
         )
+    if config.update.rescore and (influence.max_examples is None or config.update.min_z <= 0):
+        found.warnings.append(
+            "update.rescore does nothing here: "
+            + (
+                "influence.max_examples is all already"
+                if influence.max_examples is None
+                else "update.min_z 0 holds no sensitivity back"
+            )  # fmt: skip
+        )
     return found
 
 

@@ -309,6 +309,8 @@ def candidate_round(
                 "no candidate step moves the mixture: every sensitivity within update.min_z "
                 "standard errors of 0, or the steps too small at this radius"
             )
+            if "rescored" in signals:
+                reason += " (every copy scored: update.rescore)"
             atomic_write_json(here / CHOICE, {"kept": None, "from_round": base, "reason": reason})
         barrier()
         return False

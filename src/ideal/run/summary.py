@@ -177,6 +177,9 @@ def _round(
         candidates=update.details.get("candidates") if update is not None else None,
         scale=update.details.get("scale") if update is not None else None,
         scale_next=update.details.get("scale_next") if update is not None else None,
+        rescored_from=(update.details.get("rescored") or {}).get("from_max_examples")
+        if update is not None
+        else None,
     )
 
 
