@@ -9,9 +9,10 @@ the fingerprint is the numbers themselves:
     train       a micro run's training losses, full fine-tuning and top-1-block LoRA from cached
                 features (rounded to 4 significant digits, so another machine's kernels agree)
     eval        that run's reference and test losses (per row), decoded outputs and accuracies
-    loop        a whole default micro run: the probe, an update by candidate steps on held-out
-                rows, the returned round decoded; every round's and candidate's volumes,
-                metrics, update records and the choice
+    loop        a whole micro run: the probe, an update by candidate steps on held-out rows,
+                the returned round decoded; every round's and candidate's volumes, metrics,
+                update records and the choice (its update settings pinned: a changed default
+                changes the keys of the cells whose settings hold it, not this component)
     scorers     every scorer on fixed outputs, and `choice` likelihoods on the trained model
     influence   its EK-FAC, K-FAC and first-order scores (relative to the largest, 3 digits)
     rule:NAME   what the method NAME's update rule proposes on a fixed, hand-made input
@@ -166,9 +167,19 @@ def _micro_runs(scratch: Path, influence: bool) -> dict[str, str]:
         if influence:
             scores[name] = _influence_scores(cfg, run)
     rows = sorted(p.read_text() for p in (scratch / "full" / "suite").rglob("*.jsonl"))
+    # the update's settings pinned, so that a changed default changes the keys of the cells that
+    # use it (their settings say so), not every method's code fingerprint
     whole = micro_config(
         rounds=2,
-        update={"candidates": [0.3, 0.6], "min_z": 0.0},
+        update={
+            "candidates": [0.3, 0.6],
+            "min_z": 0.0,
+            "ties": "lowest",
+            "shrink": "soft",
+            "selection": 0.5,
+            "first_round": "uniform",
+            "rescore": False,
+        },  # fmt: skip
         eval={"max_new_tokens": 6, "batch_size": 8, "accuracy_rounds": "returned"},
     )
     run_loop(whole, scratch / "loop", checked=True)
