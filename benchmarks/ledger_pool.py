@@ -10,9 +10,9 @@
 seeds (a setting tried as an override in a campaign of its own, against cells measured before).
 `ideal ledger tables` pairs methods within one campaign (5 seeds); a change meant for every suite
 is judged better on all of them together. This prints, per campaign and pooled, the returned
-round's mean test accuracy and mean test loss, method - baseline per seed, with the mean, its
-standard error and the verdict at 2 standard errors (ideal.paired), and how many of the pairs
-are identical (the two methods returned the same model). Test losses of different suites sit on
+round's mean test accuracy, mean test loss and worst capability's accuracy, method - baseline
+per seed, with the mean, its standard error and the verdict at 2 standard errors
+(ideal.paired), and how many of the pairs are identical (the two methods returned the same model). Test losses of different suites sit on
 different scales: the pooled loss is a mean of differences, not of ratios.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 from ideal.paired import paired_difference
 from ideal.run.campaign import ledger_document
 
-KEYS = (("test_accuracy_mean", False), ("test_loss_mean", True))
+KEYS = (("test_accuracy_mean", False), ("test_loss_mean", True), ("test_accuracy_worst", False))
 
 
 def by_seed(document: dict, method: str, key: str) -> dict[int, float | None]:
@@ -51,8 +51,8 @@ def main() -> None:
     pooled: dict[str, tuple[dict, dict]] = {key: ({}, {}) for key, _ in KEYS}
     same = total = 0
     print(f"{args.method} - {args.baseline}, paired per seed; verdict at 2 standard errors\n")
-    print("| campaign | pairs | identical | mean test accuracy | mean test loss |")
-    print("|---|---|---|---|---|")
+    print("| campaign | pairs | identical | mean test accuracy | mean test loss | worst accuracy |")
+    print("|---|---|---|---|---|---|")
     for campaign in args.campaign:
         mine, _, other = campaign.partition(":")
         document = ledger_document(args.ledger, mine)
@@ -68,9 +68,12 @@ def main() -> None:
         diffs = row[1]["per_seed"]
         identical = sum(d == 0.0 for d in diffs)
         same, total = same + identical, total + len(diffs)
-        print(f"| {campaign} | {len(diffs)} | {identical} | {shown(row[0])} | {shown(row[1])} |")
+        print(
+            f"| {campaign} | {len(diffs)} | {identical} | {shown(row[0])} | {shown(row[1])} "
+            f"| {shown(row[2])} |"
+        )
     both = [paired_difference(*pooled[key], lower) for key, lower in KEYS]
-    print(f"| pooled | {total} | {same} | {shown(both[0])} | {shown(both[1])} |")
+    print(f"| pooled | {total} | {same} | {shown(both[0])} | {shown(both[1])} | {shown(both[2])} |")
 
 
 if __name__ == "__main__":
