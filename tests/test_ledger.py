@@ -109,14 +109,22 @@ def test_the_key_ignores_paths_and_follows_content(tmp_path):
     assert tree_hash([tmp_path / "b", None]) != first
 
 
-def test_a_setting_added_since_the_cells_keeps_their_keys_at_its_old_behaviour():
-    config = load_config(None, base=yaml.safe_load(TINY))
-    tree = config.to_dict()
-    before = {**tree, "update": {k: v for k, v in tree["update"].items() if k != "rescore"}}
-    assert tree["update"]["rescore"] is False
-    assert settings_without_paths(tree) == settings_without_paths(before)  # the same cell
-    on = {**tree, "update": {**tree["update"], "rescore": True}}
-    assert settings_without_paths(on)["update"]["rescore"] is True  # another cell
+def test_a_setting_added_since_the_cells_keeps_their_keys_where_it_changes_nothing():
+    from ideal.run.compare import method_config
+
+    config = load_config(None, base={**yaml.safe_load(TINY), "rounds": 2})  # the probe, a step
+
+    def without(tree):
+        return {**tree, "update": {k: v for k, v in tree["update"].items() if k != "rescore"}}
+
+    for method in ("original", "uniform", "random"):  # rules that never read update.rescore
+        tree = method_config(config, method, 0).to_dict()
+        assert tree["update"]["rescore"] is True  # the default
+        assert settings_without_paths(tree) == settings_without_paths(without(tree))
+    tree = method_config(config, "ideal", 0).to_dict()
+    assert settings_without_paths(tree)["update"]["rescore"] is True  # ideal's cells: new keys
+    off = {**tree, "update": {**tree["update"], "rescore": False}}  # the behaviour from before
+    assert settings_without_paths(off) == settings_without_paths(without(tree))
 
 
 def test_components_per_method():

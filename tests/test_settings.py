@@ -375,19 +375,6 @@ def test_scoring_every_copy_warns_that_the_noise_gate_sees_no_noise(tmp_path):
         assert not any("min_z" in w for w in preflight(load_config(path, overrides)).warnings)
 
 
-def test_rescore_warns_where_it_can_do_nothing(tmp_path):
-    from ideal.run.preflight import preflight
-
-    path = tmp_path / "c.yaml"
-    path.write_text("suite: {num_layers: 2}\n")
-    for overrides, why in ((["influence.max_examples=all"], "max_examples is all already"),
-                           (["update.min_z=0"], "min_z 0 holds no sensitivity back")):  # fmt: skip
-        warned = preflight(load_config(path, ["update.rescore=true", *overrides])).warnings
-        assert any(w.startswith("update.rescore does nothing") and why in w for w in warned)
-    for overrides in (["update.rescore=true"], ["influence.max_examples=all"]):
-        assert not any("rescore" in w for w in preflight(load_config(path, overrides)).warnings)
-
-
 def test_a_settings_word_for_none_reads_in_a_config_as_on_the_command_line(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("suite: {num_layers: 2}\ninfluence: {curvature_examples: all}\n")

@@ -286,6 +286,23 @@ def test_moves_nothing_says_when_the_noise_holds_every_sensitivity():
     assert not moves_nothing(SIGNALS, UpdateSettings())  # check at z 6.4
 
 
+def test_rescore_only_where_the_cap_held_a_sample_back():
+    from ideal.run.influence_round import needs_rescore
+
+    config = load_config(None, base=step_config())  # update.rescore on by default
+    config = replace(config, update=replace(config.update, min_z=2.0))
+    cap = config.influence.max_examples
+    held = {"sensitivity": {"a": 1.0, "b": -1.0}, "sensitivity_stderr": {"a": 1.0, "b": 1.0},
+            "sampled_examples": {"a": cap, "b": 3}}  # fmt: skip
+    assert needs_rescore(config, held)
+    assert not needs_rescore(config, {**held, "sampled_examples": {"a": cap - 1, "b": 3}})
+    assert not needs_rescore(config, {**held, "rescored": {}})  # once
+    strong = {**held, "sensitivity": {"a": 9.0, "b": -1.0}}
+    assert not needs_rescore(config, strong)  # a moves: nothing to rescore
+    off = replace(config, update=replace(config.update, rescore=False))
+    assert not needs_rescore(off, held)
+
+
 def _noisy_when_capped(monkeypatch, calls, die_on_second=False):
     """compute_influence as it is, except that a capped sample (influence.max_examples) reports
     standard errors 1e12 times its size: the noise holds every sensitivity there, and every

@@ -44,11 +44,13 @@ class UpdateSettings:
         choices=SHRINKS,
         before="gate",
     )
+    # default since 2026-12-05 (fresh seeds 10-14 of the four toys, docs/results.md)
     rescore: bool = setting(
-        False,
-        "When update.min_z leaves no sensitivity (every one within its noise), score every copy "
-        "of each domain's influence sample (influence.max_examples: all) and step from that: "
-        "one more influence pass, no training.",
+        True,
+        "When update.min_z leaves no sensitivity (every one within its noise) on a sample that "
+        "influence.max_examples capped, score every copy of each domain's influence sample and "
+        "step from that: one more influence pass, no training.",
+        before=False,
     )
     candidates: tuple[float, ...] = setting(
         (0.15, 0.4, 0.75),

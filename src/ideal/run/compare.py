@@ -39,7 +39,9 @@ seeds (paired differences, gap closure, cost, transfer) are ideal.paired's.
     ideal-smaller  the same, among the candidates within a paired SE of the lowest the smaller
                   step, the base round the smallest (`update.ties: smaller`, the default before)
     ideal-rescore  the IDEAL rule with EK-FAC that scores every copy of the domains when its
-                  capped sample moves nothing (`update.rescore`)
+                  capped sample moves nothing (`update.rescore: true`, the default since
+                  2026-12-05: the same as ideal, named for the ledger)
+    ideal-no-rescore  the same without it (`update.rescore: false`, the default before)
     ideal-single-step  docs/method.md's step after the probe: one step of `update.step`, every
                   sensitivity whole, no candidates (the step before `update.candidates`)
     random        random mixtures on the simplex at the same total, each trained: as many as ideal's
@@ -129,6 +131,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "ideal-lowest": {"rule": "ideal", "curvature": "ekfac", "update": {"ties": "lowest"}},
     "ideal-smaller": {"rule": "ideal", "curvature": "ekfac", "update": {"ties": "smaller"}},
     "ideal-rescore": {"rule": "ideal", "curvature": "ekfac", "update": {"rescore": True}},
+    "ideal-no-rescore": {"rule": "ideal", "curvature": "ekfac", "update": {"rescore": False}},
     # docs/method.md's step (one step of update.step, every sensitivity whole), after the probe
     "ideal-single-step": {
         "rule": "ideal",

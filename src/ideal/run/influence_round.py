@@ -6,7 +6,7 @@ the step the update takes, and scored again on every copy when its sample says n
                                  (per domain: sensitivity, standard error, z, what the step used);
                                  after a rescore, `rescored`: the first sample's numbers
 
-`update.rescore`: a sample of at most `influence.max_examples` copies a domain can leave every
+`update.rescore` (default on): a sample of at most `influence.max_examples` copies a domain can leave every
 sensitivity within `update.min_z` standard errors of 0, and then the step moves nothing and the
 run spends none of its trainings. Scoring every copy of the domain's sample is one more influence
 pass, no training, and its standard errors are smaller (docs/method-additions.md). A run killed
@@ -34,14 +34,16 @@ INFLUENCE = "influence.json"
 
 def needs_rescore(config: RunConfig, document: dict[str, Any]) -> bool:
     """Whether influence.json (`document`) is a first sample that `update.rescore` scores again:
-    the IDEAL rule's noise leaves no sensitivity, and the sample was capped."""
-    update = config.update
+    the IDEAL rule's noise leaves no sensitivity, and the cap (influence.max_examples) held some
+    domain's sample back (otherwise every copy was scored already)."""
+    update, cap = config.update, config.influence.max_examples
     return (
         update.rule == "ideal"
         and update.rescore
         and update.min_z > 0
-        and config.influence.max_examples is not None
+        and cap is not None
         and "rescored" not in document
+        and any(n >= cap for n in (document.get("sampled_examples") or {}).values())
         and bool(document.get("sensitivity_stderr"))
         and moves_nothing(document, update)
     )
