@@ -23,9 +23,9 @@ over all; nothing is trained.
 --replay: `update.rescore` replayed from two measured campaigns on the same seeds, where the
 baseline (the default ideal) and `every` (influence.max_examples all on every update) share their
 rounds before the first update: a seed whose baseline update was held (it trained fewer models)
-takes every copy's cell, the others the baseline's. Prints, per changed seed and pooled over all the pairs, the difference
-(rescore - baseline) in mean test accuracy, mean test loss and worst accuracy, with paired
-standard errors, and the trainings of each. Pairs are given as
+takes every copy's cell, the others the baseline's. Prints, per changed seed and pooled over all
+the pairs, the difference (rescore - baseline) in mean test accuracy, mean test loss and worst
+accuracy, with paired standard errors, and the trainings of each. Pairs are given as
 `--baseline noisy-ties:ideal-lowest --every noisy-examples-all:ideal` (one of each per suite).
 """
 

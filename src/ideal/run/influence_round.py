@@ -6,11 +6,12 @@ the step the update takes, and scored again on every copy when its sample says n
                                  (per domain: sensitivity, standard error, z, what the step used);
                                  after a rescore, `rescored`: the first sample's numbers
 
-`update.rescore` (default on): a sample of at most `influence.max_examples` copies a domain can leave every
-sensitivity within `update.min_z` standard errors of 0, and then the step moves nothing and the
-run spends none of its trainings. Scoring every copy of the domain's sample is one more influence
-pass, no training, and its standard errors are smaller (docs/method-additions.md). A run killed
-between the two passes rescores when resumed: influence.json without `rescored` is the first.
+`update.rescore` (default on): a sample of at most `influence.max_examples` copies a domain can
+leave every sensitivity within `update.min_z` standard errors of 0, and then the step moves
+nothing and the run spends none of its remaining trainings. Scoring every copy of the domain's
+sample is one more influence pass, no training, and its standard errors are smaller
+(docs/method-additions.md). A run killed between the two passes rescores when resumed:
+influence.json without `rescored` is the first.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ def influence_round(
 ) -> None:
     """RUN/round-K/influence.json of round K = `base` (the round an update starts from), on
     `reference` (the direction rows under update.selection), at the step `step` this update takes;
-    then, under `update.rescore`, every copy's score when the first sample moves nothing. Each pass runs on
-    every process (the main one writes); both are skipped when their file is there."""
+    then, under `update.rescore`, every copy's score when the first sample moves nothing. Each
+    pass runs on every process (the main one writes); both are skipped when their file is
+    there."""
     from ideal.distributed import barrier
 
     source = paths.round(base)
