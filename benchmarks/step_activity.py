@@ -46,11 +46,13 @@ def outcome(choice: dict) -> str:
 
 
 def largest_z(influence: dict) -> float:
-    errors = influence.get("sensitivity_stderr") or {}
-    return max(
-        (abs(v) / errors[d] for d, v in influence["sensitivity"].items() if errors.get(d)),
-        default=0.0,
-    )
+    """The largest z = |alpha_i| / se_i of an influence.json (ideal.methods.rules.direction_table;
+    z does not depend on the update's settings)."""
+    from ideal.methods.rules import direction_table
+    from ideal.methods.settings import UpdateSettings
+
+    table = direction_table(influence, UpdateSettings(), list(influence["sensitivity"]))
+    return max((row["z"] or 0.0 for row in table.values()), default=0.0)
 
 
 def activity(directories: list[Path], config_path: Path | None) -> None:

@@ -76,13 +76,7 @@ def influence_round(
     first = read_json(target)
     if not needs_rescore(config, first):
         return
-    largest = max(
-        (
-            row["z"] or 0.0
-            for row in direction_table(first, config.update, list(first["sensitivity"])).values()
-        ),
-        default=0.0,
-    )
+    largest = max((row["z"] or 0.0 for row in first["direction"].values()), default=0.0)
     log.info(
         "round %d: no sensitivity beyond update.min_z %g standard errors at %s copies a domain "
         "(largest z %.2f); scoring every copy (update.rescore)",
