@@ -208,6 +208,31 @@ def test_a_run_where_no_stage_completed_starts_again(own_data):
     assert (run / "round-0" / "model.partial").is_dir()
 
 
+@pytest.mark.parametrize(
+    "update, rounds, resumes",
+    [({"rule": "uniform"}, 2, True), ({"rule": "ideal"}, 1, True), ({"rule": "ideal"}, 2, False)],
+)
+def test_a_setting_added_since_the_run_is_no_change_where_the_run_never_reads_it(
+    own_data, update, rounds, resumes
+):
+    """A run started before update.rescore existed resumes under its default (true, not what
+    the code did before) where it takes no IDEAL step: another rule, or no round past D0."""
+    tmp_path, config = own_data
+    run = tmp_path / "run"
+    current = load_config(_write(tmp_path, {**config, "rounds": rounds, "update": update}))
+    prepare_run(current, run, resume=False)
+    (run / "round-0" / "model.partial").mkdir(parents=True)  # a stage began
+    stored = yaml.safe_load((run / "config.yaml").read_text())
+    del stored["update"]["rescore"]  # as a run started before the setting wrote it
+    stored["hash"] = "older"
+    (run / "config.yaml").write_text(yaml.safe_dump(stored, sort_keys=False))
+    if resumes:
+        prepare_run(current, run, resume=True)
+    else:
+        with pytest.raises(IdealError, match=r"changed since this run started \(update.rescore\)"):
+            prepare_run(current, run, resume=True)
+
+
 def test_the_probe_is_said_once_in_the_summary():
     rounds = [
         {"round": k, "volumes": {"a": 1}, "test_accuracy": {}, "test_accuracy_mean": None,

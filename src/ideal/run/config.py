@@ -172,6 +172,23 @@ class RunConfig:
         return sha256_text(json.dumps(self.to_dict(), sort_keys=True))
 
 
+# update settings that only an IDEAL step reads: a run that takes none (another rule, or no round
+# past the uniform probe) is the same run whatever their value
+IDEAL_STEP_ONLY = ("update.rescore",)
+
+
+def takes_ideal_step(tree: dict[str, Any]) -> bool:
+    """Whether a config's dictionary runs an IDEAL update: rule ideal and a round past the probe."""
+    update = tree.get("update") or {}
+    probe = 1 if update.get("first_round") == "uniform" else 0
+    return update.get("rule") == "ideal" and tree.get("rounds", 0) > probe
+
+
+def unread_changes(changes: list[str], current: dict[str, Any]) -> list[str]:
+    """The changes (config_changes) a run with config `current` never reads."""
+    return [] if takes_ideal_step(current) else [c for c in changes if c in IDEAL_STEP_ONLY]
+
+
 def config_changes(stored: dict[str, Any], current: dict[str, Any], cls: type = None) -> list[str]:
     """Dotted keys whose value differs between a stored config (a run's config.yaml) and the
     current one. A key the stored config lacks is no change when its current value is what the

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ideal.errors import IdealError
+from ideal.run.config import IDEAL_STEP_ONLY, takes_ideal_step
 
 log = logging.getLogger(__name__)
 
@@ -190,25 +191,24 @@ def cell_key(method: str, seed: int, settings: dict[str, Any], inputs: dict[str,
 
 # settings added after cells were measured, at the value that does what the code did before them:
 # left out of a cell's key there, so that adding a setting keeps every cell; and left out where
-# the run takes no IDEAL step to read them (the original and uniform mixtures, random search),
-# so that a default's change re-measures the cells it can change and no others
-ADDED_SETTINGS = {("update", "rescore"): False}
-IDEAL_RULE_ONLY = {("update", "rescore")}
+# the run takes no IDEAL step to read them (the original and uniform mixtures, random search;
+# config.IDEAL_STEP_ONLY), so that a default's change re-measures the cells it can change and no
+# others
+ADDED_SETTINGS = {"update.rescore": False}
 
 
 def settings_without_paths(tree: dict[str, Any]) -> dict[str, Any]:
     """A config's dictionary with the keys that name places (data and model directories, the
     search model) taken out: the content under them is hashed into the inputs instead; and the
     settings added since the ledger began where they keep the behaviour from before them or
-    where the run takes no IDEAL step to read them (ADDED_SETTINGS, IDEAL_RULE_ONLY)."""
+    where the run takes no IDEAL step to read them (ADDED_SETTINGS, config.IDEAL_STEP_ONLY)."""
     out = {k: v for k, v in tree.items() if k not in PATH_KEYS}
     if isinstance(out.get("search"), dict):
         out["search"] = {k: v for k, v in out["search"].items() if k != "model"}
-    update = out.get("update") or {}
-    probe = 1 if update.get("first_round") == "uniform" else 0
-    steps = update.get("rule") == "ideal" and out.get("rounds", 0) > probe  # an IDEAL step runs
-    for (section, name), before in ADDED_SETTINGS.items():
-        idle = (section, name) in IDEAL_RULE_ONLY and not steps
+    steps = takes_ideal_step(out)
+    for dotted, before in ADDED_SETTINGS.items():
+        section, name = dotted.split(".")
+        idle = dotted in IDEAL_STEP_ONLY and not steps
         if isinstance(out.get(section), dict) and (
             idle or out[section].get(name, before) == before
         ):
