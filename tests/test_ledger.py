@@ -125,6 +125,8 @@ def test_a_setting_added_since_the_cells_keeps_their_keys_where_it_changes_nothi
     assert settings_without_paths(tree)["update"]["rescore"] is True  # ideal's cells: new keys
     off = {**tree, "update": {**tree["update"], "rescore": False}}  # the behaviour from before
     assert settings_without_paths(off) == settings_without_paths(without(tree))
+    one = method_config(replace(config, rounds=1), "ideal", 0).to_dict()  # a step, no probe
+    assert settings_without_paths(one)["update"]["rescore"] is True
 
 
 def test_components_per_method():

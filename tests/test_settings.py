@@ -210,7 +210,12 @@ def test_a_run_where_no_stage_completed_starts_again(own_data):
 
 @pytest.mark.parametrize(
     "update, rounds, resumes",
-    [({"rule": "uniform"}, 2, True), ({"rule": "ideal"}, 1, True), ({"rule": "ideal"}, 2, False)],
+    [
+        ({"rule": "uniform"}, 2, True),
+        ({"rule": "ideal"}, 0, True),
+        ({"rule": "ideal"}, 1, False),  # one step from D0: no probe before it
+        ({"rule": "ideal"}, 2, False),
+    ],
 )
 def test_a_setting_added_since_the_run_is_no_change_where_the_run_never_reads_it(
     own_data, update, rounds, resumes

@@ -173,15 +173,14 @@ class RunConfig:
 
 
 # update settings that only an IDEAL step reads: a run that takes none (another rule, or no round
-# past the uniform probe) is the same run whatever their value
+# past D0) is the same run whatever their value
 IDEAL_STEP_ONLY = ("update.rescore",)
 
 
 def takes_ideal_step(tree: dict[str, Any]) -> bool:
-    """Whether a config's dictionary runs an IDEAL update: rule ideal and a round past the probe."""
-    update = tree.get("update") or {}
-    probe = 1 if update.get("first_round") == "uniform" else 0
-    return update.get("rule") == "ideal" and tree.get("rounds", 0) > probe
+    """Whether a config's dictionary runs an IDEAL update: rule ideal and a round past D0 (the
+    uniform probe comes first only with two rounds or more, ideal.run.loop)."""
+    return (tree.get("update") or {}).get("rule") == "ideal" and tree.get("rounds", 0) >= 1
 
 
 def unread_changes(changes: list[str], current: dict[str, Any]) -> list[str]:
