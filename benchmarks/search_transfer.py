@@ -240,14 +240,37 @@ def rank(
         (out / "rank.json").write_text(json.dumps(
             {"mixtures": mixtures, "seeds": seeds[: seeds.index(seed) + 1],
              "reference_loss_mean": losses}, indent=1))  # fmt: skip
-        names = list(losses["full"])
-        full = [float(np.mean(losses["full"][m])) for m in names]
-        done = seeds.index(seed) + 1
-        print(f"\nSpearman of the mean reference loss over {len(names)} mixtures (D0 among them) "
-              f"x {done} seed(s), proxy against the full recipe:")  # fmt: skip
-        for proxy in proxies:
-            ours = [float(np.mean(losses[proxy][m])) for m in names]
-            print(f"  {proxy:<20} rho = {spearman(ours, full):+.2f}")
+        print_rank(losses, proxies, mixtures)
+
+
+def print_rank(
+    losses: dict[str, dict[str, list[float]]], proxies: list[str], mixtures: dict[str, dict]
+) -> None:
+    """Spearman of the mean reference loss over the seeds, proxy against full, and seed by seed;
+    and what picking by the proxy costs: the full recipe's loss of the proxy's lowest mixture
+    against the full recipe's own lowest, uniform's and D0's (one training each, so
+    the full recipe's lowest is biased low)."""
+    names = list(losses["full"])
+    seeds = len(losses["full"][names[0]])
+    full = {m: float(np.mean(losses["full"][m])) for m in names}
+    print(f"\nSpearman of the mean reference loss over {len(names)} mixtures (D0 among them) "
+          f"x {seeds} seed(s), proxy against the full recipe:")  # fmt: skip
+    best = min(names, key=full.get)
+    for proxy in proxies:
+        ours = {m: float(np.mean(losses[proxy][m])) for m in names}
+        per_seed = [
+            spearman([losses[proxy][m][k] for m in names], [losses["full"][m][k] for m in names])
+            for k in range(seeds)
+        ]
+        pick = min(names, key=ours.get)
+        print(f"  {proxy:<20} rho = {spearman(list(ours.values()), list(full.values())):+.2f} "
+              f"(per seed {' '.join(f'{r:+.2f}' for r in per_seed)}); its lowest {pick}: "
+              f"full-recipe loss {full[pick]:.4f}")  # fmt: skip
+    uniform = next(m for m, p in mixtures.items() if max(p.values()) - min(p.values()) < 1e-9)
+    print(
+        f"  full recipe: lowest {best} {full[best]:.4f} {mixtures.get(best, 'D0')}; "
+        f"uniform {full[uniform]:.4f}; D0 {full['D0']:.4f}"
+    )
 
 
 def main() -> None:
