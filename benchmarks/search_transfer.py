@@ -33,7 +33,10 @@ recipe and with each proxy's, the way the loop trains them: a run whose round 0 
 round 1 is the mixture at D0's total (resampled as any update), a proxy's run under its `search:`
 recipe (a fraction proxy on the nested fraction of each round) without the final training. The
 Spearman rank correlation over mixtures of the mean reference loss (mean over the seeds done) is
-printed after each seed, and OUT/<name>/rank.json holds every loss (resumable):
+printed after each seed, with the full recipe's loss of each proxy's lowest mixture and, from two
+seeds on, the full recipe's own noise (one seed of a recipe against the mean of the full recipe's
+other seeds: a proxy as good as a full seed ranks as well as one full training does);
+OUT/<name>/rank.json holds every loss (resumable):
 
     python benchmarks/search_transfer.py --rank --config src/ideal/configs/real.yaml --seeds 3 \\
         --proxies top4-lora-quarter --out runs/rank-real --features FEATURES \\
@@ -271,6 +274,17 @@ def print_rank(
         f"  full recipe: lowest {best} {full[best]:.4f} {mixtures.get(best, 'D0')}; "
         f"uniform {full[uniform]:.4f}; D0 {full['D0']:.4f}"
     )
+    if seeds < 2:
+        return
+    # the full recipe's own noise: one seed of a recipe against the mean of the full recipe's
+    # other seeds; a proxy that does as well as a full seed ranks as well as one full training
+    print("Leave one seed out, seed k of a recipe against the full recipe's mean over the others:")
+    for recipe in ["full", *proxies]:
+        rhos = []
+        for k in range(seeds):
+            rest = [np.mean([v for j, v in enumerate(losses["full"][m]) if j != k]) for m in names]
+            rhos.append(spearman([losses[recipe][m][k] for m in names], rest))
+        print(f"  {recipe:<20} {' '.join(f'{r:+.2f}' for r in rhos)} (mean {np.mean(rhos):+.2f})")
 
 
 def main() -> None:
