@@ -183,9 +183,12 @@ def takes_ideal_step(tree: dict[str, Any]) -> bool:
     return (tree.get("update") or {}).get("rule") == "ideal" and tree.get("rounds", 0) >= 1
 
 
-def unread_changes(changes: list[str], current: dict[str, Any]) -> list[str]:
-    """The changes (config_changes) a run with config `current` never reads."""
-    return [] if takes_ideal_step(current) else [c for c in changes if c in IDEAL_STEP_ONLY]
+def read_changes(changes: list[str], current: dict[str, Any]) -> list[str]:
+    """The changes (config_changes) that a run with config `current` reads: none of an IDEAL
+    step's settings where no IDEAL step runs."""
+    return (
+        changes if takes_ideal_step(current) else [c for c in changes if c not in IDEAL_STEP_ONLY]
+    )
 
 
 def config_changes(stored: dict[str, Any], current: dict[str, Any], cls: type = None) -> list[str]:

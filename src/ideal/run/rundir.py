@@ -23,7 +23,7 @@ import yaml
 
 from ideal.artifacts import atomic_write_text
 from ideal.errors import IdealError
-from ideal.run.config import RunConfig, config_changes, unread_changes
+from ideal.run.config import RunConfig, config_changes, read_changes
 
 log = logging.getLogger("ideal")
 
@@ -130,9 +130,7 @@ def prepare_run(
             # options added to ideal since the run started, at their defaults, change nothing
             # and a setting the run never reads (an IDEAL step's, where none runs) changes nothing
             current = config.to_dict()
-            changes = config_changes(previous, current)
-            unread = unread_changes(changes, current)
-            changes = [c for c in changes if c not in unread]
+            changes = read_changes(config_changes(previous, current), current)
             if changes:
                 raise IdealError(
                     f"{stored}: the config changed since this run started ({', '.join(changes)}) "
