@@ -279,11 +279,12 @@ def print_rank(
     # the full recipe's own noise: one seed of a recipe against the mean of the full recipe's
     # other seeds; a proxy that does as well as a full seed ranks as well as one full training
     print("Leave one seed out, seed k of a recipe against the full recipe's mean over the others:")
+    rests = [
+        [np.mean([v for j, v in enumerate(losses["full"][m]) if j != k]) for m in names]
+        for k in range(seeds)
+    ]
     for recipe in ["full", *proxies]:
-        rhos = []
-        for k in range(seeds):
-            rest = [np.mean([v for j, v in enumerate(losses["full"][m]) if j != k]) for m in names]
-            rhos.append(spearman([losses[recipe][m][k] for m in names], rest))
+        rhos = [spearman([losses[recipe][m][k] for m in names], rests[k]) for k in range(seeds)]
         print(f"  {recipe:<20} {' '.join(f'{r:+.2f}' for r in rhos)} (mean {np.mean(rhos):+.2f})")
 
 
